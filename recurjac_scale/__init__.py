@@ -1,0 +1,26 @@
+"""recurjac_scale: certified bounds on a neural network's input Jacobian (RecurJac, Zhang et al. AAAI 2019),
+Lipschitz constants and robustness radii, computed blockwise on zarr + Dask + Numba.
+
+Importing the package does no work: no numba compilation, no dask client, no file access.
+"""
+
+from .activations import ACTIVATIONS, Activation, get_activation, register_activation
+from .errors import RecurJacError
+from .layer_bounds import LAYER_BOUND_METHODS, LayerBounds, layer_bounds
+from .network import InputSpec, Network
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ACTIVATIONS",
+    "Activation",
+    "InputSpec",
+    "LAYER_BOUND_METHODS",
+    "LayerBounds",
+    "Network",
+    "RecurJacError",
+    "__version__",
+    "get_activation",
+    "layer_bounds",
+    "register_activation",
+]

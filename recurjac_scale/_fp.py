@@ -1,0 +1,26 @@
+"""Floating-point error accounting shared by the bound algorithms.
+
+Bounds are computed in float64 with ordinary (round-to-nearest) BLAS.  A computed dot product of length ``n``
+differs from the exact one by at most ``gamma(n) * sum_i |a_i| |b_i|`` (Higham, *Accuracy and Stability of
+Numerical Algorithms*, Eq. 3.5), with ``gamma(n) = n u / (1 - n u)`` and ``u`` the unit roundoff.  Every bound
+is widened outward by that amount (with a factor 2 margin, covering the rounding of the magnitude products
+themselves), so a bound computed here is a bound on the exact real-number quantity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["gamma", "TINY"]
+
+TINY = np.finfo(np.float64).tiny
+"""Absolute slack added to widened bounds to cover underflow."""
+
+
+def gamma(n: int, dtype=np.float64) -> float:
+    """Relative error factor of a length-``n`` dot product, doubled for safety: ``2 n u / (1 - n u)``."""
+    u = np.finfo(dtype).eps / 2
+    nu = (int(n) + 2) * u
+    if nu >= 0.5:
+        raise ValueError(f"dot product length {n} too long for error accounting in {np.dtype(dtype)}")
+    return float(2.0 * nu / (1.0 - nu))

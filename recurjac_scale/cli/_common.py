@@ -1,0 +1,49 @@
+"""Helpers shared by the subcommands: loading a model and inputs, refusing to overwrite outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InputError, OutputExistsError
+
+__all__ = ["check_output", "load_inputs", "load_model", "add_model_argument"]
+
+
+def add_model_argument(parser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="zarr model store (from 'recurjac-scale import'), or 'default'")
+
+
+def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse to overwrite an existing output unless ``overwrite``; make sure the parent folder exists."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+    if not path.parent.exists():
+        raise InputError(f"folder {str(path.parent)!r} for output {str(path)!r} does not exist")
+    return path
+
+
+def load_model(name: str):
+    """Open a model store by path, or the bundled default model for ``'default'``."""
+    from ..network.store import open_network
+    from ..network.default import default_model_path
+
+    if name == "default":
+        return open_network(default_model_path())
+    return open_network(name)
+
+
+def load_inputs(path: str, network) -> np.ndarray:
+    """Read ``.npy`` inputs: one input ``(n_0,)`` / input shape, or a batch; returns ``(batch, n_0)`` float64,
+    validated against the network's input shape and domain."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"input file {path!r} does not exist")
+    try:
+        x = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"cannot read input file {path!r} as .npy: {exc}") from None
+    return network.input_spec.check(x)

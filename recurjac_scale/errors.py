@@ -1,0 +1,87 @@
+"""One error hierarchy for the whole package.
+
+Every error the library raises on bad input is a :class:`RecurJacError` (a ``ValueError``), so a caller can catch
+one class, and the command line turns any of them into a one-line message and a non-zero exit.  Messages say
+what was wrong, with which value, and what would be accepted.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "RecurJacError",
+    "UnsupportedActivationError",
+    "ShapeMismatchError",
+    "NonFiniteError",
+    "ModelFormatError",
+    "StoreError",
+    "InputError",
+    "OutputExistsError",
+    "MissingDependencyError",
+]
+
+
+class RecurJacError(ValueError):
+    """Base class of every error raised on invalid input or data."""
+
+
+class UnsupportedActivationError(RecurJacError):
+    """An activation is unknown, or violates Assumption 2 of Zhang et al. (2019) (0 <= sigma' <= C)."""
+
+
+class ShapeMismatchError(RecurJacError):
+    """Arrays whose shapes do not chain (weights, biases, inputs, output selections)."""
+
+
+class NonFiniteError(RecurJacError):
+    """NaN or infinite values where finite numbers are required (weights, biases, inputs)."""
+
+
+class ModelFormatError(RecurJacError):
+    """A model file that cannot be read or holds an unsupported construct."""
+
+
+class StoreError(RecurJacError):
+    """A zarr model or result store that is missing, incomplete, inconsistent or of an unknown format version."""
+
+
+class InputError(RecurJacError):
+    """A bad argument value: negative eps, unknown norm, an input outside the declared domain, and the like."""
+
+
+class OutputExistsError(RecurJacError):
+    """An output already exists and overwriting it was not requested."""
+
+
+class MissingDependencyError(RecurJacError, ImportError):
+    """An optional dependency is not installed; the message names the extra that provides it."""
+
+
+def require(module: str, extra: str):
+    """Import an optional dependency lazily.
+
+    Parameters
+    ----------
+    module : str
+        Module name, e.g. ``"onnx"``.
+    extra : str
+        The ``pip install recurjac-scale[extra]`` extra that provides it.
+
+    Returns
+    -------
+    module
+        The imported module.
+
+    Raises
+    ------
+    MissingDependencyError
+        If the module cannot be imported.
+    """
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(
+            f"optional dependency {module!r} is not installed ({exc}); "
+            f"install it with: pip install 'recurjac-scale[{extra}]'"
+        ) from exc

@@ -1,0 +1,36 @@
+"""Shared fixtures: a seeded rng, the shared data folder, random networks."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def _find_shared() -> Path | None:
+    env = os.environ.get("RECURJAC_SHARED")
+    candidates = [Path(env)] if env else []
+    here = Path(__file__).resolve()
+    candidates += [p / "shared" for p in here.parents]
+    for c in candidates:
+        if (c / "golden").is_dir() or (c / "nets").is_dir():
+            return c
+    return None
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    """A freshly seeded generator per test (reproducible)."""
+    return np.random.default_rng(20190127)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    """The shared data folder (golden outputs, public networks, MNIST/CIFAR samples): ``$RECURJAC_SHARED`` or a
+    ``shared/`` folder beside a parent of the checkout.  Tests that need it are skipped when it is absent."""
+    d = _find_shared()
+    if d is None:
+        pytest.skip("shared data folder not found (set RECURJAC_SHARED)")
+    return d
