@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from ..errors import RecurJacError
@@ -63,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"recurjac-scale {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # stdout was closed early (e.g. piped into `head`): not an error.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (OSError, MemoryError) as exc:
         if args.debug:
             raise
