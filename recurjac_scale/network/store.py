@@ -396,10 +396,12 @@ def save_network(
                 where = f"layer {k} {name}"
                 if _is_lazy(a):
                     # One dask block per zarr chunk (aligned writes), each checked for NaN/inf as it is written.
+                    # Synchronous: when a block fails, no other thread is still writing into the temporary
+                    # store while it is removed (the threaded scheduler raises without waiting for them).
                     checked = a.rechunk(chunks).map_blocks(
                         _check_finite_block, where, dtype=dt, meta=np.empty((0,) * a.ndim, dt)
                     )
-                    da.store(checked, z, lock=False, compute=True)
+                    da.store(checked, z, lock=False, compute=True, scheduler="synchronous")
                 else:
                     z[...] = a
         root.attrs.update(attrs)
