@@ -23,7 +23,7 @@ from typing import Callable, ClassVar
 
 import numpy as np
 
-from .errors import UnsupportedActivationError
+from .errors import InputError, NonFiniteError, ShapeMismatchError, UnsupportedActivationError
 
 __all__ = [
     "Activation",
@@ -91,6 +91,24 @@ class Activation:
         """
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def relaxation(self, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Certified linear relaxation on ``[lower, upper]`` (CROWN, Zhang et al. 2018).
+
+        Parameters
+        ----------
+        lower, upper : ndarray, shape (n,)
+            Pre-activation bounds, ``lower <= upper``; infinite values are allowed (``eps = inf``).
+
+        Returns
+        -------
+        a_low, b_low, a_up, b_up : ndarray, shape (n,), float64
+            ``a_low * z + b_low <= sigma(z) <= a_up * z + b_up`` for every real ``z`` in ``[lower, upper]``, in
+            exact arithmetic (intercepts are pushed outward for the rounding of every evaluation; see
+            :mod:`recurjac_scale.layer_bounds.relaxations`).  Slopes are finite; an intercept is infinite only
+            where no finite line exists (unbounded interval of an unbounded function), with slope 0 there.
+        """
+        raise NotImplementedError  # pragma: no cover - abstract
+
     # -- description ----------------------------------------------------------------------------------------
     @property
     def params(self) -> dict:
@@ -119,6 +137,39 @@ def _widen(dl: np.ndarray, du: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return dl, du
 
 
+def _interval(lower, upper) -> tuple[np.ndarray, np.ndarray]:
+    """Float64 copies of a relaxation's interval, shape (n,)."""
+    lower = np.atleast_1d(_as_f64(lower)).astype(np.float64, copy=True)
+    upper = np.atleast_1d(_as_f64(upper)).astype(np.float64, copy=True)
+    if lower.shape != upper.shape or lower.ndim != 1:
+        raise ShapeMismatchError(f"lower {lower.shape} and upper {upper.shape} bounds must be 1-D of one shape")
+    if np.isnan(lower).any() or np.isnan(upper).any():
+        raise NonFiniteError("pre-activation bounds contain NaN")
+    if (lower > upper).any():
+        i = int(np.argmax(lower > upper))
+        raise InputError(f"empty pre-activation interval at neuron {i}: [{lower[i]!r}, {upper[i]!r}]")
+    return lower, upper
+
+
+def _finite_part(lower, upper):
+    """Mask of finite intervals, and the interval with infinite ones replaced by ``[-1, 1]`` (placeholders whose
+    results the caller overwrites)."""
+    fin = np.isfinite(lower) & np.isfinite(upper)
+    return fin, np.where(fin, lower, -1.0), np.where(fin, upper, 1.0)
+
+
+_REL_VALUE = 36 * np.finfo(np.float64).eps / 2  # one transcendental evaluation (see layer_bounds.relaxations)
+
+
+def _up(v):
+    """``v`` pushed up by the evaluation error of one transcendental function (finite ``v`` only)."""
+    return v + _REL_VALUE * np.abs(v) + 1e-300
+
+
+def _down(v):
+    return v - _REL_VALUE * np.abs(v) - 1e-300
+
+
 # -- piecewise linear ------------------------------------------------------------------------------------------
 
 
@@ -142,6 +193,11 @@ class Identity(Activation):
     def derivative_bounds(self, lower, upper):
         lower = _as_f64(lower)
         return np.ones_like(lower), np.ones_like(lower)
+
+    def relaxation(self, lower, upper):
+        lower, _ = _interval(lower, upper)
+        one, zero = np.ones_like(lower), np.zeros_like(lower)
+        return one, zero, one.copy(), zero.copy()
 
     @property
     def is_identity(self) -> bool:
@@ -189,6 +245,69 @@ class LeakyReLU(Activation):
         dl = np.where(lower >= 0, 1.0, self.alpha)
         du = np.where(upper < 0, self.alpha, 1.0)
         return dl, du
+
+    LOWER_SLOPES: ClassVar[tuple[str, ...]] = ("adaptive", "parallel", "alpha", "one")
+
+    def relaxation(self, lower, upper, lower_slope: str = "adaptive"):
+        """Certified linear relaxation on ``[lower, upper]`` (see :meth:`Activation.relaxation`).
+
+        Stable neurons (``upper <= 0`` or ``lower >= 0``) get the exact line.  On ``lower < 0 < upper`` the upper
+        line is the chord; the lower line is ``a z`` with ``a`` in ``[alpha, 1]`` chosen by ``lower_slope``:
+        ``"adaptive"`` (CROWN-Ada: 1 if ``upper >= -lower`` else ``alpha``), ``"parallel"`` (Fast-Lin: the chord
+        slope, Weng et al. 2018), ``"alpha"`` or ``"one"``.
+        """
+        if lower_slope not in self.LOWER_SLOPES:
+            raise InputError(f"lower_slope={lower_slope!r}; accepted: {', '.join(self.LOWER_SLOPES)}")
+        l, u = _interval(lower, upper)
+        al = self.alpha
+        eps = np.finfo(np.float64).eps
+        neg = u <= 0
+        pos = l >= 0
+        mixed = ~(neg | pos)
+        a_up = np.where(neg, al, 1.0)
+        b_up = np.zeros_like(l)
+        a_low = a_up.copy()
+        b_low = np.zeros_like(l)
+        if mixed.any():
+            fin = np.isfinite(l) & np.isfinite(u)
+            with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+                lf, uf = np.where(fin, l, -1.0), np.where(fin, u, 1.0)
+                chord = np.clip((uf - al * lf) / (uf - lf), al, 1.0)
+                # Convex function: a line above both end points is above the whole interval.
+                ends = np.maximum(al * lf - chord * lf, uf - chord * uf)
+                err = 4 * eps * (np.abs(al * lf) + np.abs(chord * lf) + np.abs(uf) + np.abs(chord * uf)) + 1e-300
+                b_chord = ends + err
+                # Unbounded intervals: alpha z + (1 - alpha) u above on (-inf, u]; z - (1 - alpha) l on [l, inf).
+                lneg = np.isneginf(l) & np.isfinite(u)
+                upos = np.isposinf(u) & np.isfinite(l)
+                both = np.isneginf(l) & np.isposinf(u)
+                a_m = np.where(fin, chord, np.where(lneg, al, np.where(upos, 1.0, 1.0 if al == 1.0 else 0.0)))
+                b_l = (1.0 - al) * np.where(lneg, u, 0.0)
+                b_u = -(1.0 - al) * np.where(upos, l, 0.0)
+                b_m = np.where(
+                    fin,
+                    b_chord,
+                    np.where(
+                        lneg,
+                        b_l + 2 * eps * np.abs(b_l) + 1e-300,
+                        np.where(upos, b_u + 2 * eps * np.abs(b_u) + 1e-300, 0.0 if al == 1.0 else np.inf),
+                    ),
+                )
+                b_m = np.where(both & (al != 1.0), np.inf, b_m)
+            a_up = np.where(mixed, a_m, a_up)
+            b_up = np.where(mixed, b_m, b_up)
+            # Lower line a z with a in [alpha, 1] lies below sigma on the whole real line.
+            adaptive = np.where(u >= -l, 1.0, al)
+            if lower_slope == "adaptive":
+                s = adaptive
+            elif lower_slope == "parallel":
+                s = np.where(fin, chord, adaptive)
+            elif lower_slope == "alpha":
+                s = np.full_like(l, al)
+            else:
+                s = np.ones_like(l)
+            a_low = np.where(mixed, s, a_low)
+        return a_low, b_low, a_up, b_up
 
 
 @dataclass(frozen=True)
@@ -259,8 +378,90 @@ class HardSigmoid(Activation):
         dl = np.where((lower >= lo_in) & (upper < hi_in), self.alpha, 0.0)
         return dl, du
 
+    def relaxation(self, lower, upper):
+        """Certified linear relaxation (see :meth:`Activation.relaxation`): for each interval the tightest
+        (smallest area) upper and lower lines among the slopes ``0``, ``alpha`` and the slopes between the
+        vertices of the graph on the interval; intercepts checked at every vertex (piecewise linear, so exact up
+        to rounding).  Unbounded intervals get constant lines."""
+        from .layer_bounds.relaxations import piecewise_linear_intercepts
+
+        l, u = _interval(lower, upper)
+        fin, lf, uf = _finite_part(l, u)
+        f = self.value
+        kinks = self._breaks
+        m = 0.5 * lf + 0.5 * uf
+        verts = [lf, uf] + [np.clip(np.full_like(lf, k), lf, uf) for k in kinks]
+        fv = [f(v) for v in verts]
+        slopes = [np.zeros_like(lf), np.full_like(lf, self.alpha)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for i in range(len(verts)):
+                for j in range(i + 1, len(verts)):
+                    dv = verts[j] - verts[i]
+                    sl = np.where(dv != 0, (fv[j] - fv[i]) / np.where(dv != 0, dv, 1.0), 0.0)
+                    slopes.append(np.clip(sl, 0.0, self.alpha))
+        best_up = np.full_like(lf, np.inf)
+        best_low = np.full_like(lf, -np.inf)
+        a_up, b_up, a_low, b_low = (np.zeros_like(lf) for _ in range(4))
+        for a in slopes:
+            bl, bu = piecewise_linear_intercepts(f, kinks, self.alpha, a, lf, uf, offset=abs(self.beta) + 1.0)
+            s_up, s_low = a * m + bu, a * m + bl
+            take = s_up < best_up
+            a_up, b_up, best_up = np.where(take, a, a_up), np.where(take, bu, b_up), np.where(take, s_up, best_up)
+            take = s_low > best_low
+            a_low, b_low = np.where(take, a, a_low), np.where(take, bl, b_low)
+            best_low = np.where(take, s_low, best_low)
+        if not fin.all():
+            eps = np.finfo(np.float64).eps
+            hu, hl = f(u), f(l)
+            a_up = np.where(fin, a_up, 0.0)
+            a_low = np.where(fin, a_low, 0.0)
+            b_up = np.where(fin, b_up, hu + 4 * eps * (abs(self.beta) + 1.0 + np.abs(hu)) + 1e-300)
+            b_low = np.where(fin, b_low, hl - 4 * eps * (abs(self.beta) + 1.0 + np.abs(hl)) - 1e-300)
+        return a_low, b_low, a_up, b_up
+
 
 # -- smooth, monotone derivative -------------------------------------------------------------------------------
+
+
+def _convex_relaxation(act: Activation, lower, upper):
+    """Relaxation of a convex nondecreasing activation (ELU with alpha <= 1, softplus): chord above, tangent at
+    the midpoint below (CROWN), intercepts certified by :mod:`recurjac_scale.layer_bounds.relaxations`.
+
+    Unbounded intervals: above, ``z + (f(l) - l)`` on ``[l, inf)`` (``f(z) - z`` is nonincreasing) or the
+    constant ``f(u)`` on ``(-inf, u]``; below, a slope just under ``f'(l)`` through ``f(l)`` (``f - a z`` is then
+    nondecreasing on ``[l, inf)``) or the constant ``inf f``."""
+    from .layer_bounds.relaxations import lower_intercept, upper_intercept
+
+    f, df = act.value, act.derivative
+    l, u = _interval(lower, upper)
+    fin, lf, uf = _finite_part(l, u)
+    m = 0.5 * lf + 0.5 * uf
+    w = uf - lf
+    with np.errstate(invalid="ignore", divide="ignore"):
+        chord = np.where(w > 0, (f(uf) - f(lf)) / np.where(w > 0, w, 1.0), df(m))
+    a_up = np.where(np.isfinite(chord), chord, df(m))
+    b_up = upper_intercept(f, df, a_up, lf, uf, m, np.inf)
+    a_low = df(m)
+    b_low = lower_intercept(f, df, a_low, lf, uf, m, -np.inf)
+    if not fin.all():
+        lfin, ufin = np.isfinite(l), np.isfinite(u)
+        l0, u0 = np.where(lfin, l, 0.0), np.where(ufin, u, 0.0)
+        fl0, fu0 = f(l0), f(u0)
+        # upper
+        a_up = np.where(fin, a_up, np.where(lfin & ~ufin, 1.0, 0.0))
+        b_up = np.where(
+            fin,
+            b_up,
+            np.where(lfin & ~ufin, _up(fl0 - l0) + _REL_VALUE * np.abs(l0), np.where(ufin, _up(fu0), np.inf)),
+        )
+        # lower
+        a_t = np.maximum(df(l0) * (1.0 - 4 * _REL_VALUE) - 1e-300, 0.0)
+        inf_val = f(np.array([-np.inf]))[0]
+        a_low = np.where(fin, a_low, np.where(lfin, a_t, 0.0))
+        b_low = np.where(
+            fin, b_low, np.where(lfin, _down(fl0 - a_t * l0) - _REL_VALUE * np.abs(a_t * l0), _down(inf_val))
+        )
+    return a_low, b_low, a_up, b_up
 
 
 @dataclass(frozen=True)
@@ -300,6 +501,9 @@ class ELU(Activation):
         dl, du = _widen(dl, du)
         return dl, np.minimum(du, 1.0)
 
+    def relaxation(self, lower, upper):
+        return _convex_relaxation(self, lower, upper)
+
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     z = _as_f64(z)
@@ -332,6 +536,9 @@ class Softplus(Activation):
         dl, du = _widen(_sigmoid(lower), _sigmoid(upper))
         return dl, np.minimum(du, 1.0)
 
+    def relaxation(self, lower, upper):
+        return _convex_relaxation(self, lower, upper)
+
 
 # -- sigmoid family: sigma' even, increasing on (-inf, 0], decreasing on [0, inf) -------------------------------
 
@@ -352,12 +559,60 @@ class _SigmoidFamily(Activation):
         du = np.where(mixed, peak, np.minimum(du, peak))
         return dl, du
 
+    #: ``sigma(0)``; the family satisfies ``sigma(z) = 2 sigma(0) - sigma(-z)``.
+    center: ClassVar[float] = 0.0
+
+    def relaxation(self, lower, upper):
+        """Certified CROWN relaxation (see :meth:`Activation.relaxation`; Zhang et al. 2018, Sec. 3.2).
+
+        ``sigma`` is convex on ``(-inf, 0]`` and concave on ``[0, inf)``.  Upper line: the chord when
+        ``upper <= 0`` (or when the chord stays above the concave part, slope <= sigma'(upper)); the tangent at
+        the midpoint when ``lower >= 0``; otherwise the tangent through ``(lower, sigma(lower))``, its touching
+        point found by bisection.  Intercepts are certified for every slope (ends, 0, tangent point, rounding).
+        The lower line is the upper line of the reflected interval ``[-upper, -lower]`` (odd symmetry about
+        ``(0, sigma(0))``).  Unbounded intervals get constant lines.
+        """
+        l, u = _interval(lower, upper)
+        a_up, b_up = self._upper_line(l, u)
+        a_r, b_r = self._upper_line(-u, -l)
+        c2 = 2.0 * self.center
+        b_low = c2 - b_r
+        b_low = np.where(np.isfinite(b_low), b_low - 2 * np.finfo(np.float64).eps * np.abs(b_low) - 1e-300, b_low)
+        return a_r, b_low, a_up, b_up
+
+    def _upper_line(self, l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        from .layer_bounds.relaxations import tangent_point_from_left, upper_intercept
+
+        f, df = self.value, self.derivative
+        fin, lf, uf = _finite_part(l, u)
+        m = 0.5 * lf + 0.5 * uf
+        w = uf - lf
+        with np.errstate(invalid="ignore", divide="ignore"):
+            chord = np.where(w > 0, (f(uf) - f(lf)) / np.where(w > 0, w, 1.0), df(m))
+        a = chord.copy()
+        zhat = uf.copy()
+        ccv = lf >= 0
+        a = np.where(ccv, df(m), a)
+        zhat = np.where(ccv, m, zhat)
+        mixed = (lf < 0) & (uf > 0) & ~(chord <= df(uf))
+        if mixed.any():
+            d = tangent_point_from_left(f, df, lf[mixed], uf[mixed])
+            a[mixed] = df(d)
+            zhat[mixed] = d
+        b = upper_intercept(f, df, a, lf, uf, zhat, 0.0)
+        if not fin.all():
+            top = np.where(np.isposinf(u), f(np.array([np.inf]))[0], f(np.where(np.isfinite(u), u, 0.0)))
+            a = np.where(fin, a, 0.0)
+            b = np.where(fin, b, _up(top))
+        return a, b
+
 
 @dataclass(frozen=True)
 class Sigmoid(_SigmoidFamily):
     """``sigma(z) = 1 / (1 + e^-z)``; ``sigma' = sigma (1 - sigma)`` in (0, 1/4]."""
 
     name: ClassVar[str] = "sigmoid"
+    center: ClassVar[float] = 0.5
 
     def value(self, z):
         return _sigmoid(z)

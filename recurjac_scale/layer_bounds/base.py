@@ -19,6 +19,9 @@ __all__ = [
     "get_layer_bound_method",
     "layer_bounds",
     "parse_norm",
+    "dual_norm",
+    "count_unstable",
+    "ROUNDING_NOTES",
 ]
 
 _NORMS = {"1": 1.0, "l1": 1.0, "2": 2.0, "l2": 2.0, "inf": math.inf, "linf": math.inf, "infinity": math.inf}
@@ -47,6 +50,46 @@ def parse_norm(p) -> float:
 def dual_norm(p: float) -> float:
     """``q`` with ``1/p + 1/q = 1`` for p in {1, 2, inf}."""
     return {1.0: math.inf, 2.0: 2.0, math.inf: 1.0}[p]
+
+
+ROUNDING_NOTES = {
+    "ibp": (
+        "certified for real arithmetic: every affine layer widened outward by gamma(n) * (|W| |h| + |b|) "
+        "(recurjac_scale._fp.gamma), activation values widened by their evaluation error"
+    ),
+    "backsub": (
+        "certified for real arithmetic: relaxation intercepts certified against the exact activation (evaluation "
+        "error of exp/tanh/arctan <= 32 ulp assumed); each back-substitution step adds gamma(n) * |Lambda| times "
+        "a magnitude bound of its operands (recurjac_scale._fp.gamma, sized for the working dtype {dtype}); "
+        "concretisation and the running intercept sum widened likewise"
+    ),
+}
+"""How each method accounts for rounding (:attr:`LayerBounds.rounding`)."""
+
+
+def _kinks(act) -> tuple[float, ...] | None:
+    """Points where ``act`` stops being affine for the unstable count; ``None``: smooth (count 0-crossings)."""
+    from ..activations import HardSigmoid, LeakyReLU
+
+    if act.is_identity:
+        return ()
+    if isinstance(act, LeakyReLU):
+        return () if act.alpha == 1.0 else (0.0,)
+    if isinstance(act, HardSigmoid):
+        return act._breaks
+    return None
+
+
+def count_unstable(act, lower: np.ndarray, upper: np.ndarray) -> int:
+    """Number of neurons whose interval strictly contains a kink of ``act`` (ReLU family: ``lower < 0 < upper``;
+    hard-sigmoid: a break point), or 0 for smooth activations (``lower < 0 < upper``); 0 for the identity."""
+    kinks = _kinks(act)
+    if kinks is None:
+        kinks = (0.0,)
+    mask = np.zeros(np.shape(lower), dtype=bool)
+    for k in kinks:
+        mask |= (lower < k) & (k < upper)
+    return int(np.count_nonzero(mask))
 
 
 @dataclass(frozen=True)
@@ -118,8 +161,10 @@ class LayerBounds:
         Registry name of the method that produced them.
     region : Region
     unstable : tuple of int
-        Per layer, the number of neurons whose activation is not affine on ``[lower, upper]`` (derivative bounds
-        ``dl < du``).
+        Per layer, the number of *unstable* neurons (:func:`count_unstable`): for the ReLU family those with
+        ``lower < 0 < upper``; for hard-sigmoid those whose interval strictly contains a break point; for smooth
+        activations (sigmoid, tanh, arctan, elu, softplus) those whose interval strictly contains 0 (where their
+        curvature changes or, for elu/softplus, around which they bend most); 0 for identity layers.
     rounding : str
         How floating-point rounding is accounted for.
     """
@@ -129,7 +174,7 @@ class LayerBounds:
     method: str
     region: Region
     unstable: tuple = ()
-    rounding: str = "outward widening by gamma(n) * |W| |x| per affine layer (recurjac_scale._fp)"
+    rounding: str = ROUNDING_NOTES["ibp"]
 
     def derivative_bounds(self, network: Network) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per layer, ``(dl, du)`` with ``dl <= sigma_k'(z) <= du`` on the bounds (Zhang et al. 2019, Eq. 6-8)."""
@@ -141,17 +186,20 @@ class LayerBounds:
             "eps": self.region.eps,
             "p": self.region.p,
             "unstable": list(self.unstable),
+            "rounding": self.rounding,
             "widths": [int(l.shape[0]) for l in self.lower],
         }
 
 
-LayerBoundFn = Callable[[Network, Region], tuple[list, list]]
+LayerBoundFn = Callable[..., tuple[list, list]]
 LAYER_BOUND_METHODS: dict[str, LayerBoundFn] = {}
-"""Registry: name -> ``fn(network, region) -> (lowers, uppers)`` (lists over all H affine layers)."""
+"""Registry: name -> ``fn(network, region, *, block_rows, dtype, **options) -> (lowers, uppers)`` (lists over
+all H affine layers, float64, certified)."""
 
 
 def register_layer_bound_method(name: str):
-    """Decorator registering ``fn(network, region) -> (lowers, uppers)`` under ``name``."""
+    """Decorator registering ``fn(network, region, *, block_rows=None, dtype=float64, **options) -> (lowers,
+    uppers)`` under ``name``."""
 
     def deco(fn: LayerBoundFn) -> LayerBoundFn:
         LAYER_BOUND_METHODS[name] = fn
@@ -167,7 +215,17 @@ def get_layer_bound_method(name: str) -> LayerBoundFn:
     return LAYER_BOUND_METHODS[key]
 
 
-def layer_bounds(network: Network, x0, eps, p=math.inf, method: str = "crown") -> LayerBounds:
+def layer_bounds(
+    network: Network,
+    x0,
+    eps,
+    p=math.inf,
+    method: str = "crown",
+    *,
+    block_rows: int | None = None,
+    dtype=np.float64,
+    **options,
+) -> LayerBounds:
     """Certified bounds of every pre-activation over ``B_p[x0, eps] ∩ D``.
 
     Parameters
@@ -181,20 +239,41 @@ def layer_bounds(network: Network, x0, eps, p=math.inf, method: str = "crown") -
         Input norm.
     method : str
         A name in :data:`LAYER_BOUND_METHODS` (``ibp``, ``fastlin``, ``crown``).
+    block_rows : int, optional
+        Rows of a layer processed together by the back-substitution methods (memory: a few
+        ``block_rows x widest layer`` matrices); results do not depend on it.
+    dtype : {numpy.float64, numpy.float32}
+        Working precision of the GEMMs (``fastlin``, ``crown``); bounds are certified either way.
+    **options
+        Method-specific options, e.g. ``relu_lower`` and ``intersect_ibp`` for ``crown``.
 
     Returns
     -------
     LayerBounds
         With ``eps = 0``, ``lower == upper == z(x0)`` up to the rounding allowance.
+
+    Raises
+    ------
+    InputError
+        Unknown method or option, bad eps/p/x0, an activation the method does not support (``fastlin``).
     """
     fn = get_layer_bound_method(method)
+    name = str(method).strip().lower().replace("_", "-")
     region = Region.of(network, x0, eps, p)
     net = network.materialize() if network.is_lazy else network
-    lowers, uppers = fn(net, region)
-    unstable = []
-    for act, l, u in zip(net.layer_activations, lowers, uppers):
-        dl, du = act.derivative_bounds(l, u)
-        unstable.append(int(np.count_nonzero(dl < du)))
+    try:
+        lowers, uppers = fn(net, region, block_rows=block_rows, dtype=dtype, **options)
+    except TypeError as exc:
+        if "unexpected keyword" in str(exc):
+            raise InputError(f"method {name!r} does not accept these options: {exc}") from None
+        raise
+    lowers = [np.asarray(v, dtype=np.float64) for v in lowers]
+    uppers = [np.asarray(v, dtype=np.float64) for v in uppers]
+    # Defensive: a NaN bound is replaced by the trivially sound infinite one.
+    lowers = [np.where(np.isnan(v), -np.inf, v) for v in lowers]
+    uppers = [np.where(np.isnan(v), np.inf, v) for v in uppers]
+    unstable = tuple(count_unstable(act, l, u) for act, l, u in zip(net.layer_activations, lowers, uppers))
+    rounding = ROUNDING_NOTES.get(name, ROUNDING_NOTES["backsub"]).format(dtype=np.dtype(dtype).name)
     return LayerBounds(
-        lower=tuple(lowers), upper=tuple(uppers), method=method, region=region, unstable=tuple(unstable)
+        lower=tuple(lowers), upper=tuple(uppers), method=name, region=region, unstable=unstable, rounding=rounding
     )

@@ -9,6 +9,7 @@ import numpy as np
 from .._fp import TINY, gamma
 from ..network.model import Network
 from .base import Region, register_layer_bound_method
+from .relaxations import value_bounds
 
 __all__ = ["ibp", "first_layer_bounds", "affine_interval"]
 
@@ -60,9 +61,12 @@ def first_layer_bounds(w: np.ndarray, b: np.ndarray, region: Region) -> tuple[np
 
 
 @register_layer_bound_method("ibp")
-def ibp(network: Network, region: Region) -> tuple[list, list]:
+def ibp(network: Network, region: Region, *, block_rows: int | None = None, dtype=np.float64) -> tuple[list, list]:
     """Interval bound propagation: first layer from the dual norm of each weight row, then interval arithmetic
-    through every monotone activation.
+    through every monotone activation (activation values widened by their evaluation error).
+
+    ``block_rows`` and ``dtype`` are accepted for a uniform interface; IBP needs only matrix-vector products and
+    always runs in float64.
 
     Returns
     -------
@@ -76,7 +80,7 @@ def ibp(network: Network, region: Region) -> tuple[list, list]:
     uppers.append(u)
     for k in range(1, network.n_layers):
         act = network.layer_activations[k - 1]
-        hl, hu = act.value(l), act.value(u)  # sigma is nondecreasing (Assumption 2)
+        hl, hu = value_bounds(act.value, l, u)  # sigma is nondecreasing (Assumption 2); widened for rounding
         l, u = affine_interval(ws[k], bs[k], hl, hu)
         lowers.append(l)
         uppers.append(u)

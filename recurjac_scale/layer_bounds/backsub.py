@@ -1,0 +1,299 @@
+"""Back-substitution of linear relaxations: the engine shared by Fast-Lin and CROWN.
+
+For a target layer ``t`` and a block ``R`` of its neurons, the upper bound of ``z(t)_R`` is obtained by the chain
+(Zhang et al. 2018, Theorem 3.2; Weng et al. 2018, Sec. 3)
+
+    Lam <- W[t][R, :]                                       (r, n_{t-1}) coefficients on h(t-1)
+    for k = t-1 .. 0:
+        c   += Lam+ b_up(k) + Lam- b_low(k)                 relaxation of sigma_k
+        Lam <- Lam+ D(a_up(k)) + Lam- D(a_low(k))           (r, n_k)  coefficients on z(k)
+        c   += Lam b[k];  Lam <- Lam W[k]                   (r, n_{k-1}) one GEMM
+    upper = c + max_{x in S} Lam x                          concretisation with the dual norm q of p
+
+and the lower bound by the same chain started from ``-W[t][R, :]``.  Every intermediate matrix has ``r`` rows and
+at most ``max_k n_k`` columns: a block of ``block_rows`` rows never needs more memory than that (plus the weights).
+Rows are independent, so the result does not depend on the block size (up to BLAS summation order).
+
+Rounding (all bounds are certified for real arithmetic): the chain is exact for whatever matrix ``Lam`` it holds;
+what rounding changes is the *value* of the linear form.  Each step's error is bounded by a matrix-vector product
+with ``|Lam|`` and added to the result:
+
+* relaxation step: ``gamma(n_k + 2) |Lam| (|a| zmax(k) + |b|)`` (element-wise products, the cast of
+  ``Lam`` and of the slopes to the working dtype, the intercept dot products);
+* affine step: ``gamma(n_{k-1} + 2) |Lam'| (|W[k]| hmax(k-1) + |b[k]|)`` (the GEMM and the dot with ``b[k]``),
+  where ``hmax`` bounds ``|h|`` from the already certified earlier layers (``|x|`` over the region's box at the
+  input);
+* concretisation: ``gamma(n_0 + 2) |Lam| (|x0| + eps)`` and a relative ``gamma`` on the dual norm;
+* the running sum ``c``: ``gamma(2 t + 4) * sum of |terms|``.
+
+``gamma`` is :func:`recurjac_scale._fp.gamma` for the working dtype (float32 GEMMs get float32 allowances).  The
+allowances are computed in float64 (their own rounding is covered by the factor 2 inside ``gamma``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .._fp import TINY, gamma
+from ..activations import Activation
+from ..errors import InputError
+from ..network.model import Network
+from .base import Region
+from .ibp import affine_interval, first_layer_bounds
+from .relaxations import value_bounds
+
+__all__ = ["backsubstitute", "DEFAULT_BLOCK_ROWS", "RelaxFn"]
+
+DEFAULT_BLOCK_ROWS = 512
+"""Rows of a target layer processed together: intermediate matrices are at most (512, widest layer)."""
+
+RelaxFn = Callable[[Activation, np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]
+"""``relax(activation, lower, upper) -> (a_low, b_low, a_up, b_up)``, each (n,) float64, certified."""
+
+
+def _sup_dot(A: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """``A @ v`` with ``0 * inf = 0``; any nonzero product with an infinity makes the row ``+inf`` or ``-inf``
+    (``+inf`` when both occur: the callers only use this for upper bounds).  ``A``: (r, n), ``v``: (n,)."""
+    fin = np.isfinite(v)
+    if fin.all():
+        return A @ v
+    out = A[:, fin] @ v[fin]
+    sgn = A[:, ~fin] * np.sign(v[~fin])
+    out = np.where((sgn < 0).any(axis=1), -np.inf, out)
+    out = np.where((sgn > 0).any(axis=1), np.inf, out)
+    return out
+
+
+def _safe_mul(a: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Element-wise ``a * v`` with ``0 * inf = 0`` (``a >= 0``, ``v >= 0``)."""
+    with np.errstate(invalid="ignore"):
+        return np.where(a == 0, 0.0, a * v)
+
+
+class _Layer:
+    """What the chain needs of one certified layer ``k``: relaxation and magnitude bounds (all float64)."""
+
+    __slots__ = (
+        "a_low", "b_low", "a_up", "b_up", "zmax", "hmax", "active", "relax_err_up", "relax_err_low", "w_active"
+    )
+
+    def __init__(self, act: Activation, lower: np.ndarray, upper: np.ndarray, relax: RelaxFn):
+        a_low, b_low, a_up, b_up = relax(act, lower, upper)
+        self.a_low, self.b_low, self.a_up, self.b_up = a_low, b_low, a_up, b_up
+        self.zmax = np.maximum(np.abs(lower), np.abs(upper))
+        hl, hu = value_bounds(act.value, lower, upper)
+        self.hmax = np.maximum(np.abs(hl), np.abs(hu))
+        # Neurons that carry coefficients to earlier layers (dead ReLUs do not).
+        self.active = np.flatnonzero((a_low != 0) | (a_up != 0))
+        # |a| zmax + |b| per line, for the relaxation-step allowance (0 * inf = 0).
+        self.relax_err_up = _safe_mul(np.abs(a_up), self.zmax) + np.abs(b_up)
+        self.relax_err_low = _safe_mul(np.abs(a_low), self.zmax) + np.abs(b_low)
+
+
+def _concretise_upper(lam: np.ndarray, region: Region, box_lo, box_hi, g: float) -> np.ndarray:
+    """Certified ``max_{x in S} lam @ x`` per row for ``S = B_p[x0, eps] ∩ D``; ``lam``: (r, n_0) float64.
+
+    p = inf: the (clipped) box, midpoint-radius.  p = 1, 2: the ball ``lam x0 + eps ||lam_r||_q``, and, when a
+    domain is declared, the minimum of that and the box bound (each is sound, so the minimum is).
+    eps = inf: the box only (the domain, or all of R^n)."""
+    absl = np.abs(lam)
+    finite_box = bool(np.isfinite(box_lo).all() and np.isfinite(box_hi).all())
+    box = None
+    if finite_box:
+        mid = 0.5 * box_lo + 0.5 * box_hi
+        rad = 0.5 * (box_hi - box_lo)
+        box = lam @ mid + absl @ rad
+        box = box + g * (absl @ (np.abs(mid) + rad)) + TINY
+    elif region.p == math.inf or not math.isfinite(region.eps) or region.lower is not None:
+        lp, ln = np.maximum(lam, 0.0), np.minimum(lam, 0.0)
+        box = _sup_dot(lp, box_hi) + _sup_dot(ln, box_lo)
+        mag = np.maximum(np.where(np.isfinite(box_lo), np.abs(box_lo), 0.0), np.where(np.isfinite(box_hi), np.abs(box_hi), 0.0))
+        box = box + g * (absl @ mag) + TINY
+    if region.p == math.inf or not math.isfinite(region.eps):
+        return box
+    q = region.q
+    if q == math.inf:
+        nrm = absl.max(axis=1) if absl.shape[1] else np.zeros(absl.shape[0])
+    elif q == 2.0:
+        nrm = np.sqrt(np.einsum("ij,ij->i", lam, lam))
+    else:
+        nrm = absl.sum(axis=1)
+    x0 = region.x0
+    ball = lam @ x0 + region.eps * nrm * (1.0 + g)
+    ball = ball + g * (absl @ np.abs(x0) + region.eps * nrm) + TINY
+    if box is None:
+        return ball
+    return np.minimum(ball, box)
+
+
+def _chain_upper(
+    lam: np.ndarray,
+    c: np.ndarray,
+    t: int,
+    ws: Sequence[np.ndarray],
+    wd: Sequence[np.ndarray],
+    bs: Sequence[np.ndarray],
+    layers: Sequence[_Layer],
+    aff_err: Sequence[np.ndarray],
+    region: Region,
+    dtype,
+) -> np.ndarray:
+    """Certified upper bound of ``lam @ h(t-1) + c`` over the region; ``lam``: (r, n_{t-1}) float64 (exact rows of
+    the target layer, possibly negated), ``c``: (r,) float64."""
+    c = c.astype(np.float64, copy=True)
+    cabs = np.abs(c)
+    slack = np.zeros_like(c)
+    for k in range(t - 1, -1, -1):
+        L = layers[k]
+        nk = lam.shape[1]
+        g_k = gamma(nk + 2, dtype)
+        lam64 = lam if lam.dtype == np.float64 else lam.astype(np.float64)
+        lp, ln = np.maximum(lam64, 0.0), np.minimum(lam64, 0.0)
+        term = _sup_dot(lp, L.b_up) + _sup_dot(ln, L.b_low)
+        c = c + term
+        cabs = cabs + np.abs(term)
+        slack = slack + g_k * (_sup_dot(lp, L.relax_err_up) - _sup_dot(ln, L.relax_err_low))
+        act = L.active
+        if act.size == nk:
+            lam_z = (lp * L.a_up + ln * L.a_low).astype(dtype, copy=False)
+        else:
+            lam_z = (lp[:, act] * L.a_up[act] + ln[:, act] * L.a_low[act]).astype(dtype, copy=False)
+        del lp, ln, lam64
+        # affine layer k: z(k) = W[k] h(k-1) + b[k], restricted to the neurons that carry coefficients
+        w_act = L.w_active
+        lam_z64 = lam_z if lam_z.dtype == np.float64 else lam_z.astype(np.float64)
+        term = lam_z64 @ bs[k][act]
+        c = c + term
+        cabs = cabs + np.abs(term)
+        nprev = ws[k].shape[1]
+        slack = slack + gamma(nprev + 2, dtype) * _sup_dot(np.abs(lam_z64), aff_err[k][act])
+        lam = lam_z @ w_act
+        del lam_z64
+    lam64 = lam if lam.dtype == np.float64 else lam.astype(np.float64)
+    lo, hi = region.box
+    g0 = gamma(lam.shape[1] + 2, dtype)
+    sup = _concretise_upper(lam64, region, lo, hi, g0)
+    total = c + sup
+    slack = slack + gamma(2 * t + 4) * (cabs + np.abs(sup)) + TINY
+    with np.errstate(invalid="ignore"):
+        out = total + slack
+    return np.where(np.isnan(out), np.inf, out)
+
+
+class _State:
+    """Bounds of the layers done so far, and each relaxation's view of them (one chain state)."""
+
+    def __init__(self, relaxes: Sequence[RelaxFn], l: np.ndarray, u: np.ndarray, xmax: np.ndarray):
+        self.relaxes = list(relaxes)
+        self.lowers, self.uppers = [l], [u]
+        self.variants: list[list[_Layer]] = [[] for _ in self.relaxes]
+        self.aff_err: list[np.ndarray] = []
+        self.hmax_prev = xmax
+
+    def prepare(self, k: int, act: Activation, ws, wd, bs, block_rows: int) -> None:
+        """Relax layer ``k`` (whose bounds are final) for every variant."""
+        for layers, rfn in zip(self.variants, self.relaxes):
+            layer = _Layer(act, self.lowers[k], self.uppers[k], rfn)
+            # rows of W[k] of the neurons that carry coefficients (a copy only when some are dropped)
+            layer.w_active = wd[k] if layer.active.size == wd[k].shape[0] else wd[k][layer.active]
+            layers.append(layer)
+        n_k = ws[k].shape[0]
+        err = np.empty(n_k)
+        for r0 in range(0, n_k, block_rows):  # |W[k]| hmax + |b[k]|, one row block at a time
+            rows = slice(r0, min(n_k, r0 + block_rows))
+            err[rows] = _sup_dot(np.abs(ws[k][rows]), self.hmax_prev) + np.abs(bs[k][rows])
+        self.aff_err.append(err)
+        self.hmax_prev = self.variants[0][k].hmax
+
+    def bound_rows(self, rows: slice, t: int, ws, wd, bs, region, dtype, lo_t, up_t) -> None:
+        """Intersect ``lo_t[rows]``, ``up_t[rows]`` with every variant's bound of layer ``t``."""
+        w_rows, b_rows = ws[t][rows], bs[t][rows]
+        for layers in self.variants:
+            up = _chain_upper(w_rows, b_rows, t, ws, wd, bs, layers, self.aff_err, region, dtype)
+            lo = -_chain_upper(-w_rows, -b_rows, t, ws, wd, bs, layers, self.aff_err, region, dtype)
+            up_t[rows] = np.minimum(up_t[rows], up)
+            lo_t[rows] = np.maximum(lo_t[rows], lo)
+
+
+def backsubstitute(
+    network: Network,
+    region: Region,
+    relax: RelaxFn | Sequence[RelaxFn],
+    *,
+    block_rows: int | None = None,
+    dtype=np.float64,
+    intersect_ibp: bool = True,
+    independent: Sequence[RelaxFn] = (),
+) -> tuple[list, list]:
+    """Layer-by-layer bounds by back-substituting linear relaxations (CROWN / Fast-Lin).
+
+    Parameters
+    ----------
+    network : Network
+        In-memory network.
+    region : Region
+    relax : RelaxFn or sequence of RelaxFn
+        The per-neuron relaxation (this is what distinguishes Fast-Lin from CROWN).  With several, every layer is
+        bounded once per relaxation (all built on the same, already intersected, earlier bounds) and the results
+        are intersected: each is sound, so the intersection is.
+    block_rows : int, optional
+        Rows of a target layer processed together (default :data:`DEFAULT_BLOCK_ROWS`).  Peak extra memory is
+        about ``4 * block_rows * max_k n_k`` floats, plus, per layer, a copy of the rows of ``W[k]`` of the
+        neurons that carry coefficients when some do not (dead ReLUs), which saves their share of the flops.
+    dtype : {float64, float32}
+        Working precision of the GEMMs; allowances are sized for it, so float32 results are certified too.
+    intersect_ibp : bool
+        Also intersect each layer with its interval-arithmetic bound from the previous layer (cheap, sound).
+    independent : sequence of RelaxFn
+        Relaxations run as separate, complete methods (each on its own earlier bounds, exactly as it would run
+        alone); every layer of the result is also intersected with theirs, so the result is never looser than
+        any of them (used by CROWN to be never looser than Fast-Lin).
+
+    Returns
+    -------
+    lowers, uppers : list of ndarray, shapes (n_k,) for k = 1..H, float64
+    """
+    dtype = np.dtype(dtype)
+    if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
+        raise InputError(f"dtype={dtype} is not supported; accepted: float64, float32")
+    block_rows = DEFAULT_BLOCK_ROWS if block_rows is None else int(block_rows)
+    if block_rows < 1:
+        raise InputError(f"block_rows={block_rows} must be a positive integer")
+    ws = [np.asarray(w, dtype=np.float64) for w in network.weights]
+    bs = [np.asarray(b, dtype=np.float64) for b in network.biases]
+    wd = ws if dtype == np.float64 else [w.astype(dtype) for w in ws]
+    acts = network.layer_activations
+    lo, hi = region.box
+    xmax = np.maximum(np.abs(lo), np.abs(hi))
+    l, u = first_layer_bounds(ws[0], bs[0], region)
+    main = _State([relax] if callable(relax) else relax, l, u, xmax)
+    others = [_State([r], l, u, xmax) for r in independent]
+    for t in range(1, network.n_layers):
+        k = t - 1
+        n_t = ws[t].shape[0]
+        results = []
+        for st in (main, *others):
+            st.prepare(k, acts[k], ws, wd, bs, block_rows)
+            lo_t = np.full(n_t, -np.inf)
+            up_t = np.full(n_t, np.inf)
+            for r0 in range(0, n_t, block_rows):
+                st.bound_rows(slice(r0, min(n_t, r0 + block_rows)), t, ws, wd, bs, region, dtype, lo_t, up_t)
+            if intersect_ibp:
+                hl, hu = value_bounds(acts[k].value, st.lowers[k], st.uppers[k])
+                il, iu = affine_interval(ws[t], bs[t], hl, hu)
+                lo_t = np.maximum(lo_t, il)
+                up_t = np.minimum(up_t, iu)
+            results.append((lo_t, up_t))
+        for st, (lo_t, up_t) in zip(others, results[1:]):
+            st.lowers.append(lo_t)
+            st.uppers.append(up_t)
+        lo_t, up_t = results[0]
+        for lo_o, up_o in results[1:]:
+            lo_t = np.maximum(lo_t, lo_o)
+            up_t = np.minimum(up_t, up_o)
+        main.lowers.append(lo_t)
+        main.uppers.append(up_t)
+    return main.lowers, main.uppers
