@@ -6,6 +6,7 @@ Importing the package does no work: no numba compilation, no dask client, no fil
 
 from .activations import ACTIVATIONS, Activation, get_activation, register_activation
 from .errors import RecurJacError
+from .jacobian import JACOBIAN_METHODS, JacobianBounds, jacobian_bounds
 from .layer_bounds import LAYER_BOUND_METHODS, LayerBounds, layer_bounds
 from .network import InputSpec, Network
 
@@ -15,12 +16,15 @@ __all__ = [
     "ACTIVATIONS",
     "Activation",
     "InputSpec",
+    "JACOBIAN_METHODS",
+    "JacobianBounds",
     "LAYER_BOUND_METHODS",
     "LayerBounds",
     "Network",
     "RecurJacError",
     "__version__",
     "get_activation",
+    "jacobian_bounds",
     "layer_bounds",
     "register_activation",
 ]

@@ -1,0 +1,401 @@
+"""The chain: the matrix product whose element-wise bounds every Jacobian method computes, and the block interface.
+
+A chain is the product
+
+    P = M_0 Σ_1 M_1 Σ_2 M_2 ... Σ_T M_T
+
+where ``M_0`` (the *top*, shape ``(R, d_1)``) is known exactly and its ``R`` rows are the independent rows of the
+recursion, ``M_t`` has shape ``(d_t, d_{t+1})`` and ``Σ_t = diag(σ')`` with certified derivative bounds
+``dl_t <= σ' <= du_t`` (shape ``(d_t,)``).  ``P_t := M_0 Σ_1 M_1 ... Σ_t M_t`` has shape ``(R, d_{t+1})``;
+``P_0 = M_0``.
+
+- Backward (``recurjac-b``, ``fastlip``): ``M_0 = W(H)`` (the output layer with the output selection ``C``
+  folded in: ``m`` rows), ``M_1 = W(H-1)``, ..., ``M_T = W(1)``; ``Σ_t`` is hidden layer ``H - t``.  ``P_T`` is
+  the Jacobian ``(m, n_0)``; ``P_t`` is ``∂f/∂h(H-1-t)``.
+- Forward F0 (``recurjac-f0``): ``M_0 = W(1)ᵀ`` (rows = the ``n_0`` inputs), ``M_1 = W(2)ᵀ``, ...,
+  ``M_T = W(H)ᵀ``; ``Σ_t`` is hidden layer ``t``.  ``P_Tᵀ`` is the Jacobian; ``P_tᵀ`` is ``∂z(t+1)/∂x``.
+- Forward F1 (``recurjac-f1``): the F0 chain of the sub-network that starts at ``h(1)`` (rows = the ``n_1``
+  neurons of layer 1, ``P_Tᵀ = ∂f/∂h(1)``), then one interval product with ``Σ(1) W(1)``
+  (:attr:`Chain.finish_mat`, :attr:`Chain.finish_dl`, :attr:`Chain.finish_du`).
+
+Block interface (what the scale engine runs)
+--------------------------------------------
+Per-row *state* of step ``t`` (``s = 0..T``) is a dict of arrays of shape ``(R, d_{t+1})``: ``"lower"``,
+``"upper"`` (certified bounds of ``P_t``) and ``"mag"`` (the magnitude chain
+``|M_0| D(du_1) |M_1| ... D(du_t) |M_t|`` that bounds every partial sum of the recursion, used for the outward
+rounding allowance).  State 0 is exact: :func:`top_state`.  A method (registry
+:data:`recurjac_scale.jacobian.JACOBIAN_METHODS`) is run as::
+
+    chain = method.build_chain(network, layer_bounds)                       # or derivative bounds
+    state[0][rows] = top_state(chain, rows)                                   # for every row block
+    for t in 1..chain.n_steps:
+        for rows in row blocks, cols in column blocks of range(d_{t+1}):      # independent tasks
+            V = np.asarray(chain.mats[t - 1][:, cols])                        # (d_t, c) plain numpy
+            priors = [state[s][rows] if s in method.priors(t) else None for s in range(t)]
+            state[t][rows, cols] = method.step(chain, t, V, priors)           # dict of (R_blk, c) arrays
+    lower, upper = method.finish(chain, state[chain.n_steps])                 # (m, n_0), in memory
+
+A step task touches only ``chain.mats[0 : t - 1]`` (``M_1 .. M_{t-1}``, all columns), ``chain.dl[:t]``,
+``chain.du[:t]``, its column panel ``V`` of ``M_t`` and the priors of its rows; never the top matrix (state 0 holds
+its rows).  ``V`` may also be per row, shape ``(R_blk, d_t, c)`` (Algorithm 2 pushes ``V_j = W(1) s_j``).
+Results do not depend on how rows and columns are blocked: bitwise, because every GEMM runs on fixed-shape
+panels (:attr:`Chain.panel` columns, zero-padded; :data:`ROW_TILE` x panel tiles where both operands vary with the
+block), every numba reduction sums in a fixed order per row, and every choice between kernel variants depends on
+the chain or on the row alone.  ``finish`` needs the whole last state (``R x m``; small).
+
+The in-memory driver :func:`recurjac_scale.jacobian.driver.run_chain` is exactly this loop (block sizes from
+:func:`recurjac_scale.jacobian.driver.auto_blocks`: Fast-Lip one block, RecurJac bounded by the operand memory).
+
+Rounding
+--------
+Each step widens its bounds outward by ``gamma(N_t) * mag_t`` (+ tiny), ``N_t = 3 Σ_{s<=t} d_s + 4 t + 4``
+(:func:`widening`): every value computed by step ``t`` is a sum of products whose absolute sum is dominated by
+``mag_t`` (induction over the levels: Term I coefficients satisfy ``|Um| <= mag_{t-1}`` and the merged weights
+``|Ŵ| <= |M| D(du) |V|``), with at most ``N_t`` roundings on any path (one GEMM of length ``<= d_s`` per level,
+the sequential Term I / top sum of at most ``Σ d_s`` terms, with sharing across rows one more product of length
+``r_s <= Σ d_s`` per path, and a few scalings and additions per level); Higham (Eq. 3.5, and
+its extension to products) bounds the error by ``γ_{N_t} mag_t``.  :func:`recurjac_scale._fp.gamma` returns twice
+``γ_N``; that factor 2 and the ``(1 + gamma)`` factor cover the rounding of ``mag`` itself and the (widened,
+hence slightly larger than ``mag``) prior bounds used as Term I coefficients.  float32 adds ``4 t + 4`` to ``N_t``
+for the rounding of the weights to float32 (derivative bounds are rounded outward).  Fast-Lip and the F1 finish
+use their local summation length instead (their inputs are certified floats).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import numpy as np
+
+from .._fp import gamma
+from ..errors import InputError, ShapeMismatchError
+
+__all__ = [
+    "Chain",
+    "derivative_bounds_for",
+    "top_state",
+    "widening",
+    "widen_outward",
+    "panel_matmul",
+    "tile_matmul",
+    "STATE_KEYS",
+    "DEFAULT_PANEL",
+]
+
+STATE_KEYS = ("lower", "upper", "mag")
+"""Keys of the per-row state every step returns (each ``(R_blk, c)``)."""
+
+DEFAULT_PANEL = 128
+"""GEMM panel width (columns per BLAS call).  Results depend on it, bitwise, so it is a property of the chain, not
+of the blocking."""
+
+ROW_TILE = 16
+"""Row tile of :func:`tile_matmul` (products whose left operand is a block of rows): fixed, like the panel."""
+
+
+def _np(a, dtype=None) -> np.ndarray:
+    if not isinstance(a, np.ndarray) and hasattr(a, "compute"):
+        a = a.compute()
+    return np.asarray(a, dtype=dtype)
+
+
+@dataclass(frozen=True)
+class Chain:
+    """The product ``M_0 Σ_1 M_1 ... Σ_T M_T`` (module docstring).
+
+    Attributes
+    ----------
+    top : array, shape (R, d_1)
+        ``M_0``, exact.  Numpy, or a lazy (dask / zarr-backed) array that the engine slices itself.
+    mats : tuple of array
+        ``M_1 .. M_T``, ``mats[t - 1]`` of shape ``(d_t, d_{t+1})``.
+    dl, du : tuple of ndarray
+        ``dl[t - 1]``, ``du[t - 1]`` of shape ``(d_t,)``: ``0 <= dl <= σ' <= du`` for ``Σ_t``.
+    direction : {"backward", "forward"}
+        Backward: ``P_T`` is the Jacobian; forward: ``P_Tᵀ`` is (after ``finish`` for F1).
+    finish_mat : ndarray or None
+        F1 only: ``W(1)``, shape ``(n_1, n_0)``; the final interval product is ``hull([L, U]·[dl, du])ᵀ W(1)``.
+    finish_dl, finish_du : ndarray or None, shape (n_1,)
+        F1 only: the derivative bounds of hidden layer 1.
+    names : tuple of str
+        A label per level ``1..T`` (the network layer of ``Σ_t``), for messages and plans.
+    panel : int
+        GEMM panel width (:data:`DEFAULT_PANEL`).
+    dtype : numpy dtype
+        Arithmetic type (float64 by default; float32 is a speed option with its own rounding allowance).
+    """
+
+    top: object
+    mats: tuple
+    dl: tuple
+    du: tuple
+    direction: str = "backward"
+    finish_mat: object = None
+    finish_dl: object = None
+    finish_du: object = None
+    names: tuple = ()
+    panel: int = DEFAULT_PANEL
+    dtype: object = np.float64
+
+    def __post_init__(self):
+        T = len(self.mats)
+        if len(self.dl) != T or len(self.du) != T:
+            raise ShapeMismatchError(f"a chain of {T} matrices needs {T} derivative bounds, got {len(self.dl)}, {len(self.du)}")
+        prev = int(self.top.shape[1])
+        for t, (m, lo, hi) in enumerate(zip(self.mats, self.dl, self.du), start=1):
+            if tuple(lo.shape) != (prev,) or tuple(hi.shape) != (prev,):
+                raise ShapeMismatchError(f"chain level {t}: derivative bounds of shape {lo.shape} need ({prev},)")
+            if int(m.shape[0]) != prev:
+                raise ShapeMismatchError(f"chain level {t}: matrix of shape {tuple(m.shape)} needs {prev} rows")
+            prev = int(m.shape[1])
+        if int(self.panel) < 1:
+            raise InputError(f"panel={self.panel!r} must be a positive integer")
+
+    # -- shape ------------------------------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        """``T``: the number of layer steps."""
+        return len(self.mats)
+
+    @property
+    def n_rows(self) -> int:
+        """``R``: the rows of the recursion."""
+        return int(self.top.shape[0])
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """``(d_1, ..., d_{T+1})``: ``d_{t+1}`` is the width of state ``t``."""
+        return (int(self.top.shape[1]), *(int(m.shape[1]) for m in self.mats))
+
+    def state_width(self, t: int) -> int:
+        """Columns of state ``t`` (``d_{t+1}``)."""
+        return self.widths[t]
+
+    @property
+    def output_shape(self) -> tuple[int, int]:
+        """``(m, n_0)`` of the Jacobian bounds after ``finish``."""
+        R, w = self.n_rows, self.widths[-1]
+        if self.finish_mat is not None:
+            return (w, int(self.finish_mat.shape[1]))
+        return (R, w) if self.direction == "backward" else (w, R)
+
+    # -- constructors -----------------------------------------------------------------------------------------
+    @classmethod
+    def backward(cls, network, derivative_bounds: Sequence, *, dtype=np.float64, panel: int = DEFAULT_PANEL) -> "Chain":
+        """The backward chain ``W(H) Σ(H-1) W(H-1) ... Σ(1) W(1)`` of a (materialised) network.
+
+        Parameters
+        ----------
+        network : Network
+            With the output selection already folded in (``network.with_outputs(C)``) and an identity output
+            activation.
+        derivative_bounds : sequence of (dl, du)
+            Per affine layer ``k = 0..H-1`` (at least the ``H - 1`` hidden ones), shapes ``(n_{k+1},)``.
+        """
+        ws, db = _weights_and_bounds(network, derivative_bounds, dtype)
+        H = len(ws)
+        return cls(
+            top=ws[H - 1],
+            mats=tuple(ws[k] for k in range(H - 2, -1, -1)),
+            dl=tuple(db[k][0] for k in range(H - 2, -1, -1)),
+            du=tuple(db[k][1] for k in range(H - 2, -1, -1)),
+            direction="backward",
+            names=tuple(f"hidden layer {k + 1}" for k in range(H - 2, -1, -1)),
+            panel=panel,
+            dtype=np.dtype(dtype),
+        )
+
+    @classmethod
+    def forward(
+        cls, network, derivative_bounds: Sequence, start: int = 0, *, dtype=np.float64, panel: int = DEFAULT_PANEL
+    ) -> "Chain":
+        """The forward chain ``W(1)ᵀ Σ(1) W(2)ᵀ ... Σ(H-1) W(H)ᵀ`` (``start = 0``, F0) or, for ``start = 1`` (F1),
+        the chain of the sub-network from ``h(1)`` with the final interval product by ``Σ(1) W(1)``.
+
+        A network without hidden layers has no sub-network; ``start = 1`` then gives the F0 chain (``J = W``).
+        """
+        ws, db = _weights_and_bounds(network, derivative_bounds, dtype)
+        H = len(ws)
+        if start not in (0, 1):
+            raise InputError(f"forward chain start={start!r}; accepted: 0 (F0) or 1 (F1)")
+        if start == 1 and H >= 2:
+            return cls(
+                top=np.ascontiguousarray(ws[1].T),
+                mats=tuple(np.ascontiguousarray(ws[k].T) for k in range(2, H)),
+                dl=tuple(db[k][0] for k in range(1, H - 1)),
+                du=tuple(db[k][1] for k in range(1, H - 1)),
+                direction="forward",
+                finish_mat=ws[0],
+                finish_dl=db[0][0],
+                finish_du=db[0][1],
+                names=tuple(f"hidden layer {k + 1}" for k in range(1, H - 1)),
+                panel=panel,
+                dtype=np.dtype(dtype),
+            )
+        return cls(
+            top=np.ascontiguousarray(ws[0].T),
+            mats=tuple(np.ascontiguousarray(ws[k].T) for k in range(1, H)),
+            dl=tuple(db[k][0] for k in range(0, H - 1)),
+            du=tuple(db[k][1] for k in range(0, H - 1)),
+            direction="forward",
+            names=tuple(f"hidden layer {k + 1}" for k in range(0, H - 1)),
+            panel=panel,
+            dtype=np.dtype(dtype),
+        )
+
+    def with_panel(self, panel: int) -> "Chain":
+        return replace(self, panel=int(panel))
+
+    # -- rounding ---------------------------------------------------------------------------------------------
+    def rounding_length(self, t: int) -> int:
+        """``N_t`` of the module docstring: a bound on the number of roundings on any path of step ``t``."""
+        return 3 * sum(int(d.shape[0]) for d in self.dl[:t]) + 4 * t + 4 + (0 if self.dtype == np.float64 else 4 * t + 4)
+
+
+def _weights_and_bounds(network, derivative_bounds, dtype):
+    if network.n_layers >= 1 and not network.output_activation.is_identity:
+        raise InputError("fold the output activation first: network.with_outputs(C) makes it a hidden layer")
+    ws = [_np(w, dtype) for w in network.weights]
+    H = len(ws)
+    if len(derivative_bounds) < H - 1:
+        raise ShapeMismatchError(f"{H - 1} hidden layers need derivative bounds, got {len(derivative_bounds)}")
+    db = []
+    for k in range(H - 1):
+        lo, hi = derivative_bounds[k]
+        lo, hi = _np(lo, dtype), _np(hi, dtype)
+        n = ws[k].shape[0]
+        if lo.shape != (n,) or hi.shape != (n,):
+            raise ShapeMismatchError(f"derivative bounds of layer {k} have shapes {lo.shape}, {hi.shape}; need ({n},)")
+        if not (np.all(lo >= 0) and np.all(lo <= hi) and np.all(np.isfinite(hi))):
+            raise InputError(
+                f"derivative bounds of layer {k} violate 0 <= dl <= du < inf (Assumption 2 of Zhang et al. 2019)"
+            )
+        db.append(_outward(lo, hi, derivative_bounds[k], dtype))
+    return ws, db
+
+
+def _outward(lo, hi, orig, dtype):
+    """Derivative bounds cast to ``dtype`` without losing soundness: round ``dl`` down and ``du`` up."""
+    if np.dtype(dtype) == np.float64:
+        return lo, hi
+    lo64, hi64 = (np.asarray(a, dtype=np.float64) for a in orig)
+    lo = np.where(lo.astype(np.float64) > lo64, np.nextafter(lo, np.asarray(0, dtype)), lo)
+    hi = np.where(hi.astype(np.float64) < hi64, np.nextafter(hi, np.asarray(np.inf, dtype)), hi)
+    return np.maximum(lo, 0).astype(dtype), hi.astype(dtype)
+
+
+def derivative_bounds_for(network, lb) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Derivative bounds ``(dl, du)`` of every hidden layer of ``network`` from pre-activation bounds ``lb``
+    (Eq. 6-8), intersected with the activation's global derivative range (both are sound)."""
+    H = network.n_layers
+    if len(lb.lower) < H - 1:
+        raise ShapeMismatchError(f"layer bounds for {len(lb.lower)} layers; the network has {H - 1} hidden layers")
+    out = []
+    for k in range(H - 1):
+        act = network.activations[k]
+        lo, hi = np.asarray(lb.lower[k], np.float64), np.asarray(lb.upper[k], np.float64)
+        if lo.shape != (network.widths[k + 1],) or hi.shape != lo.shape:
+            raise ShapeMismatchError(
+                f"layer bounds of layer {k} have shape {lo.shape}; need ({network.widths[k + 1]},)"
+            )
+        if np.isnan(lo).any() or np.isnan(hi).any() or (lo > hi).any():
+            raise InputError(f"layer bounds of layer {k} are NaN or empty (lower > upper)")
+        dl, du = act.derivative_bounds(lo, hi)
+        rlo, rhi = act.derivative_range
+        dl = np.maximum(np.asarray(dl, np.float64), rlo)
+        du = np.minimum(np.asarray(du, np.float64), rhi)
+        out.append((dl, du))
+    return out
+
+
+def top_state(chain: Chain, rows=slice(None)) -> dict:
+    """State 0 (exact) for the given rows: ``lower = upper = M_0[rows]``, ``mag = |M_0[rows]|``."""
+    a = _np(chain.top[rows], chain.dtype)
+    return {"lower": a, "upper": a, "mag": np.abs(a)}
+
+
+def widening(chain: Chain, t: int, mag: np.ndarray, n: int | None = None) -> np.ndarray:
+    """Outward rounding allowance of step ``t``: ``gamma(N) * mag * (1 + gamma) + tiny`` with ``N = N_t``
+    (module docstring) unless a (local) summation length ``n`` is given; :func:`recurjac_scale._fp.gamma` is twice
+    Higham's factor."""
+    n = chain.rounding_length(t) if n is None else int(n)
+    g = gamma(n, chain.dtype)
+    tiny = np.finfo(chain.dtype).tiny * n
+    return (g * (1.0 + g)) * mag + tiny
+
+
+def widen_outward(lower: np.ndarray, upper: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(lower - w, upper + w)``; a NaN (only possible after an overflow) becomes ``-inf`` / ``+inf``, which keeps
+    the bounds sound."""
+    lo = lower - w
+    hi = upper + w
+    if np.isnan(lo).any() or np.isnan(hi).any():
+        lo = np.where(np.isnan(lo), -np.inf, lo)
+        hi = np.where(np.isnan(hi), np.inf, hi)
+    return lo, hi
+
+
+# -- canonical GEMMs -------------------------------------------------------------------------------------------
+# BLAS results depend on the shapes of the call (kernel choice, edge handling); a column computed inside a call of
+# fixed shape does not depend on its position or on the other columns.  These helpers therefore always call BLAS
+# with fixed-width panels (zero padding), which makes the results independent of the blocking.
+
+
+def panel_matmul(M: np.ndarray, X: np.ndarray, panel: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``M @ X`` computed panel by panel.
+
+    Parameters
+    ----------
+    M : ndarray, shape (a, K)
+        A matrix that does not depend on the blocking (a chain matrix, possibly with dead neurons removed).
+    X : ndarray, shape (K, N)
+        ``N`` must be a multiple of ``panel`` (pad with zero columns).
+    """
+    a, K = M.shape
+    N = X.shape[1]
+    if N % panel:
+        raise ValueError("panel_matmul needs a column count that is a multiple of the panel")
+    if out is None:
+        out = np.empty((a, N), dtype=np.result_type(M, X))
+    if a == 0 or N == 0:
+        return out
+    if K == 0:
+        out[...] = 0
+        return out
+    for p in range(0, N, panel):
+        np.matmul(M, X[:, p : p + panel], out=out[:, p : p + panel])
+    return out
+
+
+def tile_matmul(A: np.ndarray, B: np.ndarray, panel: int, row_tile: int = ROW_TILE) -> np.ndarray:
+    """``A @ B`` on fixed ``row_tile x panel`` output tiles (both operands zero-padded), for products where both
+    operands depend on the blocking (rows of a block times a column panel).
+
+    Parameters
+    ----------
+    A : ndarray, shape (R, K)
+    B : ndarray, shape (K, c)
+
+    Returns
+    -------
+    ndarray, shape (R, c)
+    """
+    R, K = A.shape
+    c = B.shape[1]
+    dt = np.result_type(A, B)
+    if R == 0 or c == 0:
+        return np.zeros((R, c), dtype=dt)
+    if K == 0:
+        return np.zeros((R, c), dtype=dt)
+    Rp = -(-R // row_tile) * row_tile
+    cp = -(-c // panel) * panel
+    Ap = np.zeros((Rp, K), dtype=dt)
+    Ap[:R] = A
+    Bp = np.zeros((K, cp), dtype=dt)
+    Bp[:, :c] = B
+    out = np.empty((Rp, cp), dtype=dt)
+    for i in range(0, Rp, row_tile):
+        for p in range(0, cp, panel):
+            np.matmul(Ap[i : i + row_tile], Bp[:, p : p + panel], out=out[i : i + row_tile, p : p + panel])
+    return out[:R, :c]

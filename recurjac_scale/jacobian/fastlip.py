@@ -1,0 +1,74 @@
+"""Fast-Lip (Weng et al. 2018a), the layer-by-layer interval product, as a block function on a chain.
+
+Step ``t``: from the bounds ``[L, U]`` of ``P_{t-1}`` (rows of the block), the hull of the products with the
+derivative interval, ``Z = hull([L, U] · [dl_t, du_t])`` (``0 <= dl <= du``: lower ``L dl`` if ``L >= 0`` else
+``L du``, upper ``U du`` if ``U >= 0`` else ``U dl``), then the interval product with ``V = M_t[:, cols]`` in
+midpoint-radius form, ``mid(Z) V ± rad(Z) |V|`` (exact for an interval matrix times a point matrix).  Rounding:
+each step widens by ``gamma(d_t + 8) * mag_t`` (its local error; the priors are certified floats).
+
+For ReLU (``[dl, du]`` in ``{[0,0], [0,1], [1,1]}``) this is Fast-Lip as published; for leaky ReLU it is its
+leaky extension (``[α, 1]``).  The same recursion is sound for every activation with ``0 <= dl <= du``
+(Assumption 2), so it is allowed for all of them; only its tightness is not studied in the paper.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .chain import Chain, tile_matmul, widen_outward, widening
+from .recurjac import magnitude_step
+
+__all__ = ["fastlip_step", "interval_hull"]
+
+
+def interval_hull(L: np.ndarray, U: np.ndarray, dl: np.ndarray, du: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Hull of ``{y s : L <= y <= U, dl <= s <= du}`` element-wise, for ``0 <= dl <= du`` broadcast over rows.
+
+    Parameters
+    ----------
+    L, U : ndarray, shape (R, d)
+    dl, du : ndarray, shape (d,)
+    """
+    lo = np.where(L >= 0, L * dl, L * du)
+    hi = np.where(U >= 0, U * du, U * dl)
+    return lo, hi
+
+
+def fastlip_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
+    """Certified bounds of ``P_{t-1} Σ_t V`` for a block of rows by interval arithmetic (Fast-Lip).
+
+    Parameters
+    ----------
+    chain : Chain
+    t : int
+        Layer step, ``1 <= t <= chain.n_steps``.
+    V : ndarray, shape (d_t, c)
+        Column panel ``M_t[:, cols]``.
+    priors : sequence
+        Only ``priors[t - 1]`` (state of step ``t - 1`` for the block's rows: ``"lower"``, ``"upper"``, ``"mag"``,
+        shape ``(R_blk, d_t)``) is read.
+
+    Returns
+    -------
+    dict of ndarray, shape (R_blk, c)
+        ``"lower"``, ``"upper"`` (widened outward for rounding) and ``"mag"``.
+    """
+    dt = chain.dtype
+    V = np.asarray(V, dtype=dt)
+    if V.ndim != 2:
+        raise ValueError("fastlip takes a shared column panel V of shape (d_t, c)")
+    prev = priors[t - 1]
+    L = np.asarray(prev["lower"], dtype=dt)
+    U = np.asarray(prev["upper"], dtype=dt)
+    dl, du = chain.dl[t - 1], chain.du[t - 1]
+    zl, zu = interval_hull(L, U, dl[None, :], du[None, :])
+    mid = 0.5 * (zl + zu)
+    rad = 0.5 * (zu - zl)
+    center = tile_matmul(mid, V, chain.panel)
+    radius = tile_matmul(rad, np.abs(V), chain.panel)
+    mag = magnitude_step(chain, t, V, np.asarray(prev["mag"], dtype=dt))
+    # Local error only (L, U are certified floats): the hull products, mid/rad, and one GEMM of length d_t, each
+    # term dominated by du |L or U| |V| <= mag_t (up to the earlier widening, covered by the factor 2 in gamma).
+    w = widening(chain, t, mag, n=V.shape[0] + 8 + (0 if chain.dtype == np.float64 else 8))
+    lower, upper = widen_outward(center - radius, center + radius, w)
+    return {"lower": lower, "upper": upper, "mag": mag}

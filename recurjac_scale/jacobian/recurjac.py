@@ -1,0 +1,343 @@
+"""RecurJac (Zhang, Zhang & Hsieh, AAAI 2019, Algorithm 1) as a block function on a chain.
+
+One step ``t`` bounds ``P_{t-1} Σ_t V`` for a block of rows and a column panel ``V`` (Theorem 1): for every row
+``j``, two chains (upper with the merged weights ``Ŵ(j)``, lower with ``W̃(j)``, Eq. 17-18) descend from level
+``t`` to the exact top.  At each level ``s`` the neurons split by the row's known bounds of ``P_{s-1}`` into
+``I_j`` (Term I, Eq. 14-15: ``Y σ' ∈ [du Lm, du Um]``), ``P_j`` / ``N_j`` (sign of ``Y`` known: ``σ'`` fixed to
+``dl`` or ``du`` per entry by the sign of ``Y V``, and ``Y`` expanded one level further: Term II, Lemma 2) and
+``E_j`` (``dl == du``: expanded exactly whatever the sign).  At the top ``Y = M_0[j]`` is exact (Eq. 10-11).
+
+Kernels
+-------
+- Dense per row: the rows of the block and both chains share one GEMM per level,
+  ``M_{s-1}[alive_{s-1}, alive_s] @ X'`` with ``X'`` of shape ``(|alive_s|, 2 R c)`` (padded to whole panels);
+  ``alive`` drops neurons with ``du = 0`` (dead for every row) on both sides of the GEMM.  Rows whose operand
+  vanished are skipped, and rows with many ``I_j`` neurons (zero rows of their ``X'``) get their own GEMM on the
+  compacted ``M[:, S_j]`` (structural sparsity; :func:`_level_matmul`).  The first level of a step shares the
+  stable-neuron part ``M[:, stable] D(du) V[stable]`` across rows (:func:`_first_level`).
+- Sharing across rows (nearly-linear regime, :func:`uses_sharing`): the operand of every level is kept as a part
+  shared by all rows plus a low-rank per-row part on the unstable neurons (:func:`_shared_levels`); per row only the
+  unstable neurons are prepared and multiplied.
+- The mask / sign / scale preparation of ``X'``, Term I and the exact top are fused numba passes
+  (:mod:`recurjac_scale.kernels`).  Step 1 (``P_0 = M_0`` exact) is two tiled GEMMs in midpoint-radius form:
+  ``A D(mid) V ± |A| D(rad) |V|``.
+
+Every choice between these variants depends on the chain or on the row alone, never on the blocking, and every
+GEMM runs on fixed-shape panels: the results are bitwise independent of the row and column blocks.  All variants
+compute the same real-number sums (the paper's bound) in different orders; the rounding allowance of
+:func:`recurjac_scale.jacobian.chain.widening` covers all of them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import kernels
+from .chain import Chain, panel_matmul, tile_matmul, widen_outward, widening
+
+__all__ = ["recurjac_step", "magnitude_step"]
+
+
+def _alive(du: np.ndarray) -> np.ndarray:
+    return np.flatnonzero(du > 0)
+
+
+def magnitude_step(chain: Chain, t: int, V: np.ndarray, mag_prev: np.ndarray) -> np.ndarray:
+    """``mag_t = mag_{t-1} D(du_t) |V|`` for a block, shape ``(R_blk, c)`` (``V`` shared ``(d_t, c)`` or per row
+    ``(R_blk, d_t, c)``)."""
+    du = chain.du[t - 1]
+    A = mag_prev * du[None, :]
+    if V.ndim == 2:
+        return tile_matmul(A, np.abs(V), chain.panel)
+    out = np.empty((V.shape[0], V.shape[2]), dtype=chain.dtype)
+    kernels.perrow_abs_matmul(np.ascontiguousarray(A), np.ascontiguousarray(V), out)
+    return out
+
+
+SPARSE_FRACTION = 0.125
+"""A row takes the per-row compacted GEMM at a level when at least this fraction of the level's live neurons is in
+its ``I_j`` (their merged-weight rows are zero for that row).  The rule is row-local, so results stay independent
+of the blocking."""
+
+
+def _gather_rows(Xp, rows, S, R, c, P):
+    """The columns of block rows ``rows`` (both chains) of ``Xp[S]``, packed and zero-padded to whole panels."""
+    Rc = R * c
+    S = slice(None) if S is None else S
+    K = Xp.shape[0] if isinstance(S, slice) else len(S)
+    out = np.zeros((K, -(-2 * c * len(rows) // P) * P), dtype=Xp.dtype)
+    for i, j in enumerate(rows):
+        out[:, 2 * c * i : 2 * c * i + c] = Xp[S, j * c : (j + 1) * c]
+        out[:, 2 * c * i + c : 2 * c * (i + 1)] = Xp[S, Rc + j * c : Rc + (j + 1) * c]
+    return out
+
+
+def _scatter_rows(out, Y, rows, R, c):
+    Rc = R * c
+    for i, j in enumerate(rows):
+        out[:, j * c : (j + 1) * c] = Y[:, 2 * c * i : 2 * c * i + c]
+        out[:, Rc + j * c : Rc + (j + 1) * c] = Y[:, 2 * c * i + c : 2 * c * (i + 1)]
+
+
+def _level_matmul(M, Xp, in_term1, nnz, R, c, P):
+    """``M @ Xp`` for one level, exploiting per-row structural sparsity (rows of ``Xp`` zero on ``I_j``).
+
+    Rows of the block whose merged operand is entirely zero are skipped (their recursion has ended); rows with
+    many ``I_j`` neurons (:data:`SPARSE_FRACTION`) get their own GEMM on the compacted ``M[:, S_j]``; all other
+    rows share one panel GEMM.  Every choice depends on the row alone, and every GEMM runs on fixed-width panels,
+    so a row's result does not depend on the rest of the block.
+    """
+    K = M.shape[1]
+    Rc = R * c
+    n_i = in_term1.sum(axis=1, dtype=np.int64)
+    live = nnz > 0
+    sparse = live & (n_i >= max(1, SPARSE_FRACTION * K))
+    dense = live & ~sparse
+    if not live.any():
+        return None  # every row's recursion has ended: the remaining levels contribute nothing
+    if dense.all():
+        return panel_matmul(M, Xp, P)
+    dense_rows = np.flatnonzero(dense)
+    if 2 * dense_rows.size >= R:
+        # Mostly dense: one GEMM over every column (columns do not interact), then overwrite the others.
+        out = panel_matmul(M, Xp, P)
+        for j in np.flatnonzero(~dense):
+            out[:, j * c : (j + 1) * c] = 0.0
+            out[:, Rc + j * c : Rc + (j + 1) * c] = 0.0
+    else:
+        out = np.zeros((M.shape[0], Xp.shape[1]), dtype=Xp.dtype)
+        if dense_rows.size:
+            Y = panel_matmul(M, _gather_rows(Xp, dense_rows, None, R, c, P), P)
+            _scatter_rows(out, Y, dense_rows, R, c)
+    for j in np.flatnonzero(sparse):
+        S = np.flatnonzero(in_term1[j] == 0)
+        if S.size == 0:
+            continue
+        Y = panel_matmul(np.ascontiguousarray(M[:, S]), _gather_rows(Xp, [j], S, R, c, P), P)
+        _scatter_rows(out, Y, [j], R, c)
+    return out
+
+
+def _level(X, shared, M, Lp, Up, lo, hi, R, c, P, npad, acc):
+    """One level: prepare the merged operand (and Term I into ``acc``), then multiply by ``M``."""
+    K = lo.size
+    Xp = np.empty((K, npad), dtype=acc.dtype)
+    Xp[:, 2 * R * c :] = 0.0
+    in_term1 = np.zeros((R, K), dtype=np.uint8)
+    nnz = np.zeros(R, dtype=np.int64)
+    kernels.prep_level(
+        np.ascontiguousarray(X), shared, np.ascontiguousarray(Lp), np.ascontiguousarray(Up),
+        np.ascontiguousarray(lo), np.ascontiguousarray(hi), R, c, Xp, acc, in_term1, nnz,
+    )
+    return _level_matmul(np.ascontiguousarray(M), Xp, in_term1, nnz, R, c, P)
+
+
+def _first_level(V, M, Lp, Up, lo, hi, R, c, P, npad, acc):
+    """The first level of a step, where the operand ``V`` is shared by every row (sharing across rows).
+
+    For a neuron with an exact derivative (``dl == du``) the merged operand is ``du V[r]`` for every row and both
+    chains, so ``M[:, stable] D(du) V[stable]`` is computed once (one panel GEMM over the block's ``c`` columns) and
+    added to the per-row product over the other neurons.  The split depends on the chain only (not on the
+    blocking), and the shared product of a column does not depend on the other columns.
+    """
+    stab = lo == hi
+    if not stab.any():
+        return _level(V, True, M, Lp, Up, lo, hi, R, c, P, npad, acc)
+    u = np.flatnonzero(~stab)
+    st = np.flatnonzero(stab)
+    out = None
+    if u.size:
+        out = _level(V[u], True, M[:, u], Lp[:, u], Up[:, u], lo[u], hi[u], R, c, P, npad, acc)
+    if out is None:
+        out = np.zeros((M.shape[0], npad), dtype=acc.dtype)
+    Vs = np.zeros((st.size, -(-c // P) * P), dtype=acc.dtype)
+    Vs[:, :c] = hi[st, None] * V[st]
+    shared_part = panel_matmul(np.ascontiguousarray(M[:, st]), Vs, P)[:, :c]
+    view = out[:, : 2 * R * c].reshape(M.shape[0], 2 * R, c)
+    view += shared_part[:, None, :]
+    return out
+
+
+SHARE_RATIO = 0.5
+"""Sharing across rows is used for a step when its estimated per-row work is at most this fraction of the dense
+per-row work (:func:`uses_sharing`); ``inf`` forces it, ``0`` disables it."""
+
+UNSTABLE_FRACTION = 0.5
+"""... and when at most this fraction of the live neurons of levels ``1..t`` is unstable (``dl < du``)."""
+
+
+def uses_sharing(chain: Chain, t: int) -> bool:
+    """Whether step ``t`` (shared operand) runs with sharing across rows (:func:`_shared_levels`).
+
+    A chain-only decision (blocking-independent): per row, the shared variant costs about
+    ``sum_s |u_s| r_s + (|u_1| + 1) r_1`` multiply-adds per column (``u_s`` the live neurons of level ``s`` with ``dl < du``,
+    ``r_s = sum_{l > s} |u_l|``), the dense one ``sum_s |alive_{s-1}| |alive_s| + |alive_1|``, before its per-row
+    sparsity; sharing also needs few unstable neurons (:data:`UNSTABLE_FRACTION`).
+    """
+    if t < 2:
+        return False
+    alive = [int(np.count_nonzero(chain.du[s - 1] > 0)) for s in range(1, t + 1)]
+    unst = [int(np.count_nonzero((chain.du[s - 1] > 0) & (chain.dl[s - 1] < chain.du[s - 1]))) for s in range(1, t + 1)]
+    dense = sum(alive[s - 2] * alive[s - 1] for s in range(2, t + 1)) + alive[0]
+    shared, r = 0, 0
+    for s in range(t, 1, -1):
+        shared += unst[s - 1] * (r + 1)
+        r += unst[s - 1]
+    shared += (unst[0] + 1) * r + unst[0]
+    # Many unstable neurons usually mean many I_j neurons, which the dense per-row path drops row by row (and
+    # measured on the MNIST 7-layer shape, F0: sharing wins up to ~45% unstable neurons, loses 6x at ~73%).
+    few_unstable = sum(unst) <= UNSTABLE_FRACTION * max(1, sum(alive))
+    return shared <= SHARE_RATIO * dense and (few_unstable or SHARE_RATIO == math.inf)
+
+
+def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
+    """Steps ``t >= 2`` with a shared operand, with the stable part shared across the rows of the block.
+
+    At level ``s`` the operand of row ``j`` (both chains) is ``X_s = Xsh_s + G_s Z_j``: ``Xsh_s`` (``d_s x c``) and
+    ``G_s`` (``d_s x r_s``) are the same for every row (the expansion through neurons with ``dl == du``, whose
+    merged weights do not depend on the row: ``du X``), and ``Z_j`` (``r_s`` rows) stacks the row's merged operands
+    on the unstable neurons of the levels above.  Per row, only the unstable neurons are prepared (signs, Term I) and
+    multiplied: ``X_s[u_s] = Xsh_s[u_s] + G_s[u_s] Z_j``.  In exact arithmetic this is the same sum as the dense
+    recursion; every partial sum is still a sum of products dominated by ``mag_t`` (rounding: ``N_t`` counts the
+    extra ``r_s <= sum d`` summation length).
+    """
+    dt = acc.dtype
+    alive = _alive(chain.du[t - 1])
+    Xsh = np.ascontiguousarray(V[alive])  # (K, c)
+    G = np.zeros((alive.size, 0), dtype=dt)
+    Z = np.zeros((0, npad), dtype=dt)
+    cp = -(-c // P) * P
+    for s in range(t, 1, -1):
+        lo, hi = chain.dl[s - 1][alive], chain.du[s - 1][alive]
+        st = np.flatnonzero(lo == hi)
+        u = np.flatnonzero(lo != hi)
+        # Per-row operand on the unstable neurons.
+        Xu = panel_matmul(np.ascontiguousarray(G[u]), Z, P)
+        Xu[:, : 2 * R * c].reshape(u.size, 2 * R, c)[...] += Xsh[u][:, None, :]
+        Lp = np.asarray(priors[s - 1]["lower"], dtype=dt)[:, alive[u]]
+        Up = np.asarray(priors[s - 1]["upper"], dtype=dt)[:, alive[u]]
+        Xp = np.empty((u.size, npad), dtype=dt)
+        Xp[:, 2 * R * c :] = 0.0
+        kernels.prep_level(
+            Xu, False, np.ascontiguousarray(Lp), np.ascontiguousarray(Up), np.ascontiguousarray(lo[u]),
+            np.ascontiguousarray(hi[u]), R, c, Xp, acc, np.zeros((R, u.size), dtype=np.uint8), np.zeros(R, np.int64),
+        )
+        # Expand into M_{s-1}: the shared parts through the stable neurons, the per-row factors grow by u.
+        alive_up = _alive(chain.du[s - 2])
+        M = np.asarray(chain.mats[s - 2], dtype=dt)[np.ix_(alive_up, alive)]
+        Ms = np.ascontiguousarray(M[:, st] * hi[st][None, :])
+        Vs = np.zeros((st.size, cp), dtype=dt)
+        Vs[:, :c] = Xsh[st]
+        Xsh = np.ascontiguousarray(panel_matmul(Ms, Vs, P)[:, :c])
+        G = np.hstack([Ms @ G[st], M[:, u]])
+        Z = np.vstack([Z, Xp])
+        alive = alive_up
+    # Top (level 1, Y = A exact): stable neurons exactly, unstable ones by the sign rule of Eq. 10-11.
+    lo, hi = chain.dl[0][alive], chain.du[0][alive]
+    st = np.flatnonzero(lo == hi)
+    u = np.flatnonzero(lo != hi)
+    B1 = np.ascontiguousarray(A[:, alive[st]] * hi[st][None, :])
+    Tsh = tile_matmul(B1, Xsh[st], P)  # (R, c)
+    acc[0] += Tsh
+    acc[1] += Tsh
+    H = tile_matmul(B1, np.ascontiguousarray(G[st]), P)  # (R, r)
+    kernels.rowdot_acc(np.ascontiguousarray(H), Z, R, c, acc)
+    Xu = panel_matmul(np.ascontiguousarray(G[u]), Z, P)
+    Xu[:, : 2 * R * c].reshape(u.size, 2 * R, c)[...] += Xsh[u][:, None, :]
+    kernels.top_level(
+        Xu, np.ascontiguousarray(A[:, alive[u]]), np.ascontiguousarray(lo[u]), np.ascontiguousarray(hi[u]), R, c, acc
+    )
+
+
+def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
+    """Certified bounds of ``P_{t-1} Σ_t V`` for a block of rows (Zhang et al. 2019, Algorithm 1, Theorem 1).
+
+    Parameters
+    ----------
+    chain : Chain
+        Only ``chain.mats[:t-1]``, ``chain.dl[:t]``, ``chain.du[:t]`` and ``chain.panel`` are read.
+    t : int
+        Layer step, ``1 <= t <= chain.n_steps``.
+    V : ndarray, shape (d_t, c) or (R_blk, d_t, c)
+        The column panel ``M_t[:, cols]``, or one operand per row (Algorithm 2 pushes ``V_j = W(1) s_j`` through
+        the last step ``t = T`` of the backward chain: ``V`` of shape ``(R_blk, n_1, 1)``).
+    priors : sequence of dict
+        ``priors[s]`` for ``s = 0..t-1``: the state of step ``s`` for the block's rows (all columns):
+        ``"lower"``, ``"upper"``, ``"mag"`` of shape ``(R_blk, d_{s+1})``; ``priors[0]`` is :func:`top_state`.
+
+    Returns
+    -------
+    dict
+        ``"lower"``, ``"upper"``: certified bounds, shape ``(R_blk, c)``, widened outward for rounding;
+        ``"mag"``: the magnitude chain (rounding allowance of later steps).
+    """
+    dt = chain.dtype
+    V = np.asarray(V, dtype=dt)
+    A = np.asarray(priors[0]["upper"], dtype=dt)
+    R = A.shape[0]
+    perrow = V.ndim == 3
+    c = V.shape[-1]
+    dl_t, du_t = chain.dl[t - 1], chain.du[t - 1]
+    mag = magnitude_step(chain, t, V, np.asarray(priors[t - 1]["mag"], dtype=dt))
+    if R == 0 or c == 0:
+        z = np.zeros((R, c), dtype=dt)
+        return {"lower": z, "upper": z.copy(), "mag": mag}
+
+    if t == 1 and not perrow:
+        # P_0 = M_0 exact: max/min over sigma in [dl, du] of A D(sigma) V = A D(mid) V ± |A| D(rad) |V| (Eq. 10-11).
+        mid = 0.5 * (dl_t + du_t)
+        rad = 0.5 * (du_t - dl_t)
+        center = tile_matmul(A * mid[None, :], V, chain.panel)
+        radius = tile_matmul(np.abs(A) * rad[None, :], np.abs(V), chain.panel)
+        upper = center + radius
+        lower = center - radius
+    else:
+        P = chain.panel
+        ncols = 2 * R * c
+        npad = -(-ncols // P) * P
+        acc = np.zeros((2, R, c), dtype=dt)
+        alive = _alive(du_t)
+        if not perrow and uses_sharing(chain, t):
+            _shared_levels(chain, t, V, priors, A, R, c, P, npad, acc)
+            lower, upper = widen_outward(acc[1], acc[0], widening(chain, t, mag))
+            return {"lower": lower, "upper": upper, "mag": mag}
+        if perrow:
+            X = np.zeros((alive.size, npad), dtype=dt)
+            Xv = np.transpose(V[:, alive, :], (1, 0, 2)).reshape(alive.size, R * c)
+            X[:, : R * c] = Xv
+            X[:, R * c : ncols] = Xv
+            shared = False
+        else:
+            X = np.ascontiguousarray(V[alive])  # shared by every row and both chains at the first level
+            shared = True
+        for s in range(t, 1, -1):
+            # Level s: Y = P_{s-1} is bounded by priors[s-1]; expand into M_{s-1} = chain.mats[s-2].
+            lo, hi = chain.dl[s - 1][alive], chain.du[s - 1][alive]
+            Lp = np.asarray(priors[s - 1]["lower"], dtype=dt)[:, alive]
+            Up = np.asarray(priors[s - 1]["upper"], dtype=dt)[:, alive]
+            alive_up = _alive(chain.du[s - 2])
+            M = np.asarray(chain.mats[s - 2], dtype=dt)[np.ix_(alive_up, alive)]
+            if shared:
+                X = _first_level(X, M, Lp, Up, lo, hi, R, c, P, npad, acc)
+            else:
+                X = _level(X, False, M, Lp, Up, lo, hi, R, c, P, npad, acc)
+            shared = False
+            alive = alive_up
+            if X is None:  # all operands vanished (every neuron of every row in I_j or dead)
+                break
+        if X is not None:
+            kernels.top_level(
+                X,
+                np.ascontiguousarray(A[:, alive]),
+                np.ascontiguousarray(chain.dl[0][alive]),
+                np.ascontiguousarray(chain.du[0][alive]),
+                R,
+                c,
+                acc,
+            )
+        upper, lower = acc[0], acc[1]
+
+    lower, upper = widen_outward(lower, upper, widening(chain, t, mag))
+    return {"lower": lower, "upper": upper, "mag": mag}

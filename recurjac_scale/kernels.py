@@ -1,0 +1,202 @@
+"""Numba kernels of the Jacobian bound recursion: fused mask / sign / scale preparation and small reductions.
+
+Only kernels live here (no dask, no zarr, no registries).  The heavy lifting is done by BLAS GEMMs in
+:mod:`recurjac_scale.jacobian`; these kernels prepare the GEMM operands in one pass and accumulate the cheap
+per-row terms (Term I of Zhang et al. 2019, Eq. 14-15, and the exact top level).
+
+Layout shared by the kernels
+----------------------------
+The recursion of one (row block x column block) task carries, per level, a matrix ``X`` of shape
+``(K, Npad)``: row ``r`` is a neuron of the level, column ``q = (ch * R + j) * c + k`` (for ``q < 2 R c``) is
+chain ``ch`` (0 = the upper chain with the merged weights ``Ŵ``, 1 = the lower chain with ``W̃``), row ``j`` of the
+block and column ``k`` of the block.  Columns ``q >= 2 R c`` are zero padding (GEMMs run on fixed-width panels so
+that results do not depend on the blocking).
+
+Every kernel sums in a fixed, sequential order (no reassociation: ``@numba.njit(nogil=True, cache=True)``, never
+``fastmath``, never ``parallel``), so a value computed for one row never depends on the other rows of its block.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+__all__ = ["prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "ensure_compiled"]
+
+
+@numba.njit(nogil=True, cache=True)
+def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz):  # pragma: no cover - compiled
+    """Term I and the merged-weight operand of one level of Algorithm 1 (Zhang et al. 2019, Eq. 14-19).
+
+    Parameters
+    ----------
+    X : ndarray, shape (K, Npad), or (K, c) when ``shared``
+        The current operand ``V`` of both chains (see the module docstring for the column layout).
+    shared : bool
+        ``X`` is one ``(K, c)`` operand shared by every row and both chains (the first level of a step).
+    Lp, Up : ndarray, shape (R, K)
+        Certified bounds ``Lm <= Y <= Um`` of the rows of the block (the earlier step's state), restricted to the
+        ``K`` neurons of ``X``.
+    dl, du : ndarray, shape (K,)
+        Derivative bounds ``0 <= dl <= sigma' <= du`` of the level.
+    R, c : int
+        Rows and columns of the block.
+    Xp : ndarray, shape (K, Npad), output
+        ``D(a) X+ + D(b) X-`` per chain and row, the right operand of the merged weights (Eq. 17-18):
+        upper chain ``a = p du + n dl``, ``b = p dl + n du``; lower chain with ``a`` and ``b`` swapped; zero on
+        ``I_j``.  Padding columns are not touched.
+    acc : ndarray, shape (2, R, c), in/out
+        Term I (Eq. 14-15) is added: upper chain ``du (MI∘Um) X+ + du (MI∘Lm) X-``, lower chain
+        ``du (MI∘Lm) X+ + du (MI∘Um) X-``.
+    n_term1 : ndarray, shape (R, K), uint8, output
+        1 where neuron ``r`` is in ``I_j`` (its row of ``Xp`` is zero for row ``j``: structural sparsity).
+    nnz : ndarray, shape (R,), int64, output
+        Number of non-zero entries of ``Xp`` per row (both chains); 0 means the row's recursion ends here.
+
+    Notes
+    -----
+    Neuron classes per row ``j`` (ALGORITHM.md): ``E`` if ``dl == du`` (expanded exactly whatever the sign of
+    ``Y``), else ``P`` if ``Lm >= 0``, else ``N`` if ``Um <= 0``, else ``I``.
+    """
+    K = X.shape[0]
+    Rc = R * c
+    for r in range(K):
+        lo = dl[r]
+        hi = du[r]
+        for j in range(R):
+            L = Lp[j, r]
+            U = Up[j, r]
+            qu = j * c
+            ql = Rc + j * c
+            xu0 = 0 if shared else qu
+            xl0 = 0 if shared else ql
+            if lo == hi:
+                for k in range(c):
+                    Xp[r, qu + k] = hi * X[r, xu0 + k]
+                    Xp[r, ql + k] = hi * X[r, xl0 + k]
+                    nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
+            elif L >= 0:
+                for k in range(c):
+                    xu = X[r, xu0 + k]
+                    xl = X[r, xl0 + k]
+                    Xp[r, qu + k] = hi * xu if xu > 0 else lo * xu
+                    Xp[r, ql + k] = lo * xl if xl > 0 else hi * xl
+                    nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
+            elif U <= 0:
+                for k in range(c):
+                    xu = X[r, xu0 + k]
+                    xl = X[r, xl0 + k]
+                    Xp[r, qu + k] = lo * xu if xu > 0 else hi * xu
+                    Xp[r, ql + k] = hi * xl if xl > 0 else lo * xl
+                    nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
+            else:
+                hU = hi * U
+                hL = hi * L
+                n_term1[j, r] = 1
+                for k in range(c):
+                    xu = X[r, xu0 + k]
+                    xl = X[r, xl0 + k]
+                    Xp[r, qu + k] = 0.0
+                    Xp[r, ql + k] = 0.0
+                    acc[0, j, k] += (hU * xu) if xu > 0 else (hL * xu)
+                    acc[1, j, k] += (hL * xl) if xl > 0 else (hU * xl)
+
+
+@numba.njit(nogil=True, cache=True)
+def top_level(X, A, dl, du, R, c, acc):  # pragma: no cover - compiled
+    """The top level of Algorithm 1, where ``Y = A`` is known exactly (Eq. 10-11), per row of the block.
+
+    Parameters
+    ----------
+    X : ndarray, shape (K, Npad)
+        The operand of both chains at level 1 (module docstring layout).
+    A : ndarray, shape (R, K)
+        The exact top rows ``M_0[rows]`` restricted to the ``K`` neurons of ``X``.
+    dl, du : ndarray, shape (K,)
+    acc : ndarray, shape (2, R, c), in/out
+        Adds ``max_{sigma'} sum_r A[j,r] sigma'_r X[r,(0,j,k)]`` (upper chain: ``du`` where the product is positive,
+        ``dl`` elsewhere) and the corresponding minimum for the lower chain.
+    """
+    K = X.shape[0]
+    Rc = R * c
+    for r in range(K):
+        lo = dl[r]
+        hi = du[r]
+        for j in range(R):
+            a = A[j, r]
+            qu = j * c
+            ql = Rc + j * c
+            for k in range(c):
+                pu = a * X[r, qu + k]
+                pl = a * X[r, ql + k]
+                acc[0, j, k] += (hi * pu) if pu > 0 else (lo * pu)
+                acc[1, j, k] += (lo * pl) if pl > 0 else (hi * pl)
+
+
+@numba.njit(nogil=True, cache=True)
+def perrow_abs_matmul(A, V, out):  # pragma: no cover - compiled
+    """``out[j, k] = sum_r A[j, r] * |V[j, r, k]|`` in sequential order over ``r`` (per-row operands).
+
+    Parameters
+    ----------
+    A : ndarray, shape (R, K)
+    V : ndarray, shape (R, K, c)
+    out : ndarray, shape (R, c), output
+    """
+    R, K, c = V.shape
+    for j in range(R):
+        for k in range(c):
+            out[j, k] = 0.0
+        for r in range(K):
+            a = A[j, r]
+            for k in range(c):
+                out[j, k] += a * abs(V[j, r, k])
+
+
+@numba.njit(nogil=True, cache=True)
+def rowdot_acc(H, Z, R, c, acc):  # pragma: no cover - compiled
+    """``acc[ch, j, k] += sum_i H[j, i] * Z[i, (ch R + j) c + k]`` in sequential order over ``i``.
+
+    Parameters
+    ----------
+    H : ndarray, shape (R, r)
+        Per-row coefficients (the top rows times the shared low-rank factor).
+    Z : ndarray, shape (r, Npad)
+        Per-row factors in the operand layout of the module docstring.
+    acc : ndarray, shape (2, R, c), in/out
+    """
+    r = H.shape[1]
+    Rc = R * c
+    for i in range(r):
+        for j in range(R):
+            h = H[j, i]
+            qu = j * c
+            ql = Rc + j * c
+            for k in range(c):
+                acc[0, j, k] += h * Z[i, qu + k]
+                acc[1, j, k] += h * Z[i, ql + k]
+
+
+_COMPILED: dict = {}
+
+
+def ensure_compiled(dtype=np.float64) -> float:
+    """Compile (or load from the numba cache) every kernel for ``dtype``; returns the seconds spent (0 when
+    already done in this process)."""
+    import time
+
+    key = np.dtype(dtype).name
+    if key in _COMPILED:
+        return 0.0
+    t0 = time.perf_counter()
+    dt = np.dtype(dtype).type
+    X = np.zeros((1, 2), dtype=dt)
+    Lp = np.zeros((1, 1), dtype=dt)
+    d = np.zeros(1, dtype=dt)
+    acc = np.zeros((2, 1, 1), dtype=dt)
+    prep_level(X, False, Lp, Lp, d, d, 1, 1, X.copy(), acc, np.zeros((1, 1), np.uint8), np.zeros(1, np.int64))
+    top_level(X, Lp, d, d, 1, 1, acc)
+    perrow_abs_matmul(Lp, np.zeros((1, 1, 1), dtype=dt), np.zeros((1, 1), dtype=dt))
+    rowdot_acc(Lp, X, 1, 1, acc)
+    _COMPILED[key] = time.perf_counter() - t0
+    return _COMPILED[key]

@@ -1,0 +1,256 @@
+"""The block interface of the Jacobian methods: chain construction, block invariance (bitwise), per-row operands,
+and agreement with an independent plain transcription of ALGORITHM.md (recursion per row, two chains, the E_j
+rule), written here from the page, not from the package."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from recurjac_scale.jacobian import (
+    JACOBIAN_METHODS,
+    Chain,
+    derivative_bounds_for,
+    get_jacobian_method,
+    jacobian_bounds,
+    run_chain,
+    top_state,
+)
+from recurjac_scale.layer_bounds import layer_bounds
+from recurjac_scale.testing import random_network
+
+METHODS = sorted(JACOBIAN_METHODS)
+
+
+# -- an independent transcription of ALGORITHM.md ------------------------------------------------------------------
+
+
+def _naive_bound(A, mats, dl, du, Ls, Us, m, V, j):
+    """Row j of ``bound(m, V)`` on a chain, by plain recursion (ALGORITHM.md, ComputeLU), no rounding allowance.
+
+    ``A`` = top (R, d_1); ``mats[i]`` = M_{i+1}; ``dl[i]``, ``du[i]`` = Σ_{i+1}; ``Ls[s]``, ``Us[s]`` = bounds of
+    P_s (R, d_{s+1}); ``m`` = level (1-based: bounds ``P_{m-1} Σ_m V``).  Returns (upper row, lower row) of shape (c,).
+    """
+    lo, hi = dl[m - 1], du[m - 1]
+    Vp, Vn = np.maximum(V, 0), np.minimum(V, 0)
+    if m == 1:
+        a = A[j]
+        ap, an = np.maximum(a, 0), np.minimum(a, 0)
+        U = (ap * hi) @ Vp + (an * hi) @ Vn + (ap * lo) @ Vn + (an * lo) @ Vp
+        L = (ap * lo) @ Vp + (an * lo) @ Vn + (ap * hi) @ Vn + (an * hi) @ Vp
+        return U, L
+    Lm, Um = Ls[m - 1][j], Us[m - 1][j]
+    E = lo == hi
+    I = (Lm < 0) & (Um > 0) & ~E
+    P = (Lm >= 0) & ~E
+    N = (Um <= 0) & ~P & ~E
+    p = (P | E).astype(float)  # E counted in P: dl == du makes the choice moot
+    n = N.astype(float)
+    mi = I.astype(float)
+    U_I = (mi * Um * hi) @ Vp + (mi * Lm * hi) @ Vn
+    L_I = (mi * Lm * hi) @ Vp + (mi * Um * hi) @ Vn
+    M = mats[m - 2]
+    W_hat = M @ ((p * hi + n * lo)[:, None] * Vp + (p * lo + n * hi)[:, None] * Vn)
+    W_til = M @ ((p * lo + n * hi)[:, None] * Vp + (p * hi + n * lo)[:, None] * Vn)
+    U_II, _ = _naive_bound(A, mats, dl, du, Ls, Us, m - 1, W_hat, j)
+    _, L_II = _naive_bound(A, mats, dl, du, Ls, Us, m - 1, W_til, j)
+    return U_I + U_II, L_I + L_II
+
+
+def naive_chain_bounds(chain: Chain):
+    """Bounds of P_T for every row, by the plain recursion (driver of ALGORITHM.md)."""
+    A = np.asarray(chain.top)
+    mats = [np.asarray(m) for m in chain.mats]
+    Ls, Us = [A], [A]
+    for t in range(1, chain.n_steps + 1):
+        rows = [_naive_bound(A, mats, chain.dl, chain.du, Ls, Us, t, mats[t - 1], j) for j in range(A.shape[0])]
+        Us.append(np.array([r[0] for r in rows]))
+        Ls.append(np.array([r[1] for r in rows]))
+    return Ls[-1], Us[-1]
+
+
+def _setup(act, widths, eps, p, rng, **kw):
+    net = random_network(widths, act, rng, **kw)
+    x0 = rng.uniform(-0.5, 0.5, widths[0])
+    lb = layer_bounds(net, x0, eps, p, method="ibp")
+    return net, x0, lb, derivative_bounds_for(net, lb)
+
+
+@pytest.mark.parametrize("direction", ["backward", "f0", "f1"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "sigmoid", "softplus", "hard_sigmoid"])
+def test_recurjac_matches_plain_transcription(act, direction, rng):
+    kw = {"alpha": 0.3} if act == "leaky_relu" else {}
+    for widths, eps in (([6, 9, 7, 8, 4], 0.05), ([5, 12, 10, 3], 0.2), ([7, 6, 5, 6, 5, 3], 0.02)):
+        net, x0, lb, db = _setup(act, widths, eps, math.inf, rng, **kw)
+        method = {"backward": "recurjac-b", "f0": "recurjac-f0", "f1": "recurjac-f1"}[direction]
+        jm = get_jacobian_method(method)
+        chain = jm.build_chain(net, db)
+        lower, upper, states = run_chain(jm, chain)
+        nl, nu = naive_chain_bounds(chain)
+        # The package's intermediate states equal the plain recursion up to its rounding allowance.
+        scale = 1.0 + np.abs(states[-1]["mag"]).max()
+        np.testing.assert_allclose(states[-1]["lower"], nl, rtol=0, atol=1e-12 * scale)
+        np.testing.assert_allclose(states[-1]["upper"], nu, rtol=0, atol=1e-12 * scale)
+        if direction != "f1":
+            ref_l, ref_u = (nl, nu) if direction == "backward" else (nl.T, nu.T)
+            np.testing.assert_allclose(lower, ref_l, rtol=0, atol=1e-12 * scale)
+            np.testing.assert_allclose(upper, ref_u, rtol=0, atol=1e-12 * scale)
+
+
+def test_fastlip_matches_interval_recursion(rng):
+    net, x0, lb, db = _setup("relu", [6, 9, 7, 8, 4], 0.1, math.inf, rng)
+    res = jacobian_bounds(net, x0, 0.1, method="fastlip", layer_bounds=lb)
+    # Fast-Lip by hand (Weng et al. 2018a): [L, U] <- hull([L, U] * [dl, du]) W, backward.
+    ws = net.weights
+    L = U = ws[-1]
+    for k in range(len(ws) - 2, -1, -1):
+        dl, du = db[k]
+        lo = np.where(L >= 0, L * dl, L * du)
+        hi = np.where(U >= 0, U * du, U * dl)
+        W = ws[k]
+        # interval product, term by term
+        L = sum(np.minimum.reduce([lo[:, [r]] * W[r], hi[:, [r]] * W[r]]) for r in range(W.shape[0]))
+        U = sum(np.maximum.reduce([lo[:, [r]] * W[r], hi[:, [r]] * W[r]]) for r in range(W.shape[0]))
+    np.testing.assert_allclose(res.lower, L, rtol=0, atol=1e-12 * (1 + np.abs(L).max()))
+    np.testing.assert_allclose(res.upper, U, rtol=0, atol=1e-12 * (1 + np.abs(U).max()))
+    assert (res.lower <= L).all() and (res.upper >= U).all()
+
+
+@pytest.mark.parametrize("eps", [0.003, 0.02, 0.08])
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_block_invariance_bitwise(method, act, eps, rng):
+    """Row and column blocks that do not divide the widths give bitwise identical bounds (and states).  The radii
+    exercise every kernel variant: all rows dense, mostly dense, mostly compacted, vanished rows, sharing."""
+    net = random_network([11, 13, 17, 9, 7], act, rng)
+    x0 = rng.uniform(-0.5, 0.5, 11)
+    ref = jacobian_bounds(net, x0, eps, method=method, layer_bounds="ibp")
+    for rb, cb in ((1, 1), (2, 3), (4, 5), (5, None), (None, 7), (3, 2)):
+        r = jacobian_bounds(net, x0, eps, method=method, layer_bounds="ibp", row_block=rb, col_block=cb)
+        assert np.array_equal(r.lower, ref.lower) and np.array_equal(r.upper, ref.upper), (rb, cb)
+        for s_ref, s in zip(ref.states, r.states):
+            for k in ("lower", "upper", "mag"):
+                assert np.array_equal(s_ref[k], s[k]), (rb, cb, k)
+
+
+def test_block_invariance_many_rows(rng):
+    """F0 with more rows and columns than a GEMM panel: panels and tiles are exercised across block borders."""
+    net = random_network([150, 140, 70, 5], "relu", rng)
+    x0 = rng.uniform(-0.5, 0.5, 150)
+    ref = jacobian_bounds(net, x0, 0.01, method="recurjac-f0", layer_bounds="ibp")
+    for rb, cb in ((37, 29), (130, None), (1, 70)):
+        r = jacobian_bounds(net, x0, 0.01, method="recurjac-f0", layer_bounds="ibp", row_block=rb, col_block=cb)
+        assert np.array_equal(r.lower, ref.lower) and np.array_equal(r.upper, ref.upper), (rb, cb)
+
+
+def test_step_per_row_operand(rng):
+    """A per-row V (Algorithm 2) gives, row by row, what the shared V gives, and sound bounds of P_{t-1} Σ_t V_j."""
+    net = random_network([8, 10, 9, 7, 4], "relu", rng)
+    x0 = rng.uniform(-0.5, 0.5, 8)
+    res = jacobian_bounds(net, x0, 0.1, method="recurjac-b", layer_bounds="ibp")
+    chain, states = res.chain, res.states
+    jm = get_jacobian_method("recurjac-b")
+    T = chain.n_steps
+    W1 = np.asarray(chain.mats[T - 1])  # (n_1, n_0)
+    s = np.sign(rng.normal(size=(chain.n_rows, W1.shape[1])))
+    Vj = np.einsum("rk,jk->jr", W1, s)[:, :, None]  # V_j = W(1) s_j, (R, d_T, 1)
+    priors = [states[k] for k in range(T)]
+    out = jm.step(chain, T, Vj, priors)
+    # Shared operand, evaluated one row at a time, matches the per-row call for that row (bitwise).
+    for j in range(chain.n_rows):
+        one = jm.step(chain, T, Vj[j], [{k: v[j : j + 1] for k, v in st.items()} for st in priors])
+        assert np.array_equal(one["upper"], out["upper"][j : j + 1])
+        assert np.array_equal(one["lower"], out["lower"][j : j + 1])
+    # Soundness: (J s)_j = (P_{T-1} Σ_T W1 s_j) lies in the bounds at points of the region.
+    from recurjac_scale.layer_bounds import Region
+    from recurjac_scale.testing import sample_region
+
+    X = sample_region(Region.of(net, x0, 0.1), 500, rng)
+    Js = np.einsum("kjn,jn->kj", net.jacobian(X), s)
+    assert (Js <= out["upper"][:, 0] + 0).all() and (Js >= out["lower"][:, 0]).all()
+    # and it is at least as tight as summing the element-wise bounds
+    M_up = np.where(s > 0, res.upper, res.lower) * s
+    assert (out["upper"][:, 0] <= M_up.sum(axis=1) + 1e-9).all()
+
+
+def test_chain_shapes_and_top_state(rng):
+    net = random_network([6, 8, 7, 5, 3], "relu", rng)
+    x0 = rng.uniform(-0.5, 0.5, 6)
+    db = derivative_bounds_for(net, layer_bounds(net, x0, 0.1, method="ibp"))
+    b = Chain.backward(net, db)
+    assert b.n_steps == 3 and b.n_rows == 3 and b.widths == (5, 7, 8, 6) and b.output_shape == (3, 6)
+    f0 = Chain.forward(net, db, start=0)
+    assert f0.n_steps == 3 and f0.n_rows == 6 and f0.widths == (8, 7, 5, 3) and f0.output_shape == (3, 6)
+    f1 = Chain.forward(net, db, start=1)
+    assert f1.n_steps == 2 and f1.n_rows == 8 and f1.output_shape == (3, 6)
+    st = top_state(b, slice(1, 3))
+    assert np.array_equal(st["lower"], net.weights[-1][1:3]) and np.array_equal(st["mag"], np.abs(net.weights[-1][1:3]))
+    for name, jm in JACOBIAN_METHODS.items():
+        assert jm.priors(3) == ((0, 1, 2) if jm.uses_all_priors else (2,))
+
+
+def test_lazy_chain_matrices(rng):
+    """The engine may hand zarr/dask-backed matrices: a chain of dask arrays gives the same result."""
+    da = pytest.importorskip("dask.array")
+    import dataclasses
+
+    net = random_network([7, 9, 8, 4], "tanh", rng)
+    x0 = rng.uniform(-0.5, 0.5, 7)
+    db = derivative_bounds_for(net, layer_bounds(net, x0, 0.1, method="ibp"))
+    jm = get_jacobian_method("recurjac-b")
+    chain = jm.build_chain(net, db)
+    lazy = dataclasses.replace(chain, top=da.from_array(chain.top, chunks=2), mats=tuple(da.from_array(m, chunks=3) for m in chain.mats))
+    l1, u1, _ = run_chain(jm, chain)
+    l2, u2, _ = run_chain(jm, lazy, row_block=3, col_block=4)
+    assert np.array_equal(l1, l2) and np.array_equal(u1, u2)
+
+
+# -- sharing across rows --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["never", "always"])
+def sharing(request, monkeypatch):
+    """Force the dense per-row recursion or the variant with sharing across rows (``recurjac.SHARE_RATIO``)."""
+    import recurjac_scale.jacobian.recurjac as rj
+
+    monkeypatch.setattr(rj, "SHARE_RATIO", 0.0 if request.param == "never" else math.inf)
+    return request.param
+
+
+@pytest.mark.parametrize("method", ["recurjac-b", "recurjac-f0", "recurjac-f1"])
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "hard_sigmoid", "tanh"])
+def test_sharing_matches_plain_transcription_and_contains(method, act, sharing, rng):
+    """Both variants (dense per row, shared across rows) equal the plain recursion up to the rounding allowance,
+    contain the exact Jacobian, and are bitwise blocking-invariant."""
+    from recurjac_scale.layer_bounds import Region
+    from recurjac_scale.testing import sample_region
+
+    kw = {"alpha": 0.3} if act == "leaky_relu" else {}
+    for widths, eps in (([9, 14, 12, 10, 4], 0.02), ([7, 10, 9, 8, 7, 3], 0.05)):
+        net, x0, lb, db = _setup(act, widths, eps, math.inf, rng, **kw)
+        jm = get_jacobian_method(method)
+        chain = jm.build_chain(net, db)
+        lower, upper, states = run_chain(jm, chain)
+        nl, nu = naive_chain_bounds(chain)
+        scale = 1.0 + np.abs(states[-1]["mag"]).max()
+        np.testing.assert_allclose(states[-1]["lower"], nl, rtol=0, atol=1e-12 * scale)
+        np.testing.assert_allclose(states[-1]["upper"], nu, rtol=0, atol=1e-12 * scale)
+        l2, u2, _ = run_chain(jm, chain, row_block=3, col_block=2)
+        assert np.array_equal(lower, l2) and np.array_equal(upper, u2)
+        res = jacobian_bounds(net, x0, eps, method=method, layer_bounds=lb)
+        X = sample_region(Region.of(net, x0, eps), 2000, rng)
+        J = net.jacobian(X)
+        assert ((J >= res.lower) & (J <= res.upper)).all()
+
+
+def test_sharing_is_used_in_the_nearly_linear_regime(rng):
+    import recurjac_scale.jacobian.recurjac as rj
+
+    net = random_network([20, 30, 30, 30, 5], "relu", rng)
+    x0 = rng.uniform(-0.5, 0.5, 20)
+    for eps, expected in ((1e-4, True), (1.0, False)):
+        db = derivative_bounds_for(net, layer_bounds(net, x0, eps, method="ibp"))
+        chain = get_jacobian_method("recurjac-f0").build_chain(net, db)
+        assert rj.uses_sharing(chain, 3) is expected
