@@ -5,6 +5,7 @@ Importing the package does no work: no numba compilation, no dask client, no fil
 """
 
 from .activations import ACTIVATIONS, Activation, get_activation, register_activation
+from .engine import plan_jacobian, run_plan
 from .errors import RecurJacError
 from .jacobian import JACOBIAN_METHODS, JacobianBounds, jacobian_bounds
 from .layer_bounds import LAYER_BOUND_METHODS, LayerBounds, layer_bounds
@@ -26,5 +27,7 @@ __all__ = [
     "get_activation",
     "jacobian_bounds",
     "layer_bounds",
+    "plan_jacobian",
+    "run_plan",
     "register_activation",
 ]

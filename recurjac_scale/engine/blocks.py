@@ -1,0 +1,429 @@
+"""The engine's view of a Jacobian method: its chain's shape and its block functions.
+
+The engine never decides *what* is computed: a method (``fastlip``, ``recurjac-b``, ``recurjac-f0``,
+``recurjac-f1``, from :mod:`recurjac_scale.jacobian`) is adapted here to the few things the engine needs
+(:class:`BlockMethod`):
+
+- ``build(network, derivative_bounds) -> chain``: the chain ``P = M_0 Σ_1 M_1 ... Σ_T M_T`` of the method;
+- ``shape(chain) -> ChainShape``: rows ``R``, widths ``(d_1, ..., d_{T+1})``, the state keys, which earlier steps a
+  step reads, and the per-entry cost used by the plan;
+- ``step_block(chain, t, rows, cols, priors) -> {key: (R_blk, c)}``: bounds of ``P_{t-1} Σ_t M_t[:, cols]`` for the
+  rows ``rows``, given ``priors[s][key]`` (rows ``rows``, all ``d_{s+1}`` columns) for the earlier steps ``s``;
+- ``finish(chain, final_state, cols) -> (lower, upper)``: columns ``cols`` of the ``(m, n_0)`` Jacobian bounds from
+  the last step's full state.
+
+:class:`JobContext` (built in the client by :func:`prepare_job`) holds the network, region and pre-activation
+bounds of one job; :class:`WorkerSpec` is the picklable part shipped to workers, which rebuild (and cache, per
+process) the chain from it: from numpy weights of a small network, or from the zarr model store's path.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..errors import InputError
+
+__all__ = [
+    "BLOCK_METHODS",
+    "BlockMethod",
+    "ChainShape",
+    "JobContext",
+    "WorkerSpec",
+    "get_block_method",
+    "prepare_job",
+    "register_block_method",
+    "in_memory_bounds",
+]
+
+
+@dataclass(frozen=True)
+class ChainShape:
+    """Shape of a chain as the plan needs it.
+
+    Attributes
+    ----------
+    n_rows : int
+        ``R``, rows of ``M_0`` (the independent rows).
+    widths : tuple of int
+        ``(d_1, ..., d_{T+1})``: ``M_t`` has shape ``(d_t, d_{t+1})``; the state of step t has ``d_{t+1}`` columns.
+    live : tuple of int
+        Per ``Σ_t`` (t = 1..T), neurons with ``du > 0`` (dead neurons drop out of every GEMM).
+    priors : tuple of tuple of int
+        ``priors[t - 1]``: the earlier steps ``s >= 1`` whose state (the task's rows, all columns) a task of step
+        ``t`` reads.  Step 0 (``M_0``, exact) is never stored: tasks take its rows from the chain.
+    state_keys : tuple of str
+        Arrays of the per-row state (``lower``, ``upper``, ``mag``).
+    depth : str
+        ``"recursive"`` (a step's recursion descends to the top: RecurJac) or ``"interval"`` (one level:
+        Fast-Lip); selects the cost model.
+    panel : int
+        GEMM panel width of the chain (operands are padded to it), for the memory model.
+    """
+
+    n_rows: int
+    widths: tuple
+    live: tuple
+    priors: tuple
+    state_keys: tuple = ("lower", "upper", "mag")
+    depth: str = "recursive"
+    panel: int = 128
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.widths) - 1
+
+    def prior_steps(self, t: int) -> tuple[int, ...]:
+        """Earlier stored steps (>= 1) a task of step ``t`` reads."""
+        return tuple(self.priors[t - 1])
+
+    def flops_per_entry(self, t: int, *, live: bool = True) -> float:
+        """Floating-point operations per state entry (row, column) of step ``t``.
+
+        Recursive (ALGORITHM.md, "Cost"; recurjac_scale.jacobian.recurjac): level ``s`` of a row's recursion is
+        one GEMM ``M_{s-1}[alive_{s-1}, alive_s] @ X`` for both chains (upper, lower): ``2 * 2 live_{s-1}
+        live_s`` per entry, s = t..2; step 1 and the top are the midpoint-radius products (``2 * 2 live_1``);
+        the magnitude chain adds ``2 d_t``.  Interval (Fast-Lip): centre, radius and magnitude products,
+        ``3 * 2 d_t``.  ``live=False`` counts every neuron (dense worst case).  Per-row masks (Term I neurons)
+        are known only at run time: the estimate counts them as expanded, so it bounds the work from above.
+        """
+        d = self.widths
+        n = self.live if live else d[: self.n_steps]
+        if self.depth == "interval":
+            return 3.0 * 2.0 * d[t - 1]
+        gemm = sum(2.0 * 2.0 * n[s - 2] * n[s - 1] for s in range(2, t + 1))
+        return gemm + 2.0 * 2.0 * n[0] + 2.0 * d[t - 1]
+
+    def work_bytes(self, t: int, rows: int, cols: int) -> int:
+        """Kernel work memory of one task (float64), an upper estimate checked against tracemalloc in the tests.
+
+        RecurJac keeps, for the whole block, the level operand, its prepared copy and the GEMM output, each
+        ``(d_s, 2 rows cols)`` (padded to whole GEMM panels), a copy of the level's live weight block, and the
+        tile-padded operands of the top / magnitude products (rows and columns rounded up to the panel).
+        Fast-Lip: the interval hull ``(rows, d_t)`` arrays and the padded products.
+        """
+        d = self.widths
+        P = max(1, int(self.panel))
+        Rp = -(-rows // P) * P
+        cp = -(-cols // P) * P
+        if self.depth == "interval":
+            dt = d[t - 1]
+            return int(8 * (6 * rows * dt + 3 * Rp * dt + 3 * dt * cp + 4 * Rp * cp + 8 * rows * cols))
+        dmax = max(d[:t])
+        ncols = -(-2 * rows * cols // P) * P
+        return int(
+            8 * (3 * dmax * ncols + dmax * dmax + 3 * Rp * dmax + 3 * dmax * cp + 4 * Rp * cp + 8 * rows * cols)
+        )
+
+    def max_matrix_bytes(self) -> int:
+        """The largest chain matrix in float64 (what a streaming task holds at a time)."""
+        d = self.widths
+        return int(8 * max([self.n_rows * d[0], *(d[s - 1] * d[s] for s in range(1, len(d)))]))
+
+    def weights_bytes(self) -> int:
+        """All chain matrices ``M_0 .. M_T`` in float64."""
+        d = self.widths
+        return int(8 * (self.n_rows * d[0] + sum(d[s - 1] * d[s] for s in range(1, len(d)))))
+
+
+class BlockMethod(Protocol):
+    """What the engine needs from a Jacobian method (see the module docstring)."""
+
+    name: str
+
+    def build(self, network, derivative_bounds) -> Any: ...
+
+    def shape(self, chain) -> ChainShape: ...
+
+    def step_block(self, chain, t: int, rows: slice, cols: slice, priors: dict) -> dict: ...
+
+    def finish(self, chain, final: dict, cols: slice) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def in_memory(self, network, derivative_bounds) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+BLOCK_METHODS: dict[str, BlockMethod] = {}
+"""Registry: Jacobian method name -> :class:`BlockMethod` adapter."""
+
+
+def register_block_method(name: str, adapter: BlockMethod) -> BlockMethod:
+    BLOCK_METHODS[name] = adapter
+    return adapter
+
+
+def get_block_method(name: str) -> BlockMethod:
+    """The adapter of a Jacobian method (the methods of :mod:`recurjac_scale.jacobian` are registered on first
+    use).
+
+    Raises
+    ------
+    InputError
+        For an unknown method.
+    """
+    key = str(name).strip().lower().replace("_", "-")
+    if key in BLOCK_METHODS:
+        return BLOCK_METHODS[key]
+    from ._jacobian_adapters import adapter_for  # registers the methods of recurjac_scale.jacobian
+
+    return adapter_for(key)
+
+
+# -- worker side ---------------------------------------------------------------------------------------------
+_CHAINS: dict[str, Any] = {}
+_CHAINS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Picklable recipe of a job's chain, rebuilt once per worker process (:meth:`chain`).
+
+    Attributes
+    ----------
+    key : str
+        The job hash (cache key).
+    method : str
+    network : Network or None
+        In-memory network (numpy weights), shipped with the graph (once per worker under distributed).
+    store_path : str or None
+        Model store read by each worker process instead (weights never pass through the scheduler).
+    outputs : ndarray (m, n_H) or None
+        Output selection folded into the last layer after loading from the store.
+    derivative_bounds : list of (ndarray, ndarray)
+        ``(dl, du)`` per hidden layer, computed in the client from the pre-activation bounds (workers never
+        recompute them, so every worker uses exactly the client's values, which the job hash covers).
+    state_keys : tuple of str
+    n_steps : int
+    priors : tuple of tuple of int
+        As :attr:`ChainShape.priors`.
+    stream : bool
+        Keep the weights in the store: every task reads the matrices it needs
+        (:mod:`recurjac_scale.engine.streaming`) instead of the worker holding the network.
+    """
+
+    key: str
+    method: str
+    network: Any
+    store_path: str | None
+    outputs: Any
+    derivative_bounds: Any
+    state_keys: tuple
+    n_steps: int
+    priors: tuple
+    stream: bool = False
+
+    def prior_steps(self, t: int) -> tuple[int, ...]:
+        return tuple(self.priors[t - 1])
+
+    def chain(self) -> "BoundChain":
+        """The chain of this job in this process (built on first use, then cached)."""
+        c = _CHAINS.get(self.key)
+        if c is not None:
+            return c
+        with _CHAINS_LOCK:
+            c = _CHAINS.get(self.key)
+            if c is None and self.stream and self.store_path is not None:
+                from .streaming import streamed_chain
+
+                adapter = get_block_method(self.method)
+                c = BoundChain(adapter, streamed_chain(adapter.method, self.store_path, self.outputs, self.derivative_bounds))
+                _CHAINS.clear()
+                _CHAINS[self.key] = c
+            if c is None:
+                net = self.network
+                if net is None:
+                    import dask
+
+                    from ..network.store import open_network
+
+                    # Read the store chunk by chunk in this thread: a compute() inside a task must never go back
+                    # to the cluster's scheduler (with one thread per worker that deadlocks).
+                    with dask.config.set(scheduler="synchronous"):
+                        net = open_network(self.store_path).materialize()
+                    if self.outputs is not None:
+                        net = net.with_outputs(self.outputs)
+                adapter = get_block_method(self.method)
+                c = BoundChain(adapter, adapter.build(net, self.derivative_bounds))
+                if len(_CHAINS) >= 2:  # keep at most two jobs' weights per process
+                    _CHAINS.clear()
+                _CHAINS[self.key] = c
+        return c
+
+
+@dataclass
+class BoundChain:
+    """A built chain with its method's block functions."""
+
+    adapter: Any
+    chain: Any
+
+    def step_block(self, t, rows, cols, priors):
+        return self.adapter.step_block(self.chain, t, rows, cols, priors)
+
+    def finish(self, final, cols):
+        return self.adapter.finish(self.chain, final, cols)
+
+    def initial_state(self):
+        """State 0 (the exact top ``M_0``) for all rows."""
+        return self.adapter.initial_state(self.chain)
+
+
+# -- client side ---------------------------------------------------------------------------------------------
+@dataclass
+class JobContext:
+    """One job as prepared in the client (see :func:`prepare_job`)."""
+
+    method: str
+    layer_bound_method: str
+    eps: float
+    p: float
+    network: Any
+    store_path: str | None
+    outputs: Any
+    x0: np.ndarray
+    layer_bounds: Any
+    derivative_bounds: Any
+    adapter: Any
+    chain: Any
+    shape: ChainShape
+    unstable: tuple
+    dead: tuple
+    stream: bool = False
+    _hash_base: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def widths(self) -> tuple:
+        return tuple(self.network.widths)
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.network.n_inputs)
+
+    @property
+    def n_outputs(self) -> int:
+        return int(self.network.n_outputs)
+
+    @property
+    def rounding(self) -> str:
+        return getattr(self.chain, "rounding", "") or "see recurjac_scale.jacobian (per-method outward widening)"
+
+    def job_id(self, row_block: int, col_block: int) -> str:
+        from .checkpoint import job_hash
+
+        net = self.network
+        arrays = [*net.weights, *net.biases, self.x0]
+        params = dict(self._hash_base, row_block=int(row_block), col_block=int(col_block))
+        return job_hash(arrays, params)
+
+    def worker_spec(self) -> WorkerSpec:
+        key = self.job_id(0, 0)
+        use_store = self.store_path is not None
+        return WorkerSpec(
+            key=key,
+            method=self.method,
+            network=None if use_store else self.network,
+            store_path=self.store_path,
+            outputs=self.outputs,
+            derivative_bounds=self.derivative_bounds,
+            state_keys=tuple(self.shape.state_keys),
+            n_steps=self.shape.n_steps,
+            priors=tuple(self.shape.priors),
+            stream=bool(self.stream and use_store),
+        )
+
+    def describe(self) -> dict:
+        d = self.network.describe()
+        d["store"] = self.store_path
+        return d
+
+
+def _sha(arrays) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+        h.update(repr(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None) -> JobContext:
+    """Open the network, fold the output selection, compute the pre-activation bounds (in this process) and build
+    the method's chain: everything a plan needs, nothing heavy.
+
+    Follows :func:`recurjac_scale.jacobian.jacobian_bounds` step by step (output matrix, global bounds for
+    ``eps = inf`` without a domain, default layer-bound method, derivative bounds), so that the engine's result is
+    the in-memory result.
+    """
+    from ..jacobian import api as _api
+    from ..layer_bounds.base import LayerBounds, Region, layer_bounds as compute_layer_bounds
+    from ..network.model import Network
+
+    store_path = None
+    if not isinstance(network, Network):
+        from ..network.store import open_network
+
+        store_path = str(Path(network).resolve())
+        network = open_network(store_path)
+    net = network.materialize() if network.is_lazy else network
+    region = Region.of(net, x0, eps, p)
+    C = _api.output_matrix(outputs, net.n_outputs)
+    netC = net.with_outputs(C)
+    adapter = get_block_method(method)
+    if isinstance(layer_bounds, LayerBounds):
+        lb = layer_bounds
+        lb_name = lb.method
+    elif math.isinf(region.eps) and region.lower is None:
+        lb = _api._global_layer_bounds(netC, region)
+        lb_name = "global"
+    else:
+        lb_name = _api.default_layer_bound_method() if layer_bounds is None else str(layer_bounds).strip().lower()
+        lb = compute_layer_bounds(netC, region.x0, region.eps, region.p, method=lb_name)
+    db = [(np.asarray(dl, np.float64), np.asarray(du, np.float64)) for dl, du in _api.derivative_bounds_for(netC, lb)]
+    chain = adapter.build(netC, db)
+    shape = adapter.shape(chain)
+    dead = [int(np.count_nonzero(np.asarray(du) == 0)) for _dl, du in db]
+    unstable = [int(np.count_nonzero(np.asarray(dl) < np.asarray(du))) for dl, du in db]
+    ctx = JobContext(
+        method=adapter.name,
+        layer_bound_method=lb_name,
+        eps=float(region.eps),
+        p=float(region.p),
+        network=netC,
+        store_path=store_path,
+        outputs=C,
+        x0=np.asarray(region.x0, dtype=np.float64),
+        layer_bounds=lb,
+        derivative_bounds=db,
+        adapter=adapter,
+        chain=chain,
+        shape=shape,
+        unstable=tuple(unstable),
+        dead=tuple(dead),
+    )
+    ctx._hash_base = {
+        "method": adapter.name,
+        "layer_bounds": lb_name,
+        "eps": repr(float(region.eps)),
+        "p": repr(float(region.p)),
+        "activations": [a.to_spec() for a in netC.layer_activations],
+        "domain": None if region.lower is None else _sha([region.lower, region.upper]),
+        # the pre-activation bounds themselves: a changed layer-bound implementation is a different job
+        "layer_bound_values": _sha([*lb.lower, *lb.upper]),
+        "derivative_bounds": _sha([a for pair in db for a in pair]),
+        "panel": int(getattr(chain, "panel", 0)),
+        "dtype": "float64",
+    }
+    return ctx
+
+
+def in_memory_bounds(network, x0, eps, p=math.inf, method="recurjac-b", layer_bounds=None, outputs=None):
+    """The method's own in-memory result ``(lower, upper)`` (m, n_0) for the same job: the reference every engine
+    run must reproduce."""
+    ctx = prepare_job(network, x0, eps, p, method, layer_bounds, outputs)
+    return ctx.adapter.in_memory(ctx.network, ctx.derivative_bounds)

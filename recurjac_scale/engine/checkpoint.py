@@ -1,0 +1,206 @@
+"""Checkpoints of a blockwise Jacobian job: the per-block state store and an explicit record of finished blocks.
+
+A checkpoint folder holds
+
+- ``job.json``: the job's identity (a SHA-256 over the model weights, the input, eps, p, the methods, the output
+  selection, the blocking and the dtype) and its description.  A folder bound to another job is never reused.
+- ``state.zarr``: one zarr group per layer step ``t`` with the per-row state arrays (``lower``, ``upper``, ...) of
+  shape ``(R, d_{t+1})``, chunks ``(row_block, col_block)`` (no sharding; one task writes exactly one chunk of each
+  array, so no two tasks ever write the same chunk).  Fill value NaN: a block never written reads as NaN.
+- ``done/step-TTT/rRRRRR-cCCCCC.json``: one small record per finished block, written atomically (temporary file,
+  ``fsync``, ``os.replace``) *after* the block's chunks are written and flushed.  "Chunk exists" is never used as
+  "done": zarr does not write chunks equal to the fill value.
+
+A rerun of the same job reads the records and skips every finished block.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from ..errors import StoreError
+
+__all__ = ["Checkpoint", "job_hash", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = 1
+"""Version of the checkpoint layout; part of the job hash."""
+
+
+def _hash_array(h, a) -> None:
+    """Feed an array (numpy or dask/zarr-backed) to a hash in row panels, with its shape and dtype."""
+    if hasattr(a, "compute") and hasattr(a, "chunks") and not isinstance(a, np.ndarray):
+        h.update(repr((tuple(a.shape), "float64")).encode())
+        step = max(1, int(2**24 // max(1, 8 * (a.shape[1] if a.ndim == 2 else 1))))
+        for i in range(0, a.shape[0], step):
+            h.update(np.ascontiguousarray(np.asarray(a[i : i + step].compute(), dtype=np.float64)).tobytes())
+        return
+    a = np.ascontiguousarray(np.asarray(a, dtype=np.float64))
+    h.update(repr((a.shape, "float64")).encode())
+    h.update(a.tobytes())
+
+
+def job_hash(arrays: Iterable, params: dict) -> str:
+    """SHA-256 (hex) identifying a job: the contents of ``arrays`` (weights, biases, input, output selection ...)
+    and the JSON-able ``params`` (eps, p, methods, blocking, dtype ...)."""
+    h = hashlib.sha256()
+    h.update(f"recurjac-scale-checkpoint-{CHECKPOINT_FORMAT}".encode())
+    for a in arrays:
+        if a is None:
+            h.update(b"none")
+        else:
+            _hash_array(h, a)
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _atomic_write_json(path: Path, obj: dict, fsync: bool = True) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_tree(path: Path) -> None:
+    """fsync every file under ``path`` (the chunk files of one block), so the record never outlives its data."""
+    if not path.exists():
+        return
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder bound to one job (see the module docstring).
+
+    Attributes
+    ----------
+    path : Path
+        The folder.
+    job_id : str
+        The job hash it is bound to.
+    """
+
+    path: Path
+    job_id: str
+
+    # -- opening ---------------------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path, job_id: str, description: dict | None = None, *, reset: bool = False) -> "Checkpoint":
+        """Open (or create) the checkpoint folder ``path`` for job ``job_id``.
+
+        An existing folder bound to a different job raises :class:`StoreError` (unless ``reset``, which empties
+        it).  A folder that exists but is not a checkpoint is never touched.
+        """
+        path = Path(path)
+        meta = path / "job.json"
+        if path.exists() and any(path.iterdir()):
+            if not meta.exists():
+                raise StoreError(
+                    f"checkpoint folder {str(path)!r} exists, is not empty and is not a recurjac-scale checkpoint; "
+                    "give an empty or new folder"
+                )
+            try:
+                old = json.loads(meta.read_text())
+            except (OSError, ValueError) as exc:
+                raise StoreError(f"checkpoint {str(path)!r}: unreadable job.json ({exc})") from None
+            if old.get("job_id") != job_id:
+                if not reset:
+                    raise StoreError(
+                        f"checkpoint folder {str(path)!r} belongs to another job (model, input, eps, norm, method or "
+                        f"blocking differ: {old.get('job_id', '?')[:12]} != {job_id[:12]}); give another folder, "
+                        "or pass --overwrite to discard it"
+                    )
+                shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        if not meta.exists():
+            _atomic_write_json(
+                meta,
+                {"format": CHECKPOINT_FORMAT, "job_id": job_id, "created": time.time(), "job": description or {}},
+            )
+        (path / "done").mkdir(exist_ok=True)
+        return cls(path=path, job_id=job_id)
+
+    @property
+    def state_path(self) -> Path:
+        """The zarr group of the per-step state arrays."""
+        return self.path / "state.zarr"
+
+    # -- records ---------------------------------------------------------------------------------------------
+    def _record_path(self, step: int, rb: int, cb: int) -> Path:
+        return self.path / "done" / f"step-{step:03d}" / f"r{rb:06d}-c{cb:06d}.json"
+
+    def record(
+        self, step: int, rb: int, cb: int, info: dict, data_paths: Iterable[Path] = (), *, fsync: bool = True
+    ) -> None:
+        """Mark block ``(rb, cb)`` of layer step ``step`` finished: flush its data files, then write the record
+        atomically.  ``info`` (timings, worker) is stored in the record.
+
+        The data was written (files closed) before this call, so the record never outlives its data when the
+        *process* dies; ``fsync`` (default) also flushes data and record to the disk first, so that holds for a
+        crash of the machine too (about 5 ms per file on this machine's disk)."""
+        if fsync:
+            for p in data_paths:
+                _fsync_tree(Path(p))
+        rec = self._record_path(step, rb, cb)
+        rec.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write_json(rec, {"job_id": self.job_id, "step": step, "rb": rb, "cb": cb, **info}, fsync=fsync)
+
+    def is_done(self, step: int, rb: int, cb: int) -> bool:
+        return self.read_record(step, rb, cb) is not None
+
+    def read_record(self, step: int, rb: int, cb: int) -> dict | None:
+        """The record of a finished block, or ``None`` (missing, torn or foreign records count as not done)."""
+        try:
+            r = json.loads(self._record_path(step, rb, cb).read_text())
+        except (OSError, ValueError):
+            return None
+        return r if r.get("job_id") == self.job_id else None
+
+    def finished(self) -> dict[tuple[int, int, int], dict]:
+        """All finished blocks: ``{(step, rb, cb): record}`` (unreadable or foreign records are ignored, so their
+        blocks are recomputed)."""
+        out: dict[tuple[int, int, int], dict] = {}
+        done = self.path / "done"
+        if not done.exists():
+            return out
+        for d in sorted(done.iterdir()):
+            if not d.is_dir() or not d.name.startswith("step-"):
+                continue
+            for f in d.glob("r*-c*.json"):
+                try:
+                    r = json.loads(f.read_text())
+                except (OSError, ValueError):
+                    continue
+                if r.get("job_id") != self.job_id:
+                    continue
+                out[(int(r["step"]), int(r["rb"]), int(r["cb"]))] = r
+        return out
+
+    def remove(self) -> None:
+        """Delete the checkpoint folder."""
+        shutil.rmtree(self.path, ignore_errors=True)

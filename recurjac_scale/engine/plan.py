@@ -1,0 +1,436 @@
+"""The plan step: decompose a Jacobian-bound job into (row block x column block) tasks per layer step, and say
+what it will cost before anything heavy runs.
+
+A job bounds ``P_T`` of a chain ``P = M_0 Σ_1 M_1 ... Σ_T M_T`` (ALGORITHM.md, "Structure that makes it fast and
+divisible"; the chain itself comes from :mod:`recurjac_scale.jacobian`).  Layer step ``t`` (1..T) computes the
+bounds of ``P_t`` (shape ``(R, d_{t+1})``); its rows are independent and so are its columns, so the step splits into
+``ceil(R / row_block) x ceil(d_{t+1} / col_block)`` tasks with no communication.  A task of step ``t`` reads the
+state of the earlier steps for its rows only (its "priors") and the weights ``M_1 .. M_{t-1}`` and the column panel
+``M_t[:, cols]``; it writes one block of the state of step ``t``.  Finishing tasks turn the last state into the
+``(m, n_0)`` Jacobian bounds (a transpose for F0, the final interval product for F1).
+
+Entry point: :func:`plan_jacobian` -> :class:`Plan`; ``plan.compute(...)`` (:func:`recurjac_scale.engine.run.
+run_plan`) executes it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+from ..errors import InputError
+from . import blocks as _blocks
+
+__all__ = ["Plan", "StepPlan", "plan_jacobian", "parse_bytes", "format_bytes", "choose_blocks"]
+
+_F64 = 8
+
+
+def parse_bytes(s) -> int | None:
+    """``"4GB"``, ``"512MiB"``, ``"2e9"``, ``4000000000`` -> bytes; ``None``/``""`` -> ``None``.
+
+    Raises
+    ------
+    InputError
+        For anything else or a non-positive size.
+    """
+    if s is None or s == "":
+        return None
+    if isinstance(s, (int, float)) and not isinstance(s, bool):
+        v = float(s)
+    else:
+        txt = str(s).strip().lower().replace(" ", "")
+        units = {
+            "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+            "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40, "b": 1,
+        }
+        mult = 1.0
+        for u, f in units.items():
+            if txt.endswith(u):
+                txt, mult = txt[: -len(u)], float(f)
+                break
+        try:
+            v = float(txt) * mult
+        except ValueError:
+            raise InputError(f"memory size {s!r} not understood; give e.g. 4GB, 512MiB or a number of bytes") from None
+    if not math.isfinite(v) or v <= 0:
+        raise InputError(f"memory size {s!r} must be positive")
+    return int(v)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One layer step of a plan.
+
+    Attributes
+    ----------
+    step : int
+        ``t`` in 1..T.
+    width : int
+        ``d_{t+1}``: columns of the state this step writes (shape ``(R, width)``).
+    n_row_blocks, n_col_blocks, n_tasks : int
+    prior_steps : tuple of int
+        Earlier steps whose state (rows of the task's block, all columns) each task reads.
+    flops : float
+        Estimated floating-point operations of the whole step, with dead neurons (``du = 0``) removed from the
+        GEMMs; an upper bound of the work (rows whose masks drop more neurons do less).
+    flops_dense : float
+        The same without removing dead neurons.
+    task_state_bytes : int
+        Bytes of earlier state one task reads (largest task).
+    task_weight_bytes : int
+        Bytes of weights one task touches (``M_0`` rows, ``M_1 .. M_{t-1}``, the panel ``M_t[:, cols]``); read
+        once per worker process and then cached.
+    task_peak_bytes : int
+        Estimated peak memory of one task (priors, its output block, kernel work arrays); weights not included.
+    """
+
+    step: int
+    width: int
+    n_row_blocks: int
+    n_col_blocks: int
+    n_tasks: int
+    prior_steps: tuple
+    flops: float
+    flops_dense: float
+    task_state_bytes: int
+    task_weight_bytes: int
+    task_peak_bytes: int
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A decomposed Jacobian-bound job (see the module docstring); nothing heavy has run yet.
+
+    Attributes
+    ----------
+    method, layer_bound_method : str
+    eps, p : float
+    widths : tuple of int
+        Network widths ``(n_0, ..., n_H)`` (after the output selection).
+    n_rows : int
+        ``R``: independent rows of the chain (outputs for B / Fast-Lip, inputs for F0, layer-1 neurons for F1).
+    chain_widths : tuple of int
+        ``(d_1, ..., d_{T+1})``.
+    row_block, col_block : int
+    steps : tuple of StepPlan
+    n_finish_tasks : int
+        Tasks writing the ``(m, n_0)`` result from the last state (one).
+    n_tasks : int
+        All tasks: every step's plus the finishing ones.
+    flops : float
+        Sum of the steps' estimates.
+    weights_bytes : int
+        All chain matrices, float64 (held once per worker process).
+    peak_worker_bytes : int
+        ``weights_bytes + threads_per_worker * max task_peak_bytes``; with streamed weights
+        ``threads_per_worker * (largest matrix + max task_peak_bytes)`` (the matrix a task reads; the method's
+        copy of its live block is part of the task's work memory).
+    memory_budget : int or None
+        The budget the blocks were chosen for (bytes per worker), if any.
+    threads_per_worker : int
+    unstable : tuple of int
+        Per layer, neurons with ``dl < du`` (from the layer bounds).
+    dead : tuple of int
+        Per layer, neurons with ``du = 0``, removed from the GEMMs.
+    job_id : str
+        SHA-256 of the job (model, input, eps, p, methods, outputs, blocking, dtype): checkpoints are bound to it.
+    layer_bounds_seconds : float
+        Time spent computing the pre-activation bounds in the client.
+    stream_weights : bool
+        Tasks read the weights from the model store (the workers do not hold the network).
+    """
+
+    method: str
+    layer_bound_method: str
+    eps: float
+    p: float
+    widths: tuple
+    n_rows: int
+    chain_widths: tuple
+    row_block: int
+    col_block: int
+    steps: tuple
+    n_finish_tasks: int
+    n_tasks: int
+    flops: float
+    weights_bytes: int
+    peak_worker_bytes: int
+    memory_budget: int | None
+    threads_per_worker: int
+    unstable: tuple
+    dead: tuple
+    job_id: str
+    layer_bounds_seconds: float
+    stream_weights: bool = False
+    context: Any = field(default=None, repr=False, compare=False)
+
+    def compute(self, **kwargs):
+        """Execute the plan; keyword arguments as :func:`recurjac_scale.engine.run.run_plan`."""
+        from .run import run_plan
+
+        return run_plan(self, **kwargs)
+
+    def to_dict(self) -> dict:
+        """JSON-able summary (what ``recurjac-scale plan --json`` prints)."""
+        d = {k: v for k, v in self.__dict__.items() if k != "context"}
+        d["steps"] = [s.to_dict() for s in self.steps]
+        for k in ("widths", "chain_widths", "unstable", "dead"):
+            d[k] = list(d[k])
+        d["p"] = "inf" if self.p == math.inf else self.p
+        d["eps"] = "inf" if self.eps == math.inf else self.eps
+        return d
+
+    def describe(self) -> str:
+        """A human-readable table of the plan."""
+        lines = [
+            f"job {self.job_id[:12]}: {self.method} (layer bounds {self.layer_bound_method}), eps={self.eps:g}, "
+            f"p={'inf' if self.p == math.inf else int(self.p)}",
+            f"network widths {'-'.join(map(str, self.widths))}; unstable per layer {list(self.unstable)}; "
+            f"dead per layer {list(self.dead)}",
+            f"chain: R = {self.n_rows} rows, widths {list(self.chain_widths)}; blocks {self.row_block} rows x "
+            f"{self.col_block} columns",
+            f"{'step':>4} {'width':>6} {'tasks':>7} {'GFLOP':>10} {'dense GFLOP':>12} {'state/task':>11} "
+            f"{'weights/task':>13} {'peak/task':>10}",
+        ]
+        for s in self.steps:
+            lines.append(
+                f"{s.step:>4} {s.width:>6} {s.n_tasks:>7} {s.flops / 1e9:>10.3f} {s.flops_dense / 1e9:>12.3f} "
+                f"{format_bytes(s.task_state_bytes):>11} {format_bytes(s.task_weight_bytes):>13} "
+                f"{format_bytes(s.task_peak_bytes):>10}"
+            )
+        lines.append(
+            f"total: {self.n_tasks} tasks ({self.n_finish_tasks} finishing), {self.flops / 1e9:.3f} GFLOP; weights "
+            f"{format_bytes(self.weights_bytes)}; peak memory per worker ({self.threads_per_worker} thread(s)) "
+            f"{format_bytes(self.peak_worker_bytes)}"
+            + (f" (budget {format_bytes(self.memory_budget)})" if self.memory_budget else "")
+            + ("; weights streamed from the store by every task" if self.stream_weights else "")
+        )
+        return "\n".join(lines)
+
+
+# -- cost model ------------------------------------------------------------------------------------------------
+def _step_costs(shape: "_blocks.ChainShape", t: int, rb: int, cb: int) -> tuple[int, int, int]:
+    """(state bytes read, weight bytes touched, peak bytes) of the largest task of step ``t``."""
+    R, d = shape.n_rows, shape.widths
+    rows = min(rb, R)
+    cols = min(cb, d[t])
+    nk = len(shape.state_keys)
+    state = sum(rows * d[s] * nk * _F64 for s in shape.prior_steps(t))
+    weights = rows * d[0] * _F64 + sum(d[s - 1] * d[s] * _F64 for s in range(1, t)) + d[t - 1] * cols * _F64
+    work = shape.work_bytes(t, rows, cols)
+    out = rows * cols * nk * _F64
+    return int(state), int(weights), int(state + out + work)
+
+
+def _block_grid(n: int, b: int) -> int:
+    return -(-n // b) if n else 0
+
+
+def choose_blocks(
+    shape: "_blocks.ChainShape",
+    *,
+    row_block: int | None,
+    col_block: int | None,
+    memory_budget: int | None,
+    threads_per_worker: int,
+    total_threads: int,
+    stream: bool = False,
+) -> tuple[int, int]:
+    """Block sizes: the given ones, else the largest column block (<= 512, GEMM efficiency grows with it) and a
+    row block giving every thread several tasks, shrunk until ``weights + threads * peak task <= memory_budget``.
+
+    Raises
+    ------
+    InputError
+        When even 1 x 1 blocks do not fit the budget (the weights alone exceed it).
+    """
+    R = shape.n_rows
+    dmax = max(shape.widths[1:], default=shape.widths[0])
+    cb = int(col_block) if col_block is not None else min(dmax, 512)
+    rb = int(row_block) if row_block is not None else max(1, min(256, -(-R // max(1, 4 * total_threads))))
+    if rb < 1 or cb < 1:
+        raise InputError(f"block sizes must be >= 1, got row_block={row_block!r}, col_block={col_block!r}")
+    if memory_budget is None:
+        return rb, cb
+    wbytes = 0 if stream else shape.weights_bytes()
+    per_task_weights = shape.max_matrix_bytes() if stream else 0
+
+    def peak(rb_, cb_):
+        return wbytes + threads_per_worker * (
+            per_task_weights + max((_step_costs(shape, t, rb_, cb_)[2] for t in range(1, shape.n_steps + 1)), default=0)
+        )
+
+    while peak(rb, cb) > memory_budget:
+        if cb > 16 and (col_block is None) and (row_block is not None or cb >= rb):
+            cb = max(16, cb // 2)
+        elif rb > 1 and row_block is None:
+            rb = max(1, rb // 2)
+        elif cb > 1 and col_block is None:
+            cb = max(1, cb // 2)
+        else:
+            raise InputError(
+                f"memory budget {format_bytes(memory_budget)} per worker is too small: weights take "
+                f"{format_bytes(wbytes)} and one task at blocks {rb} x {cb} needs "
+                f"{format_bytes(peak(rb, cb) - wbytes)} more; raise --memory-budget, lower --threads-per-worker "
+                "or give smaller --row-block/--col-block"
+            )
+    return rb, cb
+
+
+# -- the plan --------------------------------------------------------------------------------------------------
+def plan_jacobian(
+    network,
+    x0,
+    eps: float,
+    p=math.inf,
+    method: str = "recurjac-b",
+    *,
+    layer_bounds=None,
+    outputs=None,
+    row_block: int | None = None,
+    col_block: int | None = None,
+    memory_budget=None,
+    threads_per_worker: int = 1,
+    total_threads: int | None = None,
+    stream_weights: bool | None = None,
+) -> Plan:
+    """Plan a blockwise Jacobian-bound job.
+
+    Parameters
+    ----------
+    network : Network or path
+        A network (numpy or store-backed weights) or the path of a zarr model store.
+    x0 : array_like, shape (n_0,)
+        Centre of the region (raw input units).
+    eps : float
+        Radius in [0, inf].
+    p : {1, 2, inf}
+    method : str
+        A Jacobian method: ``fastlip``, ``recurjac-b``, ``recurjac-f0``, ``recurjac-f1``.
+    layer_bounds : str, LayerBounds or None
+        Pre-activation bound method (``None``: ``crown`` when registered; computed here, in the client: cheap
+        relative to the recursion), or precomputed bounds of the network with the outputs folded in.
+    outputs : None, "all", int, (c, j) or ndarray (m, n_H)
+        Output selection folded into the last layer.
+    row_block, col_block : int, optional
+        Block sizes; chosen from ``memory_budget`` and the thread count when omitted.
+    memory_budget : int or str, optional
+        Bytes per worker ("4GB").
+    threads_per_worker : int
+        Concurrent tasks sharing one worker's memory.
+    total_threads : int, optional
+        All threads of the cluster (default: ``threads_per_worker``), to size the row blocks.
+    stream_weights : bool, optional
+        Leave the weights in the model store and let every task read the matrices it needs
+        (:mod:`recurjac_scale.engine.streaming`): a worker then holds about one layer per running task instead of
+        the whole network.  Needs a store-backed network.  Default: on when a ``memory_budget`` is given that the
+        held weights do not fit (with the smallest blocks allowed).
+
+    Returns
+    -------
+    Plan
+    """
+    from ..layer_bounds.base import parse_norm
+
+    budget = parse_bytes(memory_budget)
+    t0 = time.perf_counter()
+    ctx = _blocks.prepare_job(network, x0, eps, parse_norm(p), method, layer_bounds, outputs)
+    lb_seconds = time.perf_counter() - t0
+    shape = ctx.shape
+    tpw = max(1, int(threads_per_worker))
+    from .streaming import can_stream
+
+    streamable = ctx.store_path is not None and can_stream(ctx.network) and shape.n_steps >= 1
+    if stream_weights is None:
+        # Hold the weights in the workers when that fits the budget (fastest); stream them when it does not.
+        stream_weights = False
+        if streamable and budget is not None:
+            try:
+                choose_blocks(shape, row_block=row_block, col_block=col_block, memory_budget=budget,
+                              threads_per_worker=tpw, total_threads=int(total_threads or tpw), stream=False)
+            except InputError:
+                stream_weights = True
+    elif stream_weights and not streamable:
+        raise InputError(
+            "streaming weights needs a network read from a zarr model store (a path), with hidden layers and no "
+            "output activation"
+        )
+    ctx.stream = bool(stream_weights)
+    rb, cb = choose_blocks(
+        shape,
+        row_block=row_block,
+        col_block=col_block,
+        memory_budget=budget,
+        threads_per_worker=tpw,
+        total_threads=int(total_threads or tpw),
+        stream=ctx.stream,
+    )
+    steps = []
+    R = shape.n_rows
+    for t in range(1, shape.n_steps + 1):
+        width = shape.widths[t]
+        nr, nc = _block_grid(R, rb), _block_grid(width, cb)
+        sb, wb, pk = _step_costs(shape, t, rb, cb)
+        steps.append(
+            StepPlan(
+                step=t,
+                width=width,
+                n_row_blocks=nr,
+                n_col_blocks=nc,
+                n_tasks=nr * nc,
+                prior_steps=tuple(shape.prior_steps(t)),
+                flops=float(R * width * shape.flops_per_entry(t, live=True)),
+                flops_dense=float(R * width * shape.flops_per_entry(t, live=False)),
+                task_state_bytes=sb,
+                task_weight_bytes=wb,
+                task_peak_bytes=pk,
+            )
+        )
+    n_finish = 1  # the method's finish needs the whole last state (R x d_{T+1}, small)
+    wbytes = shape.weights_bytes()
+    task_peak = max((s.task_peak_bytes for s in steps), default=0)
+    if ctx.stream:  # each running task holds one level's matrix (and the method's copy of its live block)
+        peak = tpw * (shape.max_matrix_bytes() + task_peak)
+    else:
+        peak = wbytes + tpw * task_peak
+    job_id = ctx.job_id(rb, cb)
+    return Plan(
+        method=ctx.method,
+        layer_bound_method=ctx.layer_bound_method,
+        eps=float(ctx.eps),
+        p=float(ctx.p),
+        widths=tuple(ctx.widths),
+        n_rows=R,
+        chain_widths=tuple(shape.widths),
+        row_block=rb,
+        col_block=cb,
+        steps=tuple(steps),
+        n_finish_tasks=n_finish,
+        n_tasks=sum(s.n_tasks for s in steps) + n_finish,
+        flops=float(sum(s.flops for s in steps)),
+        weights_bytes=int(wbytes),
+        peak_worker_bytes=int(peak),
+        memory_budget=budget,
+        threads_per_worker=tpw,
+        unstable=tuple(ctx.unstable),
+        dead=tuple(ctx.dead),
+        job_id=job_id,
+        layer_bounds_seconds=lb_seconds,
+        stream_weights=ctx.stream,
+        context=ctx,
+    )

@@ -1,0 +1,577 @@
+"""The run step: execute a :class:`~recurjac_scale.engine.plan.Plan` as one dask graph of block tasks.
+
+Graph
+-----
+- ``("rj-block-TTT", rb, cb)``: block ``(rb, cb)`` of layer step ``t``.  It reads its priors (the state of the
+  earlier steps for its rows) from the state zarr store, runs the method's block function under a one-thread BLAS
+  limit, writes its output block (exactly one chunk of each state array), flushes it and records it as finished in
+  the checkpoint.  It returns a small dict (timings, pid), never arrays.
+- ``("rj-rows-TTT", rb)``: the barrier "all column blocks of step t for row block rb are written"; the blocks of
+  step ``t + 1`` for the same rows depend on it (so a row block moves on without waiting for other rows).
+- ``("rj-finish", j)``: column block ``j`` of the ``(m, n_0)`` result, from the last step's state (a copy for B and
+  Fast-Lip, a transpose for F0, the final interval product for F1).  Always recomputed (cheap), never recorded.
+- ``"rj-spec-<job>"``: the picklable description from which every worker builds the method's chain once (cached per
+  process): numpy weights of a small in-memory network (shipped once per worker; a large one is first written to a
+  model store in the checkpoint folder for process / cluster runs), or the path of the zarr model store, from which
+  each worker process reads the weights, or, with ``stream_weights``, from which every task reads the matrices it
+  needs (:mod:`recurjac_scale.engine.streaming`).
+
+Blocks already recorded in the checkpoint are left out of the graph, so a rerun after a crash recomputes none of
+them.  The result is identical to an uninterrupted run because every block is a pure function of its priors and
+the blocking is part of the job hash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import OutputExistsError, StoreError
+from .checkpoint import Checkpoint
+from .schedulers import blas_single_thread, open_executor
+
+__all__ = ["EngineResult", "run_plan", "RESULT_FORMAT"]
+
+RESULT_FORMAT = "recurjac-scale-jacobian-bounds"
+
+_ARRAYS: dict[str, Any] = {}
+_ARRAYS_LOCK = threading.Lock()
+
+
+def _array(path: str, job_id: str):
+    """Open (and cache per process) a zarr array of the state / result stores.  The cache key includes the job:
+    a folder reused by another job (``--overwrite``) has other shapes and chunks."""
+    key = (path, job_id)
+    a = _ARRAYS.get(key)
+    if a is None:
+        import zarr
+
+        with _ARRAYS_LOCK:
+            a = _ARRAYS.get(key)
+            if a is None:
+                a = zarr.open_array(path, mode="r+")
+                if len(_ARRAYS) > 256:
+                    _ARRAYS.clear()
+                _ARRAYS[key] = a
+    return a
+
+
+def _state_array_path(state: str, t: int, key: str) -> str:
+    return os.path.join(state, f"step-{t:03d}", key)
+
+
+# -- task functions (run on workers; module-level so every scheduler can import them) -------------------------
+def _block_task(spec, state: str, ckpt: str, job_id: str, durable: bool, t: int, rb: int, cb: int, rows, cols, *deps):
+    """Compute, write and record one block; returns its timings.
+
+    A block already recorded is not recomputed (a task can run twice under a cluster, e.g. when the worker
+    holding its result died): its chunks are never rewritten while later tasks may be reading them."""
+    ck = Checkpoint(Path(ckpt), job_id)
+    rec = ck.read_record(t, rb, cb)
+    if rec is not None:
+        return {**rec, "seconds": 0.0, "reused": True}
+    t_start = time.perf_counter()
+    chain = spec.chain()
+    r0, r1 = rows
+    c0, c1 = cols
+    priors = {
+        s: {k: _array(_state_array_path(state, s, k), job_id)[r0:r1, :] for k in spec.state_keys}
+        for s in spec.prior_steps(t)
+    }
+    t_read = time.perf_counter()
+    with blas_single_thread():
+        out = chain.step_block(t, slice(r0, r1), slice(c0, c1), priors)
+    t_comp = time.perf_counter()
+    paths = []
+    for k in spec.state_keys:
+        blk = np.asarray(out[k], dtype=np.float64)
+        if blk.shape != (r1 - r0, c1 - c0):
+            raise StoreError(f"block function returned {k} of shape {blk.shape}, expected {(r1 - r0, c1 - c0)}")
+        _array(_state_array_path(state, t, k), job_id)[r0:r1, c0:c1] = blk
+        paths.append(Path(_state_array_path(state, t, k)) / "c" / str(rb) / str(cb))
+    t_write = time.perf_counter()
+    info = {
+        "seconds": t_comp - t_read,
+        "read_seconds": t_read - t_start,
+        "write_seconds": t_write - t_comp,
+        "pid": os.getpid(),
+        "host": os.uname().nodename,
+        "rows": [r0, r1],
+        "cols": [c0, c1],
+    }
+    ck.record(t, rb, cb, info, data_paths=paths, fsync=durable)
+    return {"step": t, "rb": rb, "cb": cb, **info}
+
+
+def _barrier(*deps):
+    return None
+
+
+def _finish_task(spec, state: str, result: str, job_id: str, j: int, cols, *deps):
+    """Column block ``j`` of the ``(m, n_0)`` result from the last step's state."""
+    import zarr
+
+    chain = spec.chain()
+    T = spec.n_steps
+    if T == 0:  # no hidden layer to recurse over: the last state is the exact top (state 0)
+        final = chain.initial_state()
+    else:
+        final = {k: _array(_state_array_path(state, T, k), job_id)[...] for k in spec.state_keys}
+    c0, c1 = cols
+    with blas_single_thread():
+        lo, up = chain.finish(final, slice(c0, c1))
+    # the result store is recreated by every run: never cache it
+    zarr.open_array(os.path.join(result, "lower"), mode="r+")[:, c0:c1] = lo
+    zarr.open_array(os.path.join(result, "upper"), mode="r+")[:, c0:c1] = up
+    return j
+
+
+# -- progress --------------------------------------------------------------------------------------------------
+class _Progress:
+    """tqdm bars for the local schedulers: one overall, one per layer step (dask local callbacks)."""
+
+    def __init__(self, todo_per_step: dict[int, int], n_finish: int, reused: int):
+        from dask.callbacks import Callback
+        from tqdm import tqdm
+
+        total = sum(todo_per_step.values()) + n_finish
+        self.bars = {"all": tqdm(total=total, desc="all blocks", position=0, file=sys.stderr, leave=True)}
+        for i, (t, n) in enumerate(sorted(todo_per_step.items())):
+            self.bars[t] = tqdm(total=n, desc=f"layer step {t}", position=i + 1, file=sys.stderr, leave=True)
+        self._lock = threading.Lock()
+        bars = self.bars
+
+        def posttask(key, result, dsk, state, worker_id):
+            if not isinstance(key, tuple) or not isinstance(key[0], str):
+                return
+            name = key[0]
+            with self._lock:
+                if name.startswith("rj-block-"):
+                    bars["all"].update(1)
+                    bars[int(name[len("rj-block-"):])].update(1)
+                elif name == "rj-finish":
+                    bars["all"].update(1)
+
+        self.callback = Callback(posttask=posttask)
+        if reused:
+            bars["all"].write(f"reusing {reused} finished block(s) from the checkpoint", file=sys.stderr)
+
+    def close(self):
+        for b in self.bars.values():
+            b.close()
+
+
+# -- result ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EngineResult:
+    """Jacobian bounds computed by the engine.
+
+    Attributes
+    ----------
+    lower, upper : ndarray, shape (m, n_0), float64
+        ``lower <= df/dx (x) <= upper`` elementwise for every x in ``B_p[x0, eps] ∩ D`` (the method's guarantee;
+        the engine only decides where the block functions run, never what they compute).
+    method, layer_bound_method : str
+    eps, p : float
+    job_id : str
+    blocks_total : int
+        Blocks of all layer steps.
+    blocks_reused : int
+        Blocks found finished in the checkpoint and not recomputed.
+    blocks_computed : int
+    seconds : float
+        Wall time of the run (layer bounds excluded; see ``plan.layer_bounds_seconds``).
+    step_seconds : dict
+        Per layer step, the summed compute time of its tasks (seconds of task time, not wall time).
+    task_times : dict
+        ``(t, rb, cb) -> seconds`` of every block computed in this run.
+    lipschitz : float or None
+        Local Lipschitz constant from the bounds (Proposition 2), when :mod:`recurjac_scale.lipschitz` is present.
+    output : str or None
+        The zarr result store written, if any.
+    executor : dict
+        Scheduler, workers, threads, dashboard link.
+    """
+
+    lower: np.ndarray
+    upper: np.ndarray
+    method: str
+    layer_bound_method: str
+    eps: float
+    p: float
+    job_id: str
+    blocks_total: int
+    blocks_reused: int
+    blocks_computed: int
+    seconds: float
+    step_seconds: dict
+    task_times: dict = field(repr=False)
+    lipschitz: float | None
+    output: str | None
+    executor: dict
+
+    def to_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "layer_bound_method": self.layer_bound_method,
+            "eps": "inf" if self.eps == math.inf else self.eps,
+            "p": "inf" if self.p == math.inf else self.p,
+            "shape": list(self.lower.shape),
+            "job_id": self.job_id,
+            "blocks_total": self.blocks_total,
+            "blocks_reused": self.blocks_reused,
+            "blocks_computed": self.blocks_computed,
+            "seconds": self.seconds,
+            "step_seconds": {str(k): v for k, v in self.step_seconds.items()},
+            "lipschitz": self.lipschitz,
+            "output": self.output,
+            "executor": self.executor,
+        }
+
+
+# -- stores ----------------------------------------------------------------------------------------------------
+def _create_state(state: Path, plan, spec) -> None:
+    """Pre-create the state arrays (no sharding, chunks = blocks, fill NaN); existing ones are kept."""
+    import zarr
+
+    g = zarr.open_group(str(state), mode="a", zarr_format=3)
+    R = plan.n_rows
+    for sp in plan.steps:
+        sg = g.require_group(f"step-{sp.step:03d}")
+        for k in spec.state_keys:
+            if k in sg:
+                a = sg[k]
+                if a.shape != (R, sp.width) or a.chunks != (min(plan.row_block, R), min(plan.col_block, sp.width)):
+                    raise StoreError(f"checkpoint state {state}/{sg.path}/{k} has an unexpected shape or chunking")
+                continue
+            sg.create_array(
+                k,
+                shape=(R, sp.width),
+                chunks=(min(plan.row_block, R), min(plan.col_block, sp.width)),
+                dtype="float64",
+                fill_value=np.nan,
+                compressors=None,
+                config={"write_empty_chunks": True},
+            )
+
+
+def _create_result(path: Path, plan, m: int, n0: int) -> None:
+    import zarr
+
+    if path.exists():
+        shutil.rmtree(path)
+    g = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for k in ("lower", "upper"):
+        g.create_array(
+            k,
+            shape=(m, n0),
+            chunks=(m, min(plan.col_block, n0)),
+            dtype="float64",
+            fill_value=np.nan,
+            config={"write_empty_chunks": True},
+        )
+
+
+def _json_safe(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    if isinstance(v, dict):
+        return {str(k): _json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_safe(x) for x in v]
+    if isinstance(v, (np.floating, np.integer)):
+        return _json_safe(v.item())
+    return v
+
+
+# -- the run ---------------------------------------------------------------------------------------------------
+def run_plan(
+    plan,
+    *,
+    scheduler: str | None = "threads",
+    workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: int | None = None,
+    client=None,
+    executor=None,
+    checkpoint: str | os.PathLike | None = None,
+    keep_checkpoint: bool | None = None,
+    output: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = False,
+    dashboard: bool = True,
+    log=None,
+    max_blocks: int | None = None,
+    durable: bool = True,
+) -> EngineResult:
+    """Execute a plan.
+
+    Parameters
+    ----------
+    plan : Plan
+    scheduler : str
+        ``synchronous``, ``threads`` (default), ``processes``, ``distributed`` or a cluster address
+        ``tcp://host:port`` (see :func:`recurjac_scale.engine.schedulers.open_executor`).
+    workers, threads_per_worker, memory_limit : optional
+        Worker processes / threads; ``workers`` without a scheduler starts a LocalCluster on 127.0.0.1.
+    client : distributed.Client, optional
+        Run on this client.
+    executor : Executor, optional
+        An open :class:`~recurjac_scale.engine.schedulers.Executor` to reuse across runs (e.g. one process pool
+        for several jobs); overrides ``scheduler`` and ``client``.
+    checkpoint : path, optional
+        Checkpoint folder (bound to ``plan.job_id``): finished blocks are recorded there and reused by a rerun.
+        Without it, the state lives in a temporary folder removed at the end.  With a cluster of several machines
+        give a folder every worker can reach.
+    keep_checkpoint : bool, optional
+        Keep the checkpoint folder after success (default: keep a folder that was given).
+    output : path, optional
+        Write the result as a zarr store (arrays ``lower``, ``upper`` (m, n_0), metadata in the attributes).  It is
+        assembled under a temporary sibling name and renamed when complete.
+    overwrite : bool
+        Replace an existing ``output``.
+    progress : bool
+        Show progress bars (tqdm per layer step and overall; ``distributed.progress`` under a Client).
+    dashboard : bool
+        Start the dashboard of a LocalCluster (its link is printed through ``log``).
+    log : callable, optional
+        ``log(str)`` for status lines (the CLI passes a printer to stderr); default silent.
+    max_blocks : int, optional
+        Compute at most this many blocks, then stop (for measuring a fraction of a job; raises ``RuntimeError``
+        afterwards so no partial result is mistaken for a complete one, unless all blocks were done).
+    durable : bool
+        ``fsync`` each block's data and record before moving on (survives a machine crash, not only a killed
+        process); about 5 ms per file here, negligible against real tasks.
+
+    Returns
+    -------
+    EngineResult
+    """
+    log = log or (lambda s: None)
+    ctx = plan.context
+    if ctx is None:
+        raise StoreError("this plan has no job context (was it loaded from JSON?); re-plan it")
+    if output is not None:
+        output = Path(output)
+        if output.exists() and not overwrite:
+            raise OutputExistsError(f"output {str(output)!r} already exists; pass overwrite=True to replace it")
+    t_start = time.perf_counter()
+    given_ckpt = checkpoint is not None
+    if given_ckpt:
+        ckpt_dir = Path(checkpoint)
+    else:
+        base = output.parent if output is not None else None
+        ckpt_dir = Path(tempfile.mkdtemp(prefix="recurjac-state-", dir=base))
+    if keep_checkpoint is None:
+        keep_checkpoint = given_ckpt
+    ckpt = Checkpoint.open(ckpt_dir, plan.job_id, description=_json_safe(plan.to_dict()), reset=overwrite)
+    spec = ctx.worker_spec()
+    success = False
+    try:
+        state = ckpt.state_path
+        if spec.network is not None and plan.weights_bytes > SPILL_BYTES and _other_processes(scheduler, workers, client, executor):
+            # A large in-memory network would be pickled into every task of the process pool (or travel through
+            # the scheduler): write it once as a model store next to the state; workers read it from there.
+            spec = _spill_network(spec, ctx, ckpt.path / "model.zarr")
+        _create_state(state, plan, spec)
+        done = ckpt.finished()
+        R = plan.n_rows
+        rb_, cb_ = plan.row_block, plan.col_block
+        spec_key = f"rj-spec-{plan.job_id[:16]}"
+        dsk: dict = {spec_key: spec}
+        block_keys: list = []
+        todo_per_step: dict[int, int] = {}
+        reused = 0
+        total = 0
+        budget = max_blocks
+        # ready[rb]: every block of the previous step for these rows is finished or scheduled.
+        ready = {rb: True for rb in range(-(-R // rb_))}
+        for sp in plan.steps:
+            t = sp.step
+            todo_per_step[t] = 0
+            for rb in range(sp.n_row_blocks):
+                r0, r1 = rb * rb_, min(R, (rb + 1) * rb_)
+                bar_deps = []
+                row_ready = True
+                for cb in range(sp.n_col_blocks):
+                    total += 1
+                    if (t, rb, cb) in done:
+                        reused += 1
+                        continue
+                    if not ready[rb] or (budget is not None and budget <= 0):
+                        row_ready = False
+                        continue
+                    if budget is not None:
+                        budget -= 1
+                    c0, c1 = cb * cb_, min(sp.width, (cb + 1) * cb_)
+                    deps = [("rj-rows-%03d" % t_prev, rb) for t_prev in (t - 1,) if t_prev >= 1]
+                    key = ("rj-block-%03d" % t, rb, cb)
+                    dsk[key] = (
+                        _block_task, spec_key, str(state), str(ckpt.path), plan.job_id, bool(durable), t, rb, cb,
+                        (r0, r1), (c0, c1), *deps,
+                    )
+                    block_keys.append(key)
+                    bar_deps.append(key)
+                    todo_per_step[t] += 1
+                prev = [("rj-rows-%03d" % (t - 1), rb)] if t > 1 else []
+                dsk[("rj-rows-%03d" % t, rb)] = (_barrier, *bar_deps, *prev)
+                ready[rb] = ready[rb] and row_ready
+        complete = reused + len(block_keys) == total
+        n0 = ctx.n_inputs
+        m = ctx.n_outputs
+        finish_keys = []
+        tmp_out = None
+        if complete:
+            if output is not None:
+                tmp_out = output.with_name(f".{output.name}.{plan.job_id[:12]}.partial")
+            else:
+                tmp_out = ckpt.path / "result.zarr"
+            _create_result(tmp_out, plan, m, n0)
+            row_bars = [("rj-rows-%03d" % plan.steps[-1].step, rb) for rb in range(plan.steps[-1].n_row_blocks)] if plan.steps else []
+            key = ("rj-finish", 0)
+            dsk[key] = (_finish_task, spec_key, str(state), str(tmp_out), plan.job_id, 0, (0, n0), *row_bars)
+            finish_keys.append(key)
+        log(
+            f"job {plan.job_id[:12]}: {total} blocks in {len(plan.steps)} layer steps; reusing {reused} finished "
+            f"block(s) from {ckpt.path}; computing {len(block_keys)}"
+        )
+        if executor is not None:
+            ex_cm = contextlib.nullcontext(executor)
+        else:
+            ex_cm = open_executor(
+                scheduler,
+                workers=workers,
+                threads_per_worker=threads_per_worker,
+                memory_limit=memory_limit,
+                dashboard=dashboard and progress,
+                client=client,
+            )
+        with ex_cm as ex:
+            if ex.dashboard_link:
+                log(f"dask dashboard: {ex.dashboard_link}")
+            keys = block_keys + finish_keys
+            bars = None
+            if progress and ex.client is None:
+                bars = _Progress(todo_per_step, len(finish_keys), 0)
+            try:
+                values = ex.run(
+                    dsk,
+                    keys,
+                    callbacks=(bars.callback,) if bars else (),
+                    distributed_progress=progress and ex.client is not None,
+                )
+            finally:
+                if bars:
+                    bars.close()
+            exinfo = ex.describe()
+        task_times = {}
+        step_seconds: dict[int, float] = {sp.step: 0.0 for sp in plan.steps}
+        for v in values[: len(block_keys)]:
+            if v.get("reused"):
+                continue
+            task_times[(v["step"], v["rb"], v["cb"])] = v["seconds"]
+            step_seconds[v["step"]] += v["seconds"]
+        if not complete:
+            raise RuntimeError(
+                f"stopped after {len(block_keys)} block(s) (max_blocks); {total - reused - len(block_keys)} remain; "
+                "rerun with the same checkpoint to continue"
+            )
+        import zarr
+
+        g = zarr.open_group(str(tmp_out), mode="r+")
+        lower = np.asarray(g["lower"][...])
+        upper = np.asarray(g["upper"][...])
+        if not (np.isfinite(lower).all() and np.isfinite(upper).all()):
+            raise StoreError(
+                f"result has missing or non-finite blocks ({int((~np.isfinite(lower)).sum())} entries); the "
+                f"checkpoint {ckpt.path} may be damaged: rerun with a fresh checkpoint"
+            )
+        lip = _lipschitz(lower, upper, plan.p)
+        seconds = time.perf_counter() - t_start
+        res = EngineResult(
+            lower=lower,
+            upper=upper,
+            method=plan.method,
+            layer_bound_method=plan.layer_bound_method,
+            eps=plan.eps,
+            p=plan.p,
+            job_id=plan.job_id,
+            blocks_total=total,
+            blocks_reused=reused,
+            blocks_computed=len(block_keys),
+            seconds=seconds,
+            step_seconds=step_seconds,
+            task_times=task_times,
+            lipschitz=lip,
+            output=str(output) if output is not None else None,
+            executor=exinfo,
+        )
+        if output is not None:
+            g.attrs.update(
+                _json_safe(
+                    {
+                        "format": RESULT_FORMAT,
+                        "format_version": 1,
+                        "result": res.to_dict(),
+                        "plan": plan.to_dict(),
+                        "network": ctx.describe(),
+                        "rounding": ctx.rounding,
+                        "complete": True,
+                    }
+                )
+            )
+            if output.exists():
+                shutil.rmtree(output)
+            os.replace(tmp_out, output)
+        success = True
+        return res
+    finally:
+        # A checkpoint folder that was given survives a failure (that is its purpose); a temporary one does not.
+        if (success and not keep_checkpoint) or (not success and not given_ckpt):
+            ckpt.remove()
+
+
+SPILL_BYTES = 16 * 2**20
+"""In-memory networks larger than this are written to a model store for process / cluster runs."""
+
+
+def _other_processes(scheduler, workers, client, executor) -> bool:
+    from .schedulers import parse_scheduler
+
+    if executor is not None:
+        return executor.kind in ("processes", "distributed")
+    if client is not None:
+        return True
+    return parse_scheduler(scheduler, workers)[0] in ("processes", "distributed")
+
+
+def _spill_network(spec, ctx, path: Path):
+    import dataclasses
+
+    from ..network.store import save_network
+
+    if not path.exists():
+        save_network(ctx.network, path)
+    return dataclasses.replace(spec, network=None, store_path=str(path), outputs=None)
+
+
+def _lipschitz(lower, upper, p) -> float | None:
+    try:
+        from ..lipschitz import lipschitz_from_bounds
+    except ImportError:  # pragma: no cover - optional module
+        return None
+    try:
+        return float(lipschitz_from_bounds(lower, upper, p)[0])
+    except Exception:  # noqa: BLE001 - the bound itself is the product; a failing norm must not lose it
+        return None
