@@ -8,6 +8,7 @@ from .activations import ACTIVATIONS, Activation, get_activation, register_activ
 from .engine import plan_jacobian, run_plan
 from .errors import RecurJacError
 from .jacobian import JACOBIAN_METHODS, JacobianBounds, jacobian_bounds
+from .lipschitz import LipschitzResult, lipschitz, naive_constant
 from .layer_bounds import LAYER_BOUND_METHODS, LayerBounds, layer_bounds
 from .network import InputSpec, Network
 
@@ -21,12 +22,15 @@ __all__ = [
     "JacobianBounds",
     "LAYER_BOUND_METHODS",
     "LayerBounds",
+    "LipschitzResult",
     "Network",
     "RecurJacError",
     "__version__",
     "get_activation",
     "jacobian_bounds",
     "layer_bounds",
+    "lipschitz",
+    "naive_constant",
     "plan_jacobian",
     "run_plan",
     "register_activation",

@@ -34,3 +34,13 @@ def shared_dir() -> Path:
     if d is None:
         pytest.skip("shared data folder not found (set RECURJAC_SHARED)")
     return d
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _single_threaded_blas():
+    """One BLAS thread for the whole run: many small products are far slower with a thread pool on a shared
+    2-core machine (the engine's own tasks set this themselves as well)."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1):
+        yield
