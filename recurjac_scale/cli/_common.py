@@ -38,7 +38,12 @@ def load_model(name: str):
 
 def load_inputs(path: str, network) -> np.ndarray:
     """Read ``.npy`` inputs: one input ``(n_0,)`` / input shape, or a batch; returns ``(batch, n_0)`` float64,
-    validated against the network's input shape and domain."""
+    validated against the network's input shape and domain.  ``'default'`` names the five test digits bundled
+    with the default model."""
+    if path == "default":
+        from ..network.default import default_inputs_path
+
+        path = str(default_inputs_path())
     p = Path(path)
     if not p.exists():
         raise InputError(f"input file {path!r} does not exist")

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
         ),
     )
     add_model_argument(p)
-    p.add_argument("--input", required=True, metavar="X.npy", help="input in raw units, shape (n_0,) or (batch, n_0)")
+    p.add_argument("--input", required=True, metavar="X.npy", help="input in raw units, shape (n_0,) or (batch, n_0), as .npy; 'default' for the default model's test digits")
     p.add_argument("--index", type=int, default=None, metavar="I", help="which input of a batch (required for a batch)")
     p.add_argument("--eps", type=parse_eps, required=True, metavar="E", help="radius of the region (>= 0, or inf)")
     p.add_argument("--norm", choices=NORM_CHOICES, default="inf", help="input norm p of the region (default inf)")
