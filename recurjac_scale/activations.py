@@ -11,8 +11,9 @@ error that cites the assumption: RecurJac's bounds are not valid for them.
 Conventions
 -----------
 At a kink (ReLU at 0, hard-sigmoid at its break points) :meth:`Activation.derivative` returns the right
-derivative; :meth:`Activation.derivative_bounds` always contains every one-sided derivative at every point of the
-interval, so the bounds enclose the Clarke generalised derivative.
+derivative; :meth:`Activation.derivative_bounds` contains ``sigma'(z)`` (the right derivative) at every point of the
+interval, and both one-sided derivatives at kinks strictly inside it.  At a kink that is exactly an end point
+(ReLU on ``[0, u]``) it follows the paper's Eq. 7-8 and holds the derivative of the side inside the interval.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class Activation:
         Returns
         -------
         dl, du : ndarray, shape (n,), float64
-            ``0 <= dl <= sigma'(z) <= du`` for every ``z`` in the interval (every one-sided derivative at kinks).
+            ``0 <= dl <= sigma'(z) <= du`` for every ``z`` in the interval (both one-sided derivatives at kinks
+            strictly inside it).
         """
         raise NotImplementedError  # pragma: no cover - abstract
 

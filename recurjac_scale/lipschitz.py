@@ -142,6 +142,8 @@ def _sigma_max_nonneg(M: np.ndarray) -> float:
     av = (M.T @ w) * (1.0 + gamma(m))
     lam = float((av / v).max()) * (1.0 + gamma(2))
     cw = math.sqrt(lam) * (1.0 + gamma(1))
+    if math.isnan(cw):  # overflow in the power steps (inf / inf): fall back on the caps
+        cw = math.inf
     return min(cw, *caps)
 
 
@@ -211,6 +213,8 @@ def naive_constant(network: Network, p=math.inf) -> float:
         value *= operator_norm(w, p)
     for act in net.layer_activations:
         value *= float(act.derivative_range[1])
+    if math.isnan(value):  # 0 * inf: an (under- or over-flowed) product of norms; inf is the only safe answer
+        return math.inf
     return value * (1.0 + gamma(2 * net.n_layers))
 
 
@@ -326,7 +330,10 @@ def _directional_upper_last_step(chain, states, signs: np.ndarray) -> np.ndarray
     prev = priors[T - 1]
     B = np.maximum(np.abs(prev["lower"]), np.abs(prev["upper"])).astype(np.float64)  # (m, n_1) bounds |P_{T-1}|
     errV = gamma(n0, dt) * (np.abs(S).astype(np.float64) @ np.abs(W1).T.astype(np.float64))  # (m, n_1)
-    extra = (B * np.asarray(chain.du[T - 1], np.float64)[None, :] * errV).sum(axis=1) * (1.0 + gamma(n1 + 2))
+    with np.errstate(invalid="ignore"):
+        prod = B * np.asarray(chain.du[T - 1], np.float64)[None, :] * errV
+    prod = np.where(np.isnan(prod), 0.0, prod)  # inf * 0 (an overflowed bound times an exact zero) is 0
+    extra = prod.sum(axis=1) * (1.0 + gamma(n1 + 2))
     return up + extra + TINY
 
 

@@ -103,6 +103,7 @@ def streamed_chain(method, store_path: str, outputs, derivative_bounds) -> Any:
     import dask
 
     from ..jacobian.chain import Chain
+    from ..network.model import _fold_rows
     from ..network.store import open_network
 
     with dask.config.set(scheduler="synchronous"):
@@ -110,7 +111,8 @@ def streamed_chain(method, store_path: str, outputs, derivative_bounds) -> Any:
         shapes = [tuple(int(s) for s in w.shape) for w in net.weights]
         H = len(shapes)
         w_last = np.asarray(net.weights[-1].compute(), dtype=np.float64)
-    last = w_last if outputs is None else np.asarray(outputs, dtype=np.float64) @ w_last
+    # the same correctly rounded fold as Network.with_outputs (bitwise equal to the in-memory chain)
+    last = w_last if outputs is None else _fold_rows(np.asarray(outputs, dtype=np.float64), w_last)
     db = [(np.asarray(lo, np.float64), np.asarray(hi, np.float64)) for lo, hi in derivative_bounds]
 
     def W(k, transpose=False):

@@ -22,6 +22,15 @@ def _dual_row_norms(w: np.ndarray, q: float) -> np.ndarray:
     return np.abs(w).max(axis=1)
 
 
+def _nan_outward(lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A NaN end (only after an overflow, ``inf - inf``) becomes ``-inf`` / ``+inf``, which is sound; a NaN would
+    otherwise reach the relaxations of the next layer (NonFiniteError in Fast-Lin / CROWN)."""
+    if np.isnan(lo).any() or np.isnan(hi).any():
+        lo = np.where(np.isnan(lo), -np.inf, lo)
+        hi = np.where(np.isnan(hi), np.inf, hi)
+    return lo, hi
+
+
 def affine_interval(w: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Certified interval of ``w @ h + b`` for ``h`` in the box ``[lo, hi]`` (midpoint-radius form, widened
     outward for rounding).  ``w``: (n_out, n_in); ``lo``, ``hi``: (n_in,), may hold infinities."""
@@ -33,7 +42,7 @@ def affine_interval(w: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray
         c = w @ mid + b
         r = absw @ rad
         slack = gamma(w.shape[1] + 1) * (absw @ (np.abs(mid) + rad) + np.abs(b) + r) + TINY
-        return c - r - slack, c + r + slack
+        return _nan_outward(c - r - slack, c + r + slack)
     # Infinite ends: sum the extreme products term by term (0 * inf counts as 0).
     wp, wn = np.maximum(w, 0.0), np.minimum(w, 0.0)
     with np.errstate(invalid="ignore"):
@@ -44,7 +53,7 @@ def affine_interval(w: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray
     fin_lo = np.where(np.isfinite(lo), np.abs(lo), 0.0)
     fin_hi = np.where(np.isfinite(hi), np.abs(hi), 0.0)
     slack = gamma(w.shape[1] + 1) * (absw @ np.maximum(fin_lo, fin_hi) + np.abs(b)) + TINY
-    return lo_z - slack, hi_z + slack
+    return _nan_outward(lo_z - slack, hi_z + slack)
 
 
 def first_layer_bounds(w: np.ndarray, b: np.ndarray, region: Region) -> tuple[np.ndarray, np.ndarray]:
@@ -57,7 +66,8 @@ def first_layer_bounds(w: np.ndarray, b: np.ndarray, region: Region) -> tuple[np
     c = w @ region.x0 + b
     r = region.eps * _dual_row_norms(w, region.q) * (1.0 + gamma(w.shape[1] + 2))
     slack = gamma(w.shape[1] + 1) * (np.abs(w) @ np.abs(region.x0) + np.abs(b)) + TINY
-    return np.maximum(c - r - slack, l_box), np.minimum(c + r + slack, u_box)
+    lo, hi = _nan_outward(c - r - slack, c + r + slack)
+    return np.maximum(lo, l_box), np.minimum(hi, u_box)
 
 
 @register_layer_bound_method("ibp")

@@ -160,6 +160,48 @@ class InputSpec:
         )
 
 
+_SPLIT = 134217729.0  # 2^27 + 1 (Dekker's splitting constant for float64)
+_FOLD_SAFE = 1e280  # factors and products below this: Dekker's split and TwoProduct cannot overflow
+
+
+def _fold_rows(C: np.ndarray, W: np.ndarray) -> np.ndarray:
+    """``C @ W`` correctly rounded entry by entry (``C``: (m, n_H), ``W``: (n_H, n)).
+
+    The bound algorithms treat the folded output layer as the network's own weights, and their rounding
+    allowances are relative to its entries: a plain dot product with cancellation (a general output matrix, e.g.
+    ``[1, 1, -1]``) can be wrong by far more than one ulp of the result (even 0 instead of 1e-17), which no
+    allowance covers.  Rows with at most one non-zero, or two non-zeros of magnitude 1 (selections and margins
+    ``f_c - f_j``), are already correctly rounded by one product; other rows use exact products (Dekker's
+    TwoProduct) summed by ``math.fsum`` (correctly rounded).  Entries too large for the split keep the plain
+    product.
+    """
+    import math
+
+    out = C @ W
+    if out.size == 0:
+        return out
+    nnz = (C != 0).sum(axis=1)
+    simple = (nnz <= 1) | ((nnz == 2) & (np.where(C != 0, np.abs(C), 1.0) == 1.0).all(axis=1))
+    for i in np.flatnonzero(~simple):
+        h = np.flatnonzero(C[i])
+        c = C[i, h][:, None]
+        w = W[h]
+        cmax, wmax = float(np.abs(c).max()), float(np.abs(w).max())
+        if cmax >= _FOLD_SAFE or wmax >= _FOLD_SAFE or cmax * wmax >= _FOLD_SAFE:
+            continue
+        p = c * w
+        t = _SPLIT * c
+        c_hi = t - (t - c)
+        c_lo = c - c_hi
+        t = _SPLIT * w
+        w_hi = t - (t - w)
+        w_lo = w - w_hi
+        e = ((c_hi * w_hi - p) + c_hi * w_lo + c_lo * w_hi) + c_lo * w_lo
+        terms = np.vstack([p, e])
+        out[i] = [math.fsum(terms[:, j]) for j in range(terms.shape[1])]
+    return out
+
+
 def _broadcast_stat(v: np.ndarray, shape: tuple[int, ...], layout: str) -> np.ndarray:
     """Broadcast a per-channel statistic (or a scalar, or a full array) to a flattened input vector."""
     v = np.asarray(v, dtype=np.float64).ravel()
@@ -365,8 +407,8 @@ class Network:
         if not np.isfinite(C).all():
             raise NonFiniteError("output selection matrix contains NaN or infinite values")
         if self.output_activation.is_identity:
-            w = C @ _to_numpy(self.weights[-1])
-            b = C @ _to_numpy(self.biases[-1])
+            w = _fold_rows(C, _to_numpy(self.weights[-1]))
+            b = _fold_rows(C, _to_numpy(self.biases[-1])[:, None])[:, 0]
             return self._replace(weights=[*self.weights[:-1], w], biases=[*self.biases[:-1], b])
         return self._replace(
             weights=[*self.weights, C],
