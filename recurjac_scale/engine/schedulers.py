@@ -20,6 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from ..cluster import THREAD_ENV, _environ
 from ..errors import InputError
 
 __all__ = [
@@ -31,12 +32,7 @@ __all__ = [
     "parse_scheduler",
 ]
 
-WORKER_ENV = {
-    "NUMBA_NUM_THREADS": "1",
-    "OMP_NUM_THREADS": "1",
-    "OPENBLAS_NUM_THREADS": "1",
-    "MKL_NUM_THREADS": "1",
-}
+WORKER_ENV = dict(THREAD_ENV)
 """Environment of worker processes started by the engine: one thread per BLAS / numba / OpenMP pool."""
 
 _limit_lock = threading.Lock()
@@ -68,20 +64,6 @@ def blas_single_thread():
             if _limit_depth == 0 and _limit_restore is not None:
                 _limit_restore.restore_original_limits()
                 _limit_restore = None
-
-
-@contextlib.contextmanager
-def _env(values: dict[str, str]):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @dataclass
@@ -172,7 +154,7 @@ def _processes(n_workers, threads, memory_limit) -> Iterator[Executor]:
     n = n_workers or os.cpu_count() or 1
     # One pool for the executor's lifetime (worker start-up, imports and numba cache loads are paid once);
     # spawned children inherit the one-thread environment.
-    with _env(WORKER_ENV):
+    with _environ(WORKER_ENV):
         pool = ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"))
 
     def get(dsk, keys):
