@@ -9,11 +9,18 @@ import numpy as np
 
 from ..errors import InputError, OutputExistsError
 
-__all__ = ["check_output", "load_inputs", "load_model", "add_model_argument"]
+__all__ = ["add_model_argument", "add_output_arguments", "check_output", "load_inputs", "load_model"]
 
 
 def add_model_argument(parser) -> None:
     parser.add_argument("model", metavar="MODEL", help="zarr model store (from 'recurjac-scale import'), or 'default'")
+
+
+def add_output_arguments(parser, metavar: str = "OUT.npz") -> None:
+    """``-o/--output`` (required), ``--overwrite`` and ``--quiet``, as every command writing one file has them."""
+    parser.add_argument("-o", "--output", required=True, metavar=metavar, help="output file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    parser.add_argument("--quiet", action="store_true", help="print nothing on success")
 
 
 def check_output(path: str | os.PathLike, overwrite: bool) -> Path:

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ..errors import InputError
-from ._common import add_model_argument, check_output, load_inputs, load_model
+from ._common import add_model_argument, add_output_arguments, check_output, load_inputs, load_model
 
 __all__ = [
     "register",
@@ -163,9 +163,7 @@ def register(subparsers) -> None:
     )
     add_common_arguments(p)
     p.add_argument("--eps", type=parse_eps, required=True, metavar="E", help="radius of the region (>= 0, or inf)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="output file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    add_output_arguments(p)
     p.set_defaults(func=run)
 
 

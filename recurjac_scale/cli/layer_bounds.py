@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ._common import add_model_argument, check_output, load_inputs, load_model
+from ._common import add_model_argument, add_output_arguments, check_output, load_inputs, load_model
 from .bounds import NORM_CHOICES, check_eps, parse_eps, select_input
 
 __all__ = ["register", "run"]
@@ -44,9 +44,7 @@ def register(subparsers) -> None:
                    help="rows per block in the back-substitution (memory ~ R x widest layer; default 512)")
     p.add_argument("--dtype", choices=("float64", "float32"), default="float64",
                    help="working precision of the GEMMs (bounds are certified either way; default float64)")
-    p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="output file")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    add_output_arguments(p)
     p.set_defaults(func=run)
 
 
