@@ -76,8 +76,8 @@ def write_report(res: dict, out: Path) -> None:
                  f"{m['numpy']}, scipy {m['scipy']}, numba {m['numba']}, dask {m['dask']}; "
                  + ("`OPENBLAS_CORETYPE` / `OPENBLAS_L2_SIZE` not set in this environment"
                  if not m["OPENBLAS_CORETYPE"] else f"`OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}` (left as set)")
-                 + f". Date {m['date_utc']}; load average at that time {_load(m['loadavg'])} (other engineers' test "
-                 "suites ran on the same 2 cores during all of these measurements: every figure below is a "
+                 + f". Date {m['date_utc']}; load average at that time {_load(m['loadavg'])} (other jobs "
+                 "ran on the same 2 cores during all of these measurements: every figure below is a "
                  "measurement on a shared, loaded machine, with the load average recorded next to it).")
         g = gemm["gemm"]
         L.append(f"float64 GEMM rate, n = {g['n']}, 1 BLAS thread (threadpoolctl), median of {g['repeats']}: "
@@ -165,8 +165,8 @@ def write_report(res: dict, out: Path) -> None:
         L.append("### RecurJac-F0 / F1: measured fraction, extrapolated")
         L.append("")
         L.append("The issue asks for a measured fraction wherever a full F0/F1 run would exceed ~20 minutes. With "
-                 "the kernels as they were at the start of the session it would have (F0 at 5% extrapolated to 2.4 h "
-                 "at 13:10 UTC); with the row sharing that landed during the session the complete runs above take "
+                 "the kernels before row sharing it would have (F0 at 5% extrapolated to 2.4 h "
+                 "at 13:10 UTC); with row sharing the complete runs above take "
                  "minutes, so the sample is kept as a check of the extrapolation (compare the 5% rows with the "
                  "complete runs) and for the radii without a complete run. Method: the plan's tasks for a random row "
                  "block (every column block of every layer step, in the engine's block functions, one process, one "
@@ -225,7 +225,7 @@ def write_report(res: dict, out: Path) -> None:
              "other processes on the 2 cores, which also lowers the measured GEMM rate itself: 32-53 GFLOP/s here "
              "against 62 GFLOP/s on the quiet machine in STACK.md).")
     L.append("")
-    L.append("`threads ×2` vs 1 core: the two complete F0 runs overlapped other engineers' test suites (load 3.8-4.6 "
+    L.append("`threads ×2` vs 1 core: the two complete F0 runs overlapped other jobs (load 3.8-4.6 "
              "on 2 cores), so the second thread bought nothing (5.3 vs 5.0 min); the LocalCluster measurement below, "
              "at a lower load, gives 1.85× from 1 to 2 workers. The estimates for more workers assume workers as "
              "fast as the sampled process.")
@@ -292,8 +292,8 @@ def write_report(res: dict, out: Path) -> None:
 
     L.append("### Provenance of each result")
     L.append("")
-    L.append("The package was being written while these ran (the Jacobian kernels gained row sharing during the "
-             "session): each result names the SHA-256 (12 hex) of the package's sources it ran with.")
+    L.append("The package changed while these ran (the Jacobian kernels gained row sharing between runs): "
+             "each result names the SHA-256 (12 hex) of the package's sources it ran with.")
     L.append("")
     L.append("| result | date (UTC) | code | load average (1, 5, 15 min) |")
     L.append("|---|---|---|---|")
