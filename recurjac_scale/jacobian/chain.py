@@ -68,6 +68,11 @@ from typing import Sequence
 
 import numpy as np
 
+try:  # scipy is a dependency of the package; the guard keeps the dense path free of it
+    import scipy.sparse as _sp
+except ImportError:  # pragma: no cover
+    _sp = None
+
 from .._fp import gamma
 from ..errors import InputError, ShapeMismatchError
 
@@ -81,7 +86,12 @@ __all__ = [
     "tile_matmul",
     "STATE_KEYS",
     "DEFAULT_PANEL",
+    "KERNEL_SPARSE_THRESHOLD",
 ]
+
+KERNEL_SPARSE_THRESHOLD = 0.15
+"""Density below which :meth:`Chain.with_sparse` (default) keeps a CSR copy of a chain matrix for the RecurJac
+level products (a pruned layer; sparse x dense in ``scipy.sparse`` beats BLAS only well below 30% density)."""
 
 STATE_KEYS = ("lower", "upper", "mag")
 """Keys of the per-row state every step returns (each ``(R_blk, c)``)."""
@@ -124,6 +134,14 @@ class Chain:
         GEMM panel width (:data:`DEFAULT_PANEL`).
     dtype : numpy dtype
         Arithmetic type (float64 by default; float32 is a speed option with its own rounding allowance).
+    sparse_mats : tuple
+        Opt-in (:meth:`with_sparse`): empty (the default: every product dense), or one entry per level,
+        ``sparse_mats[t - 1]`` a ``scipy.sparse.csr_array`` copy of ``mats[t - 1]`` (same values, same dtype) for a
+        pruned level, else ``None``.  The RecurJac level products ``M_{s-1}[alive, alive] @ X`` then run as sparse x
+        dense; ``mats`` stays dense (column panels ``V``, Fast-Lip and the engine read it unchanged).  Each output
+        entry of a sparse product sums the row's stored entries in index order (at most ``d_s`` terms), so the
+        rounding allowance and the blocking invariance hold unchanged; results equal the dense kernels' up to the
+        summation order (not bitwise).
     """
 
     top: object
@@ -137,6 +155,7 @@ class Chain:
     names: tuple = ()
     panel: int = DEFAULT_PANEL
     dtype: object = np.float64
+    sparse_mats: tuple = ()
 
     def __post_init__(self):
         T = len(self.mats)
@@ -151,6 +170,12 @@ class Chain:
             prev = int(m.shape[1])
         if int(self.panel) < 1:
             raise InputError(f"panel={self.panel!r} must be a positive integer")
+        if self.sparse_mats:
+            if len(self.sparse_mats) != T:
+                raise ShapeMismatchError(f"sparse_mats needs one entry per level ({T}), got {len(self.sparse_mats)}")
+            for t, (m, s) in enumerate(zip(self.mats, self.sparse_mats), start=1):
+                if s is not None and tuple(s.shape) != tuple(m.shape):
+                    raise ShapeMismatchError(f"chain level {t}: sparse matrix of shape {s.shape} needs {tuple(m.shape)}")
 
     # -- shape ------------------------------------------------------------------------------------------------
     @property
@@ -182,7 +207,15 @@ class Chain:
 
     # -- constructors -----------------------------------------------------------------------------------------
     @classmethod
-    def backward(cls, network, derivative_bounds: Sequence, *, dtype=np.float64, panel: int = DEFAULT_PANEL) -> "Chain":
+    def backward(
+        cls,
+        network,
+        derivative_bounds: Sequence,
+        *,
+        dtype=np.float64,
+        panel: int = DEFAULT_PANEL,
+        sparse_threshold: float | None = None,
+    ) -> "Chain":
         """The backward chain ``W(H) Σ(H-1) W(H-1) ... Σ(1) W(1)`` of a (materialised) network.
 
         Parameters
@@ -192,6 +225,8 @@ class Chain:
             activation.
         derivative_bounds : sequence of (dl, du)
             Per affine layer ``k = 0..H-1`` (at least the ``H - 1`` hidden ones), shapes ``(n_{k+1},)``.
+        sparse_threshold : float, optional
+            Opt-in sparse kernels: see :meth:`with_sparse` (``None``: dense only, the default).
         """
         ws, db = _weights_and_bounds(network, derivative_bounds, dtype)
         H = len(ws)
@@ -204,16 +239,24 @@ class Chain:
             names=tuple(f"hidden layer {k + 1}" for k in range(H - 2, -1, -1)),
             panel=panel,
             dtype=np.dtype(dtype),
-        )
+        )._sparse_opt_in(sparse_threshold)
 
     @classmethod
     def forward(
-        cls, network, derivative_bounds: Sequence, start: int = 0, *, dtype=np.float64, panel: int = DEFAULT_PANEL
+        cls,
+        network,
+        derivative_bounds: Sequence,
+        start: int = 0,
+        *,
+        dtype=np.float64,
+        panel: int = DEFAULT_PANEL,
+        sparse_threshold: float | None = None,
     ) -> "Chain":
         """The forward chain ``W(1)ᵀ Σ(1) W(2)ᵀ ... Σ(H-1) W(H)ᵀ`` (``start = 0``, F0) or, for ``start = 1`` (F1),
         the chain of the sub-network from ``h(1)`` with the final interval product by ``Σ(1) W(1)``.
 
         A network without hidden layers has no sub-network; ``start = 1`` then gives the F0 chain (``J = W``).
+        ``sparse_threshold``: opt-in sparse kernels, see :meth:`with_sparse`.
         """
         ws, db = _weights_and_bounds(network, derivative_bounds, dtype)
         H = len(ws)
@@ -232,7 +275,7 @@ class Chain:
                 names=tuple(f"hidden layer {k + 1}" for k in range(1, H - 1)),
                 panel=panel,
                 dtype=np.dtype(dtype),
-            )
+            )._sparse_opt_in(sparse_threshold)
         return cls(
             top=np.ascontiguousarray(ws[0].T),
             mats=tuple(np.ascontiguousarray(ws[k].T) for k in range(1, H)),
@@ -242,7 +285,26 @@ class Chain:
             names=tuple(f"hidden layer {k + 1}" for k in range(0, H - 1)),
             panel=panel,
             dtype=np.dtype(dtype),
-        )
+        )._sparse_opt_in(sparse_threshold)
+
+    def _sparse_opt_in(self, threshold):
+        return self if threshold is None else self.with_sparse(threshold)
+
+    def with_sparse(self, threshold: float = KERNEL_SPARSE_THRESHOLD) -> "Chain":
+        """This chain with CSR copies of its pruned matrices (:attr:`sparse_mats`): level ``t`` gets one when
+        ``density(mats[t - 1]) < threshold``.  ``threshold <= 0`` gives a chain without sparse matrices (dense
+        kernels); the bounds are the same real-number sums either way (sound; equal to the dense kernels' up to
+        the summation order)."""
+        from ..network.sparse import density, to_csr
+
+        thr = float(threshold)
+        if not (thr >= 0.0):
+            raise InputError(f"sparse threshold {threshold!r} must be a number >= 0")
+        sm = []
+        for m in self.mats:
+            a = _np(m, self.dtype)
+            sm.append(to_csr(a, dtype=self.dtype) if a.size and density(a) < thr else None)
+        return replace(self, sparse_mats=tuple(sm) if any(x is not None for x in sm) else ())
 
     def with_panel(self, panel: int) -> "Chain":
         return replace(self, panel=int(panel))
@@ -357,11 +419,17 @@ def panel_matmul(M: np.ndarray, X: np.ndarray, panel: int, out: np.ndarray | Non
     if N % panel:
         raise ValueError("panel_matmul needs a column count that is a multiple of the panel")
     if out is None:
-        out = np.empty((a, N), dtype=np.result_type(M, X))
+        out = np.empty((a, N), dtype=np.result_type(M.dtype, X.dtype))
     if a == 0 or N == 0:
         return out
     if K == 0:
         out[...] = 0
+        return out
+    if _sp is not None and _sp.issparse(M):
+        # Sparse x dense (a pruned chain matrix, Chain.sparse_mats): each output entry sums the row's stored
+        # entries in index order whatever the other columns are, so one call equals the panel-by-panel result
+        # bitwise (blocking invariance) and its summation length is <= K (rounding allowance unchanged).
+        out[...] = M @ X
         return out
     for p in range(0, N, panel):
         np.matmul(M, X[:, p : p + panel], out=out[:, p : p + panel])

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.sparse as sp
 
 from .. import kernels
 from .chain import Chain, panel_matmul, tile_matmul, widen_outward, widening
@@ -42,6 +43,31 @@ __all__ = ["recurjac_step", "magnitude_step"]
 
 def _alive(du: np.ndarray) -> np.ndarray:
     return np.flatnonzero(du > 0)
+
+
+# -- sparse (pruned) chain matrices: opt-in through Chain.sparse_mats ------------------------------------------------
+# A level matrix is either a dense ndarray (the default path, unchanged) or a scipy csr_array (a pruned layer).  The
+# helpers below keep a sparse matrix sparse through the live-neuron selections; products go through panel_matmul,
+# whose sparse branch sums each output entry over the row's stored entries (length <= the dense length).
+
+
+def _level_matrix(chain: Chain, k: int, rows: np.ndarray, cols: np.ndarray, dt):
+    """``M_{k+1}[rows][:, cols]`` (``chain.mats[k]``): dense as before, or CSR when the chain holds a sparse copy."""
+    sm = chain.sparse_mats[k] if chain.sparse_mats else None
+    if sm is None:
+        return np.asarray(chain.mats[k], dtype=dt)[np.ix_(rows, cols)]
+    return sp.csr_array(sm[rows][:, cols])
+
+
+def _cols(M, idx):
+    """``M[:, idx]``: contiguous dense, or CSR."""
+    if sp.issparse(M):
+        return sp.csr_array(M[:, idx])
+    return np.ascontiguousarray(M[:, idx])
+
+
+def _contig(M):
+    return M if sp.issparse(M) else np.ascontiguousarray(M)
 
 
 def magnitude_step(chain: Chain, t: int, V: np.ndarray, mag_prev: np.ndarray) -> np.ndarray:
@@ -115,7 +141,7 @@ def _level_matmul(M, Xp, in_term1, nnz, R, c, P):
         S = np.flatnonzero(in_term1[j] == 0)
         if S.size == 0:
             continue
-        Y = panel_matmul(np.ascontiguousarray(M[:, S]), _gather_rows(Xp, [j], S, R, c, P), P)
+        Y = panel_matmul(_cols(M, S), _gather_rows(Xp, [j], S, R, c, P), P)
         _scatter_rows(out, Y, [j], R, c)
     return out
 
@@ -131,7 +157,7 @@ def _level(X, shared, M, Lp, Up, lo, hi, R, c, P, npad, acc):
         np.ascontiguousarray(X), shared, np.ascontiguousarray(Lp), np.ascontiguousarray(Up),
         np.ascontiguousarray(lo), np.ascontiguousarray(hi), R, c, Xp, acc, in_term1, nnz,
     )
-    return _level_matmul(np.ascontiguousarray(M), Xp, in_term1, nnz, R, c, P)
+    return _level_matmul(_contig(M), Xp, in_term1, nnz, R, c, P)
 
 
 def _first_level(V, M, Lp, Up, lo, hi, R, c, P, npad, acc):
@@ -149,12 +175,12 @@ def _first_level(V, M, Lp, Up, lo, hi, R, c, P, npad, acc):
     st = np.flatnonzero(stab)
     out = None
     if u.size:
-        out = _level(V[u], True, M[:, u], Lp[:, u], Up[:, u], lo[u], hi[u], R, c, P, npad, acc)
+        out = _level(V[u], True, _cols(M, u), Lp[:, u], Up[:, u], lo[u], hi[u], R, c, P, npad, acc)
     if out is None:
         out = np.zeros((M.shape[0], npad), dtype=acc.dtype)
     Vs = np.zeros((st.size, -(-c // P) * P), dtype=acc.dtype)
     Vs[:, :c] = hi[st, None] * V[st]
-    shared_part = panel_matmul(np.ascontiguousarray(M[:, st]), Vs, P)[:, :c]
+    shared_part = panel_matmul(_cols(M, st), Vs, P)[:, :c]
     view = out[:, : 2 * R * c].reshape(M.shape[0], 2 * R, c)
     view += shared_part[:, None, :]
     return out
@@ -226,12 +252,19 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
         )
         # Expand into M_{s-1}: the shared parts through the stable neurons, the per-row factors grow by u.
         alive_up = _alive(chain.du[s - 2])
-        M = np.asarray(chain.mats[s - 2], dtype=dt)[np.ix_(alive_up, alive)]
-        Ms = np.ascontiguousarray(M[:, st] * hi[st][None, :])
+        M = _level_matrix(chain, s - 2, alive_up, alive, dt)
+        if sp.issparse(M):  # same single rounding per entry as the dense scaling below
+            Ms = _cols(M, st)
+            if st.size:
+                Ms = sp.csr_array(Ms @ sp.diags_array(hi[st]))
+            Mu = _cols(M, u).toarray()
+        else:
+            Ms = np.ascontiguousarray(M[:, st] * hi[st][None, :])
+            Mu = M[:, u]
         Vs = np.zeros((st.size, cp), dtype=dt)
         Vs[:, :c] = Xsh[st]
         Xsh = np.ascontiguousarray(panel_matmul(Ms, Vs, P)[:, :c])
-        G = np.hstack([Ms @ G[st], M[:, u]])
+        G = np.hstack([np.asarray(Ms @ G[st]), Mu])
         Z = np.vstack([Z, Xp])
         alive = alive_up
     # Top (level 1, Y = A exact): stable neurons exactly, unstable ones by the sign rule of Eq. 10-11.
@@ -318,7 +351,7 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
             Lp = np.asarray(priors[s - 1]["lower"], dtype=dt)[:, alive]
             Up = np.asarray(priors[s - 1]["upper"], dtype=dt)[:, alive]
             alive_up = _alive(chain.du[s - 2])
-            M = np.asarray(chain.mats[s - 2], dtype=dt)[np.ix_(alive_up, alive)]
+            M = _level_matrix(chain, s - 2, alive_up, alive, dt)
             if shared:
                 X = _first_level(X, M, Lp, Up, lo, hi, R, c, P, npad, acc)
             else:

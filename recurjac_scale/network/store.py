@@ -51,6 +51,17 @@ Group attributes
                         ``created`` (ISO 8601 UTC time of the save), ``recurjac_scale_version``, and whatever else
                         the producer recorded (e.g. training settings)
 
+Pruned layers (opt-in, ``save_network(..., sparse_threshold=...)``, :data:`SPARSE_FORMAT_VERSION` 2)
+---------------------------------------------------------------------------------------------------
+A weight whose density (fraction of non-zero entries) is below the threshold is stored as a CSR group
+``layers/k/weight`` (layout in :mod:`recurjac_scale.network.sparse`: ``indptr``, ``indices``, ``data`` and the
+attributes ``format = "recurjac-scale-csr"``, ``shape``, ``nnz``) instead of a dense array; biases stay dense.  Such a
+store has ``format_version`` 2 and the root attribute ``sparse_layers`` (sorted list of the layer indices stored
+sparse; also recorded in ``provenance["sparse_layers"]``), so a reader that knows only version 1 refuses it cleanly.
+Stores without a sparse layer are written exactly as before (version 1).  :func:`open_network` returns a sparse
+layer's weight as a lazy dense dask array built from row panels of the CSR arrays (every consumer keeps working);
+the round trip is exact.
+
 The attributes are written last and the store is assembled under a temporary sibling name and renamed into place,
 so an interrupted save never leaves a half-written store under the final name.
 """
@@ -82,6 +93,7 @@ from .model import InputSpec, Network, _is_lazy
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "SPARSE_FORMAT_VERSION",
     "DEFAULT_TARGET_CHUNK_BYTES",
     "COMPRESSORS",
     "choose_chunks",
@@ -96,6 +108,10 @@ __all__ = [
 FORMAT_NAME = "recurjac-scale-model"
 FORMAT_VERSION = 1
 """The store format version written by this code; stores with a larger version are refused."""
+
+SPARSE_FORMAT_VERSION = 2
+"""The version written when at least one layer is stored as CSR (module docstring); a version-2 store must declare
+its ``sparse_layers``.  Any other version above :data:`FORMAT_VERSION` is refused."""
 
 DEFAULT_TARGET_CHUNK_BYTES = 16 * 2**20
 """Default size of one weight chunk (16 MiB): large enough for efficient GEMMs and I/O, small enough that a few
@@ -288,6 +304,7 @@ def save_network(
     overwrite: bool = False,
     compressor: str | Any = "zstd",
     dtype: str | np.dtype | None = None,
+    sparse_threshold: float | None = None,
 ) -> Path:
     """Write a network to a zarr v3 model store (layout in the module docstring).
 
@@ -311,6 +328,9 @@ def save_network(
         Store dtype.  ``None``: float32 if every array is float32, else float64 (exact for float32/float64
         inputs).  An explicit ``"float32"`` rounds float64 weights (not a certified operation: the stored network
         is then a different network).
+    sparse_threshold : float, optional
+        Opt-in: a weight with ``density(w) < sparse_threshold`` (e.g. 0.3) is stored as CSR (module docstring; a
+        lazy weight is then computed in memory to be converted).  ``None`` (default): every layer dense, format 1.
 
     Returns
     -------
@@ -356,15 +376,20 @@ def save_network(
 
     weights = [_prepare(w, dt, f"layer {k} weight") for k, w in enumerate(network.weights)]
     biases = [_prepare(b, dt, f"layer {k} bias") for k, b in enumerate(network.biases)]
+    sparse_layers = _sparse_layers(weights, sparse_threshold)
 
     provenance = dict(network.provenance)
     provenance.setdefault("created", _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
     provenance["saved"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     provenance["recurjac_scale_version"] = __version__
+    if sparse_layers:
+        provenance["sparse_layers"] = sorted(sparse_layers)
+    else:
+        provenance.pop("sparse_layers", None)
     attrs = _json_safe(
         {
             "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
+            "format_version": SPARSE_FORMAT_VERSION if sparse_layers else FORMAT_VERSION,
             "n_layers": network.n_layers,
             "widths": list(network.widths),
             "dtype": dt.name,
@@ -372,6 +397,7 @@ def save_network(
             "output_activation": network.output_activation.to_spec(),
             "input": network.input_spec.to_dict(),
             "provenance": provenance,
+            **({"sparse_layers": sorted(sparse_layers)} if sparse_layers else {}),
         }
     )
 
@@ -381,7 +407,11 @@ def save_network(
         layers = root.create_group("layers")
         for k, (w, b) in enumerate(zip(weights, biases)):
             lg = layers.create_group(str(k))
-            for name, a in (("weight", w), ("bias", b)):
+            if k in sparse_layers:
+                from .sparse import write_csr
+
+                write_csr(lg, "weight", sparse_layers[k], compressors=compressors)
+            for name, a in ((("bias", b),) if k in sparse_layers else (("weight", w), ("bias", b))):
                 chunks = choose_chunks(
                     a.shape, dt.itemsize, chunk_edge=chunk_edge, target_chunk_bytes=target_chunk_bytes
                 )
@@ -410,6 +440,115 @@ def save_network(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _sparse_layers(weights, threshold) -> dict:
+    """``{k: csr_array}`` for the weights to store as CSR (``density < threshold``); empty when ``threshold`` is
+    None."""
+    if threshold is None:
+        return {}
+    try:
+        thr = float(threshold)
+    except (TypeError, ValueError):
+        raise InputError(f"sparse_threshold {threshold!r} is not a number; accepted: a density in [0, 1]") from None
+    if not (0.0 <= thr <= 1.0):
+        raise InputError(f"sparse_threshold {threshold!r} is invalid; accepted: a density in [0, 1]")
+    from .sparse import density, to_csr
+
+    out = {}
+    for k, w in enumerate(weights):
+        if _is_lazy(w):
+            w = _check_finite_block(np.asarray(w.compute()), f"layer {k} weight")
+        if w.size and density(w) < thr:
+            out[k] = to_csr(w)
+    return out
+
+
+class CSRWeight:
+    """A CSR weight group of a model store seen as a read-only 2-D array (what :func:`layer_arrays` returns for a
+    sparse layer): ``shape``, ``dtype``, ``ndim``, ``chunks`` (row panels x all columns), ``nnz`` and
+    ``w[r0:r1, c0:c1]`` -> dense numpy, reading only the rows' part of the CSR arrays (validated: a lost or corrupt
+    chunk raises :class:`StoreError`)."""
+
+    def __init__(self, group, shape, dtype, nnz: int, key: str):
+        self.group = group
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.ndim = 2
+        self.nnz = int(nnz)
+        self.key = key
+        rows_per = max(1, min(self.shape[0], DEFAULT_TARGET_CHUNK_BYTES // max(1, self.shape[1] * self.dtype.itemsize)))
+        self.chunks = (rows_per, max(1, self.shape[1]))
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.shape[0] * self.shape[1] * self.dtype.itemsize)
+
+    def csr(self, r0: int = 0, r1: int | None = None):
+        """The rows ``r0:r1`` as ``scipy.sparse.csr_array``."""
+        from .sparse import read_csr_rows
+
+        return read_csr_rows(self.group, r0, self.shape[0] if r1 is None else r1)
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        if len(key) > 2 or not all(isinstance(k, slice) for k in key):
+            raise InputError(f"{self.key}: only slices are supported on a CSR weight, got {key!r}")
+        rs = key[0] if key else slice(None)
+        cs = key[1] if len(key) > 1 else slice(None)
+        r0, r1, step = rs.indices(self.shape[0])
+        if step != 1:
+            raise InputError(f"{self.key}: row slices with a step are not supported")
+        block = self.csr(r0, max(r0, r1)).toarray()
+        return np.ascontiguousarray(block[:, cs], dtype=self.dtype)
+
+    @property
+    def oindex(self):
+        """Orthogonal indexing like ``zarr.Array.oindex``: ``w.oindex[rows, cols]`` with slices or integer index
+        arrays, dense numpy (reads the row range ``min(rows):max(rows) + 1`` only)."""
+        return _CSROIndex(self)
+
+
+class _CSROIndex:
+    def __init__(self, w: CSRWeight):
+        self.w = w
+
+    def __getitem__(self, key):
+        rows, cols = key if isinstance(key, tuple) and len(key) == 2 else (key, slice(None))
+        if isinstance(rows, slice):
+            block = self.w[rows, :]
+        else:
+            r = np.asarray(rows, dtype=np.int64).reshape(-1)
+            if r.size == 0:
+                block = np.zeros((0, self.w.shape[1]), dtype=self.w.dtype)
+            else:
+                if r.min() < 0 or r.max() >= self.w.shape[0]:
+                    raise IndexError(f"{self.w.key}: row index out of range")
+                lo = int(r.min())
+                block = self.w.csr(lo, int(r.max()) + 1)[r - lo].toarray()
+        if not isinstance(cols, slice):
+            cols = np.asarray(cols, dtype=np.int64).reshape(-1)
+        return np.ascontiguousarray(block[:, cols], dtype=self.w.dtype)
+
+
+def _csr_weight(p: str, node, key: str, shape: tuple, dt: np.dtype) -> CSRWeight:
+    """Validate a CSR weight group of a model store (attributes and array lengths; values are checked when read)."""
+    from .sparse import _open_csr
+
+    try:
+        g, csr_shape, nnz = _open_csr(node)
+    except StoreError as exc:
+        raise StoreError(f"{p}: {key!r}: {exc}") from None
+    if tuple(csr_shape) != tuple(shape):
+        raise StoreError(f"{p}: CSR group {key!r} has shape {tuple(csr_shape)} but the metadata needs {shape}")
+    if np.dtype(g["data"].dtype) != dt or g.attrs.get("dtype") not in (None, dt.name):
+        raise StoreError(f"{p}: CSR group {key!r} has dtype {g['data'].dtype} but the store dtype is {dt.name}")
+    if not np.issubdtype(np.dtype(g["indptr"].dtype), np.integer) or not np.issubdtype(
+        np.dtype(g["indices"].dtype), np.integer
+    ):
+        raise StoreError(f"{p}: CSR group {key!r} has non-integer index arrays")
+    return CSRWeight(g, shape, dt, nnz, key)
 
 
 def _place(tmp: Path, path: Path, overwrite: bool) -> None:
@@ -467,7 +606,10 @@ def _read_metadata(path: Path, g) -> dict:
     ver = attrs.get("format_version")
     if isinstance(ver, bool) or not isinstance(ver, int) or ver < 1:
         raise StoreError(f"{p}: invalid format_version {ver!r} (expected a positive integer)")
-    if ver > FORMAT_VERSION:
+    sparse_layers = attrs.get("sparse_layers")
+    if ver == SPARSE_FORMAT_VERSION and isinstance(sparse_layers, list):
+        pass  # this reader's CSR extension; the declared layers are checked below and in _layer_arrays
+    elif ver > FORMAT_VERSION:
         raise StoreError(
             f"{p}: written with store format version {ver}, newer than the version {FORMAT_VERSION} this "
             "recurjac-scale can read; upgrade recurjac-scale"
@@ -508,7 +650,20 @@ def _read_metadata(path: Path, g) -> dict:
     prov = attrs.get("provenance") or {}
     if not isinstance(prov, dict):
         raise StoreError(f"{p}: attribute 'provenance' must be a dict")
+    if ver == SPARSE_FORMAT_VERSION:
+        if (
+            not sparse_layers
+            or not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < H for k in sparse_layers)
+            or len(set(sparse_layers)) != len(sparse_layers)
+        ):
+            raise StoreError(
+                f"{p}: attribute 'sparse_layers' = {sparse_layers!r} must list distinct layer indices in [0, {H})"
+            )
+        sparse_set = frozenset(sparse_layers)
+    else:
+        sparse_set = frozenset()
     return dict(
+        sparse_layers=sparse_set,
         format_version=ver,
         widths=widths,
         dtype=np.dtype(dtype),
@@ -546,6 +701,11 @@ def _layer_arrays(path: Path, g, meta: dict) -> list[tuple[Any, Any]]:
                 raise StoreError(f"{p}: missing array {key!r}") from None
             except Exception as exc:
                 raise StoreError(f"{p}: cannot open array {key!r} ({type(exc).__name__}: {exc})") from None
+            if name == "weight" and k in meta.get("sparse_layers", ()):
+                if not isinstance(a, zarr.Group):
+                    raise StoreError(f"{p}: {key!r} is declared sparse (attribute 'sparse_layers') but is not a group")
+                pair.append(_csr_weight(p, a, key, shape, dt))
+                continue
             if not isinstance(a, zarr.Array):
                 raise StoreError(f"{p}: {key!r} is a group, expected an array")
             if tuple(a.shape) != shape:
@@ -582,6 +742,11 @@ def _dask_name(path: Path, k: int, name: str, arr) -> str:
         stamp = (path / "layers" / str(k) / name / "zarr.json").stat().st_mtime_ns
     except OSError:  # pragma: no cover
         stamp = 0
+    if isinstance(arr, CSRWeight):
+        try:
+            stamp = (path / "layers" / str(k) / name / "data" / "zarr.json").stat().st_mtime_ns
+        except OSError:  # pragma: no cover
+            stamp = 0
     return f"recurjac-store-{name}-{k}-" + tokenize(str(path.resolve()), k, name, stamp, arr.shape, arr.chunks)
 
 
@@ -617,7 +782,15 @@ def open_network(path: str | os.PathLike) -> Network:
     _g, meta, arrays = _open(path)
     weights, biases = [], []
     for k, (w, b) in enumerate(arrays):
-        weights.append(da.from_zarr(w, chunks=w.chunks, name=_dask_name(path, k, "weight", w)))
+        if isinstance(w, CSRWeight):
+            weights.append(
+                da.from_array(
+                    w, chunks=w.chunks, name=_dask_name(path, k, "weight", w), asarray=False, fancy=False,
+                    meta=np.empty((0, 0), dtype=w.dtype),
+                )
+            )
+        else:
+            weights.append(da.from_zarr(w, chunks=w.chunks, name=_dask_name(path, k, "weight", w)))
         biases.append(da.from_zarr(b, chunks=b.chunks, name=_dask_name(path, k, "bias", b)))
     try:
         return Network(
@@ -714,6 +887,21 @@ def network_store_info(path: str | os.PathLike) -> dict:
             logical = int(a.nbytes)
             total_stored += stored
             total_logical += logical
+            if isinstance(a, CSRWeight):
+                entry[name] = {
+                    "shape": [int(s) for s in a.shape],
+                    "dtype": str(a.dtype),
+                    "storage": "csr",
+                    "nnz": a.nnz,
+                    "density": a.nnz / max(1, a.shape[0] * a.shape[1]),
+                    "chunks": [int(c) for c in a.chunks],
+                    "n_chunks": 1,
+                    "chunks_stored": 1,
+                    "bytes_stored": stored,
+                    "bytes": logical,
+                    "codecs": _codec_names(a.group["data"]),
+                }
+                continue
             entry[name] = {
                 "shape": [int(s) for s in a.shape],
                 "dtype": str(a.dtype),
