@@ -237,6 +237,32 @@ def _step_costs(shape: "_blocks.ChainShape", t: int, rb: int, cb: int) -> tuple[
     return int(state), int(weights), int(state + out + work)
 
 
+def _streamed_bytes(shape: "_blocks.ChainShape", t: int, cb: int) -> int:
+    """Peak weight bytes a task of step ``t`` holds when the weights are streamed from the store
+    (:mod:`recurjac_scale.engine.streaming`), on top of :func:`_step_costs`' peak (which counts the compacted live
+    block of one level).
+
+    The column panel ``M_t[:, cols]`` (``d_t x cols``); for a recursive method, per level ``s`` (``t .. 2``) the
+    live rows of ``M_{s-1}`` read into a lazily zeroed full-size array (``live_{s-1} x d_s``: only written pages
+    are allocated), the row panel being read (:data:`~recurjac_scale.engine.streaming.STREAM_PANEL_BYTES`), and
+    the previous level's live block (``live_s x live_{s+1}``) still held while the next one is cut out.
+    """
+    from . import streaming
+
+    d, n = shape.widths, shape.live
+    cols = min(cb, d[t])
+    col_panel = d[t - 1] * cols * _F64
+    if shape.depth != "recursive" or t < 2:
+        return int(col_panel)
+    level = 0
+    for s in range(t, 1, -1):
+        filled = n[s - 2] * d[s - 1] * _F64
+        panel = min(d[s - 2] * d[s - 1] * _F64, max(d[s - 1] * _F64, int(streaming.STREAM_PANEL_BYTES)))
+        prev = n[s - 1] * n[s] * _F64 if s < t else 0
+        level = max(level, filled + panel + prev)
+    return int(col_panel + level)
+
+
 def _block_grid(n: int, b: int) -> int:
     return -(-n // b) if n else 0
 
@@ -268,11 +294,14 @@ def choose_blocks(
     if memory_budget is None:
         return rb, cb
     wbytes = 0 if stream else shape.weights_bytes()
-    per_task_weights = shape.max_matrix_bytes() if stream else 0
 
     def peak(rb_, cb_):
-        return wbytes + threads_per_worker * (
-            per_task_weights + max((_step_costs(shape, t, rb_, cb_)[2] for t in range(1, shape.n_steps + 1)), default=0)
+        return wbytes + threads_per_worker * max(
+            (
+                _step_costs(shape, t, rb_, cb_)[2] + (_streamed_bytes(shape, t, cb_) if stream else 0)
+                for t in range(1, shape.n_steps + 1)
+            ),
+            default=0,
         )
 
     while peak(rb, cb) > memory_budget:
@@ -386,6 +415,8 @@ def plan_jacobian(
         width = shape.widths[t]
         nr, nc = _block_grid(R, rb), _block_grid(width, cb)
         sb, wb, pk = _step_costs(shape, t, rb, cb)
+        if ctx.stream:  # the task also holds the weights it streams (one level's live rows at a time)
+            pk += _streamed_bytes(shape, t, cb)
         steps.append(
             StepPlan(
                 step=t,
@@ -404,8 +435,8 @@ def plan_jacobian(
     n_finish = 1  # the method's finish needs the whole last state (R x d_{T+1}, small)
     wbytes = shape.weights_bytes()
     task_peak = max((s.task_peak_bytes for s in steps), default=0)
-    if ctx.stream:  # each running task holds one level's matrix (and the method's copy of its live block)
-        peak = tpw * (shape.max_matrix_bytes() + task_peak)
+    if ctx.stream:  # each running task holds the weights it streams (counted in its task_peak_bytes)
+        peak = tpw * task_peak
     else:
         peak = wbytes + tpw * task_peak
     job_id = ctx.job_id(rb, cb)
