@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
@@ -9,11 +10,22 @@ import numpy as np
 
 from ..errors import InputError, OutputExistsError
 
-__all__ = ["add_model_argument", "add_output_arguments", "check_output", "load_inputs", "load_model"]
+__all__ = ["add_model_argument", "add_output_arguments", "check_output", "load_inputs", "load_model", "positive_int"]
 
 
 def add_model_argument(parser) -> None:
     parser.add_argument("model", metavar="MODEL", help="zarr model store (from 'recurjac-scale import'), or 'default'")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a usage error, exit 2, otherwise)."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
 
 
 def add_output_arguments(parser, metavar: str = "OUT.npz") -> None:

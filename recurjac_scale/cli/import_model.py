@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from ._common import check_output
+from ._common import check_output, positive_int
 
 __all__ = ["register", "run"]
 
@@ -64,16 +64,6 @@ def _shape(text: str) -> tuple[int, ...]:
     return vals
 
 
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "import",
@@ -89,7 +79,7 @@ def register(subparsers) -> None:
                         "(or the full list linear,relu,linear,...)")
     p.add_argument("--format", choices=FORMATS, default=None,
                    help="model file format (default: guessed from the suffix of SRC)")
-    p.add_argument("--chunks", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--chunks", type=positive_int, default=None, metavar="N",
                    help="chunk edge of the stored weight arrays (default: chunks of about 16 MiB)")
     p.add_argument("--domain", type=_domain, default=None, metavar="LO,HI",
                    help="input domain box in raw input units, the same for every coordinate, e.g. 0,1")

@@ -15,27 +15,17 @@ from .bounds import (
     parse_eps,
     select_input,
 )
-from ._common import load_inputs
+from ._common import load_inputs, positive_int
 
 __all__ = ["register", "run", "add_engine_arguments", "make_plan"]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return v
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """The job and blocking options shared by ``plan`` and ``run``."""
     add_common_arguments(p)
     p.add_argument("--eps", type=parse_eps, required=True, metavar="E", help="radius of the region (>= 0, or inf)")
-    p.add_argument("--row-block", type=_positive_int, default=None, metavar="N", help="rows per task (default: chosen)")
-    p.add_argument("--col-block", type=_positive_int, default=None, metavar="N", help="columns per task (default: chosen)")
+    p.add_argument("--row-block", type=positive_int, default=None, metavar="N", help="rows per task (default: chosen)")
+    p.add_argument("--col-block", type=positive_int, default=None, metavar="N", help="columns per task (default: chosen)")
     p.add_argument(
         "--memory-budget", default=None, metavar="SIZE",
         help="memory per worker, e.g. 4GB or 512MiB: block sizes are chosen to fit it",
@@ -45,9 +35,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
         help="tasks read the weights from the model store instead of workers holding the network (default: only "
         "when the held weights do not fit --memory-budget)",
     )
-    p.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="worker processes (starts a local dask cluster on 127.0.0.1 unless --scheduler says otherwise)")
-    p.add_argument("--threads-per-worker", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--threads-per-worker", type=positive_int, default=None, metavar="N",
                    help="threads per worker (threads scheduler: the pool size, default the CPU count)")
 
 
