@@ -192,6 +192,23 @@ def build_network(
     return net
 
 
+def push_activation(weights: list, biases: list, acts: list, pending, act, before_first: str):
+    """Record activation ``act`` after the last affine layer of a sequential model being read.
+
+    ``pending`` is the activation already waiting after that layer (or ``None``); two activations in a row get an
+    identity affine layer between them.  ``before_first`` is the error message when no affine layer came yet.
+    Returns the new pending activation (``act``).
+    """
+    if not weights:
+        raise ModelFormatError(before_first)
+    if pending is not None:
+        n = weights[-1].shape[0]
+        acts.append(pending)
+        weights.append(np.eye(n, dtype=weights[-1].dtype))
+        biases.append(np.zeros(n, dtype=weights[-1].dtype))
+    return act
+
+
 def _compress(v: np.ndarray) -> np.ndarray:
     """A constant vector as a scalar (keeps metadata small); otherwise unchanged."""
     v = np.asarray(v, dtype=np.float64).ravel()

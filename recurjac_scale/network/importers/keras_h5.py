@@ -29,7 +29,7 @@ from ...activations import Activation, get_activation
 from ...errors import ModelFormatError, UnsupportedActivationError, require
 from ..model import Network
 from . import register_importer
-from ._common import as_float_array, build_network, provenance, reading
+from ._common import as_float_array, build_network, provenance, push_activation, reading
 
 __all__ = ["import_keras_h5"]
 
@@ -207,14 +207,9 @@ def _walk(layers: list, wgroup) -> tuple[list, list, list, tuple | None]:
             )
         if a.is_identity:
             continue
-        if not weights:
-            raise ModelFormatError(f"{where}: an activation before the first Dense layer is not supported")
-        if pending is not None:  # two activations in a row: an identity layer between them
-            n = weights[-1].shape[0]
-            acts.append(pending)
-            weights.append(np.eye(n, dtype=weights[-1].dtype))
-            biases.append(np.zeros(n, dtype=weights[-1].dtype))
-        pending = a
+        pending = push_activation(
+            weights, biases, acts, pending, a, f"{where}: an activation before the first Dense layer is not supported"
+        )
     if not weights:
         raise ModelFormatError("the model has no Dense layer")
     acts.append(pending if pending is not None else get_activation("identity"))

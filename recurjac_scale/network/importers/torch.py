@@ -37,7 +37,7 @@ from ...activations import Activation, get_activation
 from ...errors import ModelFormatError, UnsupportedActivationError, require
 from ..model import Network
 from . import register_importer
-from ._common import build_network, package_version, provenance, reading
+from ._common import build_network, package_version, provenance, push_activation, reading
 
 __all__ = ["import_torch", "from_torch_module", "parse_layers"]
 
@@ -326,15 +326,10 @@ def from_torch_module(module, *, input_shape: Sequence[int] | None = None) -> Ne
                 weights.append(w)
                 biases.append(b)
             else:
-                if not weights:
-                    raise ModelFormatError(f"module {name!r} (position {pos}): an activation before the first Linear "
-                                           "is not supported")
-                if pending_act is not None:  # two activations in a row: an identity layer between them
-                    n = weights[-1].shape[0]
-                    acts.append(pending_act)
-                    weights.append(np.eye(n, dtype=weights[-1].dtype))
-                    biases.append(np.zeros(n, dtype=weights[-1].dtype))
-                pending_act = kind
+                pending_act = push_activation(
+                    weights, biases, acts, pending_act, kind,
+                    f"module {name!r} (position {pos}): an activation before the first Linear is not supported",
+                )
         if not weights:
             raise ModelFormatError("the module holds no Linear layer")
         acts.append(pending_act if pending_act is not None else get_activation("identity"))
