@@ -21,11 +21,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "ensure_compiled"]
+__all__ = ["prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "no_add", "ensure_compiled"]
 
 
 @numba.njit(nogil=True, cache=True)
-def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz):  # pragma: no cover - compiled
+def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  # pragma: no cover - compiled
     """Term I and the merged-weight operand of one level of Algorithm 1 (Zhang et al. 2019, Eq. 14-19).
 
     Parameters
@@ -52,6 +52,9 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz):  # pragm
         1 where neuron ``r`` is in ``I_j`` (its row of ``Xp`` is zero for row ``j``: structural sparsity).
     nnz : ndarray, shape (R,), int64, output
         Number of non-zero entries of ``Xp`` per row (both chains); 0 means the row's recursion ends here.
+    Xadd : ndarray, shape (K, c) or (0, 0)
+        When it has rows: a part shared by every row and both chains, added to ``X`` before anything else
+        (``X[r, q] + Xadd[r, k]``, one rounding: the same value as adding it beforehand, without the extra pass).
 
     Notes
     -----
@@ -60,6 +63,7 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz):  # pragm
     """
     K = X.shape[0]
     Rc = R * c
+    add = Xadd.shape[0] > 0
     for r in range(K):
         lo = dl[r]
         hi = du[r]
@@ -72,13 +76,21 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz):  # pragm
             xl0 = 0 if shared else ql
             if lo == hi:
                 for k in range(c):
-                    Xp[r, qu + k] = hi * X[r, xu0 + k]
-                    Xp[r, ql + k] = hi * X[r, xl0 + k]
+                    xu = X[r, xu0 + k]
+                    xl = X[r, xl0 + k]
+                    if add:
+                        xu += Xadd[r, k]
+                        xl += Xadd[r, k]
+                    Xp[r, qu + k] = hi * xu
+                    Xp[r, ql + k] = hi * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
             elif L >= 0:
                 for k in range(c):
                     xu = X[r, xu0 + k]
                     xl = X[r, xl0 + k]
+                    if add:
+                        xu += Xadd[r, k]
+                        xl += Xadd[r, k]
                     Xp[r, qu + k] = hi * xu if xu > 0 else lo * xu
                     Xp[r, ql + k] = lo * xl if xl > 0 else hi * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
@@ -86,6 +98,9 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz):  # pragm
                 for k in range(c):
                     xu = X[r, xu0 + k]
                     xl = X[r, xl0 + k]
+                    if add:
+                        xu += Xadd[r, k]
+                        xl += Xadd[r, k]
                     Xp[r, qu + k] = lo * xu if xu > 0 else hi * xu
                     Xp[r, ql + k] = hi * xl if xl > 0 else lo * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
@@ -96,6 +111,9 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz):  # pragm
                 for k in range(c):
                     xu = X[r, xu0 + k]
                     xl = X[r, xl0 + k]
+                    if add:
+                        xu += Xadd[r, k]
+                        xl += Xadd[r, k]
                     Xp[r, qu + k] = 0.0
                     Xp[r, ql + k] = 0.0
                     acc[0, j, k] += (hU * xu) if xu > 0 else (hL * xu)
@@ -103,7 +121,7 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz):  # pragm
 
 
 @numba.njit(nogil=True, cache=True)
-def top_level(X, A, dl, du, R, c, acc):  # pragma: no cover - compiled
+def top_level(X, A, dl, du, R, c, acc, Xadd):  # pragma: no cover - compiled
     """The top level of Algorithm 1, where ``Y = A`` is known exactly (Eq. 10-11), per row of the block.
 
     Parameters
@@ -116,9 +134,12 @@ def top_level(X, A, dl, du, R, c, acc):  # pragma: no cover - compiled
     acc : ndarray, shape (2, R, c), in/out
         Adds ``max_{sigma'} sum_r A[j,r] sigma'_r X[r,(0,j,k)]`` (upper chain: ``du`` where the product is positive,
         ``dl`` elsewhere) and the corresponding minimum for the lower chain.
+    Xadd : ndarray, shape (K, c) or (0, 0)
+        As in :func:`prep_level`: a shared part added to ``X`` first (one rounding).
     """
     K = X.shape[0]
     Rc = R * c
+    add = Xadd.shape[0] > 0
     for r in range(K):
         lo = dl[r]
         hi = du[r]
@@ -127,8 +148,13 @@ def top_level(X, A, dl, du, R, c, acc):  # pragma: no cover - compiled
             qu = j * c
             ql = Rc + j * c
             for k in range(c):
-                pu = a * X[r, qu + k]
-                pl = a * X[r, ql + k]
+                xu = X[r, qu + k]
+                xl = X[r, ql + k]
+                if add:
+                    xu += Xadd[r, k]
+                    xl += Xadd[r, k]
+                pu = a * xu
+                pl = a * xl
                 acc[0, j, k] += (hi * pu) if pu > 0 else (lo * pu)
                 acc[1, j, k] += (lo * pl) if pl > 0 else (hi * pl)
 
@@ -177,6 +203,17 @@ def rowdot_acc(H, Z, R, c, acc):  # pragma: no cover - compiled
                 acc[1, j, k] += h * Z[i, ql + k]
 
 
+_NO_ADD: dict = {}
+
+
+def no_add(dtype=np.float64) -> np.ndarray:
+    """The empty ``Xadd`` operand (shape ``(0, 0)``) of :func:`prep_level` / :func:`top_level`: nothing added."""
+    key = np.dtype(dtype).name
+    if key not in _NO_ADD:
+        _NO_ADD[key] = np.zeros((0, 0), dtype=dtype)
+    return _NO_ADD[key]
+
+
 _COMPILED: dict = {}
 
 
@@ -194,8 +231,9 @@ def ensure_compiled(dtype=np.float64) -> float:
     Lp = np.zeros((1, 1), dtype=dt)
     d = np.zeros(1, dtype=dt)
     acc = np.zeros((2, 1, 1), dtype=dt)
-    prep_level(X, False, Lp, Lp, d, d, 1, 1, X.copy(), acc, np.zeros((1, 1), np.uint8), np.zeros(1, np.int64))
-    top_level(X, Lp, d, d, 1, 1, acc)
+    prep_level(X, False, Lp, Lp, d, d, 1, 1, X.copy(), acc, np.zeros((1, 1), np.uint8), np.zeros(1, np.int64),
+               no_add(dt))
+    top_level(X, Lp, d, d, 1, 1, acc, no_add(dt))
     perrow_abs_matmul(Lp, np.zeros((1, 1, 1), dtype=dt), np.zeros((1, 1), dtype=dt))
     rowdot_acc(Lp, X, 1, 1, acc)
     _COMPILED[key] = time.perf_counter() - t0

@@ -254,3 +254,33 @@ def test_sharing_is_used_in_the_nearly_linear_regime(rng):
         db = derivative_bounds_for(net, layer_bounds(net, x0, eps, method="ibp"))
         chain = get_jacobian_method("recurjac-f0").build_chain(net, db)
         assert rj.uses_sharing(chain, 3) is expected
+
+
+def test_shared_factors_memo_is_per_chain_bounded_and_not_pickled(rng, monkeypatch):
+    """The chain-only factors of the shared variant are computed once per chain object and reused by every block;
+    a warm memo, a cold chain, an evicting (tiny) memo and a memo-less pickled copy all give the same bits."""
+    import pickle
+
+    import recurjac_scale.jacobian.recurjac as rj
+
+    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)  # every step t >= 2 takes the shared variant
+    net = random_network([12, 20, 18, 16, 14, 4], "relu", rng)
+    x0 = rng.uniform(-0.5, 0.5, 12)
+    db = derivative_bounds_for(net, layer_bounds(net, x0, 0.05, method="crown"))
+    jm = get_jacobian_method("recurjac-f0")
+    chain = jm.build_chain(net, db)
+    assert any(rj.uses_sharing(chain, t) for t in range(2, chain.n_steps + 1))
+    lo1, up1, _ = run_chain(jm, chain, row_block=5, col_block=3)
+    cache = chain.memo()["shared_factors"]
+    assert len(cache) >= 1 and all(isinstance(t, int) for t in cache)
+    lo2, up2, _ = run_chain(jm, chain, row_block=12, col_block=7)  # warm memo, other blocking
+    assert np.array_equal(lo1, lo2) and np.array_equal(up1, up2)
+    copy = pickle.loads(pickle.dumps(chain))
+    assert "_memo" not in copy.__dict__
+    monkeypatch.setattr(rj, "SHARED_CACHE_BYTES", 1)  # nothing fits: recomputed by every block
+    lo3, up3, _ = run_chain(jm, copy, row_block=4, col_block=5)
+    assert np.array_equal(lo1, lo3) and np.array_equal(up1, up3)
+    assert len(copy.memo().get("shared_factors", {})) == 0
+    # A memo holding factors of another chain would be a silent bug: each chain object owns its memo.
+    other = jm.build_chain(net, derivative_bounds_for(net, layer_bounds(net, x0, 0.01, method="crown")))
+    assert other.memo() is not chain.memo()

@@ -309,6 +309,23 @@ class Chain:
     def with_panel(self, panel: int) -> "Chain":
         return replace(self, panel=int(panel))
 
+    # -- per-process memo -------------------------------------------------------------------------------------
+    def memo(self) -> dict:
+        """A dict for values that depend on this chain alone (not on rows, columns or blocking), computed once per
+        process and reused by every task that runs on this chain object (e.g. the shared factors of
+        :func:`recurjac_scale.jacobian.recurjac.uses_sharing` steps).  Not pickled and not copied by
+        :func:`dataclasses.replace`: a worker that receives a chain starts with an empty memo."""
+        m = self.__dict__.get("_memo")
+        if m is None:
+            m = {}
+            object.__setattr__(self, "_memo", m)
+        return m
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_memo", None)
+        return state
+
     # -- rounding ---------------------------------------------------------------------------------------------
     def rounding_length(self, t: int) -> int:
         """``N_t`` of the module docstring: a bound on the number of roundings on any path of step ``t``."""

@@ -31,6 +31,8 @@ compute the same real-number sums (the paper's bound) in different orders; the r
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import scipy.sparse as sp
@@ -155,7 +157,7 @@ def _level(X, shared, M, Lp, Up, lo, hi, R, c, P, npad, acc):
     nnz = np.zeros(R, dtype=np.int64)
     kernels.prep_level(
         np.ascontiguousarray(X), shared, np.ascontiguousarray(Lp), np.ascontiguousarray(Up),
-        np.ascontiguousarray(lo), np.ascontiguousarray(hi), R, c, Xp, acc, in_term1, nnz,
+        np.ascontiguousarray(lo), np.ascontiguousarray(hi), R, c, Xp, acc, in_term1, nnz, kernels.no_add(acc.dtype),
     )
     return _level_matmul(_contig(M), Xp, in_term1, nnz, R, c, P)
 
@@ -218,39 +220,38 @@ def uses_sharing(chain: Chain, t: int) -> bool:
     return shared <= SHARE_RATIO * dense and (few_unstable or SHARE_RATIO == math.inf)
 
 
-def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
-    """Steps ``t >= 2`` with a shared operand, with the stable part shared across the rows of the block.
+SHARED_CACHE_BYTES = 256 * 2**20
+"""Bytes of chain-only factors of :func:`_shared_levels` kept per chain object (per process, least recently used
+steps dropped first).  They depend on the chain alone, so every task of a step reuses them; a step whose factors
+are larger is recomputed by each task."""
 
-    At level ``s`` the operand of row ``j`` (both chains) is ``X_s = Xsh_s + G_s Z_j``: ``Xsh_s`` (``d_s x c``) and
-    ``G_s`` (``d_s x r_s``) are the same for every row (the expansion through neurons with ``dl == du``, whose
-    merged weights do not depend on the row: ``du X``), and ``Z_j`` (``r_s`` rows) stacks the row's merged operands
-    on the unstable neurons of the levels above.  Per row, only the unstable neurons are prepared (signs, Term I) and
-    multiplied: ``X_s[u_s] = Xsh_s[u_s] + G_s[u_s] Z_j``.  In exact arithmetic this is the same sum as the dense
-    recursion; every partial sum is still a sum of products dominated by ``mag_t`` (rounding: ``N_t`` counts the
-    extra ``r_s <= sum d`` summation length).
+
+def _shared_factors(chain: Chain, t: int) -> dict:
+    """The chain-only part of :func:`_shared_levels` for step ``t``: per level ``s = t..2`` the neurons (live,
+    stable ``st``, unstable ``u``), the rows ``G_s[u]`` of the shared factor and the stable-scaled level matrix
+    ``Ms = M_{s-1}[alive_{s-1}, alive_s[st]] D(du[st])``; at the top ``G_1[st]``, ``G_1[u]``.
+
+    ``G_s`` (``|alive_s| x r_s``, ``r_s`` = unstable neurons of the levels above) maps the per-row factors ``Z``
+    to the operand of level ``s``; it does not depend on the rows, the columns or the blocking, so it is computed
+    once per process and step (:meth:`Chain.memo`, at most :data:`SHARED_CACHE_BYTES`).
     """
-    dt = acc.dtype
+    memo = chain.memo()
+    lock = memo.setdefault("_lock", threading.Lock())
+    cache = memo.setdefault("shared_factors", OrderedDict())
+    with lock:
+        hit = cache.get(t)
+        if hit is not None:
+            cache.move_to_end(t)
+            return hit
+    dt = chain.dtype
     alive = _alive(chain.du[t - 1])
-    Xsh = np.ascontiguousarray(V[alive])  # (K, c)
     G = np.zeros((alive.size, 0), dtype=dt)
-    Z = np.zeros((0, npad), dtype=dt)
-    cp = -(-c // P) * P
+    levels = []
+    r = 0
     for s in range(t, 1, -1):
         lo, hi = chain.dl[s - 1][alive], chain.du[s - 1][alive]
         st = np.flatnonzero(lo == hi)
         u = np.flatnonzero(lo != hi)
-        # Per-row operand on the unstable neurons.
-        Xu = panel_matmul(np.ascontiguousarray(G[u]), Z, P)
-        Xu[:, : 2 * R * c].reshape(u.size, 2 * R, c)[...] += Xsh[u][:, None, :]
-        Lp = np.asarray(priors[s - 1]["lower"], dtype=dt)[:, alive[u]]
-        Up = np.asarray(priors[s - 1]["upper"], dtype=dt)[:, alive[u]]
-        Xp = np.empty((u.size, npad), dtype=dt)
-        Xp[:, 2 * R * c :] = 0.0
-        kernels.prep_level(
-            Xu, False, np.ascontiguousarray(Lp), np.ascontiguousarray(Up), np.ascontiguousarray(lo[u]),
-            np.ascontiguousarray(hi[u]), R, c, Xp, acc, np.zeros((R, u.size), dtype=np.uint8), np.zeros(R, np.int64),
-        )
-        # Expand into M_{s-1}: the shared parts through the stable neurons, the per-row factors grow by u.
         alive_up = _alive(chain.du[s - 2])
         M = _level_matrix(chain, s - 2, alive_up, alive, dt)
         if sp.issparse(M):  # same single rounding per entry as the dense scaling below
@@ -261,26 +262,88 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
         else:
             Ms = np.ascontiguousarray(M[:, st] * hi[st][None, :])
             Mu = M[:, u]
-        Vs = np.zeros((st.size, cp), dtype=dt)
-        Vs[:, :c] = Xsh[st]
-        Xsh = np.ascontiguousarray(panel_matmul(Ms, Vs, P)[:, :c])
+        levels.append({
+            "s": s, "alive": alive, "st": st, "u": u, "lo_u": np.ascontiguousarray(lo[u]), "hi_u": np.ascontiguousarray(hi[u]),
+            "Gu": np.ascontiguousarray(G[u]), "Ms": Ms, "r": r,
+        })
         G = np.hstack([np.asarray(Ms @ G[st]), Mu])
-        Z = np.vstack([Z, Xp])
+        r += u.size
         alive = alive_up
-    # Top (level 1, Y = A exact): stable neurons exactly, unstable ones by the sign rule of Eq. 10-11.
     lo, hi = chain.dl[0][alive], chain.du[0][alive]
     st = np.flatnonzero(lo == hi)
     u = np.flatnonzero(lo != hi)
-    B1 = np.ascontiguousarray(A[:, alive[st]] * hi[st][None, :])
+    out = {
+        "alive_t": _alive(chain.du[t - 1]), "levels": levels, "r": r, "alive_top": alive, "st_top": st, "u_top": u,
+        "hi_st_top": np.ascontiguousarray(hi[st]), "lo_u_top": np.ascontiguousarray(lo[u]),
+        "hi_u_top": np.ascontiguousarray(hi[u]), "G_st_top": np.ascontiguousarray(G[st]),
+        "G_u_top": np.ascontiguousarray(G[u]),
+    }
+    nbytes = sum(_nbytes(v) for v in out.values()) + sum(_nbytes(v) for lvl in levels for v in lvl.values())
+    if nbytes <= SHARED_CACHE_BYTES:
+        with lock:
+            cache[t] = out
+            cache.move_to_end(t)
+            total = sum(x["_nbytes"] for x in cache.values() if "_nbytes" in x) + nbytes
+            out["_nbytes"] = nbytes
+            while total > SHARED_CACHE_BYTES and len(cache) > 1:
+                _, old = cache.popitem(last=False)
+                total -= old.get("_nbytes", 0)
+    return out
+
+
+def _nbytes(v) -> int:
+    if isinstance(v, np.ndarray):
+        return int(v.nbytes)
+    if sp.issparse(v):
+        return int(v.data.nbytes + v.indices.nbytes + v.indptr.nbytes)
+    return 0
+
+
+def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
+    """Steps ``t >= 2`` with a shared operand, with the stable part shared across the rows of the block.
+
+    At level ``s`` the operand of row ``j`` (both chains) is ``X_s = Xsh_s + G_s Z_j``: ``Xsh_s`` (``d_s x c``) and
+    ``G_s`` (``d_s x r_s``) are the same for every row (the expansion through neurons with ``dl == du``, whose
+    merged weights do not depend on the row: ``du X``), and ``Z_j`` (``r_s`` rows) stacks the row's merged operands
+    on the unstable neurons of the levels above.  Per row, only the unstable neurons are prepared (signs, Term I) and
+    multiplied: ``X_s[u_s] = Xsh_s[u_s] + G_s[u_s] Z_j``.  In exact arithmetic this is the same sum as the dense
+    recursion; every partial sum is still a sum of products dominated by ``mag_t`` (rounding: ``N_t`` counts the
+    extra ``r_s <= sum d`` summation length).  ``G_s`` depends on the chain alone (:func:`_shared_factors`, computed
+    once per process and step); ``Z`` is filled in place, level after level, and ``Xsh`` is added inside the
+    preparation kernels.
+    """
+    dt = acc.dtype
+    f = _shared_factors(chain, t)
+    Xsh = np.ascontiguousarray(V[f["alive_t"]])  # (K, c)
+    Z = np.empty((f["r"], npad), dtype=dt)
+    Z[:, 2 * R * c :] = 0.0
+    cp = -(-c // P) * P
+    for lvl in f["levels"]:
+        u, st, r = lvl["u"], lvl["st"], lvl["r"]
+        # Per-row operand on the unstable neurons (without Xsh[u], which prep_level adds).
+        Xu = panel_matmul(lvl["Gu"], Z[:r], P)
+        cols = lvl["alive"][u]
+        Lp = np.ascontiguousarray(np.asarray(priors[lvl["s"] - 1]["lower"], dtype=dt)[:, cols])
+        Up = np.ascontiguousarray(np.asarray(priors[lvl["s"] - 1]["upper"], dtype=dt)[:, cols])
+        kernels.prep_level(
+            Xu, False, Lp, Up, lvl["lo_u"], lvl["hi_u"], R, c, Z[r : r + u.size], acc,
+            np.zeros((R, u.size), dtype=np.uint8), np.zeros(R, np.int64), np.ascontiguousarray(Xsh[u]),
+        )
+        # Expand the shared part into M_{s-1} through the stable neurons.
+        Vs = np.zeros((st.size, cp), dtype=dt)
+        Vs[:, :c] = Xsh[st]
+        Xsh = np.ascontiguousarray(panel_matmul(lvl["Ms"], Vs, P)[:, :c])
+    # Top (level 1, Y = A exact): stable neurons exactly, unstable ones by the sign rule of Eq. 10-11.
+    alive, st, u = f["alive_top"], f["st_top"], f["u_top"]
+    B1 = np.ascontiguousarray(A[:, alive[st]] * f["hi_st_top"][None, :])
     Tsh = tile_matmul(B1, Xsh[st], P)  # (R, c)
     acc[0] += Tsh
     acc[1] += Tsh
-    H = tile_matmul(B1, np.ascontiguousarray(G[st]), P)  # (R, r)
+    H = tile_matmul(B1, f["G_st_top"], P)  # (R, r)
     kernels.rowdot_acc(np.ascontiguousarray(H), Z, R, c, acc)
-    Xu = panel_matmul(np.ascontiguousarray(G[u]), Z, P)
-    Xu[:, : 2 * R * c].reshape(u.size, 2 * R, c)[...] += Xsh[u][:, None, :]
+    Xu = panel_matmul(f["G_u_top"], Z, P)
     kernels.top_level(
-        Xu, np.ascontiguousarray(A[:, alive[u]]), np.ascontiguousarray(lo[u]), np.ascontiguousarray(hi[u]), R, c, acc
+        Xu, np.ascontiguousarray(A[:, alive[u]]), f["lo_u_top"], f["hi_u_top"], R, c, acc, np.ascontiguousarray(Xsh[u])
     )
 
 
@@ -369,6 +432,7 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
                 R,
                 c,
                 acc,
+                kernels.no_add(dt),
             )
         upper, lower = acc[0], acc[1]
 
