@@ -11,10 +11,19 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gamma", "TINY"]
+__all__ = ["gamma", "TINY", "underflow_unit"]
 
 TINY = np.finfo(np.float64).tiny
-"""Absolute slack added to widened bounds to cover underflow."""
+"""Absolute slack added to widened bounds to cover the underflow of a local computation (a few thousand
+products whose results are used as they are)."""
+
+
+def underflow_unit(dtype=np.float64) -> float:
+    """Absolute error bound of one multiplication whose result underflows, in ``dtype``: the smallest subnormal
+    number (twice the round-to-nearest bound).  Additions and subtractions are exact when their result is
+    subnormal, so a computation with ``n`` multiplications loses at most ``n`` times this to underflow *before*
+    the errors are amplified by later factors; callers multiply by a bound of that amplification."""
+    return float(max(np.finfo(dtype).smallest_subnormal, np.finfo(np.float64).smallest_subnormal))
 
 
 def gamma(n: int, dtype=np.float64) -> float:

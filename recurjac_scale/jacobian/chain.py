@@ -58,7 +58,9 @@ its extension to products) bounds the error by ``γ_{N_t} mag_t``.  :func:`recur
 ``γ_N``; that factor 2 and the ``(1 + gamma)`` factor cover the rounding of ``mag`` itself and the (widened,
 hence slightly larger than ``mag``) prior bounds used as Term I coefficients.  float32 adds ``4 t + 4`` to ``N_t``
 for the rounding of the weights to float32 (derivative bounds are rounded outward).  Fast-Lip and the F1 finish
-use their local summation length instead (their inputs are certified floats).
+use their local summation length instead (their inputs are certified floats).  Products that underflow are not
+covered by a relative bound once later factors amplify them: each recursion step also adds the absolute
+:func:`underflow_allowance` (negligible at ordinary scales).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ try:  # scipy is a dependency of the package; the guard keeps the dense path fre
 except ImportError:  # pragma: no cover
     _sp = None
 
-from .._fp import gamma
+from .._fp import gamma, underflow_unit
 from ..errors import InputError, ShapeMismatchError
 
 __all__ = [
@@ -81,6 +83,7 @@ __all__ = [
     "derivative_bounds_for",
     "top_state",
     "widening",
+    "underflow_allowance",
     "widen_outward",
     "panel_matmul",
     "tile_matmul",
@@ -397,11 +400,63 @@ def top_state(chain: Chain, rows=slice(None)) -> dict:
 def widening(chain: Chain, t: int, mag: np.ndarray, n: int | None = None) -> np.ndarray:
     """Outward rounding allowance of step ``t``: ``gamma(N) * mag * (1 + gamma) + tiny`` with ``N = N_t``
     (module docstring) unless a (local) summation length ``n`` is given; :func:`recurjac_scale._fp.gamma` is twice
-    Higham's factor."""
+    Higham's factor.
+
+    For a step of the recursion (``n`` not given) an underflow allowance :func:`underflow_allowance` is added: a
+    product that underflows is then multiplied by later factors of the chain, which the relative bound
+    ``gamma * mag`` does not see.  A local computation (``n`` given: Fast-Lip, the F1 finish, whose inputs are
+    certified floats used as they are) only loses ``n`` underflows of at most ``tiny`` each."""
+    local = n is not None
     n = chain.rounding_length(t) if n is None else int(n)
     g = gamma(n, chain.dtype)
     tiny = np.finfo(chain.dtype).tiny * n
-    return (g * (1.0 + g)) * mag + tiny
+    if not local:
+        tiny = tiny + underflow_allowance(chain, t)
+    with np.errstate(over="ignore"):
+        return (g * (1.0 + g)) * mag + tiny
+
+
+def _abs_sum_bound(m) -> float:
+    """An upper bound of ``max(max row sum, max column sum)`` of ``|m|`` (float64, rounded up)."""
+    if hasattr(m, "abs_sum_bound"):
+        return float(m.abs_sum_bound())
+    a = np.abs(_np(m, np.float64))
+    if a.size == 0:
+        return 0.0
+    with np.errstate(over="ignore"):
+        r = max(float(a.sum(axis=1).max()), float(a.sum(axis=0).max()))
+    return r * (1.0 + gamma(max(a.shape)))
+
+
+def underflow_allowance(chain: Chain, t: int) -> float:
+    """Absolute allowance for underflow in step ``t`` of the recursion: ``2 eta Lambda_t N_t^2``.
+
+    ``eta`` (:func:`recurjac_scale._fp.underflow_unit`) bounds the error of one multiplication whose result
+    underflows (additions are exact then).  Every value a step computes is built from products of entries of
+    ``M_0, ..., M_t``, of derivative bounds ``<= du`` and of earlier bounds (which are themselves dominated by
+    such products), so the error of one underflow reaching an output entry is multiplied by at most
+    ``Lambda_t = prod_{s<=t} max(1, ||M_s||) * prod_{s<=t} max(1, max du_s)``, with ``||M||`` the larger of the
+    largest absolute row and column sums (every factor applied after the underflow is a sub-product of the
+    chain; an output entry sums over the neurons of a level with weights whose absolute sum is bounded by those
+    norms).  A path of the recursion has at most ``N_t`` multiplications per level entry and the shared
+    variant's products have length ``<= sum d <= N_t``, so ``N_t^2`` bounds the number of underflows that reach
+    one entry.  Chain-only: computed once per process (:meth:`Chain.memo`).  For a network of ordinary scale
+    this is far below ``gamma * mag`` (e.g. ``1e-280`` on the paper's CIFAR shape); it matters only where
+    partial products fall below the smallest normal number (weights like ``1e-170``).
+    """
+    memo = chain.memo()
+    norms = memo.get("abs_sum_bounds")
+    if norms is None:
+        norms = (_abs_sum_bound(chain.top), *(_abs_sum_bound(m) for m in chain.mats))
+        memo["abs_sum_bounds"] = norms
+    lam = 1.0
+    for s in range(t + 1):
+        lam *= max(1.0, norms[s])
+    for s in range(t):
+        du = chain.du[s]
+        lam *= max(1.0, float(np.max(du)) if du.size else 0.0)
+    n = chain.rounding_length(t)
+    return 2.0 * underflow_unit(chain.dtype) * lam * float(n) * float(n)
 
 
 def widen_outward(lower: np.ndarray, upper: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,9 @@ with ``|Lam|`` and added to the result:
   where ``hmax`` bounds ``|h|`` from the already certified earlier layers (``|x|`` over the region's box at the
   input);
 * concretisation: ``gamma(n_0 + 2) |Lam| (|x0| + eps)`` and a relative ``gamma`` on the dual norm;
-* the running sum ``c``: ``gamma(2 t + 4) * sum of |terms|``.
+* the running sum ``c``: ``gamma(2 t + 4) * sum of |terms|``;
+* underflow (products below the smallest normal number, which the relative bounds above do not see):
+  an absolute ``eta (3 sum zmax(k) + |active| sum hmax(k-1) + 4 n_k + 8)`` per step (:func:`_underflow_err`).
 
 ``gamma`` is :func:`recurjac_scale._fp.gamma` for the working dtype (float32 GEMMs get float32 allowances).  The
 allowances are computed in float64 (their own rounding is covered by the factor 2 inside ``gamma``).
@@ -37,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .._fp import TINY, gamma
+from .._fp import TINY, gamma, underflow_unit
 from ..activations import Activation
 from ..errors import InputError
 from ..network.model import Network
@@ -77,7 +79,8 @@ class _Layer:
     """What the chain needs of one certified layer ``k``: relaxation and magnitude bounds (all float64)."""
 
     __slots__ = (
-        "a_low", "b_low", "a_up", "b_up", "zmax", "hmax", "active", "relax_err_up", "relax_err_low", "w_active"
+        "a_low", "b_low", "a_up", "b_up", "zmax", "hmax", "active", "relax_err_up", "relax_err_low", "w_active",
+        "underflow_err",
     )
 
     def __init__(self, act: Activation, lower: np.ndarray, upper: np.ndarray, relax: RelaxFn):
@@ -91,6 +94,30 @@ class _Layer:
         # |a| zmax + |b| per line, for the relaxation-step allowance (0 * inf = 0).
         self.relax_err_up = _safe_mul(np.abs(a_up), self.zmax) + np.abs(b_up)
         self.relax_err_low = _safe_mul(np.abs(a_low), self.zmax) + np.abs(b_low)
+
+
+def _underflow_err(layer: _Layer, hmax_prev: np.ndarray, dtype) -> float:
+    """Absolute allowance for underflow in one back-substitution step through layer ``k`` (any row).
+
+    An underflowing multiplication errs by at most ``eta`` (:func:`recurjac_scale._fp.underflow_unit`), whatever
+    the size of its operands, and additions are exact then.  The step computes, per row, ``lam_z`` (two products
+    and a cast per neuron of the layer: coefficient error ``<= 3 eta`` on ``z(k)``, whose magnitude is at most
+    ``zmax``), the intercept dot products (``<= 2 n_k`` products) and ``lam' = lam_z @ W[k]`` (``<= |active|``
+    products per entry, on ``h(k-1)`` of magnitude at most ``hmax``).  The chain is exact for the matrix it holds
+    (module docstring), so each error is charged once, here, against the magnitude of the variable it multiplies:
+    ``eta (3 sum zmax + |active| sum hmax + 4 n_k + 8)`` (sums over the neurons that carry coefficients).  Without
+    it, a product such as ``3e-170 * 3e-170`` flushed to zero and then multiplied by activations of ``1e300``
+    would go unaccounted."""
+    eta = underflow_unit(dtype)
+    act = layer.active
+    if act.size == 0:
+        return eta * (4 * layer.zmax.size + 8)
+    with np.errstate(over="ignore", invalid="ignore"):
+        zsum = float(np.sum(eta * layer.zmax[act]))
+        cols = (layer.w_active != 0).any(axis=0)
+        hsum = float(np.sum(eta * hmax_prev[cols])) if cols.any() else 0.0
+        out = 3.0 * zsum + act.size * hsum + eta * (4 * layer.zmax.size + 8)
+    return math.inf if math.isnan(out) else out
 
 
 def _concretise_upper(lam: np.ndarray, region: Region, box_lo, box_hi, g: float) -> np.ndarray:
@@ -169,7 +196,7 @@ def _chain_upper(
         c = c + term
         cabs = cabs + np.abs(term)
         nprev = ws[k].shape[1]
-        slack = slack + gamma(nprev + 2, dtype) * _sup_dot(np.abs(lam_z64), aff_err[k][act])
+        slack = slack + gamma(nprev + 2, dtype) * _sup_dot(np.abs(lam_z64), aff_err[k][act]) + L.underflow_err
         lam = lam_z @ w_act
         del lam_z64
     lam64 = lam if lam.dtype == np.float64 else lam.astype(np.float64)
@@ -199,6 +226,7 @@ class _State:
             layer = _Layer(act, self.lowers[k], self.uppers[k], rfn)
             # rows of W[k] of the neurons that carry coefficients (a copy only when some are dropped)
             layer.w_active = wd[k] if layer.active.size == wd[k].shape[0] else wd[k][layer.active]
+            layer.underflow_err = _underflow_err(layer, self.hmax_prev, wd[k].dtype)
             layers.append(layer)
         n_k = ws[k].shape[0]
         err = np.empty(n_k)
