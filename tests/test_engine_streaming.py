@@ -109,3 +109,22 @@ def test_plan_counts_the_streamed_weights(tmp_path, rng):
     step = [s for s in plan.steps if s.step == t][0]
     assert step.task_peak_bytes >= need
     assert plan.peak_worker_bytes >= need
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_norm_bound_of_a_streamed_matrix_reads_panels_and_bounds_the_dense_one(store, transpose):
+    """The underflow allowance needs row/column abs-sum bounds of every chain matrix: a streamed matrix gives them
+    one row panel at a time (never the whole matrix), at least the exact value and within rounding of it."""
+    from recurjac_scale.jacobian.chain import _abs_sum_bound
+
+    net, path = store
+    W = np.asarray(net.weights[1], dtype=np.float64)
+    ref = W.T if transpose else W
+    M = StoreMatrix(str(path), 1, transpose, ref.shape, None, panel_bytes=3 * 8 * ref.shape[1])
+    spy = _Spy(M._array())
+    M._z = spy
+    b = _abs_sum_bound(M)
+    exact = max(np.abs(ref).sum(axis=1).max(), np.abs(ref).sum(axis=0).max())
+    assert exact <= b <= exact * (1 + 1e-12)
+    assert b == _abs_sum_bound(ref) or abs(b - _abs_sum_bound(ref)) <= 1e-12 * exact
+    assert spy.reads and all((s[1] if transpose else s[0]) <= 3 for s in spy.reads)

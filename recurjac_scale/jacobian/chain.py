@@ -418,8 +418,19 @@ def widening(chain: Chain, t: int, mag: np.ndarray, n: int | None = None) -> np.
 
 def _abs_sum_bound(m) -> float:
     """An upper bound of ``max(max row sum, max column sum)`` of ``|m|`` (float64, rounded up)."""
-    if hasattr(m, "abs_sum_bound"):
-        return float(m.abs_sum_bound())
+    if hasattr(m, "panel_rows"):  # a streamed matrix (engine.streaming.StoreMatrix): one row panel at a time
+        n_rows, n_cols = (int(x) for x in m.shape)
+        if n_rows == 0 or n_cols == 0:
+            return 0.0
+        step = max(1, int(m.panel_rows()))
+        rmax, csum = 0.0, np.zeros(n_cols)
+        with np.errstate(over="ignore"):
+            for r0 in range(0, n_rows, step):
+                a = np.abs(np.asarray(m[r0 : min(n_rows, r0 + step), :], dtype=np.float64))
+                rmax = max(rmax, float(a.sum(axis=1).max()))
+                csum += a.sum(axis=0)
+            r = max(rmax, float(csum.max()))
+        return r * (1.0 + gamma(max(n_rows, n_cols)))
     a = np.abs(_np(m, np.float64))
     if a.size == 0:
         return 0.0
