@@ -63,6 +63,7 @@ use their local summation length instead (their inputs are certified floats).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -88,6 +89,8 @@ __all__ = [
     "panel_csr_t",
     "panel_products",
     "finish_products",
+    "sparse_chain",
+    "stored_sparse_layers",
     "STATE_KEYS",
     "DEFAULT_PANEL",
     "KERNEL_SPARSE_THRESHOLD",
@@ -333,17 +336,53 @@ class Chain:
             raise InputError(f"sparse levels {bad} are outside 1..{T + 1} (T = {T} levels, T + 1 = the finish matrix)")
         sm = []
         for t, m in enumerate(self.mats, start=1):
-            if t not in sel or thr <= 0:
+            if t not in sel or thr <= 0 or 0 in m.shape:
                 sm.append(None)
-                continue
-            a = _np(m, self.dtype)
-            sm.append(to_csr(a, dtype=self.dtype) if a.size and density(a) < thr else None)
+            elif thr == math.inf and hasattr(m, "to_csr"):  # a streamed matrix: read as CSR, never dense whole
+                sm.append(m.to_csr(self.dtype))
+            else:
+                a = _np(m, self.dtype)
+                sm.append(to_csr(a, dtype=self.dtype) if density(a) < thr else None)
         fin = None
-        if self.finish_mat is not None and (T + 1) in sel and thr > 0:
-            f = _np(self.finish_mat, self.dtype)
-            if f.size and density(f) < thr:
-                fin = to_csr(np.ascontiguousarray(f.T), dtype=self.dtype)
+        f = self.finish_mat
+        if f is not None and (T + 1) in sel and thr > 0 and 0 not in f.shape:
+            if thr == math.inf and hasattr(f, "to_csr"):
+                fin = to_csr(f.to_csr(self.dtype).T, dtype=self.dtype)
+            else:
+                f = _np(f, self.dtype)
+                if density(f) < thr:
+                    fin = to_csr(np.ascontiguousarray(f.T), dtype=self.dtype)
         return replace(self, sparse_mats=tuple(sm) if any(x is not None for x in sm) else (), sparse_finish=fin)
+
+    def level_layers(self) -> tuple[int, ...]:
+        """The network layer (0-based weight index ``k`` of ``W(k+1)``) of each chain matrix: entry ``t - 1`` for
+        ``mats[t - 1]`` (``t = 1..T``), then one more entry for the F1 finish matrix when there is one.
+
+        Backward: ``mats[t - 1] = W(H - t)``, layer ``H - 1 - t`` (``H = T + 1``).  F0: ``mats[t - 1] = W(t + 1)ᵀ``,
+        layer ``t``.  F1: ``mats[t - 1] = W(t + 2)ᵀ``, layer ``t + 1``, and the finish matrix ``W(1)``, layer 0.
+        """
+        T = len(self.mats)
+        if self.direction == "backward":
+            return tuple(T - t for t in range(1, T + 1))
+        if self.finish_mat is not None:
+            return (*(t + 1 for t in range(1, T + 1)), 0)
+        return tuple(range(1, T + 1))
+
+    def with_sparse_layers(self, layers) -> "Chain":
+        """This chain with CSR copies of exactly the matrices that come from the given network layers (e.g. the
+        layers a model store holds as CSR), whatever their density (:meth:`with_sparse` with ``threshold = inf``)."""
+        wanted = {int(k) for k in layers}
+        levels = [t for t, k in enumerate(self.level_layers(), start=1) if k in wanted]
+        return self.with_sparse(math.inf, levels=levels) if levels else self.with_sparse(0.0)
+
+    def sparse_levels(self) -> tuple[int, ...]:
+        """The levels holding a CSR copy (``T + 1``: the finish matrix), the argument of
+        ``with_sparse(inf, levels=...)`` that rebuilds exactly this choice (e.g. in a worker process)."""
+        T = len(self.mats)
+        out = [t for t, s in enumerate(self.sparse_mats, start=1) if s is not None]
+        if self.sparse_finish is not None:
+            out.append(T + 1)
+        return tuple(out)
 
     @property
     def is_sparse(self) -> bool:
@@ -357,6 +396,47 @@ class Chain:
     def rounding_length(self, t: int) -> int:
         """``N_t`` of the module docstring: a bound on the number of roundings on any path of step ``t``."""
         return 3 * sum(int(d.shape[0]) for d in self.dl[:t]) + 4 * t + 4 + (0 if self.dtype == np.float64 else 4 * t + 4)
+
+
+def sparse_chain(chain: Chain, option, stored_layers=()) -> Chain:
+    """Apply a sparse-kernel option to a chain (the one policy shared by the API, the engine and the CLI).
+
+    Parameters
+    ----------
+    chain : Chain
+    option : None, "auto" or float
+        ``None``: dense kernels (the chain unchanged).  ``"auto"``: CSR copies of exactly the matrices of the
+        layers listed in ``stored_layers`` (the layers a model store holds as CSR, :meth:`Chain.with_sparse_layers`).
+        A number: :meth:`Chain.with_sparse` with that density threshold (``0`` disables).
+    stored_layers : iterable of int
+        0-based layer indices stored sparse (``Network.provenance["sparse_layers"]`` of a store-backed network).
+
+    Raises
+    ------
+    InputError
+        Any other option.
+    """
+    if option is None:
+        return chain
+    if isinstance(option, str):
+        if option.strip().lower() == "auto":
+            layers = tuple(stored_layers or ())
+            return chain.with_sparse_layers(layers) if layers else chain
+        try:
+            option = float(option)
+        except ValueError:
+            raise InputError(f"sparse threshold {option!r} not understood; accepted: 'auto' or a density >= 0") from None
+    return chain.with_sparse(option)
+
+
+def stored_sparse_layers(network) -> tuple[int, ...]:
+    """The layers a store-backed network holds as CSR (its provenance's ``sparse_layers``; empty otherwise)."""
+    prov = getattr(network, "provenance", None) or {}
+    layers = prov.get("sparse_layers") or ()
+    try:
+        return tuple(sorted(int(k) for k in layers))
+    except (TypeError, ValueError):
+        return ()
 
 
 def _weights_and_bounds(network, derivative_bounds, dtype):
