@@ -5,6 +5,7 @@ levels by their stored entries."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -112,3 +113,29 @@ def _worker_chains_sparse():
     from recurjac_scale.engine import blocks
 
     return [bool(c.chain.is_sparse) for c in blocks._CHAINS.values()]
+
+
+def test_cli_sparse_threshold(pruned_store, tmp_path, capsys):
+    from recurjac_scale.cli import main
+
+    _net, path, x0 = pruned_store
+    np.save(tmp_path / "x.npy", x0)
+    common = [str(path), "--input", str(tmp_path / "x.npy"), "--eps", "0.06", "--layer-bounds", "crown"]
+    assert main(["plan", *common, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sparse_levels"]  # auto: the store's CSR layers
+    assert main(["plan", *common, "--json", "--sparse-threshold", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["sparse_levels"] == []
+    for thr in ("auto", "0"):
+        assert main(["bounds", *common, "--sparse-threshold", thr, "-o", str(tmp_path / f"b{thr}.npz"), "--quiet"]) == 0
+    a, b = np.load(tmp_path / "bauto.npz"), np.load(tmp_path / "b0.npz")
+    ref = _reference(path, x0, "recurjac-b")
+    np.testing.assert_array_equal(a["lower"], ref.lower)
+    scale = np.abs(b["upper"]).max()
+    assert np.abs(a["upper"] - b["upper"]).max() <= 1e-12 * scale
+    assert main(["run", *common, "-o", str(tmp_path / "r.zarr"), "--quiet", "--no-checkpoint"]) == 0
+    import zarr
+
+    np.testing.assert_array_equal(zarr.open_group(str(tmp_path / "r.zarr"), mode="r")["upper"][...], ref.upper)
+    with pytest.raises(SystemExit):
+        main(["plan", *common, "--sparse-threshold", "-1"])
+    assert "--sparse-threshold" in capsys.readouterr().err
