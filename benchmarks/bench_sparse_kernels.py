@@ -98,18 +98,24 @@ def _setup(args):
     return net, widths, x0, eps, pred, what, dens
 
 
-def _chains(net, x0, eps, pred, method, lbm, threshold):
-    """Dense chain (the same code path as ``jacobian_bounds``), the sparse copy and the CSR conversion time."""
+def _layer_bounds(net, x0, eps, pred, lbm):
+    """The network with the predicted logit as output, its pre-activation bounds and their time (computed once)."""
     from recurjac_scale.jacobian.api import output_matrix
-    from recurjac_scale.jacobian.chain import derivative_bounds_for
-    from recurjac_scale.jacobian.methods import get_jacobian_method
     from recurjac_scale.layer_bounds.base import layer_bounds
 
-    jm = get_jacobian_method(method)
     netC = net.with_outputs(output_matrix(pred, net.n_outputs))
     t = time.perf_counter()
     lb = layer_bounds(netC, x0, eps, np.inf, method=lbm)
-    t_lb = time.perf_counter() - t
+    return netC, lb, time.perf_counter() - t
+
+
+def _chains(bounds, method, threshold):
+    """Dense chain (the same code path as ``jacobian_bounds``), the sparse copy and the CSR conversion time."""
+    from recurjac_scale.jacobian.chain import derivative_bounds_for
+    from recurjac_scale.jacobian.methods import get_jacobian_method
+
+    netC, lb, t_lb = bounds
+    jm = get_jacobian_method(method)
     chain = jm.build_chain(netC, derivative_bounds_for(netC, lb))
     t = time.perf_counter()
     sparse = chain.with_sparse(threshold)
@@ -157,13 +163,14 @@ def main(argv=None) -> None:
         # warm-up: every kernel of both paths on a tiny pruned network (imports, numba, scipy)
         tiny = cifar_setup.he_network(widths=(12, 10, 9, 3), prune_fraction=args.prune)
         for m in sorted(set(full + sample)):
-            jm, ch, sc, *_ = _chains(tiny, np.full(12, 0.5), 0.05, 0, m, args.layer_bounds, args.threshold)
+            tb = _layer_bounds(tiny, np.full(12, 0.5), 0.05, 0, args.layer_bounds)
+            jm, ch, sc, *_ = _chains(tb, m, args.threshold)
             run_chain(jm, ch)
             run_chain(jm, sc)
+        bounds = _layer_bounds(net, x0, eps, pred, args.layer_bounds)
         for kind, methods in (("full", full), ("sample", sample)):
             for m in methods:
-                jm, chain, sc, t_conv, t_lb, unstable = _chains(net, x0, eps, pred, m, args.layer_bounds,
-                                                                args.threshold)
+                jm, chain, sc, t_conv, t_lb, unstable = _chains(bounds, m, args.threshold)
                 R = chain.n_rows
                 if kind == "full":
                     sub_d, sub_s, frac, nrep = chain, sc, 1.0, args.runs

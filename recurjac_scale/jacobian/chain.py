@@ -58,7 +58,9 @@ its extension to products) bounds the error by ``γ_{N_t} mag_t``.  :func:`recur
 ``γ_N``; that factor 2 and the ``(1 + gamma)`` factor cover the rounding of ``mag`` itself and the (widened,
 hence slightly larger than ``mag``) prior bounds used as Term I coefficients.  float32 adds ``4 t + 4`` to ``N_t``
 for the rounding of the weights to float32 (derivative bounds are rounded outward).  Fast-Lip and the F1 finish
-use their local summation length instead (their inputs are certified floats).
+use their local summation length instead (their inputs are certified floats).  Sparse x dense products of pruned
+levels (:meth:`Chain.with_sparse`) sum over a row's stored entries only: a summation length <= the dense one, so
+the same allowances hold.
 """
 
 from __future__ import annotations
@@ -145,7 +147,8 @@ class Chain:
         Opt-in (:meth:`with_sparse`): empty (the default: every product dense), or one entry per level,
         ``sparse_mats[t - 1]`` a ``scipy.sparse.csr_array`` copy of ``mats[t - 1]`` (same values, same dtype) for a
         pruned level, else ``None``.  The RecurJac level products ``M_{s-1}[alive, alive] @ X`` then run as sparse x
-        dense; ``mats`` stays dense (column panels ``V``, Fast-Lip and the engine read it unchanged).  Each output
+        dense; ``mats`` stays dense (the column panels ``V`` are still cut from it, and the products with a panel of a
+        pruned level convert it: :func:`panel_products`).  Each output
         entry of a sparse product sums the row's stored entries in index order (at most ``d_s`` terms), so the
         rounding allowance and the blocking invariance hold unchanged; results equal the dense kernels' up to the
         summation order (not bitwise).  Level ``t``'s copy also drives the products with its column panel ``V``

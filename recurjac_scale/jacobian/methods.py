@@ -26,7 +26,9 @@ def finish_chain(chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
     Backward: identity.  Forward: transpose.  F1 (``chain.finish_mat`` set): ``Y = ∂f/∂h(1) = P_Tᵀ``; per neuron
     ``r`` of layer 1 the hull of ``[L, U]·[dl_r, du_r]``, then the interval product with ``W(1)`` in
     midpoint-radius form, widened outward by ``gamma(n_1 + 16) * |W(1)|ᵀ D(du) mag_T`` (twice Higham's bound; ``max(|L|, |U|) <= mag_T``
-    up to the earlier widening).
+    up to the earlier widening).  With a pruned first layer (:attr:`Chain.sparse_finish`) the three products run
+    as CSR ``W(1)ᵀ`` x dense: at most ``n_1`` terms per entry (the same allowance), bitwise independent of the
+    blocking.
 
     Returns
     -------
