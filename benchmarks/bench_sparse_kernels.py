@@ -27,7 +27,7 @@ Writes ``benchmarks/results/sparse_kernels.md`` (``--output``) and a JSON file i
 unstable; with ``--widths`` a seeded uniform input in [0, 1] and ``--eps``.
 
     python benchmarks/bench_sparse_kernels.py                         # CIFAR shape: heavy (see --help)
-    python benchmarks/bench_sparse_kernels.py --widths 256,256,128,10 --output /tmp/x.md   # quick check
+    python benchmarks/bench_sparse_kernels.py --widths 256,256,128,10 --output quick.md   # quick check
 """
 
 from __future__ import annotations
