@@ -554,6 +554,7 @@ def lipschitz(
     layer_bounds: str | None = None,
     outputs=None,
     algorithm2: bool = True,
+    sparse_threshold=None,
 ) -> LipschitzResult:
     """Certified local (or global) Lipschitz constants of ``x -> C f(x)`` over ``B_p[x0, eps] ∩ D``.
 
@@ -576,6 +577,8 @@ def lipschitz(
         (:func:`recurjac_scale.jacobian.output_matrix`).
     algorithm2 : bool
         For ``p = inf`` and the RecurJac methods, also run Algorithm 2 (Zhang et al. 2019) and report the smaller.
+    sparse_threshold : None, "auto" or float
+        Sparse x dense kernels for pruned layers, as :func:`recurjac_scale.jacobian.jacobian_bounds`.
 
     Returns
     -------
@@ -604,7 +607,9 @@ def lipschitz(
     points = []
     for e in eps_values:
         t0 = time.perf_counter()
-        jac = jacobian_bounds(net, x0, e, p, method=method_key, layer_bounds=layer_bounds, outputs=C)
+        jac = jacobian_bounds(
+            net, x0, e, p, method=method_key, layer_bounds=layer_bounds, outputs=C, sparse_threshold=sparse_threshold
+        )
         t1 = time.perf_counter()
         upper_ys = signs = None
         t_a2 = 0.0

@@ -94,7 +94,7 @@ def run(args) -> int:
     x = select_input(load_inputs(args.input, net), args.index, args.input)
     res = lipschitz(
         net, x, eps, p=args.norm, method=method, layer_bounds=lb, outputs=args.outputs,
-        algorithm2=not args.no_algorithm2,
+        algorithm2=not args.no_algorithm2, sparse_threshold=args.sparse_threshold,
     )
     if not args.quiet:
         print(format_table(res))

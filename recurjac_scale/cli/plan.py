@@ -83,6 +83,7 @@ def make_plan(args, net, *, scheduler: str | None = None):
         threads_per_worker=tpw,
         total_threads=total,
         stream_weights=args.stream_weights,
+        sparse_threshold=args.sparse_threshold,
     )
 
 

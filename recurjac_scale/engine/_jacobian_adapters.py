@@ -8,6 +8,8 @@ block interface (``method.step(chain, t, V, priors)`` with ``V = M_t[:, cols]`` 
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..jacobian.chain import STATE_KEYS, top_state
@@ -25,10 +27,20 @@ class JacobianAdapter:
         self.method = method
         self.name = method.name
 
-    def build(self, network, derivative_bounds):
+    def build(self, network, derivative_bounds, sparse_levels=()):
         """The chain of ``network`` (output selection folded in) for the derivative bounds computed in the client
-        (:func:`recurjac_scale.jacobian.derivative_bounds_for`, as the in-memory API)."""
-        return self.method.build_chain(network, derivative_bounds)
+        (:func:`recurjac_scale.jacobian.derivative_bounds_for`, as the in-memory API), with CSR copies of the
+        levels ``sparse_levels`` (``Chain.sparse_levels`` of the client's chain: the same choice in every process,
+        whatever the matrices' density)."""
+        chain = self.method.build_chain(network, derivative_bounds)
+        return self.sparse(chain, sparse_levels)
+
+    @staticmethod
+    def sparse(chain, sparse_levels=()):
+        """``chain`` with CSR copies of exactly the levels ``sparse_levels`` (empty: unchanged)."""
+        if not sparse_levels:
+            return chain
+        return chain.with_sparse(math.inf, levels=tuple(sparse_levels))
 
     def shape(self, chain) -> ChainShape:
         T = chain.n_steps
@@ -40,6 +52,8 @@ class JacobianAdapter:
             state_keys=tuple(STATE_KEYS),
             depth="recursive" if self.method.uses_all_priors else "interval",
             panel=int(getattr(chain, "panel", 128)),
+            level_nnz=_level_nnz(chain),
+            sparse_bytes=_sparse_bytes(chain),
         )
 
     def step_block(self, chain, t: int, rows: slice, cols: slice, priors: dict) -> dict:
@@ -57,9 +71,38 @@ class JacobianAdapter:
         lower, upper = self.method.finish(chain, final)
         return lower[:, cols], upper[:, cols]
 
-    def in_memory(self, network, derivative_bounds):
-        lower, upper, _ = run_chain(self.method, self.build(network, derivative_bounds), keep_states=False)
+    def in_memory(self, network, derivative_bounds, sparse_levels=()):
+        chain = self.build(network, derivative_bounds, sparse_levels)
+        lower, upper, _ = run_chain(self.method, chain, keep_states=False)
         return lower, upper
+
+
+def _level_nnz(chain) -> tuple:
+    """Per level: ``None`` (dense) or ``(nnz, nnz of the live block M_t[alive_t, alive_{t+1}])`` (sparse)."""
+    sm = getattr(chain, "sparse_mats", ())
+    if not sm:
+        return ()
+    T = chain.n_steps
+    out = []
+    for t, s in enumerate(sm, start=1):
+        if s is None:
+            out.append(None)
+            continue
+        rows = np.asarray(chain.du[t - 1]) > 0
+        cols = np.asarray(chain.du[t]) > 0 if t < T else np.ones(s.shape[1], dtype=bool)
+        live = s[np.flatnonzero(rows)][:, np.flatnonzero(cols)]
+        out.append((int(s.nnz), int(live.nnz)))
+    return tuple(out)
+
+
+def _sparse_bytes(chain) -> int:
+    from ..network.sparse import csr_nbytes
+
+    mats = [s for s in getattr(chain, "sparse_mats", ()) if s is not None]
+    fin = getattr(chain, "sparse_finish", None)
+    if fin is not None:
+        mats.append(fin)
+    return int(sum(csr_nbytes(m) for m in mats))
 
 
 def adapter_for(name: str) -> JacobianAdapter:

@@ -64,6 +64,12 @@ class ChainShape:
         Fast-Lip); selects the cost model.
     panel : int
         GEMM panel width of the chain (operands are padded to it), for the memory model.
+    level_nnz : tuple
+        Per level ``t`` (``M_t``): ``None`` for a dense level, or ``(nnz, nnz_live)`` for a level that runs sparse
+        (``Chain.with_sparse``): its stored entries, and those in the live block ``M_t[alive_t, alive_{t+1}]``
+        that the recursion multiplies (all columns for ``t = T``).  Empty: every level dense.
+    sparse_bytes : int
+        Bytes of the CSR copies the chain holds (values, indices, row pointers), besides the dense matrices.
     """
 
     n_rows: int
@@ -73,10 +79,33 @@ class ChainShape:
     state_keys: tuple = ("lower", "upper", "mag")
     depth: str = "recursive"
     panel: int = 128
+    level_nnz: tuple = ()
+    sparse_bytes: int = 0
 
     @property
     def n_steps(self) -> int:
         return len(self.widths) - 1
+
+    def _nnz(self, t: int):
+        return self.level_nnz[t - 1] if self.level_nnz else None
+
+    def _entries(self, t: int, *, live: bool, d_live: tuple) -> float:
+        """Multiply-adds per output column of one level product with ``M_t`` restricted to its live block (the
+        recursion's ``M_t[alive_t, alive_{t+1}] @ X``): ``live_t live_{t+1}`` dense, the block's nnz sparse."""
+        nz = self._nnz(t)
+        if nz is not None:
+            return float(nz[1] if live else nz[0])
+        return float(d_live[t - 1] * d_live[t])
+
+    def _panel_entries(self, t: int) -> float:
+        """Multiply-adds per state entry of a product of a row with a column of the panel ``M_t[:, cols]`` (step 1,
+        magnitude chain, Fast-Lip): ``d_t`` dense, the average stored entries per column (``nnz / d_{t+1}``)
+        sparse."""
+        nz = self._nnz(t)
+        d = self.widths
+        if nz is not None:
+            return float(nz[0]) / max(1, d[t])
+        return float(d[t - 1])
 
     def prior_steps(self, t: int) -> tuple[int, ...]:
         """Earlier stored steps (>= 1) a task of step ``t`` reads."""
@@ -91,13 +120,20 @@ class ChainShape:
         the magnitude chain adds ``2 d_t``.  Interval (Fast-Lip): centre, radius and magnitude products,
         ``3 * 2 d_t``.  ``live=False`` counts every neuron (dense worst case).  Per-row masks (Term I neurons)
         are known only at run time: the estimate counts them as expanded, so it bounds the work from above.
+        A level that runs sparse (:attr:`level_nnz`) counts its stored entries instead of ``rows x columns``: its
+        level GEMM ``2 * 2 nnz_live`` (``nnz`` when ``live=False``), its panel products (step 1, magnitude chain,
+        Fast-Lip) ``nnz / d_{t+1}`` per entry instead of ``d_t``.
         """
         d = self.widths
-        n = self.live if live else d[: self.n_steps]
+        n_live = (*(self.live if live else d[: self.n_steps]), d[self.n_steps])
         if self.depth == "interval":
-            return 3.0 * 2.0 * d[t - 1]
-        gemm = sum(2.0 * 2.0 * n[s - 2] * n[s - 1] for s in range(2, t + 1))
-        return gemm + 2.0 * 2.0 * n[0] + 2.0 * d[t - 1]
+            return 3.0 * 2.0 * self._panel_entries(t)
+        gemm = sum(2.0 * 2.0 * self._entries(s - 1, live=live, d_live=n_live) for s in range(2, t + 1))
+        if t == 1 and self._nnz(1) is not None:
+            top = 2.0 * 2.0 * self._panel_entries(1)
+        else:
+            top = 2.0 * 2.0 * n_live[0]
+        return gemm + top + 2.0 * self._panel_entries(t)
 
     def work_bytes(self, t: int, rows: int, cols: int) -> int:
         """Kernel work memory of one task (float64), an upper estimate checked against tracemalloc in the tests.
@@ -126,9 +162,9 @@ class ChainShape:
         return int(8 * max([self.n_rows * d[0], *(d[s - 1] * d[s] for s in range(1, len(d)))]))
 
     def weights_bytes(self) -> int:
-        """All chain matrices ``M_0 .. M_T`` in float64."""
+        """All chain matrices ``M_0 .. M_T`` in float64, plus the CSR copies of the sparse levels."""
         d = self.widths
-        return int(8 * (self.n_rows * d[0] + sum(d[s - 1] * d[s] for s in range(1, len(d)))))
+        return int(8 * (self.n_rows * d[0] + sum(d[s - 1] * d[s] for s in range(1, len(d))))) + int(self.sparse_bytes)
 
 
 class BlockMethod(Protocol):
@@ -203,6 +239,10 @@ class WorkerSpec:
     stream : bool
         Keep the weights in the store: every task reads the matrices it needs
         (:mod:`recurjac_scale.engine.streaming`) instead of the worker holding the network.
+    sparse_levels : tuple of int
+        Chain levels that run sparse x dense (``Chain.sparse_levels`` of the client's chain; empty: dense).  Each
+        worker process builds their CSR copies once, with its chain (read from the store's CSR arrays when the
+        weights are streamed).
     """
 
     key: str
@@ -215,6 +255,7 @@ class WorkerSpec:
     n_steps: int
     priors: tuple
     stream: bool = False
+    sparse_levels: tuple = ()
 
     def prior_steps(self, t: int) -> tuple[int, ...]:
         return tuple(self.priors[t - 1])
@@ -230,7 +271,8 @@ class WorkerSpec:
                 from .streaming import streamed_chain
 
                 adapter = get_block_method(self.method)
-                c = BoundChain(adapter, streamed_chain(adapter.method, self.store_path, self.outputs, self.derivative_bounds))
+                chain = streamed_chain(adapter.method, self.store_path, self.outputs, self.derivative_bounds)
+                c = BoundChain(adapter, adapter.sparse(chain, self.sparse_levels))
                 _CHAINS.clear()
                 _CHAINS[self.key] = c
             if c is None:
@@ -247,7 +289,7 @@ class WorkerSpec:
                     if self.outputs is not None:
                         net = net.with_outputs(self.outputs)
                 adapter = get_block_method(self.method)
-                c = BoundChain(adapter, adapter.build(net, self.derivative_bounds))
+                c = BoundChain(adapter, adapter.build(net, self.derivative_bounds, self.sparse_levels))
                 if len(_CHAINS) >= 2:  # keep at most two jobs' weights per process
                     _CHAINS.clear()
                 _CHAINS[self.key] = c
@@ -293,6 +335,7 @@ class JobContext:
     unstable: tuple
     dead: tuple
     stream: bool = False
+    sparse_levels: tuple = ()
     _hash_base: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -333,6 +376,7 @@ class JobContext:
             n_steps=self.shape.n_steps,
             priors=tuple(self.shape.priors),
             stream=bool(self.stream and use_store),
+            sparse_levels=tuple(self.sparse_levels),
         )
 
     def describe(self) -> dict:
@@ -352,15 +396,18 @@ def _sha(arrays) -> str:
     return h.hexdigest()
 
 
-def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None) -> JobContext:
+def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None, sparse_threshold="auto") -> JobContext:
     """Open the network, fold the output selection, compute the pre-activation bounds (in this process) and build
     the method's chain: everything a plan needs, nothing heavy.
 
     Follows :func:`recurjac_scale.jacobian.jacobian_bounds` step by step (output matrix, global bounds for
     ``eps = inf`` without a domain, default layer-bound method, derivative bounds), so that the engine's result is
-    the in-memory result.
+    the in-memory result.  ``sparse_threshold`` (:func:`recurjac_scale.jacobian.chain.sparse_chain`): ``"auto"``
+    (default) runs the layers a model store holds as CSR sparse x dense, a number the levels with density below
+    it, ``0`` / ``None`` none; the choice is made here, once, and shipped to the workers as level numbers.
     """
     from ..jacobian import api as _api
+    from ..jacobian.chain import sparse_chain, stored_sparse_layers
     from ..layer_bounds.base import LayerBounds, Region, layer_bounds as compute_layer_bounds
     from ..network.model import Network
 
@@ -385,7 +432,8 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None) ->
         lb_name = _api.default_layer_bound_method() if layer_bounds is None else str(layer_bounds).strip().lower()
         lb = compute_layer_bounds(netC, region.x0, region.eps, region.p, method=lb_name)
     db = [(np.asarray(dl, np.float64), np.asarray(du, np.float64)) for dl, du in _api.derivative_bounds_for(netC, lb)]
-    chain = adapter.build(netC, db)
+    chain = sparse_chain(adapter.build(netC, db), sparse_threshold, stored_sparse_layers(network))
+    sparse_levels = tuple(chain.sparse_levels()) if hasattr(chain, "sparse_levels") else ()
     shape = adapter.shape(chain)
     dead = [int(np.count_nonzero(np.asarray(du) == 0)) for _dl, du in db]
     unstable = [int(np.count_nonzero(np.asarray(dl) < np.asarray(du))) for dl, du in db]
@@ -405,6 +453,7 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None) ->
         shape=shape,
         unstable=tuple(unstable),
         dead=tuple(dead),
+        sparse_levels=sparse_levels,
     )
     ctx._hash_base = {
         "method": adapter.name,
@@ -418,12 +467,16 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None) ->
         "derivative_bounds": _sha([a for pair in db for a in pair]),
         "panel": int(getattr(chain, "panel", 0)),
         "dtype": "float64",
+        # sparse and dense kernels differ in the last bits: a checkpoint must not mix them
+        **({"sparse_levels": list(sparse_levels)} if sparse_levels else {}),
     }
     return ctx
 
 
-def in_memory_bounds(network, x0, eps, p=math.inf, method="recurjac-b", layer_bounds=None, outputs=None):
+def in_memory_bounds(
+    network, x0, eps, p=math.inf, method="recurjac-b", layer_bounds=None, outputs=None, sparse_threshold="auto"
+):
     """The method's own in-memory result ``(lower, upper)`` (m, n_0) for the same job: the reference every engine
     run must reproduce."""
-    ctx = prepare_job(network, x0, eps, p, method, layer_bounds, outputs)
-    return ctx.adapter.in_memory(ctx.network, ctx.derivative_bounds)
+    ctx = prepare_job(network, x0, eps, p, method, layer_bounds, outputs, sparse_threshold)
+    return ctx.adapter.in_memory(ctx.network, ctx.derivative_bounds, ctx.sparse_levels)

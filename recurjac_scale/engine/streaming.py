@@ -11,6 +11,10 @@ never allocated) in which only the live rows are filled, read from the store one
 the live block), never a whole matrix, and never two levels' full matrices.  The price is reading the weights once
 per task.
 
+A chain level that runs sparse (a pruned layer, ``Chain.with_sparse``) holds a CSR copy instead, read by
+:meth:`StoreMatrix.to_csr` once per worker process straight from the store's CSR arrays (``nnz`` entries, never the
+dense matrix); its column panels are still read from the store per task.
+
 The values are exactly those of the in-memory chain (same float64 numbers, C-contiguous arrays), so results are
 bitwise those of the in-memory path.  Only the small matrix that carries the output selection ``C`` (``C W(H)``)
 is computed and kept in memory, exactly as :meth:`Network.with_outputs` computes it.
@@ -110,6 +114,26 @@ class StoreMatrix:
         if dtype is not None and np.dtype(dtype) != out.dtype:
             return out.astype(dtype)
         return out
+
+    def to_csr(self, dtype=np.float64):
+        """The whole matrix (every row, exact values) as a canonical ``scipy.sparse.csr_array`` (sorted indices, no
+        stored zeros): read straight from the CSR arrays of a pruned layer (transposed as needed), else from dense
+        row panels converted one at a time; never the whole matrix dense.  What a sparse chain level holds
+        (:meth:`recurjac_scale.jacobian.chain.Chain.with_sparse`), once per worker process."""
+        import scipy.sparse as sp
+
+        from ..network.sparse import to_csr
+
+        z = self._array()
+        if hasattr(z, "csr"):  # a CSR layer of the store (recurjac_scale.network.store.CSRWeight)
+            a = z.csr()
+            return to_csr(a.T if self.transpose else a, dtype=dtype)
+        n, m = self.shape
+        step = self.panel_rows()
+        parts = [to_csr(self[r0 : min(n, r0 + step), :], dtype=dtype) for r0 in range(0, n, step)]
+        if not parts:
+            return sp.csr_array((n, m), dtype=dtype)
+        return to_csr(sp.vstack(parts, format="csr"), dtype=dtype)
 
     def __repr__(self) -> str:
         return f"StoreMatrix({self.store_path!r}, layer {self.k}{', transposed' if self.transpose else ''}, {self.shape})"

@@ -11,7 +11,7 @@ from .. import kernels
 from ..errors import InputError, ShapeMismatchError
 from ..layer_bounds.base import LAYER_BOUND_METHODS, LayerBounds, Region, layer_bounds as compute_layer_bounds
 from ..network.model import Network
-from .chain import DEFAULT_PANEL, derivative_bounds_for
+from .chain import DEFAULT_PANEL, derivative_bounds_for, sparse_chain, stored_sparse_layers
 from .driver import run_chain
 from .methods import get_jacobian_method
 from .result import JacobianBounds
@@ -113,7 +113,7 @@ def jacobian_bounds(
     *,
     panel: int = DEFAULT_PANEL,
     keep_states: bool = True,
-    sparse_threshold: float | None = None,
+    sparse_threshold: float | str | None = None,
 ) -> JacobianBounds:
     """Certified element-wise bounds of the Jacobian of ``C f`` over ``B_p[x0, eps] ∩ D`` (Zhang et al. 2019).
 
@@ -145,10 +145,11 @@ def jacobian_bounds(
         GEMM panel width (results depend on it bitwise, not in soundness).
     keep_states : bool
         Keep the chain and the per-step states on the result (for Algorithm 2 and the like).
-    sparse_threshold : float, optional
+    sparse_threshold : float or "auto", optional
         Opt-in sparse x dense kernels (scipy.sparse CSR) for chain matrices with weight density below it (e.g.
-        0.15, for pruned networks); bounds equal the dense kernels' to about 1e-15 relative (the summation order
-        differs) and are certified the same way.
+        0.15, for pruned networks), or ``"auto"``: for the layers a model store holds as CSR (what the CLI and the
+        engine do by default); ``None`` (default) or ``0``: dense.  Bounds equal the dense kernels' to about
+        1e-15 relative (the summation order differs) and are certified the same way.
 
     Returns
     -------
@@ -181,8 +182,7 @@ def jacobian_bounds(
     compile_s = kernels.ensure_compiled(dtype)
     t1 = time.perf_counter()
     chain = jm.build_chain(netC, db, dtype=dtype, panel=panel)
-    if sparse_threshold is not None:
-        chain = chain.with_sparse(sparse_threshold)
+    chain = sparse_chain(chain, sparse_threshold, stored_sparse_layers(network))
     lower, upper, states = run_chain(jm, chain, row_block=row_block, col_block=col_block, keep_states=keep_states)
     t_jac = time.perf_counter() - t1
     unstable = tuple(int(np.count_nonzero(dl < du)) for dl, du in db)

@@ -58,13 +58,15 @@ its extension to products) bounds the error by ``γ_{N_t} mag_t``.  :func:`recur
 ``γ_N``; that factor 2 and the ``(1 + gamma)`` factor cover the rounding of ``mag`` itself and the (widened,
 hence slightly larger than ``mag``) prior bounds used as Term I coefficients.  float32 adds ``4 t + 4`` to ``N_t``
 for the rounding of the weights to float32 (derivative bounds are rounded outward).  Fast-Lip and the F1 finish
-use their local summation length instead (their inputs are certified floats).  Products that underflow are not
-covered by a relative bound once later factors amplify them: each recursion step also adds the absolute
-:func:`underflow_allowance` (negligible at ordinary scales).
+use their local summation length instead (their inputs are certified floats).  Sparse x dense products of pruned
+levels (:meth:`Chain.with_sparse`) sum over a row's stored entries only: a summation length <= the dense one, so
+the same allowances hold.  Products that underflow are not covered by a relative bound once later factors amplify
+them: each recursion step also adds the absolute :func:`underflow_allowance` (negligible at ordinary scales).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Sequence
 
@@ -87,6 +89,12 @@ __all__ = [
     "widen_outward",
     "panel_matmul",
     "tile_matmul",
+    "level_is_sparse",
+    "panel_csr_t",
+    "panel_products",
+    "finish_products",
+    "sparse_chain",
+    "stored_sparse_layers",
     "STATE_KEYS",
     "DEFAULT_PANEL",
     "KERNEL_SPARSE_THRESHOLD",
@@ -141,10 +149,15 @@ class Chain:
         Opt-in (:meth:`with_sparse`): empty (the default: every product dense), or one entry per level,
         ``sparse_mats[t - 1]`` a ``scipy.sparse.csr_array`` copy of ``mats[t - 1]`` (same values, same dtype) for a
         pruned level, else ``None``.  The RecurJac level products ``M_{s-1}[alive, alive] @ X`` then run as sparse x
-        dense; ``mats`` stays dense (column panels ``V``, Fast-Lip and the engine read it unchanged).  Each output
+        dense; ``mats`` stays dense (the column panels ``V`` are still cut from it, and the products with a panel of a
+        pruned level convert it: :func:`panel_products`).  Each output
         entry of a sparse product sums the row's stored entries in index order (at most ``d_s`` terms), so the
         rounding allowance and the blocking invariance hold unchanged; results equal the dense kernels' up to the
-        summation order (not bitwise).
+        summation order (not bitwise).  Level ``t``'s copy also drives the products with its column panel ``V``
+        (step 1 of RecurJac, the magnitude chain, Fast-Lip: :func:`panel_products`).
+    sparse_finish : scipy.sparse.csr_array or None
+        F1 only, opt-in (:meth:`with_sparse`): CSR copy of ``finish_mat.T`` (``W(1)ᵀ``, shape ``(n_0, n_1)``) for a
+        pruned first layer; the F1 finish then multiplies sparse x dense (:func:`finish_products`).
     """
 
     top: object
@@ -159,6 +172,7 @@ class Chain:
     panel: int = DEFAULT_PANEL
     dtype: object = np.float64
     sparse_mats: tuple = ()
+    sparse_finish: object = None
 
     def __post_init__(self):
         T = len(self.mats)
@@ -179,6 +193,12 @@ class Chain:
             for t, (m, s) in enumerate(zip(self.mats, self.sparse_mats), start=1):
                 if s is not None and tuple(s.shape) != tuple(m.shape):
                     raise ShapeMismatchError(f"chain level {t}: sparse matrix of shape {s.shape} needs {tuple(m.shape)}")
+        if self.sparse_finish is not None:
+            if self.finish_mat is None:
+                raise ShapeMismatchError("sparse_finish needs a finish matrix (F1 chains only)")
+            need = tuple(reversed(tuple(int(s) for s in self.finish_mat.shape)))
+            if tuple(self.sparse_finish.shape) != need:
+                raise ShapeMismatchError(f"sparse_finish of shape {self.sparse_finish.shape} needs {need} (W(1)ᵀ)")
 
     # -- shape ------------------------------------------------------------------------------------------------
     @property
@@ -293,21 +313,86 @@ class Chain:
     def _sparse_opt_in(self, threshold):
         return self if threshold is None else self.with_sparse(threshold)
 
-    def with_sparse(self, threshold: float = KERNEL_SPARSE_THRESHOLD) -> "Chain":
-        """This chain with CSR copies of its pruned matrices (:attr:`sparse_mats`): level ``t`` gets one when
-        ``density(mats[t - 1]) < threshold``.  ``threshold <= 0`` gives a chain without sparse matrices (dense
-        kernels); the bounds are the same real-number sums either way (sound; equal to the dense kernels' up to
-        the summation order)."""
+    def with_sparse(self, threshold: float = KERNEL_SPARSE_THRESHOLD, *, levels=None) -> "Chain":
+        """This chain with CSR copies of its pruned matrices (:attr:`sparse_mats`, :attr:`sparse_finish`).
+
+        Level ``t`` gets one when ``density(mats[t - 1]) < threshold``, the F1 finish matrix ``W(1)`` when
+        ``density(finish_mat) < threshold``.  ``threshold <= 0`` gives a chain without sparse matrices (dense
+        kernels); ``threshold = inf`` keeps a copy of every selected matrix.  The bounds are the same real-number
+        sums either way (sound; equal to the dense kernels' up to the summation order).
+
+        Parameters
+        ----------
+        threshold : float
+            Density threshold, ``>= 0``.
+        levels : iterable of int, optional
+            Only these levels are considered: ``t`` in ``1..T`` for ``mats[t - 1]``, ``T + 1`` for the F1 finish
+            matrix (default: all).  Used by the engine to run exactly the layers a model store holds as CSR.
+        """
         from ..network.sparse import density, to_csr
 
         thr = float(threshold)
         if not (thr >= 0.0):
             raise InputError(f"sparse threshold {threshold!r} must be a number >= 0")
+        T = len(self.mats)
+        sel = set(range(1, T + 2)) if levels is None else {int(x) for x in levels}
+        bad = sorted(x for x in sel if not 1 <= x <= T + 1)
+        if bad:
+            raise InputError(f"sparse levels {bad} are outside 1..{T + 1} (T = {T} levels, T + 1 = the finish matrix)")
         sm = []
-        for m in self.mats:
-            a = _np(m, self.dtype)
-            sm.append(to_csr(a, dtype=self.dtype) if a.size and density(a) < thr else None)
-        return replace(self, sparse_mats=tuple(sm) if any(x is not None for x in sm) else ())
+        for t, m in enumerate(self.mats, start=1):
+            if t not in sel or thr <= 0 or 0 in m.shape:
+                sm.append(None)
+            elif thr == math.inf and hasattr(m, "to_csr"):  # a streamed matrix: read as CSR, never dense whole
+                sm.append(m.to_csr(self.dtype))
+            else:
+                a = _np(m, self.dtype)
+                sm.append(to_csr(a, dtype=self.dtype) if density(a) < thr else None)
+        fin = None
+        f = self.finish_mat
+        if f is not None and (T + 1) in sel and thr > 0 and 0 not in f.shape:
+            if thr == math.inf and hasattr(f, "to_csr"):
+                fin = to_csr(f.to_csr(self.dtype).T, dtype=self.dtype)
+            else:
+                f = _np(f, self.dtype)
+                if density(f) < thr:
+                    fin = to_csr(np.ascontiguousarray(f.T), dtype=self.dtype)
+        return replace(self, sparse_mats=tuple(sm) if any(x is not None for x in sm) else (), sparse_finish=fin)
+
+    def level_layers(self) -> tuple[int, ...]:
+        """The network layer (0-based weight index ``k`` of ``W(k+1)``) of each chain matrix: entry ``t - 1`` for
+        ``mats[t - 1]`` (``t = 1..T``), then one more entry for the F1 finish matrix when there is one.
+
+        Backward: ``mats[t - 1] = W(H - t)``, layer ``H - 1 - t`` (``H = T + 1``).  F0: ``mats[t - 1] = W(t + 1)ᵀ``,
+        layer ``t``.  F1: ``mats[t - 1] = W(t + 2)ᵀ``, layer ``t + 1``, and the finish matrix ``W(1)``, layer 0.
+        """
+        T = len(self.mats)
+        if self.direction == "backward":
+            return tuple(T - t for t in range(1, T + 1))
+        if self.finish_mat is not None:
+            return (*(t + 1 for t in range(1, T + 1)), 0)
+        return tuple(range(1, T + 1))
+
+    def with_sparse_layers(self, layers) -> "Chain":
+        """This chain with CSR copies of exactly the matrices that come from the given network layers (e.g. the
+        layers a model store holds as CSR), whatever their density (:meth:`with_sparse` with ``threshold = inf``)."""
+        wanted = {int(k) for k in layers}
+        levels = [t for t, k in enumerate(self.level_layers(), start=1) if k in wanted]
+        return self.with_sparse(math.inf, levels=levels) if levels else self.with_sparse(0.0)
+
+    def sparse_levels(self) -> tuple[int, ...]:
+        """The levels holding a CSR copy (``T + 1``: the finish matrix), the argument of
+        ``with_sparse(inf, levels=...)`` that rebuilds exactly this choice (e.g. in a worker process)."""
+        T = len(self.mats)
+        out = [t for t, s in enumerate(self.sparse_mats, start=1) if s is not None]
+        if self.sparse_finish is not None:
+            out.append(T + 1)
+        return tuple(out)
+
+    @property
+    def is_sparse(self) -> bool:
+        """Whether any product of this chain runs sparse x dense."""
+        return bool(self.sparse_mats) or self.sparse_finish is not None
 
     def with_panel(self, panel: int) -> "Chain":
         return replace(self, panel=int(panel))
@@ -333,6 +418,47 @@ class Chain:
     def rounding_length(self, t: int) -> int:
         """``N_t`` of the module docstring: a bound on the number of roundings on any path of step ``t``."""
         return 3 * sum(int(d.shape[0]) for d in self.dl[:t]) + 4 * t + 4 + (0 if self.dtype == np.float64 else 4 * t + 4)
+
+
+def sparse_chain(chain: Chain, option, stored_layers=()) -> Chain:
+    """Apply a sparse-kernel option to a chain (the one policy shared by the API, the engine and the CLI).
+
+    Parameters
+    ----------
+    chain : Chain
+    option : None, "auto" or float
+        ``None``: dense kernels (the chain unchanged).  ``"auto"``: CSR copies of exactly the matrices of the
+        layers listed in ``stored_layers`` (the layers a model store holds as CSR, :meth:`Chain.with_sparse_layers`).
+        A number: :meth:`Chain.with_sparse` with that density threshold (``0`` disables).
+    stored_layers : iterable of int
+        0-based layer indices stored sparse (``Network.provenance["sparse_layers"]`` of a store-backed network).
+
+    Raises
+    ------
+    InputError
+        Any other option.
+    """
+    if option is None:
+        return chain
+    if isinstance(option, str):
+        if option.strip().lower() == "auto":
+            layers = tuple(stored_layers or ())
+            return chain.with_sparse_layers(layers) if layers else chain
+        try:
+            option = float(option)
+        except ValueError:
+            raise InputError(f"sparse threshold {option!r} not understood; accepted: 'auto' or a density >= 0") from None
+    return chain.with_sparse(option)
+
+
+def stored_sparse_layers(network) -> tuple[int, ...]:
+    """The layers a store-backed network holds as CSR (its provenance's ``sparse_layers``; empty otherwise)."""
+    prov = getattr(network, "provenance", None) or {}
+    layers = prov.get("sparse_layers") or ()
+    try:
+        return tuple(sorted(int(k) for k in layers))
+    except (TypeError, ValueError):
+        return ()
 
 
 def _weights_and_bounds(network, derivative_bounds, dtype):
@@ -550,3 +676,112 @@ def tile_matmul(A: np.ndarray, B: np.ndarray, panel: int, row_tile: int = ROW_TI
         for p in range(0, cp, panel):
             np.matmul(Ap[i : i + row_tile], Bp[:, p : p + panel], out=out[i : i + row_tile, p : p + panel])
     return out[:R, :c]
+
+
+# -- products with a pruned column panel / finish matrix (opt-in, Chain.sparse_mats / Chain.sparse_finish) ---------
+# The dense products above go through fixed-shape BLAS calls; a sparse product gets the same blocking invariance
+# from scipy's kernel instead: ``csr_matvecs`` computes output row i as ``y_i = 0; y_i += a_ij x_j`` over the stored
+# entries j of row i in index order, one independent lane per column of ``x`` (an axpy), so every output entry is
+# the same sequential sum whatever the other rows and columns are (tests/test_sparse_chain_products.py checks it
+# bitwise under changed row and column sets).  Its summation length is the number of stored entries of the row,
+# <= the dense length, so every rounding allowance written for the dense product covers it.  Skipping the zero
+# entries is exact: a real (finite) bounded quantity times 0 is 0, so even an overflowed (infinite) left factor
+# loses nothing sound by not being multiplied by a structural zero.
+
+
+def level_is_sparse(chain: Chain, t: int) -> bool:
+    """Whether level ``t`` (``mats[t - 1]``) of the chain holds a CSR copy (a chain-only, blocking-independent
+    choice)."""
+    return bool(chain.sparse_mats) and chain.sparse_mats[t - 1] is not None
+
+
+def panel_csr_t(V: np.ndarray):
+    """``Vᵀ`` as a canonical ``scipy.sparse.csr_array`` (sorted indices, no explicit zeros), shape ``(c, d)`` for a
+    dense column panel ``V`` of shape ``(d, c)``: row ``k`` holds the stored entries of column ``k`` of ``V``, which
+    depend on that column alone (not on which other columns the panel has)."""
+    a = _sp.csr_array(np.ascontiguousarray(np.asarray(V).T))
+    a.eliminate_zeros()
+    a.sort_indices()
+    return a
+
+
+def _csr_times_dense_t(B, A: np.ndarray) -> np.ndarray:
+    """``(B @ Aᵀ)ᵀ`` = ``A @ Bᵀ`` as a C-contiguous dense array: ``B`` CSR ``(c, d)``, ``A`` dense ``(R, d)``;
+    output ``(R, c)``, entry ``[i, k]`` = the fixed-order sum over the stored entries of ``B[k]``."""
+    R = A.shape[0]
+    c = B.shape[0]
+    if R == 0 or c == 0:
+        return np.zeros((R, c), dtype=np.result_type(A.dtype, B.dtype))
+    out = B @ np.ascontiguousarray(A.T)
+    return np.ascontiguousarray(np.asarray(out).T)
+
+
+def panel_products(chain: Chain, t: int, V: np.ndarray, *lefts) -> list:
+    """``A @ V`` (or ``A @ |V|``) for each ``(A, absolute)`` in ``lefts``: the products of a step with its column
+    panel ``V = M_t[:, cols]`` (step 1 of RecurJac, the magnitude chain, Fast-Lip).
+
+    Parameters
+    ----------
+    chain : Chain
+    t : int
+        The level whose panel ``V`` is (``1 <= t <= T``).
+    V : ndarray, shape (d_t, c)
+    lefts : (ndarray (R_blk, d_t), bool) pairs
+
+    Returns
+    -------
+    list of ndarray, shape (R_blk, c)
+        Dense levels: :func:`tile_matmul` (fixed tiles, as before).  A pruned level (:func:`level_is_sparse`):
+        ``Vᵀ`` (or ``|V|ᵀ``) as CSR times ``Aᵀ`` (section comment above: fixed-order sums of at most ``d_t`` terms,
+        so bitwise blocking-invariant and covered by the dense rounding allowance); the panel is converted once
+        for all products.
+    """
+    if not level_is_sparse(chain, t):
+        absV = None
+        out = []
+        for A, absolute in lefts:
+            if absolute and absV is None:
+                absV = np.abs(V)
+            out.append(tile_matmul(A, absV if absolute else V, chain.panel))
+        return out
+    Bt = panel_csr_t(V)
+    absBt = None
+    out = []
+    for A, absolute in lefts:
+        if absolute and absBt is None:
+            absBt = abs(Bt)
+        out.append(_csr_times_dense_t(absBt if absolute else Bt, np.asarray(A)))
+    return out
+
+
+def finish_products(chain: Chain, *rights) -> list:
+    """``W(1)ᵀ @ B`` (or ``|W(1)ᵀ| @ B``) for each ``(B, absolute)`` in ``rights``: the F1 finish (``B`` of shape
+    ``(n_1, m)``, the result ``(n_0, m)``).
+
+    Dense: :func:`tile_matmul` on ``W(1)ᵀ``.  Pruned first layer (:attr:`Chain.sparse_finish`): CSR ``W(1)ᵀ`` times
+    the dense ``B``; entry ``[k, i]`` sums the stored entries of row ``k`` (column ``k`` of ``W(1)``, at most ``n_1``
+    terms) in index order, independent of the other columns of ``B`` (blocking-invariant, covered by the dense
+    rounding allowance of :func:`recurjac_scale.jacobian.methods.finish_chain`).
+    """
+    S = chain.sparse_finish
+    if S is None:
+        W1T = np.ascontiguousarray(np.asarray(chain.finish_mat, dtype=chain.dtype).T)
+        absW1T = None
+        out = []
+        for B, absolute in rights:
+            if absolute and absW1T is None:
+                absW1T = np.abs(W1T)
+            out.append(tile_matmul(absW1T if absolute else W1T, B, chain.panel))
+        return out
+    absS = None
+    out = []
+    for B, absolute in rights:
+        if absolute and absS is None:
+            absS = abs(S)
+        M = absS if absolute else S
+        B = np.ascontiguousarray(B)
+        if M.shape[0] == 0 or B.shape[1] == 0:
+            out.append(np.zeros((M.shape[0], B.shape[1]), dtype=np.result_type(M.dtype, B.dtype)))
+        else:
+            out.append(np.ascontiguousarray(np.asarray(M @ B)))
+    return out

@@ -6,6 +6,10 @@ derivative interval, ``Z = hull([L, U] · [dl_t, du_t])`` (``0 <= dl <= du``: lo
 midpoint-radius form, ``mid(Z) V ± rad(Z) |V|`` (exact for an interval matrix times a point matrix).  Rounding:
 each step widens by ``gamma(d_t + 8) * mag_t`` (its local error; the priors are certified floats).
 
+A pruned level (``Chain.with_sparse``) multiplies by ``V`` sparse x dense (:func:`recurjac_scale.jacobian.chain.
+panel_products`): each entry is a fixed-order sum over the stored entries of a column of ``V`` (at most ``d_t``
+terms, so the same allowance covers it, and the result stays bitwise independent of the blocking).
+
 For ReLU (``[dl, du]`` in ``{[0,0], [0,1], [1,1]}``) this is Fast-Lip as published; for leaky ReLU it is its
 leaky extension (``[α, 1]``).  The same recursion is sound for every activation with ``0 <= dl <= du``
 (Assumption 2), so it is allowed for all of them; only its tightness is not studied in the paper.
@@ -15,8 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chain import Chain, tile_matmul, widen_outward, widening
-from .recurjac import magnitude_step
+from .chain import Chain, panel_products, widen_outward, widening
 
 __all__ = ["fastlip_step", "interval_hull"]
 
@@ -64,9 +67,10 @@ def fastlip_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
     zl, zu = interval_hull(L, U, dl[None, :], du[None, :])
     mid = 0.5 * (zl + zu)
     rad = 0.5 * (zu - zl)
-    center = tile_matmul(mid, V, chain.panel)
-    radius = tile_matmul(rad, np.abs(V), chain.panel)
-    mag = magnitude_step(chain, t, V, np.asarray(prev["mag"], dtype=dt))
+    # The three products with V (centre, radius, magnitude chain ``mag_{t-1} D(du) |V|``, as magnitude_step):
+    # dense fixed tiles, or sparse x dense for a pruned level (chain.panel_products; <= d_t terms per entry).
+    mag_in = np.asarray(prev["mag"], dtype=dt) * du[None, :]
+    center, radius, mag = panel_products(chain, t, V, (mid, False), (rad, True), (mag_in, True))
     # Local error only (L, U are certified floats): the hull products, mid/rad, and one GEMM of length d_t, each
     # term dominated by du |L or U| |V| <= mag_t (up to the earlier widening, covered by the factor 2 in gamma).
     w = widening(chain, t, mag, n=V.shape[0] + 8 + (0 if chain.dtype == np.float64 else 8))

@@ -13,7 +13,7 @@ import numpy as np
 
 from .._fp import gamma
 from ..errors import InputError
-from .chain import Chain, DEFAULT_PANEL, derivative_bounds_for, tile_matmul, widen_outward
+from .chain import Chain, DEFAULT_PANEL, derivative_bounds_for, finish_products, widen_outward
 from .fastlip import fastlip_step, interval_hull
 from .recurjac import recurjac_step
 
@@ -26,7 +26,9 @@ def finish_chain(chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
     Backward: identity.  Forward: transpose.  F1 (``chain.finish_mat`` set): ``Y = ∂f/∂h(1) = P_Tᵀ``; per neuron
     ``r`` of layer 1 the hull of ``[L, U]·[dl_r, du_r]``, then the interval product with ``W(1)`` in
     midpoint-radius form, widened outward by ``gamma(n_1 + 16) * |W(1)|ᵀ D(du) mag_T`` (twice Higham's bound; ``max(|L|, |U|) <= mag_T``
-    up to the earlier widening).
+    up to the earlier widening).  With a pruned first layer (:attr:`Chain.sparse_finish`) the three products run
+    as CSR ``W(1)ᵀ`` x dense: at most ``n_1`` terms per entry (the same allowance), bitwise independent of the
+    blocking.
 
     Returns
     -------
@@ -38,18 +40,18 @@ def finish_chain(chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
         if chain.direction == "backward":
             return L, U
         return np.ascontiguousarray(L.T), np.ascontiguousarray(U.T)
-    W1 = np.asarray(chain.finish_mat, dtype=chain.dtype)  # (n_1, n_0)
+    n_1 = int(chain.finish_mat.shape[0])  # W(1): (n_1, n_0)
     dl, du = chain.finish_dl, chain.finish_du
     zl, zu = interval_hull(L, U, dl[:, None], du[:, None])  # (n_1, m): bounds of sigma'_r Y[:, r]^T
     mid = 0.5 * (zl + zu)
     rad = 0.5 * (zu - zl)
-    W1T = np.ascontiguousarray(W1.T)  # (n_0, n_1)
-    absW1T = np.abs(W1T)
-    center = tile_matmul(W1T, mid, chain.panel)  # (n_0, m)
-    radius = tile_matmul(absW1T, rad, chain.panel)
-    mag = tile_matmul(absW1T, du[:, None] * np.asarray(state["mag"], dtype=chain.dtype), chain.panel)
+    # (n_0, m) each: W(1)ᵀ mid, |W(1)ᵀ| rad, |W(1)ᵀ| D(du) mag_T; dense fixed tiles, or CSR W(1)ᵀ x dense for a
+    # pruned first layer (chain.finish_products: fixed-order sums of <= n_1 terms, same allowance).
+    center, radius, mag = finish_products(
+        chain, (mid, False), (rad, True), (du[:, None] * np.asarray(state["mag"], dtype=chain.dtype), True)
+    )
     # Local error only (L, U are certified floats): hull products, mid/rad, one GEMM of length n_1.
-    n = W1.shape[0] + 16 + (0 if chain.dtype == np.float64 else 8)
+    n = n_1 + 16 + (0 if chain.dtype == np.float64 else 8)
     g = gamma(n, chain.dtype)
     w = g * (1.0 + g) * mag + np.finfo(chain.dtype).tiny * n
     lower, upper = widen_outward(center - radius, center + radius, w)

@@ -38,7 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import kernels
-from .chain import Chain, panel_matmul, tile_matmul, widen_outward, widening
+from .chain import Chain, panel_matmul, panel_products, tile_matmul, widen_outward, widening
 
 __all__ = ["recurjac_step", "magnitude_step"]
 
@@ -74,11 +74,11 @@ def _contig(M):
 
 def magnitude_step(chain: Chain, t: int, V: np.ndarray, mag_prev: np.ndarray) -> np.ndarray:
     """``mag_t = mag_{t-1} D(du_t) |V|`` for a block, shape ``(R_blk, c)`` (``V`` shared ``(d_t, c)`` or per row
-    ``(R_blk, d_t, c)``)."""
+    ``(R_blk, d_t, c)``).  A shared panel of a pruned level is multiplied sparse (:func:`panel_products`)."""
     du = chain.du[t - 1]
     A = mag_prev * du[None, :]
     if V.ndim == 2:
-        return tile_matmul(A, np.abs(V), chain.panel)
+        return panel_products(chain, t, V, (A, True))[0]
     out = np.empty((V.shape[0], V.shape[2]), dtype=chain.dtype)
     kernels.perrow_abs_matmul(np.ascontiguousarray(A), np.ascontiguousarray(V), out)
     return out
@@ -385,8 +385,8 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
         # P_0 = M_0 exact: max/min over sigma in [dl, du] of A D(sigma) V = A D(mid) V ± |A| D(rad) |V| (Eq. 10-11).
         mid = 0.5 * (dl_t + du_t)
         rad = 0.5 * (du_t - dl_t)
-        center = tile_matmul(A * mid[None, :], V, chain.panel)
-        radius = tile_matmul(np.abs(A) * rad[None, :], np.abs(V), chain.panel)
+        # (sparse x dense when level 1 is pruned: fixed-order sums of <= d_1 terms, see chain.panel_products)
+        center, radius = panel_products(chain, t, V, (A * mid[None, :], False), (np.abs(A) * rad[None, :], True))
         upper = center + radius
         lower = center - radius
     else:
