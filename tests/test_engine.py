@@ -111,6 +111,24 @@ def test_blocking_does_not_change_the_result(small, reference, method, blocks):
     _same(res, reference[method])
 
 
+@pytest.mark.parametrize("cache_bytes", [0, 10**9])
+def test_prior_cache_bounded_and_read_only(small, reference, monkeypatch, cache_bytes):
+    """Tasks read earlier states through a per-process cache: without it (0 bytes) and with a large one the result
+    is the in-memory one bitwise, the cache stays within its bound, and cached rows cannot be modified in place."""
+    import recurjac_scale.engine.run as run
+
+    monkeypatch.setattr(run, "PRIOR_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(run, "_PRIORS", run.OrderedDict())
+    monkeypatch.setattr(run, "_PRIORS_BYTES", [0])
+    net, x0 = small
+    res = _plan(net, x0, "recurjac-f0", row_block=2, col_block=3).compute(scheduler="threads")
+    _same(res, reference["recurjac-f0"])
+    assert run._PRIORS_BYTES[0] == sum(a.nbytes for a in run._PRIORS.values()) <= cache_bytes
+    assert (len(run._PRIORS) > 0) == (cache_bytes > 0)
+    for a in run._PRIORS.values():
+        assert not a.flags.writeable
+
+
 def test_other_activations_norms_and_outputs(rng):
     net = random_network([6, 10, 9, 4], "tanh", rng)
     x0 = rng.normal(size=6)

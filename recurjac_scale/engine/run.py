@@ -31,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,16 @@ RESULT_FORMAT = "recurjac-scale-jacobian-bounds"
 _ARRAYS: dict[str, Any] = {}
 _ARRAYS_LOCK = threading.Lock()
 
+PRIOR_CACHE_BYTES = 128 * 2**20
+"""Per process: rows of earlier states kept after a task read them, least recently used dropped first.  The column
+blocks of one step and the next steps of the same row block read the same priors; a state block never changes once
+its step is complete for those rows (which the graph's dependencies guarantee before any task reads it), so a cached
+copy is exactly what a new read would return.  Counted in the plan's memory per worker."""
+
+_PRIORS: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_PRIORS_BYTES = [0]
+_PRIORS_LOCK = threading.Lock()
+
 
 def _array(path: str, job_id: str):
     """Open (and cache per process) a zarr array of the state / result stores.  The cache key includes the job:
@@ -64,6 +75,28 @@ def _array(path: str, job_id: str):
                 if len(_ARRAYS) > 256:
                     _ARRAYS.clear()
                 _ARRAYS[key] = a
+    return a
+
+
+def _read_prior(path: str, job_id: str, r0: int, r1: int) -> np.ndarray:
+    """Rows ``r0:r1`` (all columns) of a state array of a completed step, read-only, through the per-process
+    cache (:data:`PRIOR_CACHE_BYTES`)."""
+    key = (path, job_id, r0, r1)
+    with _PRIORS_LOCK:
+        a = _PRIORS.get(key)
+        if a is not None:
+            _PRIORS.move_to_end(key)
+            return a
+    a = np.asarray(_array(path, job_id)[r0:r1, :])
+    a.setflags(write=False)  # shared by the tasks of this process: never modified in place
+    if a.nbytes <= PRIOR_CACHE_BYTES:
+        with _PRIORS_LOCK:
+            if key not in _PRIORS:
+                _PRIORS[key] = a
+                _PRIORS_BYTES[0] += a.nbytes
+            while _PRIORS_BYTES[0] > PRIOR_CACHE_BYTES and _PRIORS:
+                _, old = _PRIORS.popitem(last=False)
+                _PRIORS_BYTES[0] -= old.nbytes
     return a
 
 
@@ -86,7 +119,7 @@ def _block_task(spec, state: str, ckpt: str, job_id: str, durable: bool, t: int,
     r0, r1 = rows
     c0, c1 = cols
     priors = {
-        s: {k: _array(_state_array_path(state, s, k), job_id)[r0:r1, :] for k in spec.state_keys}
+        s: {k: _read_prior(_state_array_path(state, s, k), job_id, r0, r1) for k in spec.state_keys}
         for s in spec.prior_steps(t)
     }
     t_read = time.perf_counter()
