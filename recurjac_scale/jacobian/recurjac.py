@@ -226,14 +226,37 @@ steps dropped first).  They depend on the chain alone, so every task of a step r
 are larger is recomputed by each task."""
 
 
-def _shared_factors(chain: Chain, t: int) -> dict:
-    """The chain-only part of :func:`_shared_levels` for step ``t``: per level ``s = t..2`` the neurons (live,
-    stable ``st``, unstable ``u``), the rows ``G_s[u]`` of the shared factor and the stable-scaled level matrix
+def _shared_header(chain: Chain, t: int) -> tuple[np.ndarray, int, int]:
+    """``(alive_t, r, nbytes)`` of step ``t``'s shared factors from the derivative bounds alone: the live neurons
+    of level ``t``, the rows of the per-row factor ``Z`` (unstable live neurons of levels ``t..2``) and an upper
+    estimate of the bytes of :func:`_shared_factors` (dense ``Ms`` and ``G`` blocks)."""
+    alive = _alive(chain.du[t - 1])
+    alive_t = alive
+    r = 0
+    nbytes = 0
+    item = np.dtype(chain.dtype).itemsize
+    for s in range(t, 1, -1):
+        unst = chain.dl[s - 1][alive] != chain.du[s - 1][alive]
+        n_u = int(np.count_nonzero(unst))
+        alive_up = _alive(chain.du[s - 2])
+        nbytes += item * (alive_up.size * (alive.size - n_u) + n_u * r + 4 * alive.size)
+        r += n_u
+        alive = alive_up
+    nbytes += item * (alive.size * r + 4 * alive.size)
+    return alive_t, r, nbytes
+
+
+def _shared_factors(chain: Chain, t: int):
+    """The chain-only part of :func:`_shared_levels` for step ``t``, as a sequence of ``("level", dict)`` for
+    ``s = t..2`` and a final ``("top", dict)``: per level the neurons (live, stable ``st``, unstable ``u``), the rows
+    ``G_s[u]`` of the shared factor and the stable-scaled level matrix
     ``Ms = M_{s-1}[alive_{s-1}, alive_s[st]] D(du[st])``; at the top ``G_1[st]``, ``G_1[u]``.
 
     ``G_s`` (``|alive_s| x r_s``, ``r_s`` = unstable neurons of the levels above) maps the per-row factors ``Z``
     to the operand of level ``s``; it does not depend on the rows, the columns or the blocking, so it is computed
-    once per process and step (:meth:`Chain.memo`, at most :data:`SHARED_CACHE_BYTES`).
+    once per process and step and kept (:meth:`Chain.memo`) when its estimated size fits
+    :data:`SHARED_CACHE_BYTES`.  A larger one is produced level by level and dropped as it is used, so a task
+    never holds more than one level's matrices (streamed, out-of-core chains).
     """
     memo = chain.memo()
     lock = memo.setdefault("_lock", threading.Lock())
@@ -243,10 +266,27 @@ def _shared_factors(chain: Chain, t: int) -> dict:
         if hit is not None:
             cache.move_to_end(t)
             return hit
+    nbytes = _shared_header(chain, t)[2]
+    if nbytes > SHARED_CACHE_BYTES:
+        return _iter_shared_factors(chain, t)
+    out = list(_iter_shared_factors(chain, t))
+    with lock:
+        cache[t] = out
+        cache.move_to_end(t)
+        sizes = memo.setdefault("shared_factor_bytes", {})
+        sizes[t] = nbytes
+        for k in [k for k in sizes if k not in cache]:
+            del sizes[k]
+        while sum(sizes.values()) > SHARED_CACHE_BYTES and len(cache) > 1:
+            old, _ = cache.popitem(last=False)
+            sizes.pop(old, None)
+    return out
+
+
+def _iter_shared_factors(chain: Chain, t: int):
     dt = chain.dtype
     alive = _alive(chain.du[t - 1])
     G = np.zeros((alive.size, 0), dtype=dt)
-    levels = []
     r = 0
     for s in range(t, 1, -1):
         lo, hi = chain.dl[s - 1][alive], chain.du[s - 1][alive]
@@ -262,33 +302,22 @@ def _shared_factors(chain: Chain, t: int) -> dict:
         else:
             Ms = np.ascontiguousarray(M[:, st] * hi[st][None, :])
             Mu = M[:, u]
-        levels.append({
-            "s": s, "alive": alive, "st": st, "u": u, "lo_u": np.ascontiguousarray(lo[u]), "hi_u": np.ascontiguousarray(hi[u]),
-            "Gu": np.ascontiguousarray(G[u]), "Ms": Ms, "r": r,
-        })
+        del M
+        yield "level", {
+            "s": s, "alive": alive, "st": st, "u": u, "lo_u": np.ascontiguousarray(lo[u]),
+            "hi_u": np.ascontiguousarray(hi[u]), "Gu": np.ascontiguousarray(G[u]), "Ms": Ms, "r": r,
+        }
         G = np.hstack([np.asarray(Ms @ G[st]), Mu])
+        del Ms, Mu
         r += u.size
         alive = alive_up
     lo, hi = chain.dl[0][alive], chain.du[0][alive]
     st = np.flatnonzero(lo == hi)
     u = np.flatnonzero(lo != hi)
-    out = {
-        "alive_t": _alive(chain.du[t - 1]), "levels": levels, "r": r, "alive_top": alive, "st_top": st, "u_top": u,
-        "hi_st_top": np.ascontiguousarray(hi[st]), "lo_u_top": np.ascontiguousarray(lo[u]),
-        "hi_u_top": np.ascontiguousarray(hi[u]), "G_st_top": np.ascontiguousarray(G[st]),
-        "G_u_top": np.ascontiguousarray(G[u]),
+    yield "top", {
+        "alive": alive, "st": st, "u": u, "hi_st": np.ascontiguousarray(hi[st]), "lo_u": np.ascontiguousarray(lo[u]),
+        "hi_u": np.ascontiguousarray(hi[u]), "G_st": np.ascontiguousarray(G[st]), "G_u": np.ascontiguousarray(G[u]),
     }
-    nbytes = sum(_nbytes(v) for v in out.values()) + sum(_nbytes(v) for lvl in levels for v in lvl.values())
-    if nbytes <= SHARED_CACHE_BYTES:
-        with lock:
-            cache[t] = out
-            cache.move_to_end(t)
-            total = sum(x["_nbytes"] for x in cache.values() if "_nbytes" in x) + nbytes
-            out["_nbytes"] = nbytes
-            while total > SHARED_CACHE_BYTES and len(cache) > 1:
-                _, old = cache.popitem(last=False)
-                total -= old.get("_nbytes", 0)
-    return out
 
 
 def _nbytes(v) -> int:
@@ -313,12 +342,14 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
     preparation kernels.
     """
     dt = acc.dtype
-    f = _shared_factors(chain, t)
-    Xsh = np.ascontiguousarray(V[f["alive_t"]])  # (K, c)
-    Z = np.empty((f["r"], npad), dtype=dt)
+    alive_t, r_total, _ = _shared_header(chain, t)
+    Xsh = np.ascontiguousarray(V[alive_t])  # (K, c)
+    Z = np.empty((r_total, npad), dtype=dt)
     Z[:, 2 * R * c :] = 0.0
     cp = -(-c // P) * P
-    for lvl in f["levels"]:
+    for kind, lvl in _shared_factors(chain, t):
+        if kind == "top":
+            break
         u, st, r = lvl["u"], lvl["st"], lvl["r"]
         # Per-row operand on the unstable neurons (without Xsh[u], which prep_level adds).
         Xu = panel_matmul(lvl["Gu"], Z[:r], P)
@@ -329,21 +360,22 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
             Xu, False, Lp, Up, lvl["lo_u"], lvl["hi_u"], R, c, Z[r : r + u.size], acc,
             np.zeros((R, u.size), dtype=np.uint8), np.zeros(R, np.int64), np.ascontiguousarray(Xsh[u]),
         )
+        del Xu
         # Expand the shared part into M_{s-1} through the stable neurons.
         Vs = np.zeros((st.size, cp), dtype=dt)
         Vs[:, :c] = Xsh[st]
         Xsh = np.ascontiguousarray(panel_matmul(lvl["Ms"], Vs, P)[:, :c])
     # Top (level 1, Y = A exact): stable neurons exactly, unstable ones by the sign rule of Eq. 10-11.
-    alive, st, u = f["alive_top"], f["st_top"], f["u_top"]
-    B1 = np.ascontiguousarray(A[:, alive[st]] * f["hi_st_top"][None, :])
+    alive, st, u = lvl["alive"], lvl["st"], lvl["u"]
+    B1 = np.ascontiguousarray(A[:, alive[st]] * lvl["hi_st"][None, :])
     Tsh = tile_matmul(B1, Xsh[st], P)  # (R, c)
     acc[0] += Tsh
     acc[1] += Tsh
-    H = tile_matmul(B1, f["G_st_top"], P)  # (R, r)
+    H = tile_matmul(B1, lvl["G_st"], P)  # (R, r)
     kernels.rowdot_acc(np.ascontiguousarray(H), Z, R, c, acc)
-    Xu = panel_matmul(f["G_u_top"], Z, P)
+    Xu = panel_matmul(lvl["G_u"], Z, P)
     kernels.top_level(
-        Xu, np.ascontiguousarray(A[:, alive[u]]), f["lo_u_top"], f["hi_u_top"], R, c, acc, np.ascontiguousarray(Xsh[u])
+        Xu, np.ascontiguousarray(A[:, alive[u]]), lvl["lo_u"], lvl["hi_u"], R, c, acc, np.ascontiguousarray(Xsh[u])
     )
 
 
