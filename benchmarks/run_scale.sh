@@ -14,28 +14,28 @@ run() {  # run NAME TIMEOUT_S ARGS...
   echo "$(date -u +%H:%M:%S) end $name rc=$?"
 }
 run gemm 600 gemm
-run sparse 600 sparse
 run full-fastlip-r0 900 full --method fastlip --radius 0 --repeats 3
 run full-b-r0 900 full --method recurjac-b --radius 0 --repeats 3
-run full-fastlip-r0-fastlin 900 full --method fastlip --radius 0 --repeats 3 --layer-bounds fastlin
-run full-b-r0-fastlin 900 full --method recurjac-b --radius 0 --repeats 3 --layer-bounds fastlin
 run full-f0-r0 1800 full --method recurjac-f0 --radius 0 --repeats 1
 run full-f0-r0-threads 1800 full --method recurjac-f0 --radius 0 --scheduler threads --threads 2 --repeats 1
 run full-f1-r0 1800 full --method recurjac-f1 --radius 0 --repeats 1
 run full-f1-r0-threads 1800 full --method recurjac-f1 --radius 0 --scheduler threads --threads 2 --repeats 1
+run workers-f0 1200 workers --method recurjac-f0 --radius 0 --row-block 128 --col-block 128 --blocks 576 --repeats 2
 run sample-f0-r0 1800 sample --method recurjac-f0 --radius 0 --row-blocks 1
 run sample-f1-r0 1800 sample --method recurjac-f1 --radius 0 --row-blocks 1
-run workers-f0 1200 workers --method recurjac-f0 --radius 0 --row-block 128 --col-block 128 --blocks 576 --repeats 2
-run full-fastlip-r1 600 full --method fastlip --radius 1 --repeats 2
-run full-b-r1 600 full --method recurjac-b --radius 1 --repeats 2
-run full-fastlip-r2 600 full --method fastlip --radius 2 --repeats 2
-run full-b-r2 600 full --method recurjac-b --radius 2 --repeats 2
 run sample-f0-r1 1800 sample --method recurjac-f0 --radius 1 --row-blocks 1
 run sample-f1-r1 1800 sample --method recurjac-f1 --radius 1 --row-blocks 1
 run sample-f0-r2 1800 sample --method recurjac-f0 --radius 2 --row-blocks 1
 run sample-f1-r2 1800 sample --method recurjac-f1 --radius 2 --row-blocks 1
-run ooc 900 ooc --width 8192 --worker-memory 1GiB
-run full-b-r0-pruned 600 full --method recurjac-b --radius 0 --repeats 2 --pruned
-run sample-f0-r0-pruned 600 sample --method recurjac-f0 --radius 0 --row-blocks 1 --pruned
-run full-f0-r0-pruned 1800 full --method recurjac-f0 --radius 0 --repeats 1 --pruned
+run full-fastlip-r1 600 full --method fastlip --radius 1 --repeats 2
+run full-b-r1 600 full --method recurjac-b --radius 1 --repeats 2
+run full-fastlip-r2 600 full --method fastlip --radius 2 --repeats 2
+run full-b-r2 600 full --method recurjac-b --radius 2 --repeats 2
+run full-fastlip-r0-fastlin 900 full --method fastlip --radius 0 --repeats 3 --layer-bounds fastlin
+run full-b-r0-fastlin 900 full --method recurjac-b --radius 0 --repeats 3 --layer-bounds fastlin
+run sparse 600 sparse
+# Out-of-core and the pruned twin have their own scripts (results/scale_ooc.md, results/sparse_kernels.md):
+#   python benchmarks/bench_scale.py ooc --width 8192 --worker-memory 1GiB
+#   python benchmarks/bench_sparse_kernels.py --row-blocks 2
 python benchmarks/bench_scale.py report
+python benchmarks/assemble_results.py

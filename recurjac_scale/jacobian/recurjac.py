@@ -255,8 +255,8 @@ def _shared_factors(chain: Chain, t: int):
     ``G_s`` (``|alive_s| x r_s``, ``r_s`` = unstable neurons of the levels above) maps the per-row factors ``Z``
     to the operand of level ``s``; it does not depend on the rows, the columns or the blocking, so it is computed
     once per process and step and kept (:meth:`Chain.memo`) when its estimated size fits
-    :data:`SHARED_CACHE_BYTES`.  A larger one is produced level by level and dropped as it is used, so a task
-    never holds more than one level's matrices (streamed, out-of-core chains).
+    :data:`SHARED_CACHE_BYTES` and the chain is not streamed from the model store.  Otherwise the factors are
+    produced level by level and dropped as they are used, so a task never holds more than one level's matrices.
     """
     memo = chain.memo()
     lock = memo.setdefault("_lock", threading.Lock())
@@ -267,7 +267,7 @@ def _shared_factors(chain: Chain, t: int):
             cache.move_to_end(t)
             return hit
     nbytes = _shared_header(chain, t)[2]
-    if nbytes > SHARED_CACHE_BYTES:
+    if nbytes > SHARED_CACHE_BYTES or _streamed(chain):
         return _iter_shared_factors(chain, t)
     out = list(_iter_shared_factors(chain, t))
     with lock:
@@ -281,6 +281,12 @@ def _shared_factors(chain: Chain, t: int):
             old, _ = cache.popitem(last=False)
             sizes.pop(old, None)
     return out
+
+
+def _streamed(chain: Chain) -> bool:
+    """The chain's matrices are read from the model store by each task (out-of-core runs: memory is the limit,
+    so nothing is kept between tasks)."""
+    return any(hasattr(m, "panel_rows") for m in chain.mats)
 
 
 def _iter_shared_factors(chain: Chain, t: int):
