@@ -53,7 +53,8 @@ PRIOR_CACHE_BYTES = 128 * 2**20
 """Per process: rows of earlier states kept after a task read them, least recently used dropped first.  The column
 blocks of one step and the next steps of the same row block read the same priors; a state block never changes once
 its step is complete for those rows (which the graph's dependencies guarantee before any task reads it), so a cached
-copy is exactly what a new read would return.  Counted in the plan's memory per worker."""
+copy is exactly what a new read would return.  Counted in the plan's memory per worker; not used when the weights
+are streamed (out-of-core runs)."""
 
 _PRIORS: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 _PRIORS_BYTES = [0]
@@ -78,9 +79,11 @@ def _array(path: str, job_id: str):
     return a
 
 
-def _read_prior(path: str, job_id: str, r0: int, r1: int) -> np.ndarray:
+def _read_prior(path: str, job_id: str, r0: int, r1: int, cache: bool = True) -> np.ndarray:
     """Rows ``r0:r1`` (all columns) of a state array of a completed step, read-only, through the per-process
-    cache (:data:`PRIOR_CACHE_BYTES`)."""
+    cache (:data:`PRIOR_CACHE_BYTES`; not with ``cache=False``: out-of-core runs, where memory is the limit)."""
+    if not cache:
+        return np.asarray(_array(path, job_id)[r0:r1, :])
     key = (path, job_id, r0, r1)
     with _PRIORS_LOCK:
         a = _PRIORS.get(key)
@@ -119,7 +122,8 @@ def _block_task(spec, state: str, ckpt: str, job_id: str, durable: bool, t: int,
     r0, r1 = rows
     c0, c1 = cols
     priors = {
-        s: {k: _read_prior(_state_array_path(state, s, k), job_id, r0, r1) for k in spec.state_keys}
+        s: {k: _read_prior(_state_array_path(state, s, k), job_id, r0, r1, cache=not spec.stream)
+            for k in spec.state_keys}
         for s in spec.prior_steps(t)
     }
     t_read = time.perf_counter()
