@@ -116,9 +116,11 @@ class ChainShape:
         and columns rounded up to the panel).  Fast-Lip: the interval hull ``(rows, d_t)`` arrays and the padded
         products.
         """
+        from ..jacobian.chain import ROW_TILE
+
         d = self.widths
         P = max(1, int(self.panel))
-        Rp = -(-rows // P) * P
+        Rp = -(-rows // ROW_TILE) * ROW_TILE  # tile_matmul pads rows to whole row tiles
         cp = -(-cols // P) * P
         if self.depth == "interval":
             dt = d[t - 1]
@@ -418,7 +420,15 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None) ->
 
         store_path = str(Path(network).resolve())
         network = open_network(store_path)
-    net = network.materialize() if network.is_lazy else network
+    if network.is_lazy:
+        import dask
+
+        # Read the store here, in the client (threads of this process): never through a distributed Client that
+        # may be dask's default, whose workers are not meant to hold the network (out-of-core jobs).
+        with dask.config.set(scheduler="threads"):
+            net = network.materialize()
+    else:
+        net = network
     region = Region.of(net, x0, eps, p)
     C = _api.output_matrix(outputs, net.n_outputs)
     netC = net.with_outputs(C)

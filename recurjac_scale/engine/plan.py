@@ -93,6 +93,14 @@ def format_bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
+def _format_bytes_up(n: float) -> str:
+    """:func:`format_bytes` rounded up (never below ``n``): a size to give back as a budget."""
+    for unit, f in (("B", 1), ("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
+        if n < 1024 * f:
+            return f"{int(n)} B" if unit == "B" else f"{math.ceil(n / f * 10) / 10:.1f} {unit}"
+    return f"{math.ceil(n / 2**40 * 10) / 10:.1f} TiB"
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """One layer step of a plan.
@@ -283,9 +291,9 @@ def _streamed_bytes(shape: "_blocks.ChainShape", t: int, cb: int, tile_bytes: in
     store (:mod:`recurjac_scale.engine.streaming`).
 
     The column panel ``M_t[:, cols]`` (``d_t x cols``, the step's operand), and the store reads in flight: a tile
-    of :meth:`~recurjac_scale.engine.streaming.StoreMatrix.live_block` lies inside one zarr chunk
-    (``tile_bytes``, :func:`~recurjac_scale.engine.streaming.store_tile_bytes`), held as the compressed chunk, the
-    decoded chunk, the tile read and its selected part: ``4 x tile_bytes``.  The live weight blocks themselves are
+    of :meth:`~recurjac_scale.engine.streaming.StoreMatrix.live_block` (``tile_bytes``,
+    :func:`~recurjac_scale.engine.streaming.store_tile_bytes`) is held as its compressed chunks, their decoded
+    buffers, the tile read and its selected part: ``4 x tile_bytes``.  The live weight blocks themselves are
     counted in :meth:`ChainShape.level_bytes` (in memory the same blocks are cut out of the held matrices).
     """
     d = shape.widths
@@ -354,7 +362,7 @@ def choose_blocks(
                 f"({rb} x {cb}) need {format_bytes(need)} (worker baseline {format_bytes(int(baseline))} + "
                 f"{'streamed weights' if stream else 'held weights ' + format_bytes(wbytes)} + "
                 f"{threads_per_worker} thread(s) x task {format_bytes(task)}); give --memory-budget >= "
-                f"{format_bytes(need)}"
+                f"{_format_bytes_up(need)}"
                 + (" or fewer --threads-per-worker" if threads_per_worker > 1 else "")
             )
     return rb, cb

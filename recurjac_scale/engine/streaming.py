@@ -6,8 +6,8 @@ when the task ends.  The column panel ``M_t[:, cols]`` (a step's operand) reads 
 recursion needs the compacted live block ``M_s[alive_up][:, alive]`` (``alive_up``, ``alive``: the neurons with
 ``du > 0`` on both sides); :func:`recurjac_scale.jacobian.recurjac._level_matrix` (the only way the step functions
 read a whole chain matrix) asks the matrix for it through :meth:`StoreMatrix.live_block`, which allocates the
-compacted block and fills it one store tile at a time (a tile lies inside one zarr chunk, at most
-:data:`STREAM_PANEL_BYTES`): a task holds the live block of a level plus one tile and its selected part, never a
+compacted block and fills it one store tile at a time (a tile lies inside one chunk column of the zarr
+array, at most :data:`STREAM_PANEL_BYTES` or one chunk): a task holds the live block of a level plus one tile and its selected part, never a
 whole matrix and never a filled full-size copy.  The price is reading the weights once per task.
 
 The values are exactly those of the in-memory chain (same float64 numbers, converted to the chain's dtype element by
@@ -28,10 +28,10 @@ import numpy as np
 
 __all__ = ["StoreMatrix", "streamed_chain", "can_stream", "store_tile_bytes", "STREAM_PANEL_BYTES"]
 
-STREAM_PANEL_BYTES = 32 * 2**20
+STREAM_PANEL_BYTES = 16 * 2**20
 """Largest read from the store at a time: a row panel of ``np.asarray`` of a :class:`StoreMatrix` (rounded to whole
-rows, at least one row), and the cap on a tile of :meth:`StoreMatrix.live_block` (which also stays inside one zarr
-chunk)."""
+rows, at least one row), and a tile of :meth:`StoreMatrix.live_block` (whole chunk rows of one chunk column, or
+part of one chunk when a chunk is larger)."""
 
 
 class StoreMatrix:
@@ -91,14 +91,9 @@ class StoreMatrix:
         return max(1, int(pb) // (8 * max(1, self.shape[1])))
 
     def tile_shape(self) -> tuple[int, int]:
-        """``(rows, cols)`` of this matrix read at a time by :meth:`live_block`: one zarr chunk of the stored
-        weight (in this matrix's orientation), with its rows cut so that a tile has at most ``panel_bytes``
-        (default :data:`STREAM_PANEL_BYTES`) float64 values, at least one row."""
-        a, b = (int(c) for c in self._array().chunks)
-        cr, cc = (b, a) if self.transpose else (a, b)
-        cr, cc = max(1, min(cr, self.shape[0])), max(1, min(cc, self.shape[1]))
+        """``(rows, cols)`` of this matrix read at a time by :meth:`live_block` (:func:`_tile_shape`)."""
         pb = STREAM_PANEL_BYTES if self.panel_bytes is None else self.panel_bytes
-        return max(1, min(cr, int(pb) // (8 * cc))), cc
+        return _tile_shape(self._array().chunks, self.shape, self.transpose, pb)
 
     def _tile(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
         """``M[r0:r1, c0:c1]`` as float64 (a view of the read tile; transposed for a transposed matrix)."""
@@ -137,6 +132,8 @@ class StoreMatrix:
         ro = np.argsort(rows, kind="stable")
         co = np.argsort(cols, kind="stable")
         rs, cs = rows[ro], cols[co]
+        rsorted = bool(np.all(ro == np.arange(ro.size)))  # then block row positions a:b are a slice (and columns)
+        csorted = bool(np.all(co == np.arange(co.size)))
         rcut = np.searchsorted(rs, np.arange(0, n + tr, tr))  # rs[rcut[i]:rcut[i+1]] lie in tile row i
         ccut = np.searchsorted(cs, np.arange(0, m + tc, tc))
         cgroups = [(ccut[j], ccut[j + 1]) for j in range(len(ccut) - 1) if ccut[j + 1] > ccut[j]]
@@ -148,7 +145,12 @@ class StoreMatrix:
             for c, d in cgroups:
                 c0, c1 = int(cs[c]), int(cs[d - 1]) + 1
                 tile = self._tile(r0, r1, c0, c1)
-                out[np.ix_(ro[a:b], co[c:d])] = tile[np.ix_(rs[a:b] - r0, cs[c:d] - c0)]
+                part = tile[np.ix_(rs[a:b] - r0, cs[c:d] - c0)]
+                if rsorted and csorted:
+                    out[a:b, c:d] = part
+                else:
+                    out[np.ix_(ro[a:b], co[c:d])] = part
+                del part
                 del tile
         return out
 
@@ -177,6 +179,22 @@ class StoreMatrix:
         return f"StoreMatrix({self.store_path!r}, layer {self.k}{', transposed' if self.transpose else ''}, {self.shape})"
 
 
+def _tile_shape(chunks, shape, transpose: bool, panel_bytes: int) -> tuple[int, int]:
+    """Tile ``(rows, cols)`` of a matrix of ``shape`` whose stored weight has ``chunks`` (its transpose when
+    ``transpose``): one chunk column wide, and as many whole chunk rows as ``panel_bytes`` float64 bytes hold (at
+    least one); when one chunk is already larger than ``panel_bytes``, rows of one chunk cut to ``panel_bytes``
+    (at least one row).  Tiles never straddle a chunk column."""
+    a, b = (int(c) for c in chunks)
+    cr, cc = (b, a) if transpose else (a, b)
+    n, m = (int(x) for x in shape)
+    cr, cc = max(1, min(cr, n)), max(1, min(cc, m))
+    pb = int(panel_bytes)
+    k = pb // (8 * cr * cc)
+    if k >= 1:
+        return min(n, k * cr), cc
+    return max(1, min(cr, pb // (8 * cc))), cc
+
+
 def _indices(idx, n: int) -> np.ndarray:
     """A slice, or an integer / boolean index array, as increasing-or-given integer positions in ``range(n)``."""
     if isinstance(idx, slice):
@@ -191,16 +209,18 @@ def _indices(idx, n: int) -> np.ndarray:
     return np.where(a < 0, a + n, a).astype(np.intp)
 
 
-def store_tile_bytes(store_path: str) -> int:
-    """Largest zarr chunk of a weight in the model store at ``store_path``, in float64 bytes: the most a tile of
-    :meth:`StoreMatrix.live_block` can be (a tile lies inside one chunk), and also zarr's decode buffer (it decodes
-    a whole chunk to read part of it)."""
+def store_tile_bytes(store_path: str, panel_bytes: int | None = None) -> int:
+    """Largest tile :meth:`StoreMatrix.live_block` reads from the model store at ``store_path`` (float64 bytes, either
+    orientation of every weight; ``panel_bytes`` as :class:`StoreMatrix`, default :data:`STREAM_PANEL_BYTES`)."""
     from ..network.store import layer_arrays
 
+    pb = STREAM_PANEL_BYTES if panel_bytes is None else int(panel_bytes)
     out = 0
     for w, _b in layer_arrays(store_path):
-        a, b = (int(c) for c in w.chunks)
-        out = max(out, 8 * min(a, int(w.shape[0])) * min(b, int(w.shape[1])))
+        shp = tuple(int(x) for x in w.shape)
+        for tr in (False, True):
+            r, c = _tile_shape(w.chunks, shp[::-1] if tr else shp, tr, pb)
+            out = max(out, 8 * r * c)
     return int(out)
 
 
