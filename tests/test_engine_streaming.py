@@ -216,7 +216,7 @@ def test_plan_counts_the_worker_baseline_and_refuses_with_what_would_fit(tmp_pat
     d = plan.to_dict()
     assert d["worker_baseline_bytes"] == base
     text = plan.describe()
-    assert "baseline 256.0 MiB" in text and "in the client" in text
+    assert "baseline 256.0 MiB" in text and "whole network in the client's memory" in text
     # a budget below the baseline plus the smallest task is refused, naming the budget and what would fit
     with pytest.raises(InputError, match=r"memory budget 256\.0 MiB per worker is too small") as ei:
         plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", memory_budget=base + 4096, **kw)

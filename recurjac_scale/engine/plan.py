@@ -260,14 +260,15 @@ class Plan:
             + ("; weights streamed from the store by every task" if self.stream_weights else "")
         )
         lines.append(
-            f"memory per worker: baseline {format_bytes(self.worker_baseline_bytes)} ({self.baseline_source}) + "
+            f"peak memory per worker: baseline {format_bytes(self.worker_baseline_bytes)} ({self.baseline_source}) + "
             f"held weights {format_bytes(held)} + {self.threads_per_worker} thread(s) x peak task "
             f"{format_bytes(task_peak)} = {format_bytes(self.peak_worker_bytes)}"
             + (f" (budget {format_bytes(self.memory_budget)})" if self.memory_budget else " (no budget given)")
         )
         lines.append(
-            f"layer bounds ({self.layer_bound_method}) computed in the client in {self.layer_bounds_seconds:.1f} s, "
-            "with the whole network in the client's memory (not counted in the workers' budget)"
+            f"planning in the client: {self.layer_bounds_seconds:.1f} s (network read and layer bounds "
+            f"({self.layer_bound_method}) computed unless given), with the whole network in the client's memory "
+            "(not counted in the workers' budget)"
         )
         return "\n".join(lines)
 

@@ -37,12 +37,12 @@ part of one chunk when a chunk is larger)."""
 class StoreMatrix:
     """Layer ``k``'s weight of a model store (``transpose``: its transpose), read on demand as float64.
 
-    Supports ``shape``, ``ndim``, ``M[rows, cols]`` with slices / integer arrays (reads only what is asked, every row
-    exact), :meth:`live_block` (what the recursion levels read) and ``np.asarray(M)``.  With ``live_rows`` (bool mask, length ``shape[0]``), ``np.asarray(M)`` holds the
-    exact stored values in the live rows and zeros in the others (which the reader must not use: the recursion
-    reads only ``M[alive_up][:, alive]`` with ``alive_up`` = the live rows); it is filled one row panel at a time
-    (``panel_bytes``, default :data:`STREAM_PANEL_BYTES`) and its unwritten pages are never allocated.  Without
-    ``live_rows`` every row is filled.  Picklable: it holds the store path, not the data.
+    Supports ``shape``, ``ndim``, ``M[rows, cols]`` with slices / integer or boolean arrays (reads only the tiles
+    that hold what is asked, every value exact), :meth:`live_block` (the compacted block a recursion level reads)
+    and ``np.asarray(M)``.  ``np.asarray(M)`` is for other readers (a whole matrix): with ``live_rows`` (bool mask,
+    length ``shape[0]``) it holds the exact stored values in the live rows and zeros in the others, filled one row
+    panel at a time (``panel_bytes``, default :data:`STREAM_PANEL_BYTES`), its unwritten pages never allocated;
+    without ``live_rows`` every row is filled.  Picklable: it holds the store path, not the data.
     """
 
     def __init__(self, store_path: str, k: int, transpose: bool, shape: tuple[int, int], live_rows=None,
