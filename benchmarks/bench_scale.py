@@ -15,6 +15,7 @@ Subcommands
 ``ooc``                  out-of-core: a 4-layer 8192-wide network, workers limited below its size, RecurJac-B
 ``sparse``               90%-pruned CIFAR layer vs its dense twin: one recursion-step GEMM with scipy.sparse vs BLAS
 ``report``               write benchmarks/results/scale.md from the JSON files
+``report-ooc``           write benchmarks/results/scale_ooc.md from the out-of-core JSON files only
 """
 
 from __future__ import annotations
@@ -566,9 +567,70 @@ def cmd_workers(args) -> None:
     save(f"workers-{args.method}", out)
 
 
+class WorkerRSS:
+    """Peak resident memory of every worker process of a LocalCluster (the children of this process: the nannies
+    run here), sampled every ``interval`` seconds; a worker pid not seen at the start is a restarted worker."""
+
+    def __init__(self, initial_pids, interval: float = 0.1):
+        import psutil
+
+        self._psutil = psutil
+        self.initial = set(int(p) for p in initial_pids)
+        self.peak: dict[int, int] = {}
+        self._interval = interval
+        self._stop = threading.Event()
+
+    def _run(self):
+        me = self._psutil.Process()
+        while not self._stop.is_set():
+            for c in me.children(recursive=True):
+                try:
+                    if c.pid in self.initial or "python" in c.name():
+                        self.peak[c.pid] = max(self.peak.get(c.pid, 0), c.memory_info().rss)
+                except Exception:  # noqa: BLE001 - a process that just exited
+                    pass
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        return False
+
+    def to_dict(self, final_pids) -> dict:
+        final = set(int(p) for p in final_pids)
+        # worker processes: the initial and final ones, and any other python child that grew past 64 MiB (a
+        # restarted worker that died again); small helpers (multiprocessing's resource tracker) are left out
+        workers = {p: v for p, v in self.peak.items() if p in self.initial or p in final or v > 64 * 2**20}
+        return {
+            "interval_s": self._interval,
+            "peak_rss_mib_per_worker": {str(p): v / 2**20 for p, v in sorted(workers.items())},
+            "peak_rss_mib": max(workers.values(), default=0) / 2**20,
+            "worker_pids_start": sorted(self.initial),
+            "worker_pids_end": sorted(final),
+            "restarted": self.initial != final or any(p not in self.initial for p in workers),
+        }
+
+
+def _worker_rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
 def cmd_ooc(args) -> None:
-    """Out-of-core: a 4-layer 8192-wide network in zarr, workers limited below its size, RecurJac-B."""
+    """Out-of-core: a 4-layer 8192-wide network in zarr, workers limited below its size, RecurJac-B.
+
+    The cluster starts first; its workers are warmed (imports, numba kernels) and the plan is made with the
+    client (budget = the workers' memory limit x the nanny's terminate fraction, baseline = the larger of the
+    documented constant and the warmed workers' RSS); the layer bounds are computed here, in the client, with the
+    whole network in this process's memory."""
     from recurjac_scale.cluster import local_client
+    from recurjac_scale.engine.plan import parse_bytes, plan_jacobian
     from recurjac_scale.network.store import save_network
 
     widths = (args.width,) * 4 + (10,)
@@ -577,32 +639,47 @@ def cmd_ooc(args) -> None:
         save_network(cifar_setup.he_network(widths=widths, seed=3), path, overwrite=True)
     size = sum(8 * a * b for a, b in zip(widths[:-1], widths[1:]))
     lbm = args.layer_bounds or best_layer_bound_method()
+    limit = parse_bytes(args.worker_memory)
     out = {"kind": "ooc", "command": command_line(), "machine": machine(), "widths": list(widths),
-           "weights_bytes": size, "worker_memory": args.worker_memory, "layer_bound_method": lbm}
-    from recurjac_scale.engine.plan import plan_jacobian
-
+           "weights_bytes": size, "worker_memory": args.worker_memory, "worker_memory_bytes": limit,
+           "layer_bound_method": lbm, "eps": 1e-3, "output": 0, "n_workers": 2, "threads_per_worker": 1}
     x0 = np.random.default_rng(0).uniform(0, 1, args.width)
     try:
-        # plan in this process (the layer bounds need the weights here), before a Client becomes dask's default
-        t = time.perf_counter()
-        plan = plan_jacobian(str(path), x0, 1e-3, "inf", "recurjac-b", layer_bounds=lbm, outputs=0,
-                             memory_budget=args.worker_memory)
-        out["plan"] = plan.describe()
-        out["plan_seconds"] = time.perf_counter() - t
-        with local_client(n_workers=2, threads_per_worker=1, memory_limit=args.worker_memory) as client:
+        with local_client(n_workers=2, threads_per_worker=1, memory_limit=limit) as client:
+            client.run(warmup, "recurjac-b", "ibp")
+            out["worker_rss_after_warmup_mib"] = {k: v / 2**20 for k, v in client.run(_worker_rss).items()}
             t = time.perf_counter()
-            try:
-                client.run(load_chain_on_worker, plan.context.worker_spec())
-                out["chain_loaded_on_workers"] = True
-            except Exception as exc:  # noqa: BLE001
-                out["chain_loaded_on_workers"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            res = plan.compute(client=client)
-            out["seconds"] = time.perf_counter() - t
-            out["status"] = "completed"
-            out["lipschitz"] = res.lipschitz
-    except Exception as exc:  # noqa: BLE001 - the outcome is the measurement
-        out["status"] = f"failed: {type(exc).__name__}: {str(exc)[:500]}"
-    save("ooc", out)
+            plan = plan_jacobian(str(path), x0, 1e-3, "inf", "recurjac-b", layer_bounds=lbm, outputs=0,
+                                 total_threads=2, client=client)
+            out["plan_seconds"] = time.perf_counter() - t
+            out["plan"] = plan.describe()
+            out["plan_dict"] = {k: v for k, v in plan.to_dict().items() if k != "steps"}
+            print(plan.describe(), file=sys.stderr, flush=True)
+            pids = list(client.run(os.getpid).values())
+            out["loadavg_before"] = list(os.getloadavg())
+            with WorkerRSS(pids) as rss:
+                t = time.perf_counter()
+                try:
+                    client.run(load_chain_on_worker, plan.context.worker_spec())
+                    res = plan.compute(client=client)
+                    out["seconds"] = time.perf_counter() - t
+                    out["status"] = "completed"
+                    out["lipschitz"] = res.lipschitz
+                except Exception as exc:  # noqa: BLE001 - the outcome is the measurement
+                    out["seconds"] = time.perf_counter() - t
+                    out["status"] = f"failed: {type(exc).__name__}: {str(exc)[:500]}"
+            out["loadavg_after"] = list(os.getloadavg())
+            out["workers"] = rss.to_dict(client.run(os.getpid).values())
+    except Exception as exc:  # noqa: BLE001
+        out.setdefault("status", f"failed: {type(exc).__name__}: {str(exc)[:500]}")
+    print(json.dumps({k: out.get(k) for k in ("status", "seconds", "workers")}, default=str), file=sys.stderr)
+    save(f"ooc-{args.width}-{args.worker_memory}", out)
+
+
+def cmd_report_ooc(args) -> None:
+    from report_scale import write_ooc_section
+
+    write_ooc_section(_load_all(), Path(args.output))
 
 
 def cmd_sparse(args) -> None:
@@ -731,6 +808,9 @@ def main(argv=None) -> None:
     p.add_argument("--width", type=int, default=8192)
     p.add_argument("--worker-memory", default="1GiB")
     p.set_defaults(func=cmd_ooc)
+    p = sub.add_parser("report-ooc")
+    p.add_argument("--output", default=str(_HERE / "results" / "scale_ooc.md"))
+    p.set_defaults(func=cmd_report_ooc)
     p = sub.add_parser("sparse")
     p.add_argument("--repeats", type=int, default=5)
     p.set_defaults(func=cmd_sparse)

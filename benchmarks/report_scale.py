@@ -52,8 +52,10 @@ def _summary(res: dict) -> list[str]:
         if k.startswith("workers-") and v.get("speedup"):
             out.append(f"- 1 → 2 LocalCluster workers on an F0 fraction: {v['speedup']:.2f}× (target 1.6×; other "
                        "processes were using the same 2 cores).")
-    if "ooc" in res:
-        out.append(f"- Out-of-core (8192-wide, workers limited below the weights' size): {res['ooc']['status'][:160]}.")
+    for k, v in _ooc_results(res):
+        out.append(f"- Out-of-core ({'-'.join(map(str, v['widths']))}, weights {v['weights_bytes'] / 2**30:.2f} GiB, "
+                   f"2 workers limited to {v['worker_memory']} each): {v['status'][:160]}"
+                   + (f" in {_s(v['seconds'])}" if v.get("seconds") and v["status"] == "completed" else "") + ".")
     if "sparse" in res:
         rows = [r for r in res["sparse"]["rows"] if abs(r["pruned"] - 0.9) < 1e-9]
         if rows:
@@ -63,6 +65,85 @@ def _summary(res: dict) -> list[str]:
                        "dense BLAS on the same matrix (GEMM level only; no whole sparse RecurJac run yet).")
     out.append("")
     return out
+
+
+def _ooc_results(res: dict) -> list:
+    """The out-of-core results (``ooc*.json``), oldest first."""
+    items = [(k, v) for k, v in res.items() if k.startswith("ooc") and v.get("kind") == "ooc"]
+    return sorted(items, key=lambda kv: kv[1].get("machine", {}).get("date_utc", ""))
+
+
+def ooc_lines(res: dict, heading: str = "##") -> list[str]:
+    """The out-of-core section, every figure from the ``ooc*.json`` files of ``bench_scale.py ooc``."""
+    items = _ooc_results(res)
+    if not items:
+        return []
+    L = [f"{heading} Out-of-core: RecurJac-B with workers limited below the network's size", ""]
+    L.append("What runs: `python benchmarks/bench_scale.py ooc --width W --worker-memory M`: a ReLU network "
+             "W-W-W-W-10 with He-normal weights (seed 3) in a zarr model store, RecurJac-B for one output row "
+             "(logit 0), l-inf radius 1e-3 around a seeded uniform input, on a LocalCluster of 2 worker processes "
+             "x 1 thread (127.0.0.1) each limited to M. The plan is made with the client: budget = M x the nanny's "
+             "terminate fraction (a worker above it is restarted), worker baseline = the larger of the documented "
+             "constant and the warmed workers' RSS. Weights are streamed from the store by every task (each level "
+             "reads its compacted live block tile by tile). The layer bounds are computed in the client, with the "
+             "whole network in the client's memory (the client is not a worker). Peak worker RSS: every worker "
+             "process sampled by psutil from the client; 'restarted' compares worker pids before and after.")
+    L.append("")
+    L.append("| date (UTC) | network | weights | worker limit | plan budget | plan estimate per worker (baseline) | "
+             "blocks | tasks | status | run time | planning (client) | peak worker RSS | restarted | "
+             "load (before → after) | Lipschitz bound |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for _k, v in items:
+        m = v.get("machine", {})
+        pd = v.get("plan_dict") or {}
+        w = v.get("workers") or {}
+        mib = 2**20
+        est = (f"{pd['peak_worker_bytes'] / mib:.0f} MiB ({pd.get('worker_baseline_bytes', 0) / mib:.0f} MiB, "
+               f"{pd.get('baseline_source', '?')})" if pd else "–")
+        budget = f"{pd['memory_budget'] / mib:.0f} MiB" if pd.get("memory_budget") else "–"
+        blocks = f"{pd['row_block']} × {pd['col_block']}" if pd else "–"
+        load = (f"{_load(v['loadavg_before'][:1])} → {_load(v['loadavg_after'][:1])}"
+                if v.get("loadavg_before") and v.get("loadavg_after") else _load(m.get("loadavg", [])[:1]))
+        secs = _s(v["seconds"]) if v.get("seconds") is not None else "–"
+        peak = f"{w['peak_rss_mib']:.0f} MiB" if w.get("peak_rss_mib") else "–"
+        restarted = {True: "yes", False: "no"}.get(w.get("restarted"), "–")
+        lip = f"{v['lipschitz']:.4g}" if isinstance(v.get("lipschitz"), (int, float)) else "–"
+        L.append(f"| {m.get('date_utc', '–')} | {'-'.join(map(str, v['widths']))} | "
+                 f"{v['weights_bytes'] / 2**30:.2f} GiB | {v['worker_memory']} | {budget} | {est} | {blocks} | "
+                 f"{pd.get('n_tasks', '–')} | {v['status'][:300]} | {secs} | {_s(v.get('plan_seconds'))} | {peak} | "
+                 f"{restarted} | {load} | {lip} |")
+    L.append("")
+    for _k, v in items:
+        if v.get("plan"):
+            L.append(f"Plan of the {v['worker_memory']} run ({v.get('machine', {}).get('date_utc', '')}):")
+            L.append("")
+            L.append("```")
+            L.extend(v["plan"].splitlines())
+            L.append("```")
+            L.append("")
+        per = (v.get("workers") or {}).get("peak_rss_mib_per_worker")
+        if per:
+            L.append(f"Peak RSS per worker process ({v['worker_memory']} run): "
+                     + ", ".join(f"pid {p}: {x:.0f} MiB" for p, x in per.items())
+                     + (f"; after warm-up, before the job: "
+                        + ", ".join(f"{x:.0f} MiB" for x in v['worker_rss_after_warmup_mib'].values())
+                        if v.get("worker_rss_after_warmup_mib") else "") + ".")
+            L.append("")
+    return L
+
+
+def write_ooc_section(res: dict, out: Path) -> None:
+    """``benchmarks/results/scale_ooc.md``: the out-of-core section alone (assembled after ``scale.md``)."""
+    L = ooc_lines(res, heading="##")
+    if not L:
+        raise SystemExit("no ooc*.json result files")
+    L[2:2] = ["These runs supersede the 'Out-of-core' lines of the scale section above (written with earlier code: "
+              "the plan then counted neither the worker baseline nor the copies of the live blocks).", ""]
+    L.append("Stores and raw JSON results go to `$RECURJAC_BENCH_DIR` (default `<tmp>/recurjac_bench`); this file "
+             "is written by `python benchmarks/bench_scale.py report-ooc` (and the same section by `report`).")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(L) + "\n")
+    print(f"wrote {out}")
 
 
 def write_report(res: dict, out: Path) -> None:
@@ -249,19 +330,7 @@ def write_report(res: dict, out: Path) -> None:
         L.append(f"Speedup 1 → 2 workers (medians): **{_g(v['speedup'])}×** (target ≥ 1.6×).")
         L.append("")
 
-    if "ooc" in res:
-        v = res["ooc"]
-        L.append("### Out-of-core")
-        L.append("")
-        L.append("Not done: the engine as it stands keeps every chain matrix in each worker process (the plan adds "
-                 "them to the per-worker peak and refuses budgets below it; a worker builds the whole chain from the "
-                 "store). The streaming path of the issue (weights in row panels from the store, never the whole "
-                 "matrix in a worker) does not exist yet, so the job was refused before it started:")
-        L.append("")
-        L.append(f"Network {'-'.join(map(str, v['widths']))} (weights {v['weights_bytes'] / 2**30:.2f} GiB float64), "
-                 f"2 workers limited to {v['worker_memory']} each, RecurJac-B: **{v['status']}**"
-                 + (f" in {_s(v['seconds'])}" if v.get("seconds") else "") + ".")
-        L.append("")
+    L.extend(ooc_lines(res, heading="###"))
 
     if "sparse" in res:
         v = res["sparse"]

@@ -61,9 +61,11 @@ def test_plan_prints_and_json(job, capsys):
 
 def test_plan_memory_budget_and_errors(job, capsys):
     d, _, _ = job
-    assert main(["plan", *_args(d, extra=["--memory-budget", "2MiB", "--json"])]) == 0
+    # a worker process holds ~0.25 GiB before any task (the plan counts it): the budget must cover it
+    assert main(["plan", *_args(d, extra=["--memory-budget", "300MiB", "--json"])]) == 0
     plan = json.loads(capsys.readouterr().out)
-    assert plan["peak_worker_bytes"] <= 2 * 2**20 and plan["memory_budget"] == 2 * 2**20
+    assert plan["peak_worker_bytes"] <= 300 * 2**20 and plan["memory_budget"] == 300 * 2**20
+    assert plan["worker_baseline_bytes"] == 256 * 2**20 < plan["peak_worker_bytes"]
     assert main(["plan", *_args(d, extra=["--memory-budget", "1KiB"])]) == 1
     assert "too small" in capsys.readouterr().err
     assert main(["plan", *_args(d, method="nope")]) == 1

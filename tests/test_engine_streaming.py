@@ -1,5 +1,7 @@
-"""Streamed weights (recurjac_scale.engine.streaming): tasks read the chain matrices from the model store one row
-panel at a time, only the live rows a recursion level uses, and still give the in-memory result bitwise."""
+"""Streamed weights (recurjac_scale.engine.streaming): tasks read the chain matrices from the model store one tile
+(inside one zarr chunk) at a time, only the compacted live block a recursion level uses, and still give the
+in-memory result bitwise; the plan's memory model covers what a streamed task really allocates and counts the
+worker baseline; a real out-of-core run on worker processes limited below the network's size."""
 
 from __future__ import annotations
 
@@ -9,8 +11,11 @@ import numpy as np
 import pytest
 
 from recurjac_scale.engine import plan_jacobian
+from recurjac_scale.engine import plan as plan_mod
 from recurjac_scale.engine import streaming
 from recurjac_scale.engine.streaming import StoreMatrix
+from recurjac_scale.errors import InputError
+from recurjac_scale.jacobian import recurjac
 from recurjac_scale.jacobian import JACOBIAN_METHODS, jacobian_bounds
 from recurjac_scale.network.store import save_network
 from recurjac_scale.testing import random_network
@@ -21,11 +26,14 @@ class _Spy:
 
     def __init__(self, z):
         self.z = z
+        self.chunks = z.chunks
         self.reads = []
 
     def __getitem__(self, idx):
         a = np.asarray(self.z[idx])
         self.reads.append(a.shape)
+        self.where = getattr(self, "where", [])
+        self.where.append(idx)
         return a
 
 
@@ -66,6 +74,44 @@ def test_store_matrix_reads_live_rows_panel_by_panel(store, rng, transpose):
     np.testing.assert_array_equal(np.asarray(full), ref)
 
 
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("panel_bytes", [1, None])
+def test_live_block_is_the_compacted_block_read_tile_by_tile(store, rng, transpose, panel_bytes):
+    """``live_block(rows, cols)`` is bitwise ``M[np.ix_(rows, cols)]`` (sorted or not, any dtype), read in tiles that
+    each lie inside one zarr chunk (5 x 5 here; default panel: one chunk column); tiles without a selected row or
+    column are not read."""
+    net, path = store
+    W = np.asarray(net.weights[1], dtype=np.float64)  # (12, 14), chunks 5 x 5
+    ref = W.T if transpose else W
+    M = StoreMatrix(str(path), 1, transpose, ref.shape, panel_bytes=panel_bytes)
+    spy = _Spy(M._array())
+    M._z = spy
+    rows = np.flatnonzero(rng.random(ref.shape[0]) < 0.6)
+    rows = rows[(rows < 5) | (rows >= 10)]  # no row of the second tile row is selected
+    cols = np.flatnonzero(rng.random(ref.shape[1]) < 0.6)
+    B = M.live_block(rows, cols)
+    assert B.flags.c_contiguous and B.dtype == np.float64
+    np.testing.assert_array_equal(B, ref[np.ix_(rows, cols)])
+    for idx in spy.where:  # every read inside one chunk column of the stored weight (one chunk with tiny panels)
+        mrows, mcols = (idx[1], idx[0]) if transpose else (idx[0], idx[1])
+        assert mcols.start // 5 == (mcols.stop - 1) // 5
+        if panel_bytes == 1:  # one row of the matrix per tile
+            assert mrows.stop - mrows.start == 1
+    if panel_bytes == 1:
+        stored_rows = [idx[1] if transpose else idx[0] for idx in spy.where]
+        assert not any(5 <= sl.start < 10 for sl in stored_rows)
+    # unsorted and repeated indices, another dtype: still the same numbers
+    r2, c2 = rows[::-1].copy(), np.concatenate([cols, cols[:1]])[::-1].copy()
+    np.testing.assert_array_equal(M.live_block(r2, c2), ref[np.ix_(r2, c2)])
+    np.testing.assert_array_equal(M.live_block(rows, cols, np.float32), ref.astype(np.float32)[np.ix_(rows, cols)])
+    # __getitem__ (a step's column panel) goes through the same reader
+    np.testing.assert_array_equal(M[:, slice(2, 9)], ref[:, 2:9])
+    np.testing.assert_array_equal(M[np.array([0, -1]), :], ref[[0, -1]])
+    assert M.live_block([], cols).shape == (0, cols.size)
+    with pytest.raises(IndexError):
+        M.live_block([ref.shape[0]], cols)
+
+
 @pytest.mark.parametrize("method", sorted(JACOBIAN_METHODS))
 def test_streamed_with_tiny_panels_equals_in_memory(store, rng, monkeypatch, method):
     """One row per panel: many panels per level, only live rows filled; same bits as the in-memory path."""
@@ -89,9 +135,76 @@ def test_streamed_with_tiny_panels_equals_in_memory(store, rng, monkeypatch, met
             np.testing.assert_array_equal(m.live_rows, np.asarray(du) > 0)
 
 
-def test_plan_counts_the_streamed_weights(tmp_path, rng):
-    """A streamed task's planned peak covers the live rows of a level it reads plus the live block it cuts out
-    (counted here from the chain, independently of the plan's formula)."""
+@pytest.fixture
+def counted_live_blocks(monkeypatch):
+    calls = []
+    orig = StoreMatrix.live_block
+
+    def spy(self, rows, cols, dtype=None):
+        calls.append((self.k, len(rows), len(cols)))
+        return orig(self, rows, cols, dtype)
+
+    monkeypatch.setattr(StoreMatrix, "live_block", spy)
+    return calls
+
+
+@pytest.mark.parametrize("method", ["recurjac-b", "recurjac-f0"])
+@pytest.mark.parametrize("share", [False, True])
+def test_streamed_uneven_blocks_equal_in_memory(tmp_path, rng, monkeypatch, counted_live_blocks, method, share):
+    """Uneven row and column blocks, one-row tiles, both recursion variants (dense per row, sharing across rows):
+    bitwise the in-memory result, and the levels read their blocks through ``live_block``."""
+    net = random_network([11, 17, 13, 12, 5], "relu", rng)
+    save_network(net, tmp_path / "m.zarr", chunk_edge=4)
+    monkeypatch.setattr(streaming, "STREAM_PANEL_BYTES", 1)
+    monkeypatch.setattr(recurjac, "SHARE_RATIO", math.inf if share else 0.0)
+    x0 = rng.normal(size=11)
+    ref = jacobian_bounds(net, x0, 0.04, math.inf, method=method, layer_bounds="ibp")
+    plan = plan_jacobian(tmp_path / "m.zarr", x0, 0.04, math.inf, method, layer_bounds="ibp", row_block=3,
+                         col_block=5, stream_weights=True)
+    assert plan.stream_weights
+    res = plan.compute(scheduler="threads", durable=False)
+    np.testing.assert_array_equal(res.lower, ref.lower)
+    np.testing.assert_array_equal(res.upper, ref.upper)
+    assert counted_live_blocks  # levels read compacted blocks from the store
+    shares = plan.context.shape.shares  # the plan's memory model knows the variant (step 1 has no levels)
+    assert len(shares) >= 3 and shares[1:] == (share,) * (len(shares) - 1)
+
+
+@pytest.mark.parametrize("method", ["recurjac-b", "recurjac-f0"])
+@pytest.mark.parametrize("share", [False, True])
+def test_plan_bounds_what_a_streamed_task_allocates(tmp_path, rng, monkeypatch, method, share):
+    """Every streamed step task allocates (tracemalloc: numpy and zarr buffers, all threads) at most the plan's
+    task peak minus the priors it is given; the live blocks dominate here."""
+    import tracemalloc
+
+    from recurjac_scale.jacobian import get_jacobian_method
+    from recurjac_scale.jacobian.driver import run_chain
+
+    net = random_network([30, 90, 80, 70, 4], "relu", rng)
+    save_network(net, tmp_path / "m.zarr", chunk_edge=32)
+    monkeypatch.setattr(recurjac, "SHARE_RATIO", math.inf if share else 0.0)
+    x0 = rng.normal(size=30)
+    plan = plan_jacobian(tmp_path / "m.zarr", x0, 0.03, math.inf, method, layer_bounds="ibp", row_block=4,
+                         col_block=24, stream_weights=True)
+    ctx = plan.context
+    spec = ctx.worker_spec()
+    bc = spec.chain()
+    assert any(isinstance(m, StoreMatrix) for m in bc.chain.mats)
+    _, _, states = run_chain(get_jacobian_method(method), ctx.chain)
+    for sp in plan.steps:
+        t = sp.step
+        rows, cols = slice(0, min(4, plan.n_rows)), slice(0, min(24, sp.width))
+        pri = {s: {k: np.ascontiguousarray(states[s][k][rows]) for k in spec.state_keys} for s in spec.prior_steps(t)}
+        tracemalloc.start()
+        try:
+            bc.step_block(t, rows, cols, pri)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak <= sp.task_peak_bytes - sp.task_state_bytes, (t, peak, sp.task_peak_bytes)
+
+
+def test_plan_counts_the_worker_baseline_and_refuses_with_what_would_fit(tmp_path, rng):
     net = random_network([10, 40, 40, 40, 3], "relu", rng)
     save_network(net, tmp_path / "m.zarr")
     x0 = rng.normal(size=10)
@@ -128,3 +241,64 @@ def test_norm_bound_of_a_streamed_matrix_reads_panels_and_bounds_the_dense_one(s
     assert exact <= b <= exact * (1 + 1e-12)
     assert b == _abs_sum_bound(ref) or abs(b - _abs_sum_bound(ref)) <= 1e-12 * exact
     assert spy.reads and all((s[1] if transpose else s[0]) <= 3 for s in spy.reads)
+
+
+    kw = dict(layer_bounds="ibp", stream_weights=True, threads_per_worker=2)
+    plan = plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", **kw)
+    base = plan_mod.WORKER_BASELINE_BYTES
+    assert plan.worker_baseline_bytes == base and plan.baseline_source == "constant"
+    assert plan.peak_worker_bytes == base + 2 * max(s.task_peak_bytes for s in plan.steps)
+    d = plan.to_dict()
+    assert d["worker_baseline_bytes"] == base
+    text = plan.describe()
+    assert "baseline 256.0 MiB" in text and "whole network in the client's memory" in text
+    # a budget below the baseline plus the smallest task is refused, naming the budget and what would fit
+    with pytest.raises(InputError, match=r"memory budget 256\.0 MiB per worker is too small") as ei:
+        plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", memory_budget=base + 4096, **kw)
+    msg = str(ei.value)
+    assert "\n" not in msg and "baseline 256.0 MiB" in msg and "--threads-per-worker" in msg
+    need = msg.split("give --memory-budget >= ")[1].split(" or ")[0]
+    ok = plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", memory_budget=need, **kw)
+    assert ok.peak_worker_bytes <= plan_mod.parse_bytes(need)
+
+
+@pytest.mark.cluster
+def test_out_of_core_on_workers_limited_below_the_weights(tmp_path, rng):
+    """A real out-of-core run: 2 worker processes whose memory_limit is below the network's weight bytes complete
+    RecurJac-B through the streaming path, bitwise equal to the in-memory result, no worker restarted; the plan
+    takes its budget and baseline from the cluster."""
+    distributed = pytest.importorskip("distributed")
+    from recurjac_scale import InputSpec, Network
+    from recurjac_scale.engine.schedulers import WORKER_ENV
+
+    n, H = 5120, 3  # hidden layers of n neurons: 2 n x n weights, 400 MiB float64
+    ws = [rng.standard_normal((n, 16)) * np.sqrt(2 / 16)]
+    ws += [rng.standard_normal((n, n)) * np.sqrt(2 / n) for _ in range(H - 1)]
+    ws += [rng.standard_normal((2, n)) * np.sqrt(2 / n)]
+    # 15/16 of every hidden layer is dead (bias far below any pre-activation), in contiguous rows: the live blocks
+    # are small and most tiles are never read (fast enough for CI), and yet no worker may hold the network
+    bs = [np.where(np.arange(w.shape[0]) < n // 16, 0.0, -1e4) for w in ws[:-1]] + [np.zeros(2)]
+    net = Network(ws, bs, ["relu"] * H, input_spec=InputSpec((16,), domain_lower=0.0, domain_upper=1.0))
+    save_network(net, tmp_path / "big.zarr", chunk_edge=320)
+    weight_bytes = sum(w.nbytes for w in ws)
+    limit = 390 * 2**20
+    assert limit < weight_bytes
+    x0 = rng.uniform(0.2, 0.8, size=16)
+    ref = jacobian_bounds(net, x0, 0.01, math.inf, method="recurjac-b", layer_bounds="ibp", outputs=0)
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                       dashboard_address="127.0.0.1:0", memory_limit=limit, env=dict(WORKER_ENV))
+    client = distributed.Client(cluster)
+    try:
+        pids = set(client.run(lambda: __import__("os").getpid()).values())
+        plan = plan_jacobian(tmp_path / "big.zarr", x0, 0.01, math.inf, "recurjac-b", layer_bounds="ibp",
+                             outputs=0, client=client)
+        assert plan.stream_weights  # the held weights do not fit the workers' budget
+        assert plan.memory_budget == int(limit * 0.95)
+        assert plan.peak_worker_bytes <= plan.memory_budget
+        res = plan.compute(client=client, durable=False)
+        np.testing.assert_array_equal(res.lower, ref.lower)
+        np.testing.assert_array_equal(res.upper, ref.upper)
+        assert set(client.run(lambda: __import__("os").getpid()).values()) == pids  # no worker was restarted
+    finally:
+        client.close()
+        cluster.close()

@@ -44,7 +44,19 @@ class JacobianAdapter:
 
     def shape(self, chain) -> ChainShape:
         T = chain.n_steps
+        shares = ()
+        if self.method.uses_all_priors:  # the recursion's own chain-only choice, for its memory model
+            from ..jacobian import recurjac
+
+            uses_sharing = getattr(recurjac, "uses_sharing", None)
+            if uses_sharing is not None:
+                shares = tuple(bool(uses_sharing(chain, t)) for t in range(1, T + 1))
         return ChainShape(
+            unstable=tuple(
+                int(np.count_nonzero((np.asarray(du) > 0) & (np.asarray(dl) < np.asarray(du))))
+                for dl, du in zip(chain.dl, chain.du)
+            ),
+            shares=shares,
             n_rows=chain.n_rows,
             widths=tuple(chain.widths),
             live=tuple(int(np.count_nonzero(np.asarray(du) > 0)) for du in chain.du),

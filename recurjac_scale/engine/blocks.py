@@ -70,6 +70,12 @@ class ChainShape:
         that the recursion multiplies (all columns for ``t = T``).  Empty: every level dense.
     sparse_bytes : int
         Bytes of the CSR copies the chain holds (values, indices, row pointers), besides the dense matrices.
+    unstable : tuple of int
+        Per ``Σ_t``, live neurons with ``dl < du`` (empty: unknown, counted as all live ones).
+    shares : tuple of bool
+        Per step, whether the recursion shares the stable part across rows
+        (:func:`recurjac_scale.jacobian.recurjac.uses_sharing`, a chain-only decision); empty: unknown, the memory
+        model then counts the larger of both variants.
     """
 
     n_rows: int
@@ -81,6 +87,8 @@ class ChainShape:
     panel: int = 128
     level_nnz: tuple = ()
     sparse_bytes: int = 0
+    unstable: tuple = ()
+    shares: tuple = ()
 
     @property
     def n_steps(self) -> int:
@@ -139,22 +147,64 @@ class ChainShape:
         """Kernel work memory of one task (float64), an upper estimate checked against tracemalloc in the tests.
 
         RecurJac keeps, for the whole block, the level operand, its prepared copy and the GEMM output, each
-        ``(d_s, 2 rows cols)`` (padded to whole GEMM panels), a copy of the level's live weight block, and the
-        tile-padded operands of the top / magnitude products (rows and columns rounded up to the panel).
-        Fast-Lip: the interval hull ``(rows, d_t)`` arrays and the padded products.
+        ``(d_s, 2 rows cols)`` (padded to whole GEMM panels), the live weight blocks of the levels and their
+        column copies (:meth:`level_bytes`), and the tile-padded operands of the top / magnitude products (rows
+        and columns rounded up to the panel).  Fast-Lip: the interval hull ``(rows, d_t)`` arrays and the padded
+        products.
         """
+        from ..jacobian.chain import ROW_TILE
+
         d = self.widths
         P = max(1, int(self.panel))
-        Rp = -(-rows // P) * P
+        Rp = -(-rows // ROW_TILE) * ROW_TILE  # tile_matmul pads rows to whole row tiles
         cp = -(-cols // P) * P
         if self.depth == "interval":
             dt = d[t - 1]
             return int(8 * (6 * rows * dt + 3 * Rp * dt + 3 * dt * cp + 4 * Rp * cp + 8 * rows * cols))
         dmax = max(d[:t])
         ncols = -(-2 * rows * cols // P) * P
+        r = sum(self._unstable(s) for s in range(1, t + 1))  # rank of the per-row part with sharing
         return int(
-            8 * (3 * dmax * ncols + dmax * dmax + 3 * Rp * dmax + 3 * dmax * cp + 4 * Rp * cp + 8 * rows * cols)
+            8 * (3 * dmax * ncols + 3 * Rp * dmax + 3 * dmax * cp + 4 * Rp * cp + 8 * rows * cols + 2 * r * ncols)
+            + self.level_bytes(t)
         )
+
+    def _unstable(self, s: int) -> int:
+        return int(self.unstable[s - 1]) if self.unstable else int(self.live[s - 1])
+
+    def level_bytes(self, t: int) -> int:
+        """Peak bytes of live weight blocks (and their column copies) a RecurJac task of step ``t`` holds at once.
+
+        Level ``s`` (``t .. 2``) reads the live block ``B_s = M_{s-1}[alive_{s-1}, alive_s]``
+        (``live_{s-1} x live_s`` float64, :func:`recurjac_scale.jacobian.recurjac._level_matrix`) while the
+        previous level's block is still referenced.  Dense per-row recursion: the first level copies the columns
+        of the unstable and then of the stable neurons (``_first_level``), a row with many ``I_j`` neurons copies
+        its compacted columns (``_level_matmul``): ``max(B_t + 2 U_t, 2 B_t)`` at level ``t`` (``U``: the block's
+        unstable columns), ``max(B_s + B_{s+1}, 2 B_s)`` below.  With sharing across rows (``_shared_levels``) the
+        previous block, its scaled stable and unstable copies (another ``B_{s+1}``), the new block with a
+        transient double copy of its stable columns, and the factors ``G`` (``live_{s-1} x r``) of the old and new
+        level plus their product: ``2 B_{s+1} + 3 B_s + 3 G_s``.  Interval methods: 0 (their memory is in
+        :meth:`work_bytes`).
+        """
+        if self.depth != "recursive" or t < 2:
+            return 0
+        n = self.live
+
+        def B(s):  # bytes of the live block of level s
+            return 8 * int(n[s - 2]) * int(n[s - 1]) if 2 <= s <= t else 0
+
+        share = bool(self.shares[t - 1]) if self.shares else None
+        dense = max(B(t) + 2 * 8 * int(n[t - 2]) * self._unstable(t), 2 * B(t))
+        dense = max([dense] + [max(B(s) + B(s + 1), 2 * B(s)) for s in range(t - 1, 1, -1)])
+        if share is False:
+            return int(dense)
+        shared = 0
+        r = 0
+        for s in range(t, 1, -1):
+            r += self._unstable(s)
+            G = 8 * int(n[s - 2]) * r
+            shared = max(shared, 2 * B(s + 1) + 3 * B(s) + 3 * G)
+        return int(shared if share else max(shared, dense))
 
     def max_matrix_bytes(self) -> int:
         """The largest chain matrix in float64 (what a streaming task holds at a time)."""
@@ -417,7 +467,15 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None, sp
 
         store_path = str(Path(network).resolve())
         network = open_network(store_path)
-    net = network.materialize() if network.is_lazy else network
+    if network.is_lazy:
+        import dask
+
+        # Read the store here, in the client (threads of this process): never through a distributed Client that
+        # may be dask's default, whose workers are not meant to hold the network (out-of-core jobs).
+        with dask.config.set(scheduler="threads"):
+            net = network.materialize()
+    else:
+        net = network
     region = Region.of(net, x0, eps, p)
     C = _api.output_matrix(outputs, net.n_outputs)
     netC = net.with_outputs(C)

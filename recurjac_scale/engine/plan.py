@@ -9,6 +9,16 @@ state of the earlier steps for its rows only (its "priors") and the weights ``M_
 ``M_t[:, cols]``; it writes one block of the state of step ``t``.  Finishing tasks turn the last state into the
 ``(m, n_0)`` Jacobian bounds (a transpose for F0, the final interval product for F1).
 
+Memory: a worker needs ``baseline + caches + weights + threads x peak task`` (:attr:`Plan.peak_worker_bytes`),
+where ``baseline`` is what the worker process holds before any task (:data:`WORKER_BASELINE_BYTES`, or measured on
+the workers of a given client), ``caches`` the most its per-process caches keep between tasks (:func:`cache_bytes`;
+none when streaming), ``weights`` the held chain (0 when the weights are streamed from the store) and a task's
+peak its priors, output, kernel work and the live weight blocks it reads (streamed: plus its column panel and the
+store tiles being read).  With ``dask.distributed``, the nanny restarts a worker that passes
+``distributed.worker.memory.terminate`` (95%) of its ``memory_limit``: give that fraction of the limit as the
+budget (the default when a client is given).  The pre-activation bounds are computed in the client, with the whole
+network in the client's memory (the client is not a worker; its memory is not part of the budget).
+
 Entry point: :func:`plan_jacobian` -> :class:`Plan`; ``plan.compute(...)`` (:func:`recurjac_scale.engine.run.
 run_plan`) executes it.
 """
@@ -24,9 +34,24 @@ from typing import Any
 from ..errors import InputError
 from . import blocks as _blocks
 
-__all__ = ["Plan", "StepPlan", "plan_jacobian", "parse_bytes", "format_bytes", "choose_blocks"]
+__all__ = [
+    "Plan",
+    "StepPlan",
+    "plan_jacobian",
+    "parse_bytes",
+    "format_bytes",
+    "choose_blocks",
+    "WORKER_BASELINE_BYTES",
+    "measure_workers",
+]
 
 _F64 = 8
+
+WORKER_BASELINE_BYTES = 256 * 2**20
+"""Resident memory of a dask worker process before any task of a job: the interpreter, numpy / scipy / numba /
+zarr / dask, this package and its numba kernels loaded from the cache.  Measured 211 MiB per worker process of a
+``LocalCluster`` (Python 3.11, numpy 2.4, numba 0.68, dask 2026.8) after imports and one tiny job of every method;
+rounded up.  With a client, :func:`plan_jacobian` uses the workers' own RSS instead when that is larger."""
 
 
 def parse_bytes(s) -> int | None:
@@ -67,6 +92,14 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _format_bytes_up(n: float) -> str:
+    """:func:`format_bytes` rounded up (never below ``n``): a size to give back as a budget."""
+    for unit, f in (("B", 1), ("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
+        if n < 1024 * f:
+            return f"{int(n)} B" if unit == "B" else f"{math.ceil(n / f * 10) / 10:.1f} {unit}"
+    return f"{math.ceil(n / 2**40 * 10) / 10:.1f} TiB"
 
 
 @dataclass(frozen=True)
@@ -137,9 +170,9 @@ class Plan:
     weights_bytes : int
         All chain matrices, float64 (held once per worker process).
     peak_worker_bytes : int
-        ``weights_bytes + threads_per_worker * max task_peak_bytes``; with streamed weights
-        ``threads_per_worker * (largest matrix + max task_peak_bytes)`` (the matrix a task reads; the method's
-        copy of its live block is part of the task's work memory).
+        ``worker_baseline_bytes + weights_bytes + threads_per_worker * max task_peak_bytes``; with streamed
+        weights the held weights are 0 and each task's peak includes the weights it reads
+        (:func:`_streamed_bytes`).
     memory_budget : int or None
         The budget the blocks were chosen for (bytes per worker), if any.
     threads_per_worker : int
@@ -156,6 +189,14 @@ class Plan:
     sparse_levels : tuple of str
         The chain matrices that run sparse x dense (their network layer, e.g. ``"W(3)"``; ``"W(1) finish"`` for
         the F1 finish); empty: dense kernels only.
+    worker_baseline_bytes : int
+        Memory of a worker process before any task (:data:`WORKER_BASELINE_BYTES` or measured), counted in
+        ``peak_worker_bytes``.
+    baseline_source : str
+        ``"constant"`` or ``"measured"`` (RSS of the client's workers, when larger than the constant).
+    cache_bytes : int
+        The most the per-process caches of a worker can hold (:func:`cache_bytes`), counted in
+        ``peak_worker_bytes``.
     """
 
     method: str
@@ -181,6 +222,9 @@ class Plan:
     layer_bounds_seconds: float
     stream_weights: bool = False
     sparse_levels: tuple = ()
+    worker_baseline_bytes: int = WORKER_BASELINE_BYTES
+    baseline_source: str = "constant"
+    cache_bytes: int = 0
     context: Any = field(default=None, repr=False, compare=False)
 
     def compute(self, **kwargs):
@@ -217,15 +261,28 @@ class Plan:
                 f"{format_bytes(s.task_state_bytes):>11} {format_bytes(s.task_weight_bytes):>13} "
                 f"{format_bytes(s.task_peak_bytes):>10}"
             )
+        task_peak = max((s.task_peak_bytes for s in self.steps), default=0)
+        held = (self.peak_worker_bytes - self.worker_baseline_bytes - self.cache_bytes
+                - self.threads_per_worker * task_peak)
         lines.append(
             f"total: {self.n_tasks} tasks ({self.n_finish_tasks} finishing), {self.flops / 1e9:.3f} GFLOP; weights "
-            f"{format_bytes(self.weights_bytes)}; peak memory per worker ({self.threads_per_worker} thread(s)) "
-            f"{format_bytes(self.peak_worker_bytes)}"
-            + (f" (budget {format_bytes(self.memory_budget)})" if self.memory_budget else "")
+            f"{format_bytes(self.weights_bytes)}"
             + ("; weights streamed from the store by every task" if self.stream_weights else "")
         )
         if self.sparse_levels:
             lines.append(f"sparse x dense (CSR) products for {', '.join(self.sparse_levels)}")
+        lines.append(
+            f"peak memory per worker: baseline {format_bytes(self.worker_baseline_bytes)} ({self.baseline_source}) + "
+            f"caches {format_bytes(self.cache_bytes)} + "
+            f"held weights {format_bytes(held)} + {self.threads_per_worker} thread(s) x peak task "
+            f"{format_bytes(task_peak)} = {format_bytes(self.peak_worker_bytes)}"
+            + (f" (budget {format_bytes(self.memory_budget)})" if self.memory_budget else " (no budget given)")
+        )
+        lines.append(
+            f"planning in the client: {self.layer_bounds_seconds:.1f} s (network read and layer bounds "
+            f"({self.layer_bound_method}) computed unless given), with the whole network in the client's memory "
+            "(not counted in the workers' budget)"
+        )
         return "\n".join(lines)
 
 
@@ -243,30 +300,19 @@ def _step_costs(shape: "_blocks.ChainShape", t: int, rb: int, cb: int) -> tuple[
     return int(state), int(weights), int(state + out + work)
 
 
-def _streamed_bytes(shape: "_blocks.ChainShape", t: int, cb: int) -> int:
-    """Peak weight bytes a task of step ``t`` holds when the weights are streamed from the store
-    (:mod:`recurjac_scale.engine.streaming`), on top of :func:`_step_costs`' peak (which counts the compacted live
-    block of one level).
+def _streamed_bytes(shape: "_blocks.ChainShape", t: int, cb: int, tile_bytes: int = 0) -> int:
+    """Bytes a task of step ``t`` holds, on top of :func:`_step_costs`' peak, when the weights are streamed from the
+    store (:mod:`recurjac_scale.engine.streaming`).
 
-    The column panel ``M_t[:, cols]`` (``d_t x cols``); for a recursive method, per level ``s`` (``t .. 2``) the
-    live rows of ``M_{s-1}`` read into a lazily zeroed full-size array (``live_{s-1} x d_s``: only written pages
-    are allocated), the row panel being read (:data:`~recurjac_scale.engine.streaming.STREAM_PANEL_BYTES`), and
-    the previous level's live block (``live_s x live_{s+1}``) still held while the next one is cut out.
+    The column panel ``M_t[:, cols]`` (``d_t x cols``, the step's operand), and the store reads in flight: a tile
+    of :meth:`~recurjac_scale.engine.streaming.StoreMatrix.live_block` (``tile_bytes``,
+    :func:`~recurjac_scale.engine.streaming.store_tile_bytes`) is held as its compressed chunks, their decoded
+    buffers, the tile read and its selected part: ``4 x tile_bytes``.  The live weight blocks themselves are
+    counted in :meth:`ChainShape.level_bytes` (in memory the same blocks are cut out of the held matrices).
     """
-    from . import streaming
-
-    d, n = shape.widths, shape.live
+    d = shape.widths
     cols = min(cb, d[t])
-    col_panel = d[t - 1] * cols * _F64
-    if shape.depth != "recursive" or t < 2:
-        return int(col_panel)
-    level = 0
-    for s in range(t, 1, -1):
-        filled = n[s - 2] * d[s - 1] * _F64
-        panel = min(d[s - 2] * d[s - 1] * _F64, max(d[s - 1] * _F64, int(streaming.STREAM_PANEL_BYTES)))
-        prev = n[s - 1] * n[s] * _F64 if s < t else 0
-        level = max(level, filled + panel + prev)
-    return int(col_panel + level)
+    return int(d[t - 1] * cols * _F64 + 4 * int(tile_bytes))
 
 
 def _block_grid(n: int, b: int) -> int:
@@ -282,14 +328,19 @@ def choose_blocks(
     threads_per_worker: int,
     total_threads: int,
     stream: bool = False,
+    baseline: int = WORKER_BASELINE_BYTES,
+    tile_bytes: int = 0,
 ) -> tuple[int, int]:
     """Block sizes: the given ones, else the largest column block (<= 512, GEMM efficiency grows with it) and a
-    row block giving every thread several tasks, shrunk until ``weights + threads * peak task <= memory_budget``.
+    row block giving every thread several tasks, shrunk until
+    ``baseline + weights + threads * peak task <= memory_budget`` (weights: 0 when streamed; a streamed task's
+    peak includes what it reads, :func:`_streamed_bytes` with ``tile_bytes``).
 
     Raises
     ------
     InputError
-        When even 1 x 1 blocks do not fit the budget (the weights alone exceed it).
+        When even the smallest blocks allowed do not fit the budget; the message names the budget and the
+        smallest budget that would fit.
     """
     R = shape.n_rows
     dmax = max(shape.widths[1:], default=shape.widths[0])
@@ -303,9 +354,9 @@ def choose_blocks(
     wbytes = int(shape.sparse_bytes) if stream else shape.weights_bytes()
 
     def peak(rb_, cb_):
-        return wbytes + threads_per_worker * max(
+        return int(baseline) + wbytes + threads_per_worker * max(
             (
-                _step_costs(shape, t, rb_, cb_)[2] + (_streamed_bytes(shape, t, cb_) if stream else 0)
+                _step_costs(shape, t, rb_, cb_)[2] + (_streamed_bytes(shape, t, cb_, tile_bytes) if stream else 0)
                 for t in range(1, shape.n_steps + 1)
             ),
             default=0,
@@ -319,13 +370,53 @@ def choose_blocks(
         elif cb > 1 and col_block is None:
             cb = max(1, cb // 2)
         else:
+            need = peak(rb, cb)
+            task = (need - int(baseline) - wbytes) // max(1, threads_per_worker)
             raise InputError(
-                f"memory budget {format_bytes(memory_budget)} per worker is too small: weights take "
-                f"{format_bytes(wbytes)} and one task at blocks {rb} x {cb} needs "
-                f"{format_bytes(peak(rb, cb) - wbytes)} more; raise --memory-budget, lower --threads-per-worker "
-                "or give smaller --row-block/--col-block"
+                f"memory budget {format_bytes(memory_budget)} per worker is too small: the smallest blocks "
+                f"({rb} x {cb}) need {format_bytes(need)} (worker baseline {format_bytes(int(baseline))} + "
+                f"{'streamed weights' if stream else 'held weights ' + format_bytes(wbytes)} + "
+                f"{threads_per_worker} thread(s) x task {format_bytes(task)}); give --memory-budget >= "
+                f"{_format_bytes_up(need)}"
+                + (" or fewer --threads-per-worker" if threads_per_worker > 1 else "")
             )
     return rb, cb
+
+
+def cache_bytes(shape: "_blocks.ChainShape", *, stream: bool) -> int:
+    """The most a worker process's caches hold between tasks: the chain-only factors of steps that share across
+    rows (:data:`recurjac_scale.jacobian.recurjac.SHARED_CACHE_BYTES`) and the rows of earlier states
+    (:data:`recurjac_scale.engine.run.PRIOR_CACHE_BYTES`, at most the job's whole state).  Streamed (out-of-core)
+    runs keep neither."""
+    if stream:
+        return 0
+    from ..jacobian.recurjac import SHARED_CACHE_BYTES
+    from .run import PRIOR_CACHE_BYTES
+
+    state = 8 * len(shape.state_keys) * shape.n_rows * sum(int(w) for w in shape.widths[1:])
+    shared = SHARED_CACHE_BYTES if any(shape.shares) or (not shape.shares and shape.depth == "recursive") else 0
+    return int(shared + min(PRIOR_CACHE_BYTES, state))
+
+
+def measure_workers(client) -> dict:
+    """Memory facts of the workers of a ``distributed.Client``: ``memory_limit`` (smallest, bytes, or None),
+    ``rss`` (largest resident memory now, bytes), ``threads`` (largest thread count), ``n_workers``, and
+    ``budget``: the smallest ``memory_limit`` times ``distributed.worker.memory.terminate`` (the fraction at which
+    the nanny restarts a worker), or None without a limit."""
+    import dask
+
+    ws = list(client.scheduler_info(n_workers=-1).get("workers", {}).values())
+    limits = [int(w["memory_limit"]) for w in ws if w.get("memory_limit")]
+    rss = [int((w.get("metrics") or {}).get("memory") or 0) for w in ws]
+    frac = float(dask.config.get("distributed.worker.memory.terminate", 0.95) or 1.0)
+    lim = min(limits) if limits else None
+    return {
+        "n_workers": len(ws),
+        "memory_limit": lim,
+        "rss": max(rss, default=0),
+        "threads": max((int(w.get("nthreads", 1)) for w in ws), default=1),
+        "budget": int(lim * frac) if lim else None,
+    }
 
 
 # -- the plan --------------------------------------------------------------------------------------------------
@@ -353,6 +444,7 @@ def plan_jacobian(
     total_threads: int | None = None,
     stream_weights: bool | None = None,
     sparse_threshold="auto",
+    client=None,
 ) -> Plan:
     """Plan a blockwise Jacobian-bound job.
 
@@ -391,6 +483,10 @@ def plan_jacobian(
         ``None``: dense kernels only.  The plan counts the FLOPs of sparse levels by their stored entries, and their
         CSR copies (held by each worker process, also when the weights are streamed) in the weight bytes.  Results
         equal the dense kernels' to ~1e-15 relative (summation order), with the same certification.
+    client : distributed.Client, optional
+        The cluster the plan is for: the worker baseline becomes the largest of :data:`WORKER_BASELINE_BYTES` and
+        the workers' current RSS, and without ``memory_budget`` the budget is the workers' ``memory_limit`` times
+        the nanny's terminate fraction (:func:`measure_workers`).  Planning itself runs here, in the client.
 
     Returns
     -------
@@ -399,6 +495,13 @@ def plan_jacobian(
     from ..layer_bounds.base import parse_norm
 
     budget = parse_bytes(memory_budget)
+    baseline, baseline_source = WORKER_BASELINE_BYTES, "constant"
+    if client is not None:
+        facts = measure_workers(client)
+        if facts["rss"] > baseline:
+            baseline, baseline_source = int(facts["rss"]), "measured"
+        if budget is None:
+            budget = facts["budget"]
     t0 = time.perf_counter()
     ctx = _blocks.prepare_job(network, x0, eps, parse_norm(p), method, layer_bounds, outputs, sparse_threshold)
     lb_seconds = time.perf_counter() - t0
@@ -413,7 +516,8 @@ def plan_jacobian(
         if streamable and budget is not None:
             try:
                 choose_blocks(shape, row_block=row_block, col_block=col_block, memory_budget=budget,
-                              threads_per_worker=tpw, total_threads=int(total_threads or tpw), stream=False)
+                              threads_per_worker=tpw, total_threads=int(total_threads or tpw), stream=False,
+                              baseline=baseline + cache_bytes(shape, stream=False))
             except InputError:
                 stream_weights = True
     elif stream_weights and not streamable:
@@ -422,6 +526,12 @@ def plan_jacobian(
             "output activation"
         )
     ctx.stream = bool(stream_weights)
+    caches = cache_bytes(shape, stream=ctx.stream)
+    tile = 0
+    if ctx.stream:
+        from .streaming import store_tile_bytes
+
+        tile = store_tile_bytes(ctx.store_path)
     rb, cb = choose_blocks(
         shape,
         row_block=row_block,
@@ -430,6 +540,8 @@ def plan_jacobian(
         threads_per_worker=tpw,
         total_threads=int(total_threads or tpw),
         stream=ctx.stream,
+        baseline=baseline + caches,
+        tile_bytes=tile,
     )
     steps = []
     R = shape.n_rows
@@ -437,8 +549,8 @@ def plan_jacobian(
         width = shape.widths[t]
         nr, nc = _block_grid(R, rb), _block_grid(width, cb)
         sb, wb, pk = _step_costs(shape, t, rb, cb)
-        if ctx.stream:  # the task also holds the weights it streams (one level's live rows at a time)
-            pk += _streamed_bytes(shape, t, cb)
+        if ctx.stream:  # the task also holds its column panel and the store tiles in flight
+            pk += _streamed_bytes(shape, t, cb, tile)
         steps.append(
             StepPlan(
                 step=t,
@@ -458,9 +570,9 @@ def plan_jacobian(
     wbytes = shape.weights_bytes()
     task_peak = max((s.task_peak_bytes for s in steps), default=0)
     if ctx.stream:  # each running task holds the weights it streams (counted in its task_peak_bytes)
-        peak = int(shape.sparse_bytes) + tpw * task_peak
+        peak = baseline + caches + int(shape.sparse_bytes) + tpw * task_peak
     else:
-        peak = wbytes + tpw * task_peak
+        peak = baseline + caches + wbytes + tpw * task_peak
     job_id = ctx.job_id(rb, cb)
     return Plan(
         method=ctx.method,
@@ -486,5 +598,8 @@ def plan_jacobian(
         layer_bounds_seconds=lb_seconds,
         stream_weights=ctx.stream,
         sparse_levels=_sparse_names(ctx.chain, ctx.sparse_levels),
+        worker_baseline_bytes=int(baseline),
+        baseline_source=baseline_source,
+        cache_bytes=int(caches),
         context=ctx,
     )

@@ -3,21 +3,24 @@
 For a network larger than a worker's memory, a worker does not hold the network: every chain matrix ``M_t`` (a
 weight ``W`` or its transpose) is a :class:`StoreMatrix`, read from the model store when a task needs it and dropped
 when the task ends.  The column panel ``M_t[:, cols]`` (a step's operand) reads only those columns.  A level of the
-recursion reads ``np.asarray(M_s)[np.ix_(alive_up, alive)]`` (:mod:`recurjac_scale.jacobian.recurjac`, the only way
-the step functions read a whole chain matrix); ``alive_up`` are the rows with ``du > 0`` of the chain level, known
-when the chain is built.  So ``np.asarray(M_s)`` returns a lazily zeroed array (``np.zeros``: pages never written are
-never allocated) in which only the live rows are filled, read from the store one row panel
-(:data:`STREAM_PANEL_BYTES`) at a time: a task holds the live rows of one level (plus the method's compacted copy of
-the live block), never a whole matrix, and never two levels' full matrices.  The price is reading the weights once
-per task.
+recursion needs the compacted live block ``M_s[alive_up][:, alive]`` (``alive_up``, ``alive``: the neurons with
+``du > 0`` on both sides); :func:`recurjac_scale.jacobian.recurjac._level_matrix` (the only way the step functions
+read a whole chain matrix) asks the matrix for it through :meth:`StoreMatrix.live_block`, which allocates the
+compacted block and fills it one store tile at a time (a tile lies inside one chunk column of the zarr
+array, at most :data:`STREAM_PANEL_BYTES` or one chunk): a task holds the live block of a level plus one tile and its selected part, never a
+whole matrix and never a filled full-size copy.  The price is reading the weights once per task.
 
 A chain level that runs sparse (a pruned layer, ``Chain.with_sparse``) holds a CSR copy instead, read by
 :meth:`StoreMatrix.to_csr` once per worker process straight from the store's CSR arrays (``nnz`` entries, never the
 dense matrix); its column panels are still read from the store per task.
 
-The values are exactly those of the in-memory chain (same float64 numbers, C-contiguous arrays), so results are
-bitwise those of the in-memory path.  Only the small matrix that carries the output selection ``C`` (``C W(H)``)
-is computed and kept in memory, exactly as :meth:`Network.with_outputs` computes it.
+The values are exactly those of the in-memory chain (same float64 numbers, converted to the chain's dtype element by
+element, C-contiguous arrays of the same shape), so results are bitwise those of the in-memory path.  Only the small
+matrix that carries the output selection ``C`` (``C W(H)``) is computed and kept in memory, exactly as
+:meth:`Network.with_outputs` computes it.
+
+What a streamed task holds is counted by the plan (:func:`recurjac_scale.engine.plan._streamed_bytes` and
+:meth:`recurjac_scale.engine.blocks.ChainShape.level_bytes`); :func:`store_tile_bytes` gives the tile size it uses.
 """
 
 from __future__ import annotations
@@ -27,22 +30,23 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["StoreMatrix", "streamed_chain", "can_stream", "STREAM_PANEL_BYTES"]
+__all__ = ["StoreMatrix", "streamed_chain", "can_stream", "store_tile_bytes", "STREAM_PANEL_BYTES"]
 
-STREAM_PANEL_BYTES = 32 * 2**20
-"""Bytes of one row panel read from the store at a time by ``np.asarray`` of a :class:`StoreMatrix` (rounded to
-whole rows, at least one row)."""
+STREAM_PANEL_BYTES = 16 * 2**20
+"""Largest read from the store at a time: a row panel of ``np.asarray`` of a :class:`StoreMatrix` (rounded to whole
+rows, at least one row), and a tile of :meth:`StoreMatrix.live_block` (whole chunk rows of one chunk column, or
+part of one chunk when a chunk is larger)."""
 
 
 class StoreMatrix:
     """Layer ``k``'s weight of a model store (``transpose``: its transpose), read on demand as float64.
 
-    Supports ``shape``, ``ndim``, ``M[rows, cols]`` with slices / integer arrays (reads only what is asked, every row
-    exact) and ``np.asarray(M)``.  With ``live_rows`` (bool mask, length ``shape[0]``), ``np.asarray(M)`` holds the
-    exact stored values in the live rows and zeros in the others (which the reader must not use: the recursion
-    reads only ``M[alive_up][:, alive]`` with ``alive_up`` = the live rows); it is filled one row panel at a time
-    (``panel_bytes``, default :data:`STREAM_PANEL_BYTES`) and its unwritten pages are never allocated.  Without
-    ``live_rows`` every row is filled.  Picklable: it holds the store path, not the data.
+    Supports ``shape``, ``ndim``, ``M[rows, cols]`` with slices / integer or boolean arrays (reads only the tiles
+    that hold what is asked, every value exact), :meth:`live_block` (the compacted block a recursion level reads)
+    and ``np.asarray(M)``.  ``np.asarray(M)`` is for other readers (a whole matrix): with ``live_rows`` (bool mask,
+    length ``shape[0]``) it holds the exact stored values in the live rows and zeros in the others, filled one row
+    panel at a time (``panel_bytes``, default :data:`STREAM_PANEL_BYTES`), its unwritten pages never allocated;
+    without ``live_rows`` every row is filled.  Picklable: it holds the store path, not the data.
     """
 
     def __init__(self, store_path: str, k: int, transpose: bool, shape: tuple[int, int], live_rows=None,
@@ -78,21 +82,81 @@ class StoreMatrix:
         return self._z
 
     def __getitem__(self, idx) -> np.ndarray:
+        """``M[rows, cols]`` for slices, integer or boolean index arrays: :meth:`live_block` of those indices."""
         if not isinstance(idx, tuple):
             idx = (idx, slice(None))
         if len(idx) != 2:
             raise IndexError("StoreMatrix takes two indices")
-        z = self._array()
-        if self.transpose:
-            a = _take(z, idx[1], idx[0]).T
-        else:
-            a = _take(z, idx[0], idx[1])
-        return np.ascontiguousarray(a, dtype=np.float64)
+        return self.live_block(_indices(idx[0], self.shape[0]), _indices(idx[1], self.shape[1]))
 
     def panel_rows(self) -> int:
         """Rows of this matrix read from the store at a time by ``np.asarray``."""
         pb = STREAM_PANEL_BYTES if self.panel_bytes is None else self.panel_bytes
         return max(1, int(pb) // (8 * max(1, self.shape[1])))
+
+    def tile_shape(self) -> tuple[int, int]:
+        """``(rows, cols)`` of this matrix read at a time by :meth:`live_block` (:func:`_tile_shape`)."""
+        pb = STREAM_PANEL_BYTES if self.panel_bytes is None else self.panel_bytes
+        return _tile_shape(self._array().chunks, self.shape, self.transpose, pb)
+
+    def _tile(self, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+        """``M[r0:r1, c0:c1]`` as float64 (a view of the read tile; transposed for a transposed matrix)."""
+        z = self._array()
+        if self.transpose:
+            return np.asarray(z[c0:c1, r0:r1], dtype=np.float64).T
+        return np.asarray(z[r0:r1, c0:c1], dtype=np.float64)
+
+    def live_block(self, rows, cols, dtype=None) -> np.ndarray:
+        """``M[rows][:, cols]``, read from the store one tile at a time (:meth:`tile_shape`).
+
+        Parameters
+        ----------
+        rows, cols : array_like of int
+            Row and column indices (any order; in the recursion: the live neurons, increasing).
+        dtype : dtype, optional
+            Of the result (default float64); each stored float64 value is converted on its own, so the result is
+            bitwise ``np.asarray(M, dtype)[np.ix_(rows, cols)]``.
+
+        Returns
+        -------
+        ndarray, shape (len(rows), len(cols)), C-contiguous
+            Only this block, one tile of the store (inside one zarr chunk) and the tile's selected part are held
+            at any time; tiles without a selected row or column are not read.
+        """
+        n, m = self.shape
+        rows = np.asarray(rows, dtype=np.intp).reshape(-1)
+        cols = np.asarray(cols, dtype=np.intp).reshape(-1)
+        for name, idx, size in (("row", rows, n), ("column", cols, m)):
+            if idx.size and (idx.min() < 0 or idx.max() >= size):
+                raise IndexError(f"{name} index out of range for {self!r}")
+        out = np.empty((rows.size, cols.size), dtype=np.float64 if dtype is None else np.dtype(dtype))
+        if out.size == 0:
+            return out
+        tr, tc = self.tile_shape()
+        ro = np.argsort(rows, kind="stable")
+        co = np.argsort(cols, kind="stable")
+        rs, cs = rows[ro], cols[co]
+        rsorted = bool(np.all(ro == np.arange(ro.size)))  # then block row positions a:b are a slice (and columns)
+        csorted = bool(np.all(co == np.arange(co.size)))
+        rcut = np.searchsorted(rs, np.arange(0, n + tr, tr))  # rs[rcut[i]:rcut[i+1]] lie in tile row i
+        ccut = np.searchsorted(cs, np.arange(0, m + tc, tc))
+        cgroups = [(ccut[j], ccut[j + 1]) for j in range(len(ccut) - 1) if ccut[j + 1] > ccut[j]]
+        for i in range(len(rcut) - 1):
+            a, b = rcut[i], rcut[i + 1]
+            if a == b:
+                continue
+            r0, r1 = int(rs[a]), int(rs[b - 1]) + 1
+            for c, d in cgroups:
+                c0, c1 = int(cs[c]), int(cs[d - 1]) + 1
+                tile = self._tile(r0, r1, c0, c1)
+                part = tile[np.ix_(rs[a:b] - r0, cs[c:d] - c0)]
+                if rsorted and csorted:
+                    out[a:b, c:d] = part
+                else:
+                    out[np.ix_(ro[a:b], co[c:d])] = part
+                del part
+                del tile
+        return out
 
     def __array__(self, dtype=None, copy=None):
         n, m = self.shape
@@ -139,11 +203,49 @@ class StoreMatrix:
         return f"StoreMatrix({self.store_path!r}, layer {self.k}{', transposed' if self.transpose else ''}, {self.shape})"
 
 
-def _take(z, rows, cols) -> np.ndarray:
-    """``z[rows, cols]`` for slices or integer index arrays (zarr's orthogonal indexing)."""
-    if isinstance(rows, slice) and isinstance(cols, slice):
-        return np.asarray(z[rows, cols])
-    return np.asarray(z.oindex[rows, cols])
+def _tile_shape(chunks, shape, transpose: bool, panel_bytes: int) -> tuple[int, int]:
+    """Tile ``(rows, cols)`` of a matrix of ``shape`` whose stored weight has ``chunks`` (its transpose when
+    ``transpose``): one chunk column wide, and as many whole chunk rows as ``panel_bytes`` float64 bytes hold (at
+    least one); when one chunk is already larger than ``panel_bytes``, rows of one chunk cut to ``panel_bytes``
+    (at least one row).  Tiles never straddle a chunk column."""
+    a, b = (int(c) for c in chunks)
+    cr, cc = (b, a) if transpose else (a, b)
+    n, m = (int(x) for x in shape)
+    cr, cc = max(1, min(cr, n)), max(1, min(cc, m))
+    pb = int(panel_bytes)
+    k = pb // (8 * cr * cc)
+    if k >= 1:
+        return min(n, k * cr), cc
+    return max(1, min(cr, pb // (8 * cc))), cc
+
+
+def _indices(idx, n: int) -> np.ndarray:
+    """A slice, or an integer / boolean index array, as increasing-or-given integer positions in ``range(n)``."""
+    if isinstance(idx, slice):
+        return np.arange(*idx.indices(n), dtype=np.intp)
+    a = np.asarray(idx)
+    if a.dtype == bool:
+        if a.shape != (n,):
+            raise IndexError(f"boolean index of shape {a.shape} for an axis of length {n}")
+        return np.flatnonzero(a)
+    if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
+        raise IndexError("StoreMatrix takes slices or 1-d integer / boolean index arrays")
+    return np.where(a < 0, a + n, a).astype(np.intp)
+
+
+def store_tile_bytes(store_path: str, panel_bytes: int | None = None) -> int:
+    """Largest tile :meth:`StoreMatrix.live_block` reads from the model store at ``store_path`` (float64 bytes, either
+    orientation of every weight; ``panel_bytes`` as :class:`StoreMatrix`, default :data:`STREAM_PANEL_BYTES`)."""
+    from ..network.store import layer_arrays
+
+    pb = STREAM_PANEL_BYTES if panel_bytes is None else int(panel_bytes)
+    out = 0
+    for w, _b in layer_arrays(store_path):
+        shp = tuple(int(x) for x in w.shape)
+        for tr in (False, True):
+            r, c = _tile_shape(w.chunks, shp[::-1] if tr else shp, tr, pb)
+            out = max(out, 8 * r * c)
+    return int(out)
 
 
 def can_stream(network) -> bool:

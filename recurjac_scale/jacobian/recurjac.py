@@ -54,10 +54,16 @@ def _alive(du: np.ndarray) -> np.ndarray:
 
 
 def _level_matrix(chain: Chain, k: int, rows: np.ndarray, cols: np.ndarray, dt):
-    """``M_{k+1}[rows][:, cols]`` (``chain.mats[k]``): dense as before, or CSR when the chain holds a sparse copy."""
+    """``M_{k+1}[rows][:, cols]`` (``chain.mats[k]``): dense as before, or CSR when the chain holds a sparse copy.
+
+    A matrix with a ``live_block`` method (weights streamed from the store, :mod:`recurjac_scale.engine.streaming`)
+    returns the same dense block itself, so that only the block is ever held."""
     sm = chain.sparse_mats[k] if chain.sparse_mats else None
     if sm is None:
-        return np.asarray(chain.mats[k], dtype=dt)[np.ix_(rows, cols)]
+        M = chain.mats[k]
+        if hasattr(M, "live_block"):
+            return M.live_block(rows, cols, dt)
+        return np.asarray(M, dtype=dt)[np.ix_(rows, cols)]
     return sp.csr_array(sm[rows][:, cols])
 
 
