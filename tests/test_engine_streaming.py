@@ -204,7 +204,7 @@ def test_plan_bounds_what_a_streamed_task_allocates(tmp_path, rng, monkeypatch, 
         assert peak <= sp.task_peak_bytes - sp.task_state_bytes, (t, peak, sp.task_peak_bytes)
 
 
-def test_plan_counts_the_worker_baseline_and_refuses_with_what_would_fit(tmp_path, rng):
+def test_plan_counts_the_live_blocks_a_streamed_task_reads(tmp_path, rng):
     net = random_network([10, 40, 40, 40, 3], "relu", rng)
     save_network(net, tmp_path / "m.zarr")
     x0 = rng.normal(size=10)
@@ -222,6 +222,31 @@ def test_plan_counts_the_worker_baseline_and_refuses_with_what_would_fit(tmp_pat
     step = [s for s in plan.steps if s.step == t][0]
     assert step.task_peak_bytes >= need
     assert plan.peak_worker_bytes >= need
+
+
+def test_plan_counts_the_worker_baseline_and_refuses_with_what_would_fit(tmp_path, rng):
+    net = random_network([10, 40, 40, 40, 3], "relu", rng)
+    save_network(net, tmp_path / "m.zarr")
+    x0 = rng.normal(size=10)
+    kw = dict(layer_bounds="ibp", stream_weights=True, threads_per_worker=2)
+    plan = plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", **kw)
+    base = plan_mod.WORKER_BASELINE_BYTES
+    assert plan.worker_baseline_bytes == base and plan.baseline_source == "constant"
+    assert plan.peak_worker_bytes == base + 2 * max(s.task_peak_bytes for s in plan.steps)
+    d = plan.to_dict()
+    assert d["worker_baseline_bytes"] == base
+    text = plan.describe()
+    assert "baseline 256.0 MiB" in text and "whole network in the client's memory" in text
+    # a budget below the baseline plus the smallest task is refused, naming the budget and what would fit
+    with pytest.raises(InputError, match=r"memory budget 256\.0 MiB per worker is too small") as ei:
+        plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", memory_budget=base + 4096, **kw)
+    msg = str(ei.value)
+    assert "\n" not in msg and "baseline 256.0 MiB" in msg and "--threads-per-worker" in msg
+    need = msg.split("give --memory-budget >= ")[1].split(" or ")[0]
+    ok = plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", memory_budget=need, **kw)
+    assert ok.peak_worker_bytes <= plan_mod.parse_bytes(need)
+
+
 
 
 @pytest.mark.parametrize("transpose", [False, True])
@@ -242,24 +267,6 @@ def test_norm_bound_of_a_streamed_matrix_reads_panels_and_bounds_the_dense_one(s
     assert b == _abs_sum_bound(ref) or abs(b - _abs_sum_bound(ref)) <= 1e-12 * exact
     assert spy.reads and all((s[1] if transpose else s[0]) <= 3 for s in spy.reads)
 
-
-    kw = dict(layer_bounds="ibp", stream_weights=True, threads_per_worker=2)
-    plan = plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", **kw)
-    base = plan_mod.WORKER_BASELINE_BYTES
-    assert plan.worker_baseline_bytes == base and plan.baseline_source == "constant"
-    assert plan.peak_worker_bytes == base + 2 * max(s.task_peak_bytes for s in plan.steps)
-    d = plan.to_dict()
-    assert d["worker_baseline_bytes"] == base
-    text = plan.describe()
-    assert "baseline 256.0 MiB" in text and "whole network in the client's memory" in text
-    # a budget below the baseline plus the smallest task is refused, naming the budget and what would fit
-    with pytest.raises(InputError, match=r"memory budget 256\.0 MiB per worker is too small") as ei:
-        plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", memory_budget=base + 4096, **kw)
-    msg = str(ei.value)
-    assert "\n" not in msg and "baseline 256.0 MiB" in msg and "--threads-per-worker" in msg
-    need = msg.split("give --memory-budget >= ")[1].split(" or ")[0]
-    ok = plan_jacobian(tmp_path / "m.zarr", x0, 0.05, math.inf, "recurjac-b", memory_budget=need, **kw)
-    assert ok.peak_worker_bytes <= plan_mod.parse_bytes(need)
 
 
 @pytest.mark.cluster
