@@ -137,8 +137,9 @@ def write_ooc_section(res: dict, out: Path) -> None:
     L = ooc_lines(res, heading="##")
     if not L:
         raise SystemExit("no ooc*.json result files")
-    L[2:2] = ["These runs supersede the 'Out-of-core' lines of the scale section above (written with earlier code: "
-              "the plan then counted neither the worker baseline nor the copies of the live blocks).", ""]
+    L[2:2] = ["Earlier out-of-core figures (2026-11-25: 1.4 GiB workers; the plan then counted neither the worker "
+              "baseline nor the copies of the live blocks) are superseded by these. Each run names the code it ran "
+              "with (`code` in its JSON: the SHA-256 of the package sources).", ""]
     L.append("Stores and raw JSON results go to `$RECURJAC_BENCH_DIR` (default `<tmp>/recurjac_bench`); this file "
              "is written by `python benchmarks/bench_scale.py report-ooc` (and the same section by `report`).")
     out.parent.mkdir(parents=True, exist_ok=True)
