@@ -208,7 +208,10 @@ class FlopCounter:
                 return f(A, B, panel, *args, **kw)
             return tile_matmul
 
-        for modname in ("recurjac", "fastlip", "methods", "driver"):
+        # "chain": its panel_products / finish_products call tile_matmul there (step 1, magnitude chain, Fast-Lip,
+        # F1 finish); every other module imported the helpers by name.  Each call goes through one name: no
+        # double counting.  Sparse x dense products (pruned levels) are not counted.
+        for modname in ("chain", "recurjac", "fastlip", "methods", "driver"):
             try:
                 mod = importlib.import_module(f"recurjac_scale.jacobian.{modname}")
             except ImportError:

@@ -15,6 +15,7 @@ from .layer_bounds.base import Region
 from .network.model import InputSpec, Network
 
 __all__ = [
+    "assert_tasks_within_plan_memory",
     "random_network",
     "project",
     "sample_region",
@@ -224,3 +225,28 @@ def jacobian_attack_points(
                 hill_climb(region, lambda X, j=j, k=k, s=sign: s * network.jacobian(X)[:, j, k], rng, steps=steps)
             )
     return np.vstack(pts)
+
+
+def assert_tasks_within_plan_memory(plan, max_rows: int, max_cols: int) -> None:
+    """Run one task of every layer step of an engine plan in this process (rows ``0:max_rows``, columns
+    ``0:max_cols``, priors from the in-memory chain) and check that the memory it allocates (tracemalloc peak)
+    is at most the plan's estimate of a task's working memory (``task_peak_bytes - task_state_bytes``)."""
+    import tracemalloc
+
+    from .jacobian import get_jacobian_method, run_chain
+
+    ctx = plan.context
+    spec = ctx.worker_spec()
+    bc = spec.chain()
+    _, _, states = run_chain(get_jacobian_method(ctx.method), ctx.chain)
+    for sp in plan.steps:
+        t = sp.step
+        rows, cols = slice(0, min(max_rows, plan.n_rows)), slice(0, min(max_cols, sp.width))
+        pri = {s: {k: np.ascontiguousarray(states[s][k][rows]) for k in spec.state_keys} for s in spec.prior_steps(t)}
+        tracemalloc.start()
+        try:
+            bc.step_block(t, rows, cols, pri)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak <= sp.task_peak_bytes - sp.task_state_bytes, (t, peak, sp.task_peak_bytes)

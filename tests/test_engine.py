@@ -17,7 +17,7 @@ from recurjac_scale.engine import estimate_wall_time, plan_jacobian
 from recurjac_scale.engine.plan import choose_blocks, parse_bytes
 from recurjac_scale.errors import InputError, OutputExistsError, StoreError
 from recurjac_scale.jacobian import JACOBIAN_METHODS, jacobian_bounds
-from recurjac_scale.testing import random_network
+from recurjac_scale.testing import assert_tasks_within_plan_memory, random_network
 
 METHODS = sorted(JACOBIAN_METHODS)
 EPS = 0.08
@@ -512,26 +512,7 @@ def test_blas_is_single_threaded_inside_tasks(small, monkeypatch, scheduler):
 def test_task_memory_estimate_bounds_the_measured_peak(method, rng):
     """The plan's per-task memory (kernel work + output) is not below what a task really allocates
     (tracemalloc sees numpy's allocations)."""
-    import tracemalloc
-
-    from recurjac_scale.jacobian import get_jacobian_method
-    from recurjac_scale.jacobian.driver import run_chain
-
     net = random_network([20, 50, 40, 30, 5], "relu", rng, domain=(0.0, 1.0))
     x0 = rng.uniform(0.2, 0.8, size=20)
     plan = plan_jacobian(net, x0, 0.05, math.inf, method, layer_bounds="ibp", row_block=8, col_block=16)
-    ctx = plan.context
-    spec = ctx.worker_spec()
-    chain = spec.chain()
-    _, _, states = run_chain(get_jacobian_method(method), ctx.chain)
-    for sp in plan.steps:
-        t = sp.step
-        rows, cols = slice(0, min(8, plan.n_rows)), slice(0, min(16, sp.width))
-        pri = {s: {k: np.ascontiguousarray(states[s][k][rows]) for k in spec.state_keys} for s in spec.prior_steps(t)}
-        tracemalloc.start()
-        try:
-            chain.step_block(t, rows, cols, pri)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert peak <= sp.task_peak_bytes - sp.task_state_bytes, (t, peak, sp.task_peak_bytes)
+    assert_tasks_within_plan_memory(plan, 8, 16)

@@ -18,7 +18,7 @@ from recurjac_scale.errors import InputError
 from recurjac_scale.jacobian import recurjac
 from recurjac_scale.jacobian import JACOBIAN_METHODS, jacobian_bounds
 from recurjac_scale.network.store import save_network
-from recurjac_scale.testing import random_network
+from recurjac_scale.testing import assert_tasks_within_plan_memory, random_network
 
 
 class _Spy:
@@ -175,33 +175,14 @@ def test_streamed_uneven_blocks_equal_in_memory(tmp_path, rng, monkeypatch, coun
 def test_plan_bounds_what_a_streamed_task_allocates(tmp_path, rng, monkeypatch, method, share):
     """Every streamed step task allocates (tracemalloc: numpy and zarr buffers, all threads) at most the plan's
     task peak minus the priors it is given; the live blocks dominate here."""
-    import tracemalloc
-
-    from recurjac_scale.jacobian import get_jacobian_method
-    from recurjac_scale.jacobian.driver import run_chain
-
     net = random_network([30, 90, 80, 70, 4], "relu", rng)
     save_network(net, tmp_path / "m.zarr", chunk_edge=32)
     monkeypatch.setattr(recurjac, "SHARE_RATIO", math.inf if share else 0.0)
     x0 = rng.normal(size=30)
     plan = plan_jacobian(tmp_path / "m.zarr", x0, 0.03, math.inf, method, layer_bounds="ibp", row_block=4,
                          col_block=24, stream_weights=True)
-    ctx = plan.context
-    spec = ctx.worker_spec()
-    bc = spec.chain()
-    assert any(isinstance(m, StoreMatrix) for m in bc.chain.mats)
-    _, _, states = run_chain(get_jacobian_method(method), ctx.chain)
-    for sp in plan.steps:
-        t = sp.step
-        rows, cols = slice(0, min(4, plan.n_rows)), slice(0, min(24, sp.width))
-        pri = {s: {k: np.ascontiguousarray(states[s][k][rows]) for k in spec.state_keys} for s in spec.prior_steps(t)}
-        tracemalloc.start()
-        try:
-            bc.step_block(t, rows, cols, pri)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert peak <= sp.task_peak_bytes - sp.task_state_bytes, (t, peak, sp.task_peak_bytes)
+    assert any(isinstance(m, StoreMatrix) for m in plan.context.worker_spec().chain().chain.mats)
+    assert_tasks_within_plan_memory(plan, 4, 24)
 
 
 def test_plan_counts_the_live_blocks_a_streamed_task_reads(tmp_path, rng):

@@ -147,7 +147,9 @@ class ChainShape:
         """Kernel work memory of one task (float64), an upper estimate checked against tracemalloc in the tests.
 
         RecurJac keeps, for the whole block, the level operand, its prepared copy and the GEMM output, each
-        ``(d_s, 2 rows cols)`` (padded to whole GEMM panels), the live weight blocks of the levels and their
+        ``(d_s, 2 rows cols)`` (padded to whole GEMM panels; a step that shares across rows instead keeps the per-row
+        factors ``Z``, ``(r, 2 rows cols)`` with ``r`` the unstable neurons of its levels, and one level's product
+        and prepared rows), the live weight blocks of the levels and their
         column copies (:meth:`level_bytes`), and the tile-padded operands of the top / magnitude products (rows
         and columns rounded up to the panel).  Fast-Lip: the interval hull ``(rows, d_t)`` arrays and the padded
         products.
@@ -164,8 +166,17 @@ class ChainShape:
         dmax = max(d[:t])
         ncols = -(-2 * rows * cols // P) * P
         r = sum(self._unstable(s) for s in range(1, t + 1))  # rank of the per-row part with sharing
+        umax = max((self._unstable(s) for s in range(1, t + 1)), default=0)
+        # the per-row operands: dense recursion, three (d_s x ncols) matrices; shared across rows, the per-row
+        # factors Z (r x ncols) and one product G[u] Z (|u| x ncols) at a time, plus its prepared rows
+        dense_ops = 3 * dmax * ncols + 2 * r * ncols
+        shared_ops = (r + 2 * umax) * ncols
+        share = bool(self.shares[t - 1]) if self.shares else None
+        ops = shared_ops if share else (dense_ops if share is False else max(dense_ops, shared_ops))
+        if t == 1:  # step 1 is two tiled midpoint-radius products (no recursion operand)
+            ops = 0
         return int(
-            8 * (3 * dmax * ncols + 3 * Rp * dmax + 3 * dmax * cp + 4 * Rp * cp + 8 * rows * cols + 2 * r * ncols)
+            8 * (ops + 3 * Rp * dmax + 3 * dmax * cp + 4 * Rp * cp + 8 * rows * cols)
             + self.level_bytes(t)
         )
 
