@@ -50,8 +50,8 @@ def _summary(res: dict) -> list[str]:
                        f"{_s(v['extrapolated_one_core_seconds'])} on one core (extrapolated).")
     for k, v in res.items():
         if k.startswith("workers-") and v.get("speedup"):
-            out.append(f"- 1 → 2 LocalCluster workers on an F0 fraction: {v['speedup']:.2f}× (target 1.6×; other "
-                       "processes were using the same 2 cores).")
+            out.append(f"- 1 → 2 LocalCluster workers on an F0 fraction: {v['speedup']:.2f}× (target 1.6×; the "
+                       "client and scheduler share the 2 cores with the workers).")
     for k, v in _ooc_results(res):
         out.append(f"- Out-of-core ({'-'.join(map(str, v['widths']))}, weights {v['weights_bytes'] / 2**30:.2f} GiB, "
                    f"2 workers limited to {v['worker_memory']} each): {v['status'][:160]}"
@@ -62,7 +62,8 @@ def _summary(res: dict) -> list[str]:
             lo = min(r["speedup_csr_vs_dense"] for r in rows)
             hi = max(r["speedup_csr_vs_dense"] for r in rows)
             out.append(f"- 90%-pruned layers: one recursion-step GEMM with scipy CSR is {lo:.2f}–{hi:.2f}× the speed of "
-                       "dense BLAS on the same matrix (GEMM level only; no whole sparse RecurJac run yet).")
+                       "dense BLAS on the same matrix (GEMM level only; whole runs through the sparse kernels: "
+                       "`results/sparse_kernels.md`).")
     out.append("")
     return out
 
@@ -303,14 +304,13 @@ def write_report(res: dict, out: Path) -> None:
              "sign, so nearly every neuron falls into Term I (Eq. 14-15) and the recursion stops after one level: "
              "the counted GEMM work collapses (e.g. F0: 0.1 TFLOP instead of the plan's 200-290 TFLOP upper bound) "
              "and the time goes into the elementwise numba passes, which are not counted. The GEMM-bound runs are "
-             "the 5% ones: 0.3-0.55 of the GEMM rate measured in the same process (under a load average of 2-5 from "
-             "other processes on the 2 cores, which also lowers the measured GEMM rate itself: 32-53 GFLOP/s here "
-             "against 62 GFLOP/s on the quiet machine in STACK.md).")
+             "the 5% ones: see the per-step ratios above (each against the GEMM rate measured in the same process; "
+             "steps 1-2 multiply small matrices, the last step has 10 columns).")
     L.append("")
-    L.append("`threads ×2` vs 1 core: the two complete F0 runs overlapped other jobs (load 3.8-4.6 "
-             "on 2 cores), so the second thread bought nothing (5.3 vs 5.0 min); the LocalCluster measurement below, "
-             "at a lower load, gives 1.85× from 1 to 2 workers. The estimates for more workers assume workers as "
-             "fast as the sampled process.")
+    L.append("`threads ×2` vs 1 core: compare the complete runs above (same job, one process; the loads are "
+             "recorded beside them). The estimates for more workers assume workers as fast as the sampled process, "
+             "and a sampled row block computes every step's shared factors itself (a full run computes them once "
+             "per worker process), so they are upper figures.")
     L.append("")
     w = {k: v for k, v in res.items() if k.startswith("workers-")}
     for k, v in w.items():
@@ -340,11 +340,9 @@ def write_report(res: dict, out: Path) -> None:
         L.append("What was measured: the GEMM of one recursion step, `W(i) @ V'` with `W(i)` a CIFAR layer "
                  "magnitude-pruned to 10% (and 30%) density and `V'` dense with c columns, scipy.sparse CSR/CSC "
                  "(`recurjac_scale.network.sparse`) vs dense BLAS on the same pruned matrix, one thread, median of "
-                 "5; 'masked' = the structural-sparsity form `W[:, S] @ V'[S]` with half the neurons in S. Not "
-                 "measured: a whole RecurJac run through sparse kernels (the recursion does not call the sparse "
-                 "path yet). What exists was run on the 90%-pruned twin (stored dense, same seed, pruned weights "
-                 "rescaled by 1/sqrt(0.1), its own 5% radius): the rows marked '90%-pruned twin' in the tables "
-                 "above, through the dense engine path.")
+                 "5; 'masked' = the structural-sparsity form `W[:, S] @ V'[S]` with half the neurons in S. Whole runs "
+                 "of the 90%-pruned twin through the sparse kernels against its dense twin: "
+                 "`results/sparse_kernels.md`.")
         L.append("")
         L.append("| W shape | density | c | dense BLAS | CSR | CSC | CSR speedup | CSR useful GF/s | dense GF/s | masked dense | masked CSR | masked speedup |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
