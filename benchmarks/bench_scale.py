@@ -567,7 +567,9 @@ def cmd_workers(args) -> None:
     med = {n: float(np.median([r["seconds"] for r in rs])) for n, rs in out["runs"].items()}
     out["median_seconds"] = med
     out["speedup"] = med["1"] / med["2"] if "2" in med else None
-    save(f"workers-{args.method}", out)
+    tag = "" if (plan.row_block, plan.col_block, args.blocks) == (128, 128, 576) else (
+        f"-{plan.row_block}x{plan.col_block}-{args.blocks}")
+    save(f"workers-{args.method}{tag}", out)
 
 
 class WorkerRSS:
