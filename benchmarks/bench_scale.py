@@ -124,18 +124,44 @@ def gemm_rate(n: int = 2048, repeats: int = 5) -> dict:
     return {"n": n, "seconds_median": med, "gflops": 2.0 * n**3 / med / 1e9, "repeats": repeats}
 
 
-class PeakRSS:
+class _Sampler:
+    """A background thread calling ``self._sample()`` every ``interval`` seconds between ``__enter__`` and
+    ``__exit__`` (the memory samplers below)."""
+
+    def __init__(self, interval: float):
+        self._interval = interval
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        raise NotImplementedError
+
+    def _run(self):
+        while not self._stop.is_set():
+            self._sample()
+            self._stop.wait(self._interval)
+
+    def __enter__(self):
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        return False
+
+
+class PeakRSS(_Sampler):
     """Peak resident memory of this process and its children while the block runs (psutil, 20 ms sampling), and
     ``ru_maxrss`` of the process (whole lifetime)."""
 
     def __init__(self, interval: float = 0.02):
         import psutil
 
+        super().__init__(interval)
         self._proc = psutil.Process()
-        self._interval = interval
         self.peak = 0
         self.baseline = 0
-        self._stop = threading.Event()
 
     def _rss(self) -> int:
         total = 0
@@ -150,21 +176,16 @@ class PeakRSS:
             pass
         return total
 
-    def _run(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._rss())
-            self._stop.wait(self._interval)
+    def _sample(self):
+        self.peak = max(self.peak, self._rss())
 
     def __enter__(self):
         self.baseline = self._rss()
         self.peak = self.baseline
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
+        return super().__enter__()
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
+        super().__exit__(*exc)
         self.peak = max(self.peak, self._rss())
         self.ru_maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         return False
@@ -572,39 +593,25 @@ def cmd_workers(args) -> None:
     save(f"workers-{args.method}{tag}", out)
 
 
-class WorkerRSS:
+class WorkerRSS(_Sampler):
     """Peak resident memory of every worker process of a LocalCluster (the children of this process: the nannies
     run here), sampled every ``interval`` seconds; a worker pid not seen at the start is a restarted worker."""
 
     def __init__(self, initial_pids, interval: float = 0.1):
         import psutil
 
-        self._psutil = psutil
+        super().__init__(interval)
+        self._me = psutil.Process()
         self.initial = set(int(p) for p in initial_pids)
         self.peak: dict[int, int] = {}
-        self._interval = interval
-        self._stop = threading.Event()
 
-    def _run(self):
-        me = self._psutil.Process()
-        while not self._stop.is_set():
-            for c in me.children(recursive=True):
-                try:
-                    if c.pid in self.initial or "python" in c.name():
-                        self.peak[c.pid] = max(self.peak.get(c.pid, 0), c.memory_info().rss)
-                except Exception:  # noqa: BLE001 - a process that just exited
-                    pass
-            self._stop.wait(self._interval)
-
-    def __enter__(self):
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-        return False
+    def _sample(self):
+        for c in self._me.children(recursive=True):
+            try:
+                if c.pid in self.initial or "python" in c.name():
+                    self.peak[c.pid] = max(self.peak.get(c.pid, 0), c.memory_info().rss)
+            except Exception:  # noqa: BLE001 - a process that just exited
+                pass
 
     def to_dict(self, final_pids) -> dict:
         final = set(int(p) for p in final_pids)
