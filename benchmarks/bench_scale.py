@@ -125,15 +125,12 @@ def gemm_rate(n: int = 2048, repeats: int = 5) -> dict:
 
 
 class _Sampler:
-    """A background thread calling ``self._sample()`` every ``interval`` seconds between ``__enter__`` and
-    ``__exit__`` (the memory samplers below)."""
+    """A background thread calling ``self._sample()`` (defined by each subclass: the memory samplers below) every
+    ``interval`` seconds between ``__enter__`` and ``__exit__``."""
 
     def __init__(self, interval: float):
         self._interval = interval
         self._stop = threading.Event()
-
-    def _sample(self) -> None:
-        raise NotImplementedError
 
     def _run(self):
         while not self._stop.is_set():
