@@ -180,8 +180,9 @@ def perrow_abs_matmul(A, V, out):  # pragma: no cover - compiled
 
 
 @numba.njit(nogil=True, cache=True)
-def rowdot_acc(H, Z, R, c, acc):  # pragma: no cover - compiled
-    """``acc[ch, j, k] += sum_i H[j, i] * Z[i, (ch R + j) c + k]`` in sequential order over ``i``.
+def rowdot_acc(H, Z, R, c, acc, keep):  # pragma: no cover - compiled
+    """``acc[ch, j, k] += sum_i H[j, i] * Z[i, (ch R + j) c + k]`` in sequential order over the ``i`` with
+    ``keep[j, i] != 0``.
 
     Parameters
     ----------
@@ -190,11 +191,16 @@ def rowdot_acc(H, Z, R, c, acc):  # pragma: no cover - compiled
     Z : ndarray, shape (r, Npad)
         Per-row factors in the operand layout of the module docstring.
     acc : ndarray, shape (2, R, c), in/out
+    keep : ndarray, shape (R, r), uint8
+        0 where ``Z[i]`` is structurally zero for row ``j`` (an exact zero term: skipped, which leaves the sum
+        unchanged, also when ``H[j, i]`` overflowed).
     """
     r = H.shape[1]
     Rc = R * c
     for i in range(r):
         for j in range(R):
+            if keep[j, i] == 0:
+                continue
             h = H[j, i]
             qu = j * c
             ql = Rc + j * c
@@ -235,6 +241,6 @@ def ensure_compiled(dtype=np.float64) -> float:
                no_add(dt))
     top_level(X, Lp, d, d, 1, 1, acc, no_add(dt))
     perrow_abs_matmul(Lp, np.zeros((1, 1, 1), dtype=dt), np.zeros((1, 1), dtype=dt))
-    rowdot_acc(Lp, X, 1, 1, acc)
+    rowdot_acc(Lp, X, 1, 1, acc, np.ones((1, 1), np.uint8))
     _COMPILED[key] = time.perf_counter() - t0
     return _COMPILED[key]

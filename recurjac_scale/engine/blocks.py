@@ -170,7 +170,12 @@ class ChainShape:
         # the per-row operands: dense recursion, three (d_s x ncols) matrices; shared across rows, the per-row
         # factors Z (r x ncols) and one product G[u] Z (|u| x ncols) at a time, plus its prepared rows
         dense_ops = 3 * dmax * ncols + 2 * r * ncols
-        shared_ops = (r + 2 * umax) * ncols
+        # (+ the packed columns of compacted rows and their product, GATHER_BYTES each, and the row masks)
+        from ..jacobian.recurjac import GATHER_BYTES
+
+        ru = max(r, umax)
+        packed = min(max(GATHER_BYTES, 16 * cols * ru), 8 * ru * ncols)
+        shared_ops = (r + 2 * umax) * ncols + (2 * packed + rows * (r + umax)) // 8
         share = bool(self.shares[t - 1]) if self.shares else None
         ops = shared_ops if share else (dense_ops if share is False else max(dense_ops, shared_ops))
         if t == 1:  # step 1 is two tiled midpoint-radius products (no recursion operand)

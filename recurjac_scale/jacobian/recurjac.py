@@ -358,21 +358,32 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
     Xsh = np.ascontiguousarray(V[alive_t])  # (K, c)
     Z = np.empty((r_total, npad), dtype=dt)
     Z[:, 2 * R * c :] = 0.0
+    keep = np.zeros((R, r_total), dtype=np.uint8)  # keep[j, i] = 0: Z[i] is structurally zero for row j
     cp = -(-c // P) * P
     for kind, lvl in _shared_factors(chain, t):
         if kind == "top":
             break
         u, st, r = lvl["u"], lvl["st"], lvl["r"]
         # Per-row operand on the unstable neurons (without Xsh[u], which prep_level adds).
-        Xu = panel_matmul(lvl["Gu"], Z[:r], P)
+        Xu = _shared_matmul(lvl["Gu"], Z, keep, r, R, c, P)
         cols = lvl["alive"][u]
         Lp = np.ascontiguousarray(np.asarray(priors[lvl["s"] - 1]["lower"], dtype=dt)[:, cols])
         Up = np.ascontiguousarray(np.asarray(priors[lvl["s"] - 1]["upper"], dtype=dt)[:, cols])
-        kernels.prep_level(
-            Xu, False, Lp, Up, lvl["lo_u"], lvl["hi_u"], R, c, Z[r : r + u.size], acc,
-            np.zeros((R, u.size), dtype=np.uint8), np.zeros(R, np.int64), np.ascontiguousarray(Xsh[u]),
-        )
+        in_term1 = np.zeros((R, u.size), dtype=np.uint8)
+        nnz = np.zeros(R, np.int64)
+        if Xu is None:  # no per-row part yet (or none left): the operand is Xsh[u] for every row and both chains
+            kernels.prep_level(
+                np.ascontiguousarray(Xsh[u]), True, Lp, Up, lvl["lo_u"], lvl["hi_u"], R, c, Z[r : r + u.size], acc,
+                in_term1, nnz, kernels.no_add(dt),
+            )
+        else:
+            kernels.prep_level(
+                Xu, False, Lp, Up, lvl["lo_u"], lvl["hi_u"], R, c, Z[r : r + u.size], acc, in_term1, nnz,
+                np.ascontiguousarray(Xsh[u]),
+            )
         del Xu
+        # Term I neurons of a row (and every neuron of a row whose prepared operand vanished) leave exact zeros
+        keep[:, r : r + u.size] = (in_term1 == 0) & (nnz > 0)[:, None]
         # Expand the shared part into M_{s-1} through the stable neurons.
         Vs = np.zeros((st.size, cp), dtype=dt)
         Vs[:, :c] = Xsh[st]
@@ -384,11 +395,67 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
     acc[0] += Tsh
     acc[1] += Tsh
     H = tile_matmul(B1, lvl["G_st"], P)  # (R, r)
-    kernels.rowdot_acc(np.ascontiguousarray(H), Z, R, c, acc)
-    Xu = panel_matmul(lvl["G_u"], Z, P)
+    kernels.rowdot_acc(np.ascontiguousarray(H), Z, R, c, acc, keep)
+    Xu = _shared_matmul(lvl["G_u"], Z, keep, r_total, R, c, P)
+    if Xu is None:
+        Xu = np.zeros((u.size, npad), dtype=dt)
     kernels.top_level(
         Xu, np.ascontiguousarray(A[:, alive[u]]), lvl["lo_u"], lvl["hi_u"], R, c, acc, np.ascontiguousarray(Xsh[u])
     )
+
+
+GATHER_BYTES = 32 * 2**20
+"""Bytes of the packed per-row factor columns (and of their product) :func:`_shared_matmul` builds at once."""
+
+
+def _shared_matmul(G, Z, keep, r, R, c, P):
+    """``G @ Z[:r]`` (shape ``(a, Npad)``, operand layout of :mod:`recurjac_scale.kernels`), or ``None`` when it is
+    structurally zero for every row.
+
+    The per-row factors ``Z`` are zero on the rows ``i`` with ``keep[j, i] = 0`` for block row ``j`` (its Term I
+    neurons, Eq. 14-15, and the levels where its prepared operand vanished): deep in the chain, where the bounds of
+    ``P_{s-1}`` straddle zero, most of them.  Each row ``j`` is multiplied on its own set ``S_j`` of non-zero rows:
+    ``S_j`` is all of ``0..r-1`` when at least ``1 - SPARSE_FRACTION`` of them are kept (one GEMM with the zeros),
+    else its kept rows; rows with the same ``S_j`` share GEMM calls on fixed-width panels of their packed columns.
+    ``S_j`` depends on the row alone and a column computed in a fixed-shape panel call does not depend on the other
+    columns, so a row's result does not depend on the rest of the block.  Dropping a term whose right factor is an
+    exact zero leaves the real-number sum unchanged (and the summation shorter); the rounding allowance of the
+    longer sum covers it.
+    """
+    a = G.shape[0]
+    if r == 0 or a == 0:
+        return None
+    kp = keep[:, :r]
+    n_keep = kp.sum(axis=1, dtype=np.int64)
+    full = n_keep >= (1.0 - SPARSE_FRACTION) * r
+    if full.all():
+        return panel_matmul(G, Z[:r], P)
+    if not n_keep.any():
+        return None
+    Rc = R * c
+    if 2 * np.count_nonzero(full) >= R:
+        # Mostly full: one GEMM over every column, then the other rows are recomputed (or zeroed) below.
+        out = panel_matmul(G, Z[:r], P)
+        todo = np.flatnonzero(~full)
+        for j in todo:
+            out[:, j * c : (j + 1) * c] = 0.0
+            out[:, Rc + j * c : Rc + (j + 1) * c] = 0.0
+    else:
+        out = np.zeros((a, Z.shape[1]), dtype=Z.dtype)
+        todo = np.flatnonzero(n_keep > 0)
+    groups: dict = {}
+    for j in todo:
+        key = b"" if full[j] else kp[j].tobytes()
+        groups.setdefault(key, []).append(j)
+    per_chunk = max(1, GATHER_BYTES // max(1, 16 * c * max(r, a)))  # packed operand and product <= GATHER_BYTES
+    for key, rows in groups.items():
+        S = np.arange(r) if not key else np.flatnonzero(kp[rows[0]])
+        GS = G if S.size == r else np.ascontiguousarray(G[:, S])
+        for i in range(0, len(rows), per_chunk):
+            chunk = rows[i : i + per_chunk]
+            Y = panel_matmul(GS, _gather_rows(Z, chunk, S, R, c, P), P)
+            _scatter_rows(out, Y, chunk, R, c)
+    return out
 
 
 def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
