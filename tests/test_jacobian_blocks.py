@@ -296,7 +296,8 @@ def test_shared_variant_skips_structural_zeros_row_by_row(method, fraction, gath
     """The shared variant multiplies each row on its own non-zero per-row factors (``_shared_matmul``: Term I
     neurons leave exact zeros).  In every regime (no row compacted, every row with a Term I neuron compacted, mixed
     rows, one gathered row per GEMM call) it equals the plain recursion up to the rounding allowance, agrees with
-    the uncompacted products, contains the exact Jacobian, and is bitwise independent of the blocking."""
+    the uncompacted products, contains the exact Jacobian, and is bitwise independent of the blocking and of the
+    row chunks a block is processed in (``SHARED_TILE_BYTES``)."""
     import recurjac_scale.jacobian.recurjac as rj
     from recurjac_scale.layer_bounds import Region
     from recurjac_scale.testing import sample_region
@@ -336,6 +337,10 @@ def test_shared_variant_skips_structural_zeros_row_by_row(method, fraction, gath
     for rb, cb in ((1, 1), (3, 2), (7, 5)):
         l2, u2, _ = run_chain(jm, chain, row_block=rb, col_block=cb)
         assert np.array_equal(lower, l2) and np.array_equal(upper, u2), (rb, cb)
+    for tile in (1, 16 * 8 * 2 * 3):  # chunks of 1 row, and of a few rows, inside each block
+        monkeypatch.setattr(rj, "SHARED_TILE_BYTES", tile)
+        l2, u2, _ = run_chain(jm, chain, row_block=7, col_block=3)
+        assert np.array_equal(lower, l2) and np.array_equal(upper, u2), tile
     res = jacobian_bounds(net, x0, eps, method=method, layer_bounds=lb)
     J = net.jacobian(sample_region(Region.of(net, x0, eps), 2000, rng))
     assert ((J >= res.lower) & (J <= res.upper)).all()

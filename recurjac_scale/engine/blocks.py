@@ -170,12 +170,17 @@ class ChainShape:
         # the per-row operands: dense recursion, three (d_s x ncols) matrices; shared across rows, the per-row
         # factors Z (r x ncols) and one product G[u] Z (|u| x ncols) at a time, plus its prepared rows
         dense_ops = 3 * dmax * ncols + 2 * r * ncols
-        # (+ the packed columns of compacted rows and their product, GATHER_BYTES each, and the row masks)
+        # (+ the packed columns of compacted rows and their product, GATHER_BYTES each, the row masks, the
+        # top products H (rows x r) and the chunk's accumulator)
         from ..jacobian.recurjac import GATHER_BYTES
 
+        from ..jacobian.recurjac import shared_row_chunk
+
         ru = max(r, umax)
-        packed = min(max(GATHER_BYTES, 16 * cols * ru), 8 * ru * ncols)
-        shared_ops = (r + 2 * umax) * ncols + (2 * packed + rows * (r + umax)) // 8
+        rs = shared_row_chunk(rows, cols, r)  # the per-row part runs on chunks of rs rows
+        ncols_s = -(-2 * rs * cols // P) * P
+        packed = min(max(GATHER_BYTES, 16 * cols * ru), 8 * ru * ncols_s)
+        shared_ops = (r + 2 * umax) * ncols_s + (2 * packed + rows * (r + umax)) // 8 + rows * r + 2 * rs * cols
         share = bool(self.shares[t - 1]) if self.shares else None
         ops = shared_ops if share else (dense_ops if share is False else max(dense_ops, shared_ops))
         if t == 1:  # step 1 is two tiled midpoint-radius products (no recursion operand)

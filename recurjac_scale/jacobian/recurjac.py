@@ -17,7 +17,9 @@ Kernels
   stable-neuron part ``M[:, stable] D(du) V[stable]`` across rows (:func:`_first_level`).
 - Sharing across rows (nearly-linear regime, :func:`uses_sharing`): the operand of every level is kept as a part
   shared by all rows plus a low-rank per-row part on the unstable neurons (:func:`_shared_levels`); per row only the
-  unstable neurons are prepared and multiplied.
+  unstable neurons are prepared and multiplied, each row on its own non-zero per-row factors (its Term I neurons
+  leave exact zeros, most of them deep in the chain; :func:`_shared_matmul`), a few rows at a time so that the
+  per-row factors stay in cache.
 - The mask / sign / scale preparation of ``X'``, Term I and the exact top are fused numba passes
   (:mod:`recurjac_scale.kernels`).  Step 1 (``P_0 = M_0`` exact) is two tiled GEMMs in midpoint-radius form:
   ``A D(mid) V ± |A| D(rad) |V|``.
@@ -340,6 +342,17 @@ def _nbytes(v) -> int:
     return 0
 
 
+SHARED_TILE_BYTES = 16 * 2**20
+"""Bytes of the per-row factors ``Z`` (``r x 2 R_s c``) :func:`_shared_levels` holds at once: the rows of a block
+are processed ``R_s`` at a time so that ``Z`` and the level products stay in cache (rows are independent: the
+result does not depend on ``R_s``)."""
+
+
+def shared_row_chunk(R: int, c: int, r_total: int) -> int:
+    """Rows per chunk of :func:`_shared_levels` (:data:`SHARED_TILE_BYTES`), between 1 and ``R``."""
+    return int(max(1, min(R, SHARED_TILE_BYTES // max(1, 16 * c * max(1, r_total)))))
+
+
 def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
     """Steps ``t >= 2`` with a shared operand, with the stable part shared across the rows of the block.
 
@@ -347,61 +360,80 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
     ``G_s`` (``d_s x r_s``) are the same for every row (the expansion through neurons with ``dl == du``, whose
     merged weights do not depend on the row: ``du X``), and ``Z_j`` (``r_s`` rows) stacks the row's merged operands
     on the unstable neurons of the levels above.  Per row, only the unstable neurons are prepared (signs, Term I) and
-    multiplied: ``X_s[u_s] = Xsh_s[u_s] + G_s[u_s] Z_j``.  In exact arithmetic this is the same sum as the dense
-    recursion; every partial sum is still a sum of products dominated by ``mag_t`` (rounding: ``N_t`` counts the
-    extra ``r_s <= sum d`` summation length).  ``G_s`` depends on the chain alone (:func:`_shared_factors`, computed
-    once per process and step); ``Z`` is filled in place, level after level, and ``Xsh`` is added inside the
-    preparation kernels.
+    multiplied: ``X_s[u_s] = Xsh_s[u_s] + G_s[u_s] Z_j``, on the row's non-zero factors only
+    (:func:`_shared_matmul`).  In exact arithmetic this is the same sum as the dense recursion; every partial sum
+    is still a sum of products dominated by ``mag_t`` (rounding: ``N_t`` counts the extra ``r_s <= sum d``
+    summation length).  ``G_s`` depends on the chain alone (:func:`_shared_factors`, computed once per process and
+    step).  The shared parts ``Xsh_s`` are computed once per block; the per-row part runs on chunks of rows
+    (:func:`shared_row_chunk`), ``Z`` filled in place level after level and ``Xsh`` added inside the preparation
+    kernels.
     """
     dt = acc.dtype
-    alive_t, r_total, _ = _shared_header(chain, t)
-    Xsh = np.ascontiguousarray(V[alive_t])  # (K, c)
-    Z = np.empty((r_total, npad), dtype=dt)
-    Z[:, 2 * R * c :] = 0.0
-    keep = np.zeros((R, r_total), dtype=np.uint8)  # keep[j, i] = 0: Z[i] is structurally zero for row j
+    _, r_total, _ = _shared_header(chain, t)
     cp = -(-c // P) * P
+    # Pass 1, shared by every row: Xsh_s[u_s] per level and the top's Xsh_1 (the stable-scaled level matrices Ms
+    # are dropped as soon as they are used; a streamed chain yields them one level at a time).
+    levels = []
+    Xsh = None
     for kind, lvl in _shared_factors(chain, t):
+        if Xsh is None:
+            Xsh = np.ascontiguousarray(V[lvl["alive"]])  # (K, c)
         if kind == "top":
+            top = lvl
             break
-        u, st, r = lvl["u"], lvl["st"], lvl["r"]
-        # Per-row operand on the unstable neurons (without Xsh[u], which prep_level adds).
-        Xu = _shared_matmul(lvl["Gu"], Z, keep, r, R, c, P)
-        cols = lvl["alive"][u]
-        Lp = np.ascontiguousarray(np.asarray(priors[lvl["s"] - 1]["lower"], dtype=dt)[:, cols])
-        Up = np.ascontiguousarray(np.asarray(priors[lvl["s"] - 1]["upper"], dtype=dt)[:, cols])
-        in_term1 = np.zeros((R, u.size), dtype=np.uint8)
-        nnz = np.zeros(R, np.int64)
-        if Xu is None:  # no per-row part yet (or none left): the operand is Xsh[u] for every row and both chains
-            kernels.prep_level(
-                np.ascontiguousarray(Xsh[u]), True, Lp, Up, lvl["lo_u"], lvl["hi_u"], R, c, Z[r : r + u.size], acc,
-                in_term1, nnz, kernels.no_add(dt),
-            )
-        else:
-            kernels.prep_level(
-                Xu, False, Lp, Up, lvl["lo_u"], lvl["hi_u"], R, c, Z[r : r + u.size], acc, in_term1, nnz,
-                np.ascontiguousarray(Xsh[u]),
-            )
-        del Xu
-        # Term I neurons of a row (and every neuron of a row whose prepared operand vanished) leave exact zeros
-        keep[:, r : r + u.size] = (in_term1 == 0) & (nnz > 0)[:, None]
-        # Expand the shared part into M_{s-1} through the stable neurons.
+        st = lvl["st"]
+        levels.append((lvl, np.ascontiguousarray(Xsh[lvl["u"]])))
         Vs = np.zeros((st.size, cp), dtype=dt)
         Vs[:, :c] = Xsh[st]
         Xsh = np.ascontiguousarray(panel_matmul(lvl["Ms"], Vs, P)[:, :c])
     # Top (level 1, Y = A exact): stable neurons exactly, unstable ones by the sign rule of Eq. 10-11.
-    alive, st, u = lvl["alive"], lvl["st"], lvl["u"]
-    B1 = np.ascontiguousarray(A[:, alive[st]] * lvl["hi_st"][None, :])
-    Tsh = tile_matmul(B1, Xsh[st], P)  # (R, c)
-    acc[0] += Tsh
-    acc[1] += Tsh
-    H = tile_matmul(B1, lvl["G_st"], P)  # (R, r)
-    kernels.rowdot_acc(np.ascontiguousarray(H), Z, R, c, acc, keep)
-    Xu = _shared_matmul(lvl["G_u"], Z, keep, r_total, R, c, P)
-    if Xu is None:
-        Xu = np.zeros((u.size, npad), dtype=dt)
-    kernels.top_level(
-        Xu, np.ascontiguousarray(A[:, alive[u]]), lvl["lo_u"], lvl["hi_u"], R, c, acc, np.ascontiguousarray(Xsh[u])
-    )
+    alive1, st1, u1 = top["alive"], top["st"], top["u"]
+    B1 = np.ascontiguousarray(A[:, alive1[st1]] * top["hi_st"][None, :])
+    Tsh = tile_matmul(B1, Xsh[st1], P)  # (R, c)
+    H = np.ascontiguousarray(tile_matmul(B1, top["G_st"], P))  # (R, r)
+    A_u = np.ascontiguousarray(A[:, alive1[u1]])
+    Xsh_u = np.ascontiguousarray(Xsh[u1])
+    del B1
+    # Pass 2, per chunk of rows: the per-row factors Z and the accumulation, in the order of the dense recursion.
+    Rs = shared_row_chunk(R, c, r_total)
+    for j0 in range(0, R, Rs):
+        j1 = min(R, j0 + Rs)
+        n = j1 - j0
+        npad_c = -(-(2 * n * c) // P) * P
+        Z = np.empty((r_total, npad_c), dtype=dt)
+        Z[:, 2 * n * c :] = 0.0
+        keep = np.zeros((n, r_total), dtype=np.uint8)  # keep[j, i] = 0: Z[i] is structurally zero for row j
+        acc_c = np.zeros((2, n, c), dtype=dt)
+        for lvl, xsh_u in levels:
+            u, r = lvl["u"], lvl["r"]
+            # Per-row operand on the unstable neurons (without Xsh[u], which prep_level adds).
+            Xu = _shared_matmul(lvl["Gu"], Z, keep, r, n, c, P)
+            cols = lvl["alive"][u]
+            prior = priors[lvl["s"] - 1]
+            Lp = np.ascontiguousarray(np.asarray(prior["lower"][j0:j1], dtype=dt)[:, cols])
+            Up = np.ascontiguousarray(np.asarray(prior["upper"][j0:j1], dtype=dt)[:, cols])
+            in_term1 = np.zeros((n, u.size), dtype=np.uint8)
+            nnz = np.zeros(n, np.int64)
+            if Xu is None:  # no per-row part (yet): the operand is Xsh[u] for every row and both chains
+                kernels.prep_level(
+                    xsh_u, True, Lp, Up, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz,
+                    kernels.no_add(dt),
+                )
+            else:
+                kernels.prep_level(
+                    Xu, False, Lp, Up, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz, xsh_u
+                )
+            del Xu
+            # Term I neurons of a row (and every neuron of a row whose prepared operand vanished) leave exact zeros
+            keep[:, r : r + u.size] = (in_term1 == 0) & (nnz > 0)[:, None]
+        acc_c[0] += Tsh[j0:j1]
+        acc_c[1] += Tsh[j0:j1]
+        kernels.rowdot_acc(H[j0:j1], Z, n, c, acc_c, keep)
+        Xu = _shared_matmul(top["G_u"], Z, keep, r_total, n, c, P)
+        if Xu is None:
+            Xu = np.zeros((u1.size, npad_c), dtype=dt)
+        kernels.top_level(Xu, A_u[j0:j1], top["lo_u"], top["hi_u"], n, c, acc_c, Xsh_u)
+        acc[:, j0:j1] = acc_c  # acc starts at zero: the same bits as accumulating in place
 
 
 GATHER_BYTES = 32 * 2**20
