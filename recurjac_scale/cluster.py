@@ -38,6 +38,7 @@ from .errors import InputError, require
 
 __all__ = [
     "THREAD_ENV",
+    "MALLOC_ENV",
     "worker_env",
     "local_client",
     "connect",
@@ -55,9 +56,21 @@ THREAD_ENV: dict[str, str] = {
 }
 """Environment every worker process gets: one thread for numba's pool, OpenMP, OpenBLAS and MKL."""
 
+MALLOC_ENV: dict[str, str] = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20),
+}
+"""glibc allocator settings of worker processes.  dask's default (``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes
+the mmap threshold at 128 KiB) returns every freed array above 128 KiB to the system, so the next task's arrays are
+page-faulted in again: measured on the CIFAR F0 job, a worker process took 1.45x the in-process time for the same
+blocks.  Arrays below 32 MiB (the kernels' chunked work arrays) are reused from the heap instead, larger ones still
+go back to the system when freed, and at most 256 MiB of free heap is kept; every task's peak is in the plan's
+memory model either way."""
+
 
 def worker_env(extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """The worker environment: :data:`THREAD_ENV` updated with ``extra`` (values converted to ``str``).
+    """The worker environment: :data:`THREAD_ENV` and :data:`MALLOC_ENV` updated with ``extra`` (values converted to
+    ``str``).
 
     Parameters
     ----------
@@ -68,7 +81,7 @@ def worker_env(extra: Mapping[str, Any] | None = None) -> dict[str, str]:
     -------
     dict of str to str
     """
-    env = dict(THREAD_ENV)
+    env = {**THREAD_ENV, **MALLOC_ENV}
     for k, v in (extra or {}).items():
         env[str(k)] = str(v)
     return env
@@ -177,7 +190,7 @@ def local_client(
 def connect(address: str, *, timeout: str | float = "30s"):
     """A Client for a running scheduler, e.g. ``"tcp://10.0.0.5:8786"`` (``dask scheduler`` started by hand).
 
-    The workers' environment is whatever their launcher gave them: start them with :data:`THREAD_ENV` exported
+    The workers' environment is whatever their launcher gave them: start them with :func:`worker_env` exported
     (see the README, "Running at scale").  The package must be importable on the scheduler and every worker.
 
     Raises

@@ -121,7 +121,8 @@ def test_local_cluster_loopback_env_and_task(monkeypatch):
         blas = [d["num_threads"] for d in threadpool_info() if d.get("user_api") == "blas"]
         return {
             "env": {k: os.environ.get(k) for k in ("NUMBA_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                                   "MKL_NUM_THREADS", "RJ_TEST_MARK")},
+                                                   "MKL_NUM_THREADS", "RJ_TEST_MARK", "MALLOC_MMAP_THRESHOLD_",
+                                                   "MALLOC_TRIM_THRESHOLD_")},
             "numba_threads": numba.config.NUMBA_NUM_THREADS,
             "blas_threads": blas,
             "pid": os.getpid(),
@@ -144,8 +145,10 @@ def test_local_cluster_loopback_env_and_task(monkeypatch):
 
         pids = set()
         for r in results.values():
+            # (and not dask's MALLOC_TRIM_THRESHOLD_=65536, which page-faults every task's arrays in again)
             assert r["env"] == {"NUMBA_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-                                "MKL_NUM_THREADS": "1", "RJ_TEST_MARK": "yes"}
+                                "MKL_NUM_THREADS": "1", "RJ_TEST_MARK": "yes",
+                                "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
             assert r["numba_threads"] == 1
             assert r["blas_threads"] and all(t == 1 for t in r["blas_threads"])
             assert r["pid"] != os.getpid()
