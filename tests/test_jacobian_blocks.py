@@ -344,3 +344,26 @@ def test_shared_variant_skips_structural_zeros_row_by_row(method, fraction, gath
     res = jacobian_bounds(net, x0, eps, method=method, layer_bounds=lb)
     J = net.jacobian(sample_region(Region.of(net, x0, eps), 2000, rng))
     assert ((J >= res.lower) & (J <= res.upper)).all()
+
+
+@pytest.mark.parametrize("method", ["recurjac-f0", "recurjac-f1"])
+def test_row_tile_is_a_chain_constant_and_results_stay_blocking_invariant(method, rng):
+    """A chain with many rows multiplies its row blocks on larger row tiles (``Chain.row_tile``, from the chain's
+    row count alone): blocks smaller than a tile, of several tiles, and one row give the same bits."""
+    from recurjac_scale.jacobian.chain import ROW_TILE, ROW_TILE_MAX, row_tile_for
+
+    assert [row_tile_for(n) for n in (1, 16, 17, 40, 64, 65, 3072)] == [ROW_TILE, 16, 32, 64, 64, 128, ROW_TILE_MAX]
+    net, x0, lb, db = _setup("relu", [40, 36, 20, 18, 3], 0.01, math.inf, rng)
+    jm = get_jacobian_method(method)
+    chain = jm.build_chain(net, db)
+    assert chain.row_tile == row_tile_for(chain.top.shape[0]) > ROW_TILE
+    lower, upper, _ = run_chain(jm, chain)
+    for rb, cb in ((1, 3), (7, 5), (chain.top.shape[0], 2)):
+        l2, u2, _ = run_chain(jm, chain, row_block=rb, col_block=cb)
+        assert np.array_equal(lower, l2) and np.array_equal(upper, u2), (rb, cb)
+    res = jacobian_bounds(net, x0, 0.01, method=method, layer_bounds=lb)
+    from recurjac_scale.layer_bounds import Region
+    from recurjac_scale.testing import sample_region
+
+    J = net.jacobian(sample_region(Region.of(net, x0, 0.01), 1000, rng))
+    assert ((J >= res.lower) & (J <= res.upper)).all()

@@ -154,11 +154,12 @@ class ChainShape:
         and columns rounded up to the panel).  Fast-Lip: the interval hull ``(rows, d_t)`` arrays and the padded
         products.
         """
-        from ..jacobian.chain import ROW_TILE
+        from ..jacobian.chain import row_tile_for
 
         d = self.widths
         P = max(1, int(self.panel))
-        Rp = -(-rows // ROW_TILE) * ROW_TILE  # tile_matmul pads rows to whole row tiles
+        rt = row_tile_for(self.n_rows)
+        Rp = -(-rows // rt) * rt  # tile_matmul pads rows to whole row tiles
         cp = -(-cols // P) * P
         if self.depth == "interval":
             dt = d[t - 1]

@@ -39,7 +39,7 @@ A step task touches only ``chain.mats[0 : t - 1]`` (``M_1 .. M_{t-1}``, all colu
 ``chain.du[:t]``, its column panel ``V`` of ``M_t`` and the priors of its rows; never the top matrix (state 0 holds
 its rows).  ``V`` may also be per row, shape ``(R_blk, d_t, c)`` (Algorithm 2 pushes ``V_j = W(1) s_j``).
 Results do not depend on how rows and columns are blocked: bitwise, because every GEMM runs on fixed-shape
-panels (:attr:`Chain.panel` columns, zero-padded; :data:`ROW_TILE` x panel tiles where both operands vary with the
+panels (:attr:`Chain.panel` columns, zero-padded; :attr:`Chain.row_tile` x panel tiles where both operands vary with the
 block), every numba reduction sums in a fixed order per row, and every choice between kernel variants depends on
 the chain or on the row alone.  ``finish`` needs the whole last state (``R x m``; small).
 
@@ -112,7 +112,19 @@ DEFAULT_PANEL = 128
 of the blocking."""
 
 ROW_TILE = 16
-"""Row tile of :func:`tile_matmul` (products whose left operand is a block of rows): fixed, like the panel."""
+"""Smallest row tile of :func:`tile_matmul` (products whose left operand is a block of rows)."""
+
+ROW_TILE_MAX = 128
+"""Largest row tile: a chain with many rows (F0: the inputs) runs its row-block products on 128-row tiles, which
+BLAS runs at about twice the rate of 16-row tiles (one thread, 3072-deep products)."""
+
+
+def row_tile_for(n_rows: int) -> int:
+    """The row tile of a chain with ``n_rows`` rows (:attr:`Chain.row_tile`): the smallest power of two ``>= n_rows``
+    between :data:`ROW_TILE` and :data:`ROW_TILE_MAX`.  It depends on the chain alone, never on the blocking, so
+    results stay bitwise blocking-invariant; a chain with few rows (RecurJac-B: the outputs) pads little."""
+    n = max(1, int(n_rows))
+    return int(min(ROW_TILE_MAX, max(ROW_TILE, 1 << (n - 1).bit_length())))
 
 
 def _np(a, dtype=None) -> np.ndarray:
@@ -173,6 +185,11 @@ class Chain:
     dtype: object = np.float64
     sparse_mats: tuple = ()
     sparse_finish: object = None
+
+    @property
+    def row_tile(self) -> int:
+        """Row tile of this chain's :func:`tile_matmul` products (:func:`row_tile_for` of its rows)."""
+        return row_tile_for(self.top.shape[0])
 
     def __post_init__(self):
         T = len(self.mats)
@@ -742,7 +759,7 @@ def panel_products(chain: Chain, t: int, V: np.ndarray, *lefts) -> list:
         for A, absolute in lefts:
             if absolute and absV is None:
                 absV = np.abs(V)
-            out.append(tile_matmul(A, absV if absolute else V, chain.panel))
+            out.append(tile_matmul(A, absV if absolute else V, chain.panel, chain.row_tile))
         return out
     Bt = panel_csr_t(V)
     absBt = None
@@ -771,7 +788,7 @@ def finish_products(chain: Chain, *rights) -> list:
         for B, absolute in rights:
             if absolute and absW1T is None:
                 absW1T = np.abs(W1T)
-            out.append(tile_matmul(absW1T if absolute else W1T, B, chain.panel))
+            out.append(tile_matmul(absW1T if absolute else W1T, B, chain.panel, chain.row_tile))
         return out
     absS = None
     out = []

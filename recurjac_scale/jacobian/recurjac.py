@@ -389,8 +389,8 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
     # Top (level 1, Y = A exact): stable neurons exactly, unstable ones by the sign rule of Eq. 10-11.
     alive1, st1, u1 = top["alive"], top["st"], top["u"]
     B1 = np.ascontiguousarray(A[:, alive1[st1]] * top["hi_st"][None, :])
-    Tsh = tile_matmul(B1, Xsh[st1], P)  # (R, c)
-    H = np.ascontiguousarray(tile_matmul(B1, top["G_st"], P))  # (R, r)
+    Tsh = tile_matmul(B1, Xsh[st1], P, chain.row_tile)  # (R, c)
+    H = np.ascontiguousarray(tile_matmul(B1, top["G_st"], P, chain.row_tile))  # (R, r)
     A_u = np.ascontiguousarray(A[:, alive1[u1]])
     Xsh_u = np.ascontiguousarray(Xsh[u1])
     del B1
