@@ -768,9 +768,11 @@ def cmd_sparse(args) -> None:
 
 
 def _load_all() -> dict:
+    """The JSON results this report is written from (``bench_gemm_share.py`` writes its own report)."""
     out = {}
     for f in sorted(results_dir().glob("*.json")):
-        out[f.stem] = json.loads(f.read_text())
+        if not f.stem.startswith("gemm_share-"):
+            out[f.stem] = json.loads(f.read_text())
     return out
 
 

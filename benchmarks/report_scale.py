@@ -50,7 +50,7 @@ def _summary(res: dict) -> list[str]:
                        f"{_s(v['extrapolated_one_core_seconds'])} on one core (extrapolated).")
     for k, v in res.items():
         if k.startswith("workers-") and v.get("speedup"):
-            out.append(f"- 1 → 2 LocalCluster workers on an F0 fraction: {v['speedup']:.2f}× (target 1.6×; the "
+            out.append(f"- 1 → 2 LocalCluster workers on {_workers_job(v)}: {v['speedup']:.2f}× (target 1.6×; the "
                        "client and scheduler share the 2 cores with the workers).")
     for k, v in _ooc_results(res):
         out.append(f"- Out-of-core ({'-'.join(map(str, v['widths']))}, weights {v['weights_bytes'] / 2**30:.2f} GiB, "
@@ -72,6 +72,13 @@ def _ooc_results(res: dict) -> list:
     """The out-of-core results (``ooc*.json``), oldest first."""
     items = [(k, v) for k, v in res.items() if k.startswith("ooc") and v.get("kind") == "ooc"]
     return sorted(items, key=lambda kv: kv[1].get("machine", {}).get("date_utc", ""))
+
+
+def _workers_job(v: dict) -> str:
+    """What a workers run measured: the whole job (every run complete) or the first blocks of its graph."""
+    whole = all(r.get("complete") for rs in v["runs"].values() for r in rs)
+    what = "the whole F0 job" if whole else f"the first {v['blocks']} blocks of the F0 graph"
+    return f"{what}, blocks {v['row_block']} × {v['col_block']}"
 
 
 def ooc_lines(res: dict, heading: str = "##") -> list[str]:
@@ -300,22 +307,23 @@ def write_report(res: dict, out: Path) -> None:
                      f"{_s(e['critical_path_s'])} | " + " | ".join(cells) + " |")
         L.append("")
 
-    L.append("Reading the GFLOP/s: at the 30% and 100% radii almost every entry of the first state has an unknown "
-             "sign, so nearly every neuron falls into Term I (Eq. 14-15) and the recursion stops after one level: "
-             "the counted GEMM work collapses (e.g. F0: 0.1 TFLOP instead of the plan's 200-290 TFLOP upper bound) "
-             "and the time goes into the elementwise numba passes, which are not counted. The GEMM-bound runs are "
-             "the 5% ones: see the per-step ratios above (each against the GEMM rate measured in the same process; "
-             "steps 1-2 multiply small matrices, the last step has 10 columns).")
+    L.append("Reading the GFLOP/s: the counted FLOPs are the GEMMs actually issued. At the 30% and 100% radii "
+             "almost every entry of the first state has an unknown sign, so nearly every neuron falls into Term I "
+             "(Eq. 14-15) and the recursion stops after one level. At the 5% radius the same happens deep in the "
+             "chain: the shared variant multiplies each row only on its non-zero per-row factors, so F0 issues 0.5 "
+             "TFLOP where the plan's dense upper bound is 81 TFLOP, and steps 2-8 of F0 / F1 spend most of their "
+             "time in the elementwise numba passes (not counted): they are not GEMM-bound. Step 1 (two tiled "
+             "products) is; `results/gemm_share.md` measures, per step, the share of time inside GEMM calls and the "
+             "rate inside them. The last step has one column (the selected logit).")
     L.append("")
     L.append("`threads ×2` vs 1 core: compare the complete runs above (same job, one process; the loads are "
-             "recorded beside them). The estimates for more workers assume workers as fast as the sampled process, "
-             "and a sampled row block computes every step's shared factors itself (a full run computes them once "
-             "per worker process), so they are upper figures.")
+             "recorded beside them). The estimates for more workers assume workers as fast as the sampled process; "
+             "a sampled row block computes every step's shared factors itself (a full run computes them once per "
+             "worker process, 0.7 s in all for F0), so they are slight upper figures.")
     L.append("")
     w = {k: v for k, v in res.items() if k.startswith("workers-")}
     for k, v in w.items():
-        L.append(f"### 1 → 2 workers ({NAMES.get(v['method'], v['method'])}, first {v['blocks']} blocks of the "
-                 f"graph, blocks {v['row_block']} × {v['col_block']})")
+        L.append(f"### 1 → 2 workers ({NAMES.get(v['method'], v['method'])}, {_workers_job(v)})")
         L.append("")
         L.append("LocalCluster from `recurjac_scale.cluster.local_client` (127.0.0.1, 1 thread per worker, one BLAS "
                  "thread), workers warmed up (imports, numba cache) before timing; wall time of `plan.compute(client=..., "

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Where the time of the RecurJac forward steps goes: the share of each layer step's task time spent inside GEMM
+calls, and the rate inside those calls against the machine's GEMM rate measured in the same run.
+
+Since the shared variant multiplies each row only on its non-zero per-row factors, most steps of F0 / F1 at the 5%
+radius do little GEMM work and spend their time in the elementwise passes (Term I, the sign rules); this tells
+the GEMM-bound steps (a large share) from the others.  One row block of the plan's default blocking, every column
+block of every step, in the engine's block functions, one process, one BLAS thread; each step's per-process
+shared factors are computed by an untimed first call (as for every task after a worker's first).
+
+    python benchmarks/bench_gemm_share.py [--method recurjac-f0] [--radius 0]   # writes results/gemm_share.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_scale as bs  # noqa: E402
+from report_scale import NAMES  # noqa: E402
+
+
+def measure(method: str, radius: int) -> dict:
+    from recurjac_scale.engine.blocks import BoundChain
+    from recurjac_scale.engine.schedulers import blas_single_thread
+    from recurjac_scale.jacobian import chain as ch
+    from recurjac_scale.jacobian import recurjac as rj
+
+    bs.warmup(method, "crown")
+    gemm = bs.gemm_rate(repeats=3)["gflops"]
+    store, net, x0, label, pred, eps, frac = bs.setup(radius)
+    plan = bs._plan(store, x0, eps, method, "crown", pred, None, total_threads=1)
+    ctx = plan.context
+    bc = BoundChain(ctx.adapter, ctx.chain)
+    shape = ctx.shape
+    acc = {"t": 0.0, "f": 0.0}
+
+    def wrap(mod, name):
+        f = getattr(mod, name)
+
+        def g(A, B, *a, **k):
+            t0 = time.perf_counter()
+            out = f(A, B, *a, **k)
+            acc["t"] += time.perf_counter() - t0
+            acc["f"] += 2.0 * A.shape[0] * A.shape[1] * B.shape[1]
+            return out
+
+        setattr(mod, name, g)
+
+    for mod in (rj, ch):
+        for n in ("panel_matmul", "tile_matmul"):
+            if hasattr(mod, n):
+                wrap(mod, n)
+    rb_, cb_ = plan.row_block, plan.col_block
+    nrb = plan.steps[0].n_row_blocks
+    r0, r1 = (nrb // 2) * rb_, min(plan.n_rows, (nrb // 2 + 1) * rb_)
+    state: dict = {}
+    rows = []
+    for sp in plan.steps:
+        t = sp.step
+        priors = {s: {k: state[s][k] for k in shape.state_keys} for s in shape.prior_steps(t)}
+        outs = {k: np.empty((r1 - r0, sp.width)) for k in shape.state_keys}
+        total = 0.0
+        for cb in range(sp.n_col_blocks):
+            c0, c1 = cb * cb_, min(sp.width, (cb + 1) * cb_)
+            if cb == 0:
+                with blas_single_thread():
+                    bc.step_block(t, slice(r0, r1), slice(c0, c1), priors)
+                acc["t"] = acc["f"] = 0.0
+            t0 = time.perf_counter()
+            with blas_single_thread():
+                out = bc.step_block(t, slice(r0, r1), slice(c0, c1), priors)
+            total += time.perf_counter() - t0
+            for k in shape.state_keys:
+                outs[k][:, c0:c1] = out[k]
+        state[t] = outs
+        inside = acc["f"] / max(acc["t"], 1e-12) / 1e9
+        rows.append({"step": t, "seconds": total, "gemm_seconds": acc["t"], "gemm_share": acc["t"] / max(total, 1e-12),
+                     "gflop": acc["f"] / 1e9, "gflops_inside": inside, "ratio_inside": inside / gemm,
+                     "ratio_step": acc["f"] / max(total, 1e-12) / 1e9 / gemm})
+        print(rows[-1], file=sys.stderr, flush=True)
+    return {"kind": "gemm_share", "command": bs.command_line(), "machine": bs.machine(), "method": method,
+            "radius_target": bs.RADIUS_TARGETS[radius], "eps": eps, "gemm_gflops": gemm, "row_block": rb_,
+            "col_block": cb_, "rows_measured": [r0, r1], "n_rows": plan.n_rows, "steps": rows}
+
+
+def report(results: list[dict]) -> str:
+    L = ["## Where the forward steps' time goes (GEMM share)", ""]
+    if results:
+        m = results[0]["machine"]
+        L.append(f"Measured {m['date_utc'][:16].replace('T', ' ')} UTC, load average {m['loadavg'][0]:.2f} at the "
+                 f"start; `python benchmarks/bench_gemm_share.py`. One row block of the plan's default blocks, every "
+                 "column block of every step, one BLAS thread; GEMM time = inside `panel_matmul` / `tile_matmul`; "
+                 "rate against the GEMM rate measured in the same run. A step is GEMM-bound when most of its time "
+                 "is in GEMM calls.")
+        L.append("")
+    for v in results:
+        L.append(f"**{NAMES.get(v['method'], v['method'])}**, radius {v['radius_target']:.0%}, rows "
+                 f"{v['rows_measured'][0]}-{v['rows_measured'][1]} of {v['n_rows']}, blocks {v['row_block']} × "
+                 f"{v['col_block']}, GEMM rate {v['gemm_gflops']:.1f} GFLOP/s:")
+        L.append("")
+        L.append("| step | task time | in GEMM calls | share | GFLOP | rate inside GEMMs (ratio) | whole step ratio |")
+        L.append("|---|---|---|---|---|---|---|")
+        for r in v["steps"]:
+            L.append(f"| {r['step']} | {r['seconds']:.2f} s | {r['gemm_seconds']:.2f} s | {r['gemm_share']:.0%} | "
+                     f"{r['gflop']:.1f} | {r['gflops_inside']:.1f} GF/s ({r['ratio_inside']:.2f}) | "
+                     f"{r['ratio_step']:.2f} |")
+        L.append("")
+    return "\n".join(L) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--method", action="append", help="recurjac-f0 / recurjac-f1 (repeatable; default both)")
+    ap.add_argument("--radius", type=int, default=0, help="radius index (0: 5%%, 1: 30%%, 2: 100%%)")
+    args = ap.parse_args()
+    results = []
+    for method in args.method or ["recurjac-f0", "recurjac-f1"]:
+        v = measure(method, args.radius)
+        bs.save(f"gemm_share-{method}-r{args.radius}", v)
+        results.append(v)
+    out = Path(__file__).resolve().parent / "results" / "gemm_share.md"
+    out.write_text(report(results))
+    print(f"wrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
