@@ -555,7 +555,7 @@ def cmd_sample(args) -> None:
 
 def cmd_workers(args) -> None:
     """1 vs 2 LocalCluster workers on the same fraction of an F0 job (first ``--blocks`` blocks of the graph)."""
-    from recurjac_scale.cluster import local_client
+    from recurjac_scale.cluster import MALLOC_ENV, local_client
 
     lbm = args.layer_bounds or best_layer_bound_method()
     warmup(args.method, lbm)
@@ -567,7 +567,8 @@ def cmd_workers(args) -> None:
            "eps": eps, "unstable_first_layer": frac, "layer_bound_method": lbm, "blocks": args.blocks,
            "row_block": plan.row_block, "col_block": plan.col_block, "runs": {}}
     for n in (1, 2, 1, 2)[: 2 * args.repeats]:
-        with local_client(n_workers=n, threads_per_worker=1, memory_limit=args.worker_memory) as client:
+        # the allocator settings measured faster for these workers (recurjac_scale.cluster.MALLOC_ENV, opt-in)
+        with local_client(n_workers=n, threads_per_worker=1, memory_limit=args.worker_memory, env=MALLOC_ENV) as client:
             # warm the workers (imports, numba cache load, chain build) on the tiny network
             client.run(warmup, args.method, lbm)
             client.run(load_chain_on_worker, plan.context.worker_spec())

@@ -129,7 +129,7 @@ def test_local_cluster_loopback_env_and_task(monkeypatch):
             "sum": float(np.arange(10.0).sum()),
         }
 
-    client = cluster.get_client("local:2", memory_limit="600MiB", env={"RJ_TEST_MARK": "yes"})
+    client = cluster.get_client("local:2", memory_limit="600MiB", env={"RJ_TEST_MARK": "yes", **cluster.MALLOC_ENV})
     try:
         info = client.scheduler_info(n_workers=-1)
         assert client.scheduler.address.startswith("tcp://127.0.0.1:")

@@ -20,7 +20,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from ..cluster import MALLOC_ENV, THREAD_ENV, _environ
+from ..cluster import THREAD_ENV, _environ
 from ..errors import InputError
 
 __all__ = [
@@ -32,9 +32,8 @@ __all__ = [
     "parse_scheduler",
 ]
 
-WORKER_ENV = {**THREAD_ENV, **MALLOC_ENV}
-"""Environment of worker processes started by the engine: one thread per BLAS / numba / OpenMP pool, and the
-allocator settings of :data:`recurjac_scale.cluster.MALLOC_ENV`."""
+WORKER_ENV = dict(THREAD_ENV)
+"""Environment of worker processes started by the engine: one thread per BLAS / numba / OpenMP pool."""
 
 _limit_lock = threading.Lock()
 _limit_depth = 0
