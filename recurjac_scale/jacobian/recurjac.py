@@ -353,7 +353,7 @@ def shared_row_chunk(R: int, c: int, r_total: int) -> int:
     return int(max(1, min(R, SHARED_TILE_BYTES // max(1, 16 * c * max(1, r_total)))))
 
 
-def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, npad, acc):
+def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
     """Steps ``t >= 2`` with a shared operand, with the stable part shared across the rows of the block.
 
     At level ``s`` the operand of row ``j`` (both chains) is ``X_s = Xsh_s + G_s Z_j``: ``Xsh_s`` (``d_s x c``) and
@@ -539,7 +539,7 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
         acc = np.zeros((2, R, c), dtype=dt)
         alive = _alive(du_t)
         if not perrow and uses_sharing(chain, t):
-            _shared_levels(chain, t, V, priors, A, R, c, P, npad, acc)
+            _shared_levels(chain, t, V, priors, A, R, c, P, acc)
             lower, upper = widen_outward(acc[1], acc[0], widening(chain, t, mag))
             return {"lower": lower, "upper": upper, "mag": mag}
         if perrow:
