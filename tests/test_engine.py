@@ -516,3 +516,66 @@ def test_task_memory_estimate_bounds_the_measured_peak(method, rng):
     x0 = rng.uniform(0.2, 0.8, size=20)
     plan = plan_jacobian(net, x0, 0.05, math.inf, method, layer_bounds="ibp", row_block=8, col_block=16)
     assert_tasks_within_plan_memory(plan, 8, 16)
+
+
+@pytest.mark.parametrize("method", ["recurjac-f0", "recurjac-b"])
+def test_plan_flops_of_a_shared_step_are_the_work_it_issues(method, monkeypatch):
+    """A step that shares the stable part across rows is estimated by that variant's cost model: with every row
+    multiplied on all its per-row factors (no compaction) and panels of one column (no padding), the GEMM and
+    row-dot FLOPs the step issues equal the plan's figure."""
+    import recurjac_scale.jacobian.recurjac as rj
+    from recurjac_scale import kernels
+    from recurjac_scale.engine.blocks import get_block_method
+    from recurjac_scale.jacobian import derivative_bounds_for, get_jacobian_method, run_chain
+    from recurjac_scale.layer_bounds import layer_bounds
+
+    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)
+    rng = np.random.default_rng(1)
+    net = random_network([10, 16, 14, 12, 12, 4], "relu", rng)
+    x0 = rng.uniform(-0.5, 0.5, 10)
+    db = derivative_bounds_for(net, layer_bounds(net, x0, 0.01, method="crown"))
+    jm = get_jacobian_method(method)
+    chain = jm.build_chain(net, db).with_panel(1)
+    shape = get_block_method(method).shape(chain)
+    assert all(shape.shares[1:]) and not shape.shares[0]
+    _, _, states = run_chain(jm, chain)
+    count = [0.0]
+    pm, tm, rd = rj.panel_matmul, rj.tile_matmul, kernels.rowdot_acc
+
+    def panel(M, X, P, *a, **k):
+        count[0] += 2.0 * M.shape[0] * M.shape[1] * X.shape[1]
+        return pm(M, X, P, *a, **k)
+
+    def tile(A, B, *a, **k):
+        count[0] += 2.0 * A.shape[0] * A.shape[1] * B.shape[1]  # rows and columns before the tile padding
+        return tm(A, B, *a, **k)
+
+    def rowdot(H, Z, R, c, acc, keep):
+        count[0] += 2.0 * 2 * c * H.size  # both chains (the kernel skips the structurally zero factors)
+        return rd(H, Z, R, c, acc, keep)
+
+    monkeypatch.setattr(rj, "panel_matmul", panel)
+    monkeypatch.setattr(rj, "tile_matmul", tile)
+    monkeypatch.setattr(rj.kernels, "rowdot_acc", rowdot)
+    R = chain.n_rows
+    totals = {}
+    for fraction in (1.0, rj.SPARSE_FRACTION):
+        monkeypatch.setattr(rj, "SPARSE_FRACTION", fraction)
+        totals[fraction] = [0.0, 0.0]
+        for t in range(2, chain.n_steps + 1):
+            width = chain.widths[t]
+            V = np.asarray(chain.mats[t - 1], dtype=np.float64)
+            count[0] = 0.0
+            rj.recurjac_step(chain, t, V, [states[s] for s in range(t)])
+            # the plan's figure without its magnitude chain (a panel product outside the recursion)
+            est = R * width * (shape.flops_per_entry(t, block=(R, width)) - 2.0 * shape._panel_entries(t))
+            if fraction == 1.0:
+                assert count[0] == pytest.approx(est, rel=1e-12), t
+            totals[fraction][0] += count[0]
+            totals[fraction][1] += est
+    # compacted: less in all for F0's 10 rows; not a bound per step, nor for B's 4 rows, because a product with
+    # at least half its rows uncompacted runs over every column and then recomputes the compacted rows
+    issued, est = totals[rj.SPARSE_FRACTION]
+    assert 0 < issued and (issued < est or method == "recurjac-b")
+    dense = shape.flops_per_entry(chain.n_steps)
+    assert shape.flops_per_entry(chain.n_steps, block=(R, chain.widths[-1])) < dense

@@ -119,8 +119,8 @@ class ChainShape:
         """Earlier stored steps (>= 1) a task of step ``t`` reads."""
         return tuple(self.priors[t - 1])
 
-    def flops_per_entry(self, t: int, *, live: bool = True) -> float:
-        """Floating-point operations per state entry (row, column) of step ``t``.
+    def flops_per_entry(self, t: int, *, live: bool = True, block: tuple | None = None) -> float:
+        """Floating-point operations per state entry (row, column) of step ``t``, before the per-row masks.
 
         Recursive (ALGORITHM.md, "Cost"; recurjac_scale.jacobian.recurjac): level ``s`` of a row's recursion is
         one GEMM ``M_{s-1}[alive_{s-1}, alive_s] @ X`` for both chains (upper, lower): ``2 * 2 live_{s-1}
@@ -131,17 +131,49 @@ class ChainShape:
         A level that runs sparse (:attr:`level_nnz`) counts its stored entries instead of ``rows x columns``: its
         level GEMM ``2 * 2 nnz_live`` (``nnz`` when ``live=False``), its panel products (step 1, magnitude chain,
         Fast-Lip) ``nnz / d_{t+1}`` per entry instead of ``d_t``.
+
+        A step that shares the stable part across rows (:attr:`shares`, ``live=True``) is counted by that
+        variant's model (:meth:`_shared_flops_per_entry`), which needs the task's ``block = (rows, cols)``: its
+        shared products are computed once per block.  Without ``block`` the dense recursion is counted.
         """
         d = self.widths
         n_live = (*(self.live if live else d[: self.n_steps]), d[self.n_steps])
         if self.depth == "interval":
             return 3.0 * 2.0 * self._panel_entries(t)
+        if live and block is not None and t >= 2 and self.shares and self.shares[t - 1]:
+            return self._shared_flops_per_entry(t, *block) + 2.0 * self._panel_entries(t)
         gemm = sum(2.0 * 2.0 * self._entries(s - 1, live=live, d_live=n_live) for s in range(2, t + 1))
         if t == 1 and self._nnz(1) is not None:
             top = 2.0 * 2.0 * self._panel_entries(1)
         else:
             top = 2.0 * 2.0 * n_live[0]
         return gemm + top + 2.0 * self._panel_entries(t)
+
+    def _shared_flops_per_entry(self, t: int, rows: int, cols: int) -> float:
+        """GEMM FLOPs per state entry of step ``t`` run with sharing across rows
+        (:func:`recurjac_scale.jacobian.recurjac._shared_levels`) on blocks of ``rows x cols``.
+
+        Per row and column, both chains: at level ``s`` (``t .. 2``) the per-row factor product
+        ``G_s[u_s] Z`` (``u_s r_s`` multiply-adds, ``r_s`` the unstable neurons of the levels above), at the top
+        ``G_1[u_1] Z`` and ``H Z`` (``(u_1 + 1) r``), and the shared top product ``Tsh`` (``st_1``, the stable live
+        neurons of level 1).  Per block and column, one chain: ``Ms Xsh`` per level (``live_{s-1} st_s``, the
+        stable columns' share of the stored entries for a sparse level); per block: ``H = B_1 G_1[st]``
+        (``rows st_1 r``).  The chain-only factors ``G`` (once per worker process) are not counted.
+        """
+        n = self.live
+        u = [self._unstable(s) for s in range(1, t + 1)]
+        st = [max(0, int(n[s - 1]) - u[s - 1]) for s in range(1, t + 1)]
+        per_row, r = 0.0, 0
+        shared_col = 0.0
+        for s in range(t, 1, -1):
+            per_row += 2.0 * u[s - 1] * r
+            r += u[s - 1]
+            nz = self._nnz(s - 1)
+            entries = float(nz[1]) if nz is not None else float(n[s - 2]) * float(n[s - 1])
+            shared_col += entries * st[s - 1] / max(1, int(n[s - 1]))
+        per_row += 2.0 * (u[0] + 1) * r + st[0]
+        rows, cols = max(1, int(rows)), max(1, int(cols))
+        return 2.0 * (per_row + shared_col / rows + st[0] * r / cols)
 
     def work_bytes(self, t: int, rows: int, cols: int) -> int:
         """Kernel work memory of one task (float64), an upper estimate checked against tracemalloc in the tests.

@@ -116,8 +116,10 @@ class StepPlan:
     prior_steps : tuple of int
         Earlier steps whose state (rows of the task's block, all columns) each task reads.
     flops : float
-        Estimated floating-point operations of the whole step, with dead neurons (``du = 0``) removed from the
-        GEMMs; an upper bound of the work (rows whose masks drop more neurons do less).
+        Estimated floating-point operations of the whole step's GEMMs, with dead neurons (``du = 0``) removed,
+        by the variant the step runs (a step sharing the stable part across rows: per-row work on the unstable
+        neurons, :meth:`ChainShape.flops_per_entry`), before the per-row masks (a row's Term I neurons drop out at
+        run time, so the work issued is usually lower; GEMM panel padding is not counted).
     flops_dense : float
         The same without removing dead neurons.
     task_state_bytes : int
@@ -559,7 +561,7 @@ def plan_jacobian(
                 n_col_blocks=nc,
                 n_tasks=nr * nc,
                 prior_steps=tuple(shape.prior_steps(t)),
-                flops=float(R * width * shape.flops_per_entry(t, live=True)),
+                flops=float(R * width * shape.flops_per_entry(t, live=True, block=(rb, cb))),
                 flops_dense=float(R * width * shape.flops_per_entry(t, live=False)),
                 task_state_bytes=sb,
                 task_weight_bytes=wb,
