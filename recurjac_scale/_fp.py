@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["gamma", "TINY", "underflow_unit"]
+__all__ = ["gamma", "TINY", "underflow_unit", "cast_weights"]
 
 TINY = np.finfo(np.float64).tiny
 """Absolute slack added to widened bounds to cover the underflow of a local computation (a few thousand
@@ -33,3 +33,29 @@ def gamma(n: int, dtype=np.float64) -> float:
     if nu >= 0.5:
         raise ValueError(f"dot product length {n} too long for error accounting in {np.dtype(dtype)}")
     return float(2.0 * nu / (1.0 - nu))
+
+
+def cast_weights(w, dtype, what: str = "weights") -> np.ndarray:
+    """``w`` as a ``dtype`` array; raises :class:`recurjac_scale.errors.InputError` when a finite entry does not fit
+    ``dtype`` (float64 weights beyond float32's range would become infinite and every bound void).
+
+    Parameters
+    ----------
+    w : array_like
+        Finite weights (checked when the network was built).
+    dtype : numpy dtype
+    what : str
+        Names the array in the message (e.g. ``"weights of layer 2"``).
+    """
+    from .errors import InputError
+
+    src = np.asarray(w)
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = np.asarray(src, dtype=dtype)
+    if out.dtype != src.dtype and out.size and not np.isfinite(out).all() and np.isfinite(src).all():
+        big = float(np.abs(src).max())
+        raise InputError(
+            f"{what}: |w| up to {big:.3g} exceeds the {np.dtype(dtype).name} range ({np.finfo(dtype).max:.3g}); "
+            "use dtype float64"
+        )
+    return out

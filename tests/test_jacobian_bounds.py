@@ -262,6 +262,26 @@ def test_float32_option_is_sound(method, rng):
     assert (r0.lower <= J).all() and (J <= r0.upper).all()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_float32_refuses_weights_beyond_its_range(method, rng):
+    """Finite float64 weights that overflow float32 would make every bound infinite: a clear error instead (and
+    float64 still runs)."""
+    from recurjac_scale.errors import InputError
+
+    net = random_network([5, 6, 4, 3], "relu", rng)
+    W = [np.array(w) for w in net.weights]
+    W[1] = W[1] * 1e300
+    big = Network(W, [np.array(b) for b in net.biases], net.activations)
+    x0 = rng.uniform(-0.5, 0.5, 5)
+    with pytest.raises(InputError, match=r"weights of layer 2: \|w\| up to .* exceeds the float32 range"):
+        jacobian_bounds(big, x0, 0.01, method=method, dtype=np.float32)
+    with pytest.raises(InputError, match="float32 range"):
+        jacobian_bounds(big, x0, 0.01, method=method, layer_bounds="ibp", dtype=np.float32)
+    res = jacobian_bounds(big, x0, 0.0, method=method)
+    J = big.jacobian(x0)
+    assert (res.lower <= J).all() and (J <= res.upper).all()
+
+
 def test_lazy_network_and_result_dict(rng):
     da = pytest.importorskip("dask.array")
     net = random_network([6, 9, 4], "relu", rng)

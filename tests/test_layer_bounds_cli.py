@@ -108,3 +108,21 @@ def test_cli_fastlin_on_tanh_names_alternatives(tmp_path, rng, capsys):
                "--method", "fastlin", "-o", str(tmp_path / "o.npz")])
     err = capsys.readouterr().err
     assert rc == 1 and "crown" in err and "ibp" in err
+
+
+def test_cli_float32_weights_out_of_range_is_one_line(tmp_path, rng, capsys):
+    from recurjac_scale.network.model import Network
+    from recurjac_scale.network.store import save_network
+
+    net = random_network([4, 6, 2], "relu", rng)
+    W = [np.array(w) for w in net.weights]
+    W[0] = W[0] * 1e300
+    save_network(Network(W, [np.array(b) for b in net.biases], net.activations), tmp_path / "m.zarr")
+    np.save(tmp_path / "x.npy", np.zeros(4))
+    args = ["layer-bounds", str(tmp_path / "m.zarr"), "--input", str(tmp_path / "x.npy"), "--eps", "0.1",
+            "--method", "crown", "-o", str(tmp_path / "o.npz")]
+    assert main(args + ["--dtype", "float32"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "float32 range" in err and "float64" in err and "\n" not in err and "Traceback" not in err
+    assert not (tmp_path / "o.npz").exists()
+    assert main(args + ["--quiet"]) == 0

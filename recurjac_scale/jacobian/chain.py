@@ -77,7 +77,7 @@ try:  # scipy is a dependency of the package; the guard keeps the dense path fre
 except ImportError:  # pragma: no cover
     _sp = None
 
-from .._fp import gamma, underflow_unit
+from .._fp import cast_weights, gamma, underflow_unit
 from ..errors import InputError, ShapeMismatchError
 
 __all__ = [
@@ -481,7 +481,7 @@ def stored_sparse_layers(network) -> tuple[int, ...]:
 def _weights_and_bounds(network, derivative_bounds, dtype):
     if network.n_layers >= 1 and not network.output_activation.is_identity:
         raise InputError("fold the output activation first: network.with_outputs(C) makes it a hidden layer")
-    ws = [_np(w, dtype) for w in network.weights]
+    ws = [cast_weights(_np(w), dtype, f"weights of layer {k + 1}") for k, w in enumerate(network.weights)]
     H = len(ws)
     if len(derivative_bounds) < H - 1:
         raise ShapeMismatchError(f"{H - 1} hidden layers need derivative bounds, got {len(derivative_bounds)}")

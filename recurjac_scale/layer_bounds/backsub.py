@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .._fp import TINY, gamma, underflow_unit
+from .._fp import TINY, cast_weights, gamma, underflow_unit
 from ..activations import Activation
 from ..errors import InputError
 from ..network.model import Network
@@ -292,7 +292,7 @@ def backsubstitute(
         raise InputError(f"block_rows={block_rows} must be a positive integer")
     ws = [np.asarray(w, dtype=np.float64) for w in network.weights]
     bs = [np.asarray(b, dtype=np.float64) for b in network.biases]
-    wd = ws if dtype == np.float64 else [w.astype(dtype) for w in ws]
+    wd = ws if dtype == np.float64 else [cast_weights(w, dtype, f"weights of layer {k + 1}") for k, w in enumerate(ws)]
     acts = network.layer_activations
     lo, hi = region.box
     xmax = np.maximum(np.abs(lo), np.abs(hi))
