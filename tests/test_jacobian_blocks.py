@@ -286,29 +286,31 @@ def test_shared_factors_memo_is_per_chain_bounded_and_not_pickled(rng, monkeypat
     assert other.memo() is not chain.memo()
 
 
+@pytest.mark.parametrize("variant", ["shared", "dense"])
 @pytest.mark.parametrize("method", ["recurjac-b", "recurjac-f0", "recurjac-f1"])
 @pytest.mark.parametrize(
     "fraction, gather_bytes",
     [(0.125, None), (0.0, 1), (0.6, 1), (1.0, None)],
     ids=["default", "every-row-compacted-one-per-call", "mixed-one-per-call", "never-compacted"],
 )
-def test_shared_variant_skips_structural_zeros_row_by_row(method, fraction, gather_bytes, rng, monkeypatch):
-    """The shared variant multiplies each row on its own non-zero per-row factors (``_shared_matmul``: Term I
-    neurons leave exact zeros).  In every regime (no row compacted, every row with a Term I neuron compacted, mixed
-    rows, one gathered row per GEMM call) it equals the plain recursion up to the rounding allowance, agrees with
-    the uncompacted products, contains the exact Jacobian, and is bitwise independent of the blocking and of the
-    row chunks a block is processed in (``SHARED_TILE_BYTES``)."""
+def test_recursion_skips_structural_zeros_row_by_row(variant, method, fraction, gather_bytes, rng, monkeypatch):
+    """Both variants multiply each row on its own non-zero operand rows (Term I neurons leave exact zeros): the
+    shared one on its per-row factors (``_shared_matmul``), the dense per-row recursion on the compacted level
+    (``_level_matmul``).  In every regime (no row compacted, every row with a Term I neuron compacted, mixed
+    rows, one gathered row per GEMM call) the result equals the plain recursion up to the rounding allowance, agrees
+    with the uncompacted products, contains the exact Jacobian, and is bitwise independent of the blocking and of
+    the row chunks a block is processed in (``SHARED_TILE_BYTES``)."""
     import recurjac_scale.jacobian.recurjac as rj
     from recurjac_scale.layer_bounds import Region
     from recurjac_scale.testing import sample_region
 
-    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)
+    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf if variant == "shared" else 0.0)
     calls = {"gather": 0, "matmul": 0}
     gather = rj._gather_rows
 
-    def counting_gather(*a):
-        calls["gather"] += 1
-        return gather(*a)
+    def counting_gather(Xp, rows, S, *a):  # a compacted product packs its operand's rows S
+        calls["gather"] += S is not None
+        return gather(Xp, rows, S, *a)
 
     monkeypatch.setattr(rj, "_gather_rows", counting_gather)
     # a small radius: rows differ in their Term I neurons (mixed, partly compacted rows) and recursions go deep
@@ -316,7 +318,7 @@ def test_shared_variant_skips_structural_zeros_row_by_row(method, fraction, gath
     net, x0, lb, db = _setup("relu", [10, 16, 14, 12, 12, 4], eps, math.inf, np.random.default_rng(1))
     jm = get_jacobian_method(method)
     chain = jm.build_chain(net, db)
-    assert any(rj.uses_sharing(chain, t) for t in range(2, chain.n_steps + 1))
+    assert any(rj.uses_sharing(chain, t) for t in range(2, chain.n_steps + 1)) == (variant == "shared")
     monkeypatch.setattr(rj, "SPARSE_FRACTION", 1.0)  # reference: every row multiplied with all factors
     ref_lo, ref_up, _ = run_chain(jm, chain)
     assert calls["gather"] == 0

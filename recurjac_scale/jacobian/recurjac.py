@@ -121,38 +121,64 @@ def _level_matmul(M, Xp, in_term1, nnz, R, c, P):
     """``M @ Xp`` for one level, exploiting per-row structural sparsity (rows of ``Xp`` zero on ``I_j``).
 
     Rows of the block whose merged operand is entirely zero are skipped (their recursion has ended); rows with
-    many ``I_j`` neurons (:data:`SPARSE_FRACTION`) get their own GEMM on the compacted ``M[:, S_j]``; all other
-    rows share one panel GEMM.  Every choice depends on the row alone, and every GEMM runs on fixed-width panels,
-    so a row's result does not depend on the rest of the block.
+    many ``I_j`` neurons (:data:`SPARSE_FRACTION`) are multiplied on the compacted ``M[:, S_j]``; all other rows
+    on the whole level (:func:`_rowwise_matmul`).  Returns ``None`` when every row's recursion has ended.
     """
     K = M.shape[1]
-    Rc = R * c
     n_i = in_term1.sum(axis=1, dtype=np.int64)
     live = nnz > 0
     sparse = live & (n_i >= max(1, SPARSE_FRACTION * K))
-    dense = live & ~sparse
-    if not live.any():
-        return None  # every row's recursion has ended: the remaining levels contribute nothing
-    if dense.all():
+    subsets = [
+        (np.flatnonzero(in_term1[j] == 0) if sparse[j] else None) if live[j] else _NO_ROWS for j in range(R)
+    ]
+    return _rowwise_matmul(M, Xp, subsets, R, c, P)
+
+
+_NO_ROWS = np.zeros(0, dtype=np.int64)
+
+
+def _rowwise_matmul(M, Xp, subsets, R, c, P):
+    """``M @ Xp`` (operand layout of :mod:`recurjac_scale.kernels`), each block row ``j`` (both chains)
+    multiplied on its own rows ``subsets[j]`` of ``Xp`` (the others are exact zeros for that row).
+
+    ``subsets[j]`` is ``None`` (every row of ``Xp``), an index array, or empty (the row's product is zero).  When
+    at least half the block rows take every row, one GEMM runs over all columns and the other rows are zeroed and
+    recomputed; otherwise the rows are packed, rows with the same subset sharing GEMM calls on fixed-width panels
+    of their packed columns (at most :data:`GATHER_BYTES` at once).  A row's subset depends on the row alone and a
+    column computed in a fixed-shape panel call does not depend on the other columns, so a row's result does not
+    depend on the rest of the block.  Dropping terms whose right factor is an exact zero leaves the real-number sum
+    unchanged (and the summation shorter).  Returns ``None`` when every subset is empty.
+    """
+    full = np.array([S is None for S in subsets], dtype=bool)
+    empty = np.array([S is not None and len(S) == 0 for S in subsets], dtype=bool)
+    if full.all():
         return panel_matmul(M, Xp, P)
-    dense_rows = np.flatnonzero(dense)
-    if 2 * dense_rows.size >= R:
-        # Mostly dense: one GEMM over every column (columns do not interact), then overwrite the others.
+    if empty.all():
+        return None
+    Rc = R * c
+    if 2 * np.count_nonzero(full) >= R:
+        # Mostly full: one GEMM over every column, then the other rows are recomputed (or zeroed) below.
         out = panel_matmul(M, Xp, P)
-        for j in np.flatnonzero(~dense):
+        todo = np.flatnonzero(~full)
+        for j in todo:
             out[:, j * c : (j + 1) * c] = 0.0
             out[:, Rc + j * c : Rc + (j + 1) * c] = 0.0
     else:
         out = np.zeros((M.shape[0], Xp.shape[1]), dtype=Xp.dtype)
-        if dense_rows.size:
-            Y = panel_matmul(M, _gather_rows(Xp, dense_rows, None, R, c, P), P)
-            _scatter_rows(out, Y, dense_rows, R, c)
-    for j in np.flatnonzero(sparse):
-        S = np.flatnonzero(in_term1[j] == 0)
-        if S.size == 0:
+        todo = np.flatnonzero(~empty)
+    groups: dict = {}
+    for j in todo:
+        if empty[j]:
             continue
-        Y = panel_matmul(_cols(M, S), _gather_rows(Xp, [j], S, R, c, P), P)
-        _scatter_rows(out, Y, [j], R, c)
+        S = subsets[j]
+        groups.setdefault(b"" if S is None else np.asarray(S, dtype=np.int64).tobytes(), (S, []))[1].append(j)
+    per_chunk = max(1, GATHER_BYTES // max(1, 16 * c * max(Xp.shape[0], M.shape[0])))  # operand and product
+    for S, rows in groups.values():
+        MS = M if S is None else _cols(M, S)
+        for i in range(0, len(rows), per_chunk):
+            chunk = rows[i : i + per_chunk]
+            Y = panel_matmul(MS, _gather_rows(Xp, chunk, S, R, c, P), P)
+            _scatter_rows(out, Y, chunk, R, c)
     return out
 
 
@@ -460,34 +486,8 @@ def _shared_matmul(G, Z, keep, r, R, c, P):
     kp = keep[:, :r]
     n_keep = kp.sum(axis=1, dtype=np.int64)
     full = n_keep >= (1.0 - SPARSE_FRACTION) * r
-    if full.all():
-        return panel_matmul(G, Z[:r], P)
-    if not n_keep.any():
-        return None
-    Rc = R * c
-    if 2 * np.count_nonzero(full) >= R:
-        # Mostly full: one GEMM over every column, then the other rows are recomputed (or zeroed) below.
-        out = panel_matmul(G, Z[:r], P)
-        todo = np.flatnonzero(~full)
-        for j in todo:
-            out[:, j * c : (j + 1) * c] = 0.0
-            out[:, Rc + j * c : Rc + (j + 1) * c] = 0.0
-    else:
-        out = np.zeros((a, Z.shape[1]), dtype=Z.dtype)
-        todo = np.flatnonzero(n_keep > 0)
-    groups: dict = {}
-    for j in todo:
-        key = b"" if full[j] else kp[j].tobytes()
-        groups.setdefault(key, []).append(j)
-    per_chunk = max(1, GATHER_BYTES // max(1, 16 * c * max(r, a)))  # packed operand and product <= GATHER_BYTES
-    for key, rows in groups.items():
-        S = np.arange(r) if not key else np.flatnonzero(kp[rows[0]])
-        GS = G if S.size == r else np.ascontiguousarray(G[:, S])
-        for i in range(0, len(rows), per_chunk):
-            chunk = rows[i : i + per_chunk]
-            Y = panel_matmul(GS, _gather_rows(Z, chunk, S, R, c, P), P)
-            _scatter_rows(out, Y, chunk, R, c)
-    return out
+    subsets = [None if full[j] else np.flatnonzero(kp[j]) for j in range(R)]
+    return _rowwise_matmul(G, Z[:r], subsets, R, c, P)
 
 
 def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
