@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "no_add", "ensure_compiled"]
+__all__ = ["prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "exact_dot_rows", "no_add", "ensure_compiled"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -207,6 +207,96 @@ def rowdot_acc(H, Z, R, c, acc, keep):  # pragma: no cover - compiled
             for k in range(c):
                 acc[0, j, k] += h * Z[i, qu + k]
                 acc[1, j, k] += h * Z[i, ql + k]
+
+
+@numba.njit(nogil=True, cache=True)
+def _fsum_add(p, m, x):  # pragma: no cover - compiled
+    """Add ``x`` to Shewchuk's exact non-overlapping partials ``p[:m]``; returns the new count."""
+    i = 0
+    for q in range(m):
+        y = p[q]
+        if abs(x) < abs(y):
+            x, y = y, x
+        hi = x + y
+        lo = y - (hi - x)
+        if lo != 0.0:
+            p[i] = lo
+            i += 1
+        x = hi
+    if x != 0.0:
+        p[i] = x
+        i += 1
+    return i
+
+
+@numba.njit(nogil=True, cache=True)
+def _fsum_round(p, m):  # pragma: no cover - compiled
+    """The correctly rounded value of the partials ``p[:m]`` (CPython's ``math.fsum`` final step, half-way cases
+    rounded to even across several partials)."""
+    if m == 0:
+        return 0.0
+    m -= 1
+    hi = p[m]
+    lo = 0.0
+    while m > 0:
+        x = hi
+        m -= 1
+        y = p[m]
+        hi = x + y
+        yr = hi - x
+        lo = y - yr
+        if lo != 0.0:
+            break
+    if m > 0 and ((lo < 0.0 and p[m - 1] < 0.0) or (lo > 0.0 and p[m - 1] > 0.0)):
+        y = lo * 2.0
+        x = hi + y
+        yr = x - hi
+        if y == yr:
+            hi = x
+    return hi
+
+
+@numba.njit(nogil=True, cache=True)
+def exact_dot_rows(C, WT, rows, split, out):  # pragma: no cover - compiled
+    """``out[i, k] = C[i] . WT[k]`` correctly rounded, for the rows ``i`` in ``rows`` (other rows untouched).
+
+    Each product is split exactly into ``p + e`` (Dekker's TwoProduct with the splitting constant ``split``) and
+    the ``2 n`` terms are summed with Shewchuk's exact partials and rounded once (the same value as ``math.fsum``
+    of the terms).  The caller keeps every factor and product below the range where the split can overflow.
+
+    Parameters
+    ----------
+    C : ndarray, shape (m, n), float64
+    WT : ndarray, shape (N, n), float64
+        The right factor transposed (contiguous rows).
+    rows : ndarray of int64
+    split : float
+        ``2**27 + 1`` for float64.
+    out : ndarray, shape (m, N), float64, in/out
+    """
+    n = C.shape[1]
+    N = WT.shape[0]
+    p = np.empty(2 * n + 2, dtype=np.float64)
+    for i in rows:
+        for k in range(N):
+            m = 0
+            for h in range(n):
+                c = C[i, h]
+                w = WT[k, h]
+                if c == 0.0 or w == 0.0:
+                    continue
+                prod = c * w
+                t = split * c
+                c_hi = t - (t - c)
+                c_lo = c - c_hi
+                t = split * w
+                w_hi = t - (t - w)
+                w_lo = w - w_hi
+                e = ((c_hi * w_hi - prod) + c_hi * w_lo + c_lo * w_hi) + c_lo * w_lo
+                m = _fsum_add(p, m, prod)
+                if e != 0.0:
+                    m = _fsum_add(p, m, e)
+            out[i, k] = _fsum_round(p, m)
 
 
 _NO_ADD: dict = {}

@@ -46,9 +46,13 @@ def _huge_net(scale, act, rng, depth=3, width=4, n0=3, m=2):
 @pytest.mark.parametrize("act", ["relu", "leaky_relu", "tanh", "softplus", "elu", "hard_sigmoid"])
 @pytest.mark.parametrize("scale", [1e100, 1e160, 1e200, 1e300])
 def test_overflow_never_nan_never_crash(act, scale, rng):
-    """Absurd weights: every bound is either sound or infinite, never NaN, never an exception."""
+    """Absurd weights: every bound is either sound or infinite, never NaN, never a crash; float32, whose range
+    they exceed, is refused with a clear error."""
+    from recurjac_scale.errors import InputError
+
     net = _huge_net(scale, act, rng)
     x0 = rng.normal(size=3)
+    f32_ok = max(float(np.abs(w).max()) for w in net.weights) <= np.finfo(np.float32).max
     lbs = ["ibp", "crown"] + (["fastlin"] if act in ("relu", "leaky_relu") else [])
     for eps in (0.0, 0.1, math.inf):
         for lbm in lbs:
@@ -57,6 +61,10 @@ def test_overflow_never_nan_never_crash(act, scale, rng):
                 assert not (np.isnan(lo).any() or np.isnan(hi).any()), lbm
             for meth in METHODS:
                 for dt in (np.float64, np.float32):
+                    if dt is np.float32 and not f32_ok:
+                        with pytest.raises(InputError, match="exceeds the float32 range"):
+                            jacobian_bounds(net, x0, eps, method=meth, layer_bounds=lbm, dtype=dt)
+                        continue
                     r = jacobian_bounds(net, x0, eps, method=meth, layer_bounds=lbm, dtype=dt)
                     assert not (np.isnan(r.lower).any() or np.isnan(r.upper).any()), (lbm, meth, dt)
                     J = net.jacobian(x0)
@@ -328,3 +336,39 @@ def test_output_matrix_cancellation_exact_rational(method, rng):
         for i in range(3):
             exact = sum(Fraction(float(C[i, h])) * Fraction(float(W2[h, 0])) for h in range(nH))
             assert Fraction(float(r.lower[i, 0])) <= exact <= Fraction(float(r.upper[i, 0])), (i, float(exact))
+
+
+def test_output_fold_is_correctly_rounded_entry_by_entry(rng):
+    """The fold ``C @ W(H)`` of a general output matrix equals the exact rational product rounded to nearest, for
+    every entry: wide mixed magnitudes, engineered cancellation, exact zeros, many columns (the compiled exact dot
+    products of ``_fold_rows``); selection and margin rows keep the one-product path."""
+    from fractions import Fraction
+
+    from recurjac_scale.network.model import _fold_rows
+
+    def nearest(q: Fraction) -> float:
+        f = float(q)  # Fraction -> float rounds correctly (to nearest, ties to even)
+        return f
+
+    for trial in range(6):
+        nH, n = int(rng.integers(2, 40)), int(rng.integers(1, 30))
+        W = rng.normal(size=(nH, n)) * 10.0 ** rng.integers(-30, 30, size=(nH, n))
+        W[rng.random((nH, n)) < 0.2] = 0.0
+        C = rng.normal(size=(4, nH)) * 10.0 ** rng.integers(-5, 5, size=(4, nH))
+        # row 0 cancels in column 0; row 1 is a margin (one product is exact); row 3 selects
+        if W[-1, 0] != 0.0:
+            C[0, -1] = -(C[0, :-1] @ W[:-1, 0]) / W[-1, 0]
+        C[1] = 0.0
+        C[1, 0], C[1, -1] = 1.0, -1.0
+        C[3] = 0.0
+        C[3, nH // 2] = 1.0
+        out = _fold_rows(C, W)
+        for i in range(4):
+            for k in range(n):
+                exact = sum(Fraction(float(C[i, h])) * Fraction(float(W[h, k])) for h in range(nH))
+                assert out[i, k] == nearest(exact), (trial, i, k)
+    # ties to even across several partials: 1 + 2^-53 + 2^-106 rounds up, 1 + 2^-53 alone rounds to even (down)
+    C = np.array([[1.0, 1.0, 1.0]])
+    W = np.array([[1.0, 1.0], [2.0**-53, 2.0**-53], [2.0**-106, 0.0]])
+    out = _fold_rows(C, W)
+    assert out[0, 0] == 1.0 + 2.0**-52 and out[0, 1] == 1.0

@@ -172,33 +172,27 @@ def _fold_rows(C: np.ndarray, W: np.ndarray) -> np.ndarray:
     ``[1, 1, -1]``) can be wrong by far more than one ulp of the result (even 0 instead of 1e-17), which no
     allowance covers.  Rows with at most one non-zero, or two non-zeros of magnitude 1 (selections and margins
     ``f_c - f_j``), are already correctly rounded by one product; other rows use exact products (Dekker's
-    TwoProduct) summed by ``math.fsum`` (correctly rounded).  Entries too large for the split keep the plain
+    TwoProduct) summed correctly rounded (Shewchuk's partials, as ``math.fsum``;
+    :func:`recurjac_scale.kernels.exact_dot_rows`).  Entries too large for the split keep the plain
     product.
     """
-    import math
+    from ..kernels import exact_dot_rows
 
     out = C @ W
     if out.size == 0:
         return out
     nnz = (C != 0).sum(axis=1)
     simple = (nnz <= 1) | ((nnz == 2) & (np.where(C != 0, np.abs(C), 1.0) == 1.0).all(axis=1))
+    rows = []
     for i in np.flatnonzero(~simple):
         h = np.flatnonzero(C[i])
-        c = C[i, h][:, None]
-        w = W[h]
-        cmax, wmax = float(np.abs(c).max()), float(np.abs(w).max())
-        if cmax >= _FOLD_SAFE or wmax >= _FOLD_SAFE or cmax * wmax >= _FOLD_SAFE:
-            continue
-        p = c * w
-        t = _SPLIT * c
-        c_hi = t - (t - c)
-        c_lo = c - c_hi
-        t = _SPLIT * w
-        w_hi = t - (t - w)
-        w_lo = w - w_hi
-        e = ((c_hi * w_hi - p) + c_hi * w_lo + c_lo * w_hi) + c_lo * w_lo
-        terms = np.vstack([p, e])
-        out[i] = [math.fsum(terms[:, j]) for j in range(terms.shape[1])]
+        cmax, wmax = float(np.abs(C[i, h]).max()), float(np.abs(W[h]).max()) if W.shape[1] else 0.0
+        if not (cmax >= _FOLD_SAFE or wmax >= _FOLD_SAFE or cmax * wmax >= _FOLD_SAFE):
+            rows.append(i)
+    if rows:
+        C64 = np.ascontiguousarray(C, dtype=np.float64)
+        WT = np.ascontiguousarray(np.asarray(W, dtype=np.float64).T)
+        exact_dot_rows(C64, WT, np.asarray(rows, dtype=np.int64), _SPLIT, out)
     return out
 
 
