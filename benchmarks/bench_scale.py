@@ -565,10 +565,12 @@ def cmd_workers(args) -> None:
     print(plan.describe(), file=sys.stderr)
     out = {"kind": "workers", "command": command_line(), "machine": machine(), "method": args.method,
            "eps": eps, "unstable_first_layer": frac, "layer_bound_method": lbm, "blocks": args.blocks,
-           "row_block": plan.row_block, "col_block": plan.col_block, "runs": {}}
-    for n in (1, 2, 1, 2)[: 2 * args.repeats]:
+           "row_block": plan.row_block, "col_block": plan.col_block, "runs": {},
+           "malloc_env": None if args.dask_malloc else dict(MALLOC_ENV)}
+    env = None if args.dask_malloc else MALLOC_ENV
+    for n in (1, 2) * args.repeats:
         # the allocator settings measured faster for these workers (recurjac_scale.cluster.MALLOC_ENV, opt-in)
-        with local_client(n_workers=n, threads_per_worker=1, memory_limit=args.worker_memory, env=MALLOC_ENV) as client:
+        with local_client(n_workers=n, threads_per_worker=1, memory_limit=args.worker_memory, env=env) as client:
             # warm the workers (imports, numba cache load, chain build) on the tiny network
             client.run(warmup, args.method, lbm)
             client.run(load_chain_on_worker, plan.context.worker_spec())
@@ -588,6 +590,7 @@ def cmd_workers(args) -> None:
     out["speedup"] = med["1"] / med["2"] if "2" in med else None
     tag = "" if (plan.row_block, plan.col_block, args.blocks) == (128, 128, 576) else (
         f"-{plan.row_block}x{plan.col_block}-{args.blocks}")
+    tag += "-dask-malloc" if args.dask_malloc else ""
     save(f"workers-{args.method}{tag}", out)
 
 
@@ -815,6 +818,8 @@ def main(argv=None) -> None:
     p.add_argument("--col-block", type=int, default=None)
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--worker-memory", default="4GiB")
+    p.add_argument("--dask-malloc", action="store_true",
+                   help="workers with dask's own allocator settings instead of recurjac_scale.cluster.MALLOC_ENV")
     p.set_defaults(func=cmd_workers)
     p = sub.add_parser("ooc", parents=[common])
     p.add_argument("--width", type=int, default=8192)

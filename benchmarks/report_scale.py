@@ -78,7 +78,8 @@ def _workers_job(v: dict) -> str:
     """What a workers run measured: the whole job (every run complete) or the first blocks of its graph."""
     whole = all(r.get("complete") for rs in v["runs"].values() for r in rs)
     what = "the whole F0 job" if whole else f"the first {v['blocks']} blocks of the F0 graph"
-    return f"{what}, blocks {v['row_block']} × {v['col_block']}"
+    alloc = "dask's allocator settings" if v.get("malloc_env", True) is None else "`MALLOC_ENV`"
+    return f"{what}, blocks {v['row_block']} × {v['col_block']}, workers with {alloc}"
 
 
 def ooc_lines(res: dict, heading: str = "##") -> list[str]:

@@ -35,7 +35,8 @@ run full-fastlip-r0-fastlin 900 full --method fastlip --radius 0 --repeats 3 --l
 run full-b-r0-fastlin 900 full --method recurjac-b --radius 0 --repeats 3 --layer-bounds fastlin
 run sparse 600 sparse
 echo "$(date -u +%H:%M:%S) start gemm-share"; timeout 900 python benchmarks/bench_gemm_share.py > "$LOG/gemm-share.log" 2>&1
-run workers-f0-whole 1500 workers --method recurjac-f0 --radius 0 --blocks 100000 --repeats 2
+run workers-f0-whole 1500 workers --method recurjac-f0 --radius 0 --blocks 100000 --repeats 3
+run workers-f0-whole-dask-malloc 1500 workers --method recurjac-f0 --radius 0 --blocks 100000 --repeats 2 --dask-malloc
 # Out-of-core and the pruned twin have their own scripts (results/scale_ooc.md, results/sparse_kernels.md):
 #   python benchmarks/bench_scale.py ooc --width 8192 --worker-memory 1GiB
 #   python benchmarks/bench_sparse_kernels.py --row-blocks 2
