@@ -21,7 +21,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "exact_dot_rows", "no_add", "ensure_compiled"]
+__all__ = ["prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "gather_rows", "exact_dot_rows", "no_add", "ensure_compiled"]
 
 
 @numba.njit(nogil=True, cache=True)
@@ -207,6 +207,33 @@ def rowdot_acc(H, Z, R, c, acc, keep):  # pragma: no cover - compiled
             for k in range(c):
                 acc[0, j, k] += h * Z[i, qu + k]
                 acc[1, j, k] += h * Z[i, ql + k]
+
+
+@numba.njit(nogil=True, cache=True)
+def gather_rows(X, S, rows, R, c, out):  # pragma: no cover - compiled
+    """Pack the columns of block rows ``rows`` (both chains) of ``X[S]`` into ``out`` (no temporaries).
+
+    Parameters
+    ----------
+    X : ndarray, shape (K, Npad)
+        Operand in the layout of the module docstring.
+    S : ndarray of int64, shape (k,)
+        Rows of ``X`` to take.
+    rows : ndarray of int64, shape (n,)
+        Block rows ``j``; block row ``rows[i]`` goes to columns ``2 c i .. 2 c i + c`` (upper chain) and
+        ``2 c i + c .. 2 c (i + 1)`` (lower chain) of ``out``.
+    out : ndarray, shape (k, >= 2 c n), output
+        Only those columns are written.
+    """
+    Rc = R * c
+    for a in range(S.shape[0]):
+        r = S[a]
+        for i in range(rows.shape[0]):
+            j = rows[i]
+            q = 2 * c * i
+            for k in range(c):
+                out[a, q + k] = X[r, j * c + k]
+                out[a, q + c + k] = X[r, Rc + j * c + k]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -369,3 +369,45 @@ def test_row_tile_is_a_chain_constant_and_results_stay_blocking_invariant(method
 
     J = net.jacobian(sample_region(Region.of(net, x0, 0.01), 1000, rng))
     assert ((J >= res.lower) & (J <= res.upper)).all()
+
+
+@pytest.mark.parametrize("method", ["recurjac-f0", "recurjac-b"])
+def test_shared_workspaces_are_per_thread_and_results_unchanged(method, monkeypatch):
+    """The shared variant reuses its per-row factor and product buffers from task to task (one pool per thread in
+    the chain's memo): two threads running blocks of the same chain at once, on buffers left dirty by earlier
+    blocks, give the bits of a fresh chain; each pool stays within the per-task work memory the plan counts."""
+    import threading
+
+    import recurjac_scale.jacobian.recurjac as rj
+    from recurjac_scale.engine.blocks import get_block_method
+
+    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)
+    monkeypatch.setattr(rj, "SHARED_TILE_BYTES", 16 * 8 * 2 * 40)  # several row chunks per block
+    net, x0, lb, db = _setup("relu", [10, 16, 14, 12, 12, 4], 0.01, math.inf, np.random.default_rng(1))
+    jm = get_jacobian_method(method)
+    fresh = jm.build_chain(net, db)
+    ref_lo, ref_up, _ = run_chain(jm, fresh)
+    chain = jm.build_chain(net, db)
+    run_chain(jm, chain, row_block=2, col_block=3)  # leaves dirty buffers of other shapes in this thread's pool
+    out, errors = {}, []
+
+    def work(name, rb, cb):
+        try:
+            out[name] = run_chain(jm, chain, row_block=rb, col_block=cb)[:2]
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i, rb, cb)) for i, (rb, cb) in enumerate([(3, 5), (7, 2)])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors
+    for lo, up in out.values():
+        assert np.array_equal(lo, ref_lo) and np.array_equal(up, ref_up)
+    pools = chain.memo()["workspace"]
+    assert len(pools) == 3 and all("shared.Z" in p for p in pools.values())
+    shape = get_block_method(method).shape(chain)
+    R = chain.n_rows
+    bound = max(shape.work_bytes(t, R, chain.widths[t]) for t in range(2, chain.n_steps + 1))
+    assert max(sum(b.nbytes for b in p.values()) for p in pools.values()) <= bound

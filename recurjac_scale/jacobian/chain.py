@@ -684,10 +684,17 @@ def tile_matmul(A: np.ndarray, B: np.ndarray, panel: int, row_tile: int = ROW_TI
         return np.zeros((R, c), dtype=dt)
     Rp = -(-R // row_tile) * row_tile
     cp = -(-c // panel) * panel
-    Ap = np.zeros((Rp, K), dtype=dt)
-    Ap[:R] = A
-    Bp = np.zeros((K, cp), dtype=dt)
-    Bp[:, :c] = B
+    # (an operand that needs no padding is used as it is when it has the padded copy's layout: same bits)
+    if Rp == R and A.dtype == dt and A.flags.c_contiguous:
+        Ap = A
+    else:
+        Ap = np.zeros((Rp, K), dtype=dt)
+        Ap[:R] = A
+    if cp == c and B.dtype == dt and B.flags.c_contiguous:
+        Bp = B
+    else:
+        Bp = np.zeros((K, cp), dtype=dt)
+        Bp[:, :c] = B
     out = np.empty((Rp, cp), dtype=dt)
     for i in range(0, Rp, row_tile):
         for p in range(0, cp, panel):

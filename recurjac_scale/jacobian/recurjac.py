@@ -98,15 +98,55 @@ its ``I_j`` (their merged-weight rows are zero for that row).  The rule is row-l
 of the blocking."""
 
 
-def _gather_rows(Xp, rows, S, R, c, P):
-    """The columns of block rows ``rows`` (both chains) of ``Xp[S]``, packed and zero-padded to whole panels."""
+def _thread_workspace(chain: Chain) -> dict:
+    """This thread's workspace pool on ``chain`` (:func:`_workspace`): kept in the chain's memo, so buffers are
+    reused by every task that runs on the chain object in this thread and freed with it."""
+    pools = chain.memo().setdefault("workspace", {})
+    return pools.setdefault(threading.get_ident(), {})  # (dict.setdefault is atomic)
+
+
+def _workspace(ws, shape: tuple, dtype) -> np.ndarray:
+    """An uninitialised C-contiguous array of ``shape`` on the buffer ``key`` of the pool, ``ws = (pool, key)``
+    (:func:`_thread_workspace`), grown as needed.
+
+    The shared variant's per-row factors and products are reused from task to task: allocated afresh, arrays
+    above the allocator's mmap threshold are page-faulted in again by every task (dask's worker default returns
+    them to the system at once: measured, a third more run time).  A workspace array is valid until the next call
+    with the same key; its size is within the task's own work memory
+    (:meth:`recurjac_scale.engine.blocks.ChainShape.work_bytes`), which the plan counts per thread."""
+    pool, key = ws
+    dtype = np.dtype(dtype)
+    if pool is None:
+        return np.empty(shape, dtype=dtype)
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if key not in pool or pool[key].nbytes < n:
+        pool.pop(key, None)  # (the smaller buffer is freed before the larger one is allocated)
+        pool[key] = np.empty(max(n, 8), dtype=np.uint8)
+    return pool[key][:n].view(dtype).reshape(shape)
+
+
+def _sub(ws, suffix: str):
+    return None if ws is None else (ws[0], ws[1] + suffix)
+
+
+def _gather_rows(Xp, rows, S, R, c, P, ws=None):
+    """The columns of block rows ``rows`` (both chains) of ``Xp[S]``, packed and zero-padded to whole panels (in
+    the workspace ``ws`` when given)."""
     Rc = R * c
     S = slice(None) if S is None else S
     K = Xp.shape[0] if isinstance(S, slice) else len(S)
-    out = np.zeros((K, -(-2 * c * len(rows) // P) * P), dtype=Xp.dtype)
+    shape = (K, -(-2 * c * len(rows) // P) * P)
+    if ws is None:
+        out = np.zeros(shape, dtype=Xp.dtype)
+    else:
+        out = _workspace(ws, shape, Xp.dtype)
+        out[:, 2 * c * len(rows) :] = 0.0
+    if not isinstance(S, slice):  # X[S] taken row by row in a kernel: no (|S| x c) temporaries
+        kernels.gather_rows(Xp, np.asarray(S, dtype=np.int64), np.asarray(rows, dtype=np.int64), R, c, out)
+        return out
     for i, j in enumerate(rows):
-        out[:, 2 * c * i : 2 * c * i + c] = Xp[S, j * c : (j + 1) * c]
-        out[:, 2 * c * i + c : 2 * c * (i + 1)] = Xp[S, Rc + j * c : Rc + (j + 1) * c]
+        out[:, 2 * c * i : 2 * c * i + c] = Xp[:, j * c : (j + 1) * c]
+        out[:, 2 * c * i + c : 2 * c * (i + 1)] = Xp[:, Rc + j * c : Rc + (j + 1) * c]
     return out
 
 
@@ -137,7 +177,7 @@ def _level_matmul(M, Xp, in_term1, nnz, R, c, P):
 _NO_ROWS = np.zeros(0, dtype=np.int64)
 
 
-def _rowwise_matmul(M, Xp, subsets, R, c, P):
+def _rowwise_matmul(M, Xp, subsets, R, c, P, ws=None):
     """``M @ Xp`` (operand layout of :mod:`recurjac_scale.kernels`), each block row ``j`` (both chains)
     multiplied on its own rows ``subsets[j]`` of ``Xp`` (the others are exact zeros for that row).
 
@@ -147,24 +187,31 @@ def _rowwise_matmul(M, Xp, subsets, R, c, P):
     of their packed columns (at most :data:`GATHER_BYTES` at once).  A row's subset depends on the row alone and a
     column computed in a fixed-shape panel call does not depend on the other columns, so a row's result does not
     depend on the rest of the block.  Dropping terms whose right factor is an exact zero leaves the real-number sum
-    unchanged (and the summation shorter).  Returns ``None`` when every subset is empty.
+    unchanged (and the summation shorter).  Returns ``None`` when every subset is empty.  With ``ws`` the result and
+    the packed operands live in per-thread workspaces (:func:`_workspace`, keys ``ws``, ``ws + ".in"``,
+    ``ws + ".out"`` of the pool, ``ws = (pool, key)``): valid until the next call with the same ``ws``.
     """
     full = np.array([S is None for S in subsets], dtype=bool)
     empty = np.array([S is not None and len(S) == 0 for S in subsets], dtype=bool)
-    if full.all():
-        return panel_matmul(M, Xp, P)
     if empty.all():
         return None
+    shape = (M.shape[0], Xp.shape[1])
+    out = None if ws is None else _workspace(ws, shape, np.result_type(M.dtype, Xp.dtype))
+    if full.all():
+        return panel_matmul(M, Xp, P, out=out)
     Rc = R * c
     if 2 * np.count_nonzero(full) >= R:
         # Mostly full: one GEMM over every column, then the other rows are recomputed (or zeroed) below.
-        out = panel_matmul(M, Xp, P)
+        out = panel_matmul(M, Xp, P, out=out)
         todo = np.flatnonzero(~full)
         for j in todo:
             out[:, j * c : (j + 1) * c] = 0.0
             out[:, Rc + j * c : Rc + (j + 1) * c] = 0.0
     else:
-        out = np.zeros((M.shape[0], Xp.shape[1]), dtype=Xp.dtype)
+        if out is None:
+            out = np.zeros(shape, dtype=Xp.dtype)
+        else:
+            out[...] = 0.0
         todo = np.flatnonzero(~empty)
     groups: dict = {}
     for j in todo:
@@ -177,7 +224,9 @@ def _rowwise_matmul(M, Xp, subsets, R, c, P):
         MS = M if S is None else _cols(M, S)
         for i in range(0, len(rows), per_chunk):
             chunk = rows[i : i + per_chunk]
-            Y = panel_matmul(MS, _gather_rows(Xp, chunk, S, R, c, P), P)
+            packed = _gather_rows(Xp, chunk, S, R, c, P, _sub(ws, ".in"))
+            y = None if ws is None else _workspace(_sub(ws, ".out"), (MS.shape[0], packed.shape[1]), out.dtype)
+            Y = panel_matmul(MS, packed, P, out=y)
             _scatter_rows(out, Y, chunk, R, c)
     return out
 
@@ -397,8 +446,12 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
     dt = acc.dtype
     _, r_total, _ = _shared_header(chain, t)
     cp = -(-c // P) * P
+    # Z and the products, reused by the chunks and by the next tasks of this thread (not for a streamed chain: there
+    # memory is the limit and nothing is kept between tasks)
+    pool = None if _streamed(chain) else _thread_workspace(chain)
     # Pass 1, shared by every row: Xsh_s[u_s] per level and the top's Xsh_1 (the stable-scaled level matrices Ms
-    # are dropped as soon as they are used; a streamed chain yields them one level at a time).
+    # are dropped as soon as they are used; a streamed chain yields them one level at a time).  Xsh is a view of
+    # the level product (columns :c), read into the next level's operand Vs before the next product overwrites it.
     levels = []
     Xsh = None
     for kind, lvl in _shared_factors(chain, t):
@@ -409,9 +462,11 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
             break
         st = lvl["st"]
         levels.append((lvl, np.ascontiguousarray(Xsh[lvl["u"]])))
-        Vs = np.zeros((st.size, cp), dtype=dt)
+        Vs = _workspace((pool, "pass1.Vs"), (st.size, cp), dt)
         Vs[:, :c] = Xsh[st]
-        Xsh = np.ascontiguousarray(panel_matmul(lvl["Ms"], Vs, P)[:, :c])
+        Vs[:, c:] = 0.0
+        Ms = lvl["Ms"]
+        Xsh = panel_matmul(Ms, Vs, P, out=_workspace((pool, "pass1.out"), (Ms.shape[0], cp), dt))[:, :c]
     # Top (level 1, Y = A exact): stable neurons exactly, unstable ones by the sign rule of Eq. 10-11.
     alive1, st1, u1 = top["alive"], top["st"], top["u"]
     B1 = np.ascontiguousarray(A[:, alive1[st1]] * top["hi_st"][None, :])
@@ -426,14 +481,14 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
         j1 = min(R, j0 + Rs)
         n = j1 - j0
         npad_c = -(-(2 * n * c) // P) * P
-        Z = np.empty((r_total, npad_c), dtype=dt)
+        Z = _workspace((pool, "shared.Z"), (r_total, npad_c), dt)  # every row is written by its level below
         Z[:, 2 * n * c :] = 0.0
         keep = np.zeros((n, r_total), dtype=np.uint8)  # keep[j, i] = 0: Z[i] is structurally zero for row j
         acc_c = np.zeros((2, n, c), dtype=dt)
         for lvl, xsh_u in levels:
             u, r = lvl["u"], lvl["r"]
             # Per-row operand on the unstable neurons (without Xsh[u], which prep_level adds).
-            Xu = _shared_matmul(lvl["Gu"], Z, keep, r, n, c, P)
+            Xu = _shared_matmul(lvl["Gu"], Z, keep, r, n, c, P, pool)
             cols = lvl["alive"][u]
             prior = priors[lvl["s"] - 1]
             Lp = np.ascontiguousarray(np.asarray(prior["lower"][j0:j1], dtype=dt)[:, cols])
@@ -455,7 +510,7 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
         acc_c[0] += Tsh[j0:j1]
         acc_c[1] += Tsh[j0:j1]
         kernels.rowdot_acc(H[j0:j1], Z, n, c, acc_c, keep)
-        Xu = _shared_matmul(top["G_u"], Z, keep, r_total, n, c, P)
+        Xu = _shared_matmul(top["G_u"], Z, keep, r_total, n, c, P, pool)
         if Xu is None:
             Xu = np.zeros((u1.size, npad_c), dtype=dt)
         kernels.top_level(Xu, A_u[j0:j1], top["lo_u"], top["hi_u"], n, c, acc_c, Xsh_u)
@@ -466,7 +521,7 @@ GATHER_BYTES = 32 * 2**20
 """Bytes of the packed per-row factor columns (and of their product) :func:`_shared_matmul` builds at once."""
 
 
-def _shared_matmul(G, Z, keep, r, R, c, P):
+def _shared_matmul(G, Z, keep, r, R, c, P, pool):
     """``G @ Z[:r]`` (shape ``(a, Npad)``, operand layout of :mod:`recurjac_scale.kernels`), or ``None`` when it is
     structurally zero for every row.
 
@@ -487,7 +542,7 @@ def _shared_matmul(G, Z, keep, r, R, c, P):
     n_keep = kp.sum(axis=1, dtype=np.int64)
     full = n_keep >= (1.0 - SPARSE_FRACTION) * r
     subsets = [None if full[j] else np.flatnonzero(kp[j]) for j in range(R)]
-    return _rowwise_matmul(G, Z[:r], subsets, R, c, P)
+    return _rowwise_matmul(G, Z[:r], subsets, R, c, P, ws=(pool, "shared.Xu"))
 
 
 def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
