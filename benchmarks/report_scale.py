@@ -167,9 +167,10 @@ def write_report(res: dict, out: Path) -> None:
                  f"{m['numpy']}, scipy {m['scipy']}, numba {m['numba']}, dask {m['dask']}; "
                  + ("`OPENBLAS_CORETYPE` / `OPENBLAS_L2_SIZE` not set in this environment"
                  if not m["OPENBLAS_CORETYPE"] else f"`OPENBLAS_CORETYPE={m['OPENBLAS_CORETYPE']}` (left as set)")
-                 + f". Date {m['date_utc']}; load average at that time {_load(m['loadavg'])} (other jobs "
-                 "ran on the same 2 cores during all of these measurements: every figure below is a "
-                 "measurement on a shared, loaded machine, with the load average recorded next to it).")
+                 + f". Date {m['date_utc']}; load average at that time {_load(m['loadavg'])}.  Every figure "
+                 "below has the load average of its run beside it: benchmarks run one at a time, and a load of "
+                 "1-2 on these 2 cores comes from the benchmark's own processes (client, scheduler, workers); "
+                 "the machine is a shared virtual one, so compare ratios measured in the same run, not seconds.")
         g = gemm["gemm"]
         L.append(f"float64 GEMM rate, n = {g['n']}, 1 BLAS thread (threadpoolctl), median of {g['repeats']}: "
                  f"**{g['gflops']:.1f} GFLOP/s** (each benchmark re-measures it in its own process; its ratios use "
@@ -218,7 +219,7 @@ def write_report(res: dict, out: Path) -> None:
                  "engine's threads scheduler, 2 threads = both cores); one BLAS thread per task; time = plan (layer "
                  "bounds in the client) + run; median of the repeats. FLOPs: the GEMM FLOPs actually issued by the "
                  "method (counted by wrapping its GEMM helpers `panel_matmul` / `tile_matmul`; elementwise numba "
-                 "passes not counted); the plan's a-priori estimate (an upper bound) beside it. GFLOP/s = counted "
+                 "passes not counted); the plan's a-priori estimate (before the per-row masks) beside it. GFLOP/s = counted "
                  "FLOPs / summed task time.")
         L.append("")
         L.append("| method | radius | total (median) | layer bounds | run | tasks | GFLOP counted (plan) | GFLOP/s | "
@@ -312,15 +313,15 @@ def write_report(res: dict, out: Path) -> None:
              "almost every entry of the first state has an unknown sign, so nearly every neuron falls into Term I "
              "(Eq. 14-15) and the recursion stops after one level. At the 5% radius the same happens deep in the "
              "chain: the shared variant multiplies each row only on its non-zero per-row factors, so F0 issues 0.5 "
-             "TFLOP where the plan's dense upper bound is 81 TFLOP, and steps 2-8 of F0 / F1 spend most of their "
-             "time in the elementwise numba passes (not counted): they are not GEMM-bound. Step 1 (two tiled "
+             "TFLOP where the plan's estimate before the per-row masks is 4.2 TFLOP, and steps 2-8 of F0 / F1 spend most of their "
+             "time in the elementwise numba passes (not counted): they are not GEMM-bound. Step 1 (three tiled "
              "products) is; `results/gemm_share.md` measures, per step, the share of time inside GEMM calls and the "
              "rate inside them. The last step has one column (the selected logit).")
     L.append("")
     L.append("`threads ×2` vs 1 core: compare the complete runs above (same job, one process; the loads are "
              "recorded beside them). The estimates for more workers assume workers as fast as the sampled process; "
              "a sampled row block computes every step's shared factors itself (a full run computes them once per "
-             "worker process, 0.7 s in all for F0), so they are slight upper figures.")
+             "worker process), so they are slight upper figures.")
     L.append("")
     w = {k: v for k, v in res.items() if k.startswith("workers-")}
     for k, v in w.items():
