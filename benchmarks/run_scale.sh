@@ -34,7 +34,7 @@ run full-b-r2 600 full --method recurjac-b --radius 2 --repeats 2
 run full-fastlip-r0-fastlin 900 full --method fastlip --radius 0 --repeats 3 --layer-bounds fastlin
 run full-b-r0-fastlin 900 full --method recurjac-b --radius 0 --repeats 3 --layer-bounds fastlin
 run sparse 600 sparse
-echo "$(date -u +%H:%M:%S) start gemm-share"; timeout 900 python benchmarks/bench_gemm_share.py > "$LOG/gemm-share.log" 2>&1
+echo "$(date -u +%H:%M:%S) start gemm-share"; timeout 900 python benchmarks/bench_gemm_share.py --method recurjac-f0 --method recurjac-f1 --method recurjac-b > "$LOG/gemm-share.log" 2>&1
 run workers-f0-whole 1500 workers --method recurjac-f0 --radius 0 --blocks 100000 --repeats 3
 run workers-f0-whole-dask-malloc 1500 workers --method recurjac-f0 --radius 0 --blocks 100000 --repeats 2 --dask-malloc
 # Out-of-core and the pruned twin have their own scripts (results/scale_ooc.md, results/sparse_kernels.md):
