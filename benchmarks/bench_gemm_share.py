@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Where the time of the RecurJac forward steps goes: the share of each layer step's task time spent inside GEMM
+"""Where the time of the RecurJac layer steps goes (F0, F1, B): the share of each layer step's task time spent inside GEMM
 calls, and the rate inside those calls against the machine's GEMM rate measured in the same run.
 
 Since the shared variant multiplies each row only on its non-zero per-row factors, most steps of F0 / F1 at the 5%
@@ -91,7 +91,7 @@ def measure(method: str, radius: int) -> dict:
 
 
 def report(results: list[dict]) -> str:
-    L = ["## Where the forward steps' time goes (GEMM share)", ""]
+    L = ["## Where the RecurJac steps' time goes (GEMM share)", ""]
     if results:
         m = results[0]["machine"]
         L.append(f"Measured {m['date_utc'][:16].replace('T', ' ')} UTC, load average {m['loadavg'][0]:.2f} at the "
@@ -117,7 +117,7 @@ def report(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", action="append", help="recurjac-f0 / recurjac-f1 (repeatable; default both)")
+    ap.add_argument("--method", action="append", help="recurjac-f0 / recurjac-f1 / recurjac-b (repeatable; default F0 and F1)")
     ap.add_argument("--radius", type=int, default=0, help="radius index (0: 5%%, 1: 30%%, 2: 100%%)")
     args = ap.parse_args()
     results = []
