@@ -309,11 +309,15 @@ def write_report(res: dict, out: Path) -> None:
                      f"{_s(e['critical_path_s'])} | " + " | ".join(cells) + " |")
         L.append("")
 
+    f0 = res.get("full-recurjac-f0-r0") or {}
+    issued = (f"F0 issues {f0['flops'] / 1e12:.1f} TFLOP where the plan's estimate before the per-row masks is "
+              f"{f0['flops_plan'] / 1e12:.1f} TFLOP") if f0.get("flops") and f0.get("flops_plan") else (
+              "F0 issues far fewer FLOPs than the plan's estimate before the per-row masks")
     L.append("Reading the GFLOP/s: the counted FLOPs are the GEMMs actually issued. At the 30% and 100% radii "
              "almost every entry of the first state has an unknown sign, so nearly every neuron falls into Term I "
              "(Eq. 14-15) and the recursion stops after one level. At the 5% radius the same happens deep in the "
-             "chain: the shared variant multiplies each row only on its non-zero per-row factors, so F0 issues 0.5 "
-             "TFLOP where the plan's estimate before the per-row masks is 4.2 TFLOP, and steps 2-8 of F0 / F1 spend most of their "
+             f"chain: the shared variant multiplies each row only on its non-zero per-row factors, so {issued}, "
+             "and steps 2-8 of F0 / F1 spend most of their "
              "time in the elementwise numba passes (not counted): they are not GEMM-bound. Step 1 (three tiled "
              "products) is; `results/gemm_share.md` measures, per step, the share of time inside GEMM calls and the "
              "rate inside them. The last step has one column (the selected logit).")
