@@ -411,3 +411,33 @@ def test_shared_workspaces_are_per_thread_and_results_unchanged(method, monkeypa
     R = chain.n_rows
     bound = max(shape.work_bytes(t, R, chain.widths[t]) for t in range(2, chain.n_steps + 1))
     assert max(sum(b.nbytes for b in p.values()) for p in pools.values()) <= bound
+
+
+def test_workspaces_of_ended_threads_are_dropped(monkeypatch):
+    """A chain kept across runs whose thread pools are recreated holds buffers for the live threads only: a new
+    thread's first block drops the pools of threads that have ended."""
+    import threading
+
+    import recurjac_scale.jacobian.recurjac as rj
+
+    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)
+    net, x0, lb, db = _setup("relu", [10, 16, 14, 12, 12, 4], 0.01, math.inf, np.random.default_rng(1))
+    jm = get_jacobian_method("recurjac-f0")
+    chain = jm.build_chain(net, db)
+    ref = run_chain(jm, chain)[:2]
+    idents = []
+
+    def work():
+        idents.append(threading.get_ident())
+        lo, up = run_chain(jm, chain, row_block=3, col_block=4)[:2]
+        assert np.array_equal(lo, ref[0]) and np.array_equal(up, ref[1])
+
+    for _ in range(3):  # one thread after the other, as pools recreated run after run
+        th = threading.Thread(target=work)
+        th.start()
+        th.join()
+    pools = chain.memo()["workspace"]
+    alive = {t.ident for t in threading.enumerate()}
+    assert set(pools) <= alive | {idents[-1]}
+    assert threading.get_ident() in pools and idents[-1] in pools
+    assert len(pools) == 2

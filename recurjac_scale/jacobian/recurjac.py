@@ -100,9 +100,20 @@ of the blocking."""
 
 def _thread_workspace(chain: Chain) -> dict:
     """This thread's workspace pool on ``chain`` (:func:`_workspace`): kept in the chain's memo, so buffers are
-    reused by every task that runs on the chain object in this thread and freed with it."""
-    pools = chain.memo().setdefault("workspace", {})
-    return pools.setdefault(threading.get_ident(), {})  # (dict.setdefault is atomic)
+    reused by every task that runs on the chain object in this thread and freed with it.  A thread's first call
+    drops the pools of threads that have ended (a chain kept across runs whose thread pools are recreated would
+    otherwise hold one set of buffers per dead thread)."""
+    memo = chain.memo()
+    pools = memo.setdefault("workspace", {})
+    me = threading.get_ident()
+    pool = pools.get(me)
+    if pool is None:
+        with memo.setdefault("_lock", threading.Lock()):
+            alive = {t.ident for t in threading.enumerate()}
+            for ident in [i for i in pools if i not in alive]:
+                del pools[ident]
+            pool = pools.setdefault(me, {})
+    return pool
 
 
 def _workspace(ws, shape: tuple, dtype) -> np.ndarray:
