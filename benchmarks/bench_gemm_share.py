@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Where the time of the RecurJac layer steps goes (F0, F1, B): the share of each layer step's task time spent inside GEMM
-calls, and the rate inside those calls against the machine's GEMM rate measured in the same run.
+"""Where the time of the RecurJac layer steps goes (F0, F1, B): the share of each layer step's task time spent
+inside GEMM calls, and the rate inside those calls against the machine's GEMM rate measured in the same run.
 
 Since the shared variant multiplies each row only on its non-zero per-row factors, most steps of F0 / F1 at the 5%
 radius do little GEMM work and spend their time in the elementwise passes (Term I, the sign rules); this tells
@@ -117,7 +117,8 @@ def report(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--method", action="append", help="recurjac-f0 / recurjac-f1 / recurjac-b (repeatable; default F0 and F1)")
+    ap.add_argument("--method", action="append",
+                    help="recurjac-f0 / recurjac-f1 / recurjac-b (repeatable; default F0 and F1)")
     ap.add_argument("--radius", type=int, default=0, help="radius index (0: 5%%, 1: 30%%, 2: 100%%)")
     args = ap.parse_args()
     results = []

@@ -21,7 +21,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "gather_rows", "exact_dot_rows", "no_add", "ensure_compiled"]
+__all__ = [
+    "prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "gather_rows", "exact_dot_rows", "no_add",
+    "ensure_compiled",
+]
 
 
 @numba.njit(nogil=True, cache=True)
