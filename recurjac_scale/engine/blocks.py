@@ -127,7 +127,9 @@ class ChainShape:
         live_s`` per entry, s = t..2; step 1 and the top are the midpoint-radius products (``2 * 2 live_1``);
         the magnitude chain adds ``2 d_t``.  Interval (Fast-Lip): centre, radius and magnitude products,
         ``3 * 2 d_t``.  ``live=False`` counts every neuron (dense worst case).  Per-row masks (Term I neurons)
-        are known only at run time: the estimate counts them as expanded, so it bounds the work from above.
+        are known only at run time: the estimate counts them as expanded (the work issued is usually far lower,
+        but a mostly uncompacted product recomputes its few compacted rows, so it is not a strict bound; padding of
+        the GEMM panels is not counted either).
         A level that runs sparse (:attr:`level_nnz`) counts its stored entries instead of ``rows x columns``: its
         level GEMM ``2 * 2 nnz_live`` (``nnz`` when ``live=False``), its panel products (step 1, magnitude chain,
         Fast-Lip) ``nnz / d_{t+1}`` per entry instead of ``d_t``.
