@@ -348,6 +348,93 @@ def test_recursion_skips_structural_zeros_row_by_row(variant, method, fraction, 
     assert ((J >= res.lower) & (J <= res.upper)).all()
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_panel_products_skip_dead_and_stable_neurons(method, rng, monkeypatch):
+    """The panel products (step 1 of RecurJac, the magnitude chain, Fast-Lip) multiply only the neurons whose
+    terms can be non-zero: the live ones (``du > 0``), and for the radius of RecurJac's step 1 the unstable ones
+    (``dl < du``).  Every such product has exactly that inner length; the results equal the products over all
+    neurons up to the rounding allowance, contain the exact Jacobian, and stay bitwise blocking-invariant."""
+    import recurjac_scale.jacobian.chain as ch
+    import recurjac_scale.jacobian.fastlip as fl
+    import recurjac_scale.jacobian.recurjac as rj
+    from recurjac_scale.layer_bounds import Region
+    from recurjac_scale.testing import sample_region
+
+    eps = 0.01
+    net, x0, lb, db = _setup("relu", [10, 16, 14, 12, 12, 4], eps, math.inf, np.random.default_rng(11))
+    jm = get_jacobian_method(method)
+    chain = jm.build_chain(net, db)
+    forward = method in ("recurjac-f0", "recurjac-f1")
+    T = chain.n_steps
+    live = [ch.live_neurons(chain, t).size for t in range(1, T + 1)]
+    unst = [ch.unstable_neurons(chain, t).size for t in range(1, T + 1)]
+    widths = [d.size for d in chain.du]
+    assert all(n < d for n, d in zip(live, widths)), "every level of the test chain must have dead neurons"
+    if forward:
+        assert 0 < unst[0] < live[0], "level 1 must have unstable and stable live neurons"
+    if chain.finish_mat is not None:  # F1's finish: W(1)ᵀ on the live neurons of layer 1
+        n_1 = chain.finish_du.size
+        live.append(int((chain.finish_du > 0).sum()))
+        widths.append(n_1)
+        assert live[-1] < n_1
+    inner = []
+    tile = ch.tile_matmul
+
+    def recording(A, B, *a, **k):  # panel_products' dense products go through chain.tile_matmul
+        inner.append(B.shape[0])
+        return tile(A, B, *a, **k)
+
+    monkeypatch.setattr(ch, "tile_matmul", recording)
+    lower, upper, states = run_chain(jm, chain)
+    assert inner, "the panel products must have run"
+    allowed = set(live) | ({unst[0]} if method.startswith("recurjac") else set())
+    assert set(inner) <= allowed, (sorted(set(inner)), live, unst)
+    assert not set(inner) & (set(widths) - allowed), "a product ran over every neuron of a level with dead ones"
+    if forward:
+        assert unst[0] in inner, "step 1's radius product runs over the unstable neurons"
+    # reference: every neuron multiplied (the dead and stable terms as explicit zeros)
+    everyone = lambda chain, t: np.arange(chain.du[t - 1].size)  # noqa: E731
+    for mod in (rj, fl):
+        monkeypatch.setattr(mod, "live_neurons", everyone)
+    monkeypatch.setattr(rj, "unstable_neurons", everyone)
+    ref_lo, ref_up, ref_states = run_chain(jm, chain)
+    scale = 1.0 + np.abs(ref_states[-1]["mag"]).max()
+    np.testing.assert_allclose(lower, ref_lo, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(upper, ref_up, rtol=0, atol=1e-12 * scale)
+    np.testing.assert_allclose(states[-1]["mag"], ref_states[-1]["mag"], rtol=1e-12, atol=0)
+    monkeypatch.undo()
+    for rb, cb in ((1, 1), (3, 2), (7, 5)):
+        l2, u2, _ = run_chain(jm, chain, row_block=rb, col_block=cb)
+        assert np.array_equal(lower, l2) and np.array_equal(upper, u2), (rb, cb)
+    res = jacobian_bounds(net, x0, eps, method=method, layer_bounds=lb)
+    J = net.jacobian(sample_region(Region.of(net, x0, eps), 2000, rng))
+    assert ((J >= res.lower) & (J <= res.upper)).all()
+
+
+def test_panel_products_keep_an_overflowed_dead_neuron_out_of_the_sum():
+    """A left factor that overflowed (inf) on a neuron outside ``keep`` is not multiplied (``inf * 0`` = NaN in
+    the product over every neuron); with a pruned level too."""
+    import recurjac_scale.jacobian.chain as ch
+
+    rng = np.random.default_rng(3)
+    net, x0, lb, db = _setup("relu", [6, 9, 8, 3], 0.05, math.inf, rng)
+    chain = get_jacobian_method("recurjac-f0").build_chain(net, db)
+    V = rng.standard_normal((9, 5))
+    keep = np.array([0, 2, 3, 7])
+    A = rng.standard_normal((4, 9))
+    A[:, 1] = np.inf
+    pruned = chain.with_sparse(math.inf)
+    assert ch.level_is_sparse(pruned, 1) and not ch.level_is_sparse(chain, 1)
+    for c in (chain, pruned):
+        got, got_abs = ch.panel_products(c, 1, V, (A[:, keep], False, keep), (A[:, keep], True, keep))
+        assert np.isfinite(got).all() and np.isfinite(got_abs).all()
+        np.testing.assert_allclose(got, A[:, keep] @ V[keep], rtol=1e-14, atol=1e-14)
+        np.testing.assert_allclose(got_abs, A[:, keep] @ np.abs(V[keep]), rtol=1e-14, atol=1e-14)
+        empty = np.zeros(0, dtype=np.int64)
+        (z,) = ch.panel_products(c, 1, V, (A[:, empty], False, empty))
+        assert z.shape == (4, 5) and not z.any()
+
+
 @pytest.mark.parametrize("method", ["recurjac-f0", "recurjac-f1"])
 def test_row_tile_is_a_chain_constant_and_results_stay_blocking_invariant(method, rng):
     """A chain with many rows multiplies its row blocks on larger row tiles (``Chain.row_tile``, from the chain's

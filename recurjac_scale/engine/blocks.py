@@ -105,15 +105,16 @@ class ChainShape:
             return float(nz[1] if live else nz[0])
         return float(d_live[t - 1] * d_live[t])
 
-    def _panel_entries(self, t: int) -> float:
+    def _panel_entries(self, t: int, live: bool = True) -> float:
         """Multiply-adds per state entry of a product of a row with a column of the panel ``M_t[:, cols]`` (step 1,
-        magnitude chain, Fast-Lip): ``d_t`` dense, the average stored entries per column (``nnz / d_{t+1}``)
+        magnitude chain, Fast-Lip): ``live_t`` dense (dead neurons are not multiplied; ``d_t`` when
+        ``live=False``), the average stored entries per column (``nnz / d_{t+1}``, counting the dead rows too)
         sparse."""
         nz = self._nnz(t)
         d = self.widths
         if nz is not None:
             return float(nz[0]) / max(1, d[t])
-        return float(d[t - 1])
+        return float(self.live[t - 1] if live and self.live else d[t - 1])
 
     def prior_steps(self, t: int) -> tuple[int, ...]:
         """Earlier stored steps (>= 1) a task of step ``t`` reads."""
@@ -124,9 +125,9 @@ class ChainShape:
 
         Recursive (ALGORITHM.md, "Cost"; recurjac_scale.jacobian.recurjac): level ``s`` of a row's recursion is
         one GEMM ``M_{s-1}[alive_{s-1}, alive_s] @ X`` for both chains (upper, lower): ``2 * 2 live_{s-1}
-        live_s`` per entry, s = t..2; step 1 and the top are the midpoint-radius products (``2 * 2 live_1``);
-        the magnitude chain adds ``2 d_t``.  Interval (Fast-Lip): centre, radius and magnitude products,
-        ``3 * 2 d_t``.  ``live=False`` counts every neuron (dense worst case).  Per-row masks (Term I neurons)
+        live_s`` per entry, s = t..2; the top is ``2 * 2 live_1``, step 1 the midpoint-radius products (``2 (live_1 +
+        unstable_1)``); the magnitude chain adds ``2 live_t``.  Interval (Fast-Lip): centre, radius and magnitude
+        products, ``3 * 2 live_t``.  ``live=False`` counts every neuron (dense worst case).  Per-row masks (Term I neurons)
         are known only at run time: the estimate counts them as expanded (the work issued is usually far lower,
         but a mostly uncompacted product recomputes its few compacted rows, so it is not a strict bound; padding of
         the GEMM panels is not counted either).
@@ -141,15 +142,17 @@ class ChainShape:
         d = self.widths
         n_live = (*(self.live if live else d[: self.n_steps]), d[self.n_steps])
         if self.depth == "interval":
-            return 3.0 * 2.0 * self._panel_entries(t)
+            return 3.0 * 2.0 * self._panel_entries(t, live)
         if live and block is not None and t >= 2 and self.shares and self.shares[t - 1]:
             return self._shared_flops_per_entry(t, *block) + 2.0 * self._panel_entries(t)
         gemm = sum(2.0 * 2.0 * self._entries(s - 1, live=live, d_live=n_live) for s in range(2, t + 1))
         if t == 1 and self._nnz(1) is not None:
             top = 2.0 * 2.0 * self._panel_entries(1)
+        elif t == 1:  # centre over the live neurons, radius over the unstable ones
+            top = 2.0 * (n_live[0] + (self._unstable(1) if live else d[0]))
         else:
             top = 2.0 * 2.0 * n_live[0]
-        return gemm + top + 2.0 * self._panel_entries(t)
+        return gemm + top + 2.0 * self._panel_entries(t, live)
 
     def _shared_flops_per_entry(self, t: int, rows: int, cols: int) -> float:
         """GEMM FLOPs per state entry of step ``t`` run with sharing across rows

@@ -92,6 +92,8 @@ __all__ = [
     "level_is_sparse",
     "panel_csr_t",
     "panel_products",
+    "live_neurons",
+    "unstable_neurons",
     "finish_products",
     "sparse_chain",
     "stored_sparse_layers",
@@ -740,9 +742,28 @@ def _csr_times_dense_t(B, A: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(out).T)
 
 
+def live_neurons(chain: Chain, t: int) -> np.ndarray:
+    """Indices of the neurons of level ``t`` with ``du > 0`` (the others are dead: every product through them is an
+    exact zero).  Depends on the chain alone."""
+    return np.flatnonzero(chain.du[t - 1] > 0)
+
+
+def unstable_neurons(chain: Chain, t: int) -> np.ndarray:
+    """Indices of the neurons of level ``t`` with ``dl < du`` (the derivative interval has a radius).  Depends on the
+    chain alone."""
+    return np.flatnonzero(chain.dl[t - 1] < chain.du[t - 1])
+
+
 def panel_products(chain: Chain, t: int, V: np.ndarray, *lefts) -> list:
-    """``A @ V`` (or ``A @ |V|``) for each ``(A, absolute)`` in ``lefts``: the products of a step with its column
-    panel ``V = M_t[:, cols]`` (step 1 of RecurJac, the magnitude chain, Fast-Lip).
+    """``A @ V[keep]`` (or ``A @ |V[keep]|``) for each ``(A, absolute, keep)`` in ``lefts``: the products of a step
+    with its column panel ``V = M_t[:, cols]`` (step 1 of RecurJac, the magnitude chain, Fast-Lip).
+
+    ``keep`` selects the neurons of level ``t`` that take part (:func:`live_neurons`, :func:`unstable_neurons`): the
+    caller's terms on the other neurons are exact zeros (a factor ``du = 0`` or ``du - dl = 0``), so they are not
+    multiplied.  Dropping an exact-zero term leaves the real-number sum unchanged and the summation shorter (the
+    allowances, written for ``d_t`` terms, cover it); ``keep`` depends on the chain alone, so the result stays
+    independent of the blocking.  It also keeps an overflowed (infinite) left factor of a dead neuron out of the sum
+    (``inf * 0`` would be NaN).
 
     Parameters
     ----------
@@ -750,46 +771,69 @@ def panel_products(chain: Chain, t: int, V: np.ndarray, *lefts) -> list:
     t : int
         The level whose panel ``V`` is (``1 <= t <= T``).
     V : ndarray, shape (d_t, c)
-    lefts : (ndarray (R_blk, d_t), bool) pairs
+    lefts : ``(A, absolute)`` or ``(A, absolute, keep)``
+        ``A`` of shape ``(R_blk, d_t)``, or ``(R_blk, keep.size)`` with ``keep`` an index array of level-``t``
+        neurons.
 
     Returns
     -------
     list of ndarray, shape (R_blk, c)
         Dense levels: :func:`tile_matmul` (fixed tiles, as before).  A pruned level (:func:`level_is_sparse`):
-        ``Vᵀ`` (or ``|V|ᵀ``) as CSR times ``Aᵀ`` (section comment above: fixed-order sums of at most ``d_t`` terms,
-        so bitwise blocking-invariant and covered by the dense rounding allowance); the panel is converted once
-        for all products.
+        ``V[keep]ᵀ`` (or ``|V[keep]|ᵀ``) as CSR times ``Aᵀ`` (section comment above: fixed-order sums of at most
+        ``d_t`` terms, so bitwise blocking-invariant and covered by the dense rounding allowance); each operand is
+        converted once for all products.
     """
-    if not level_is_sparse(chain, t):
-        absV = None
-        out = []
-        for A, absolute in lefts:
-            if absolute and absV is None:
-                absV = np.abs(V)
-            out.append(tile_matmul(A, absV if absolute else V, chain.panel, chain.row_tile))
-        return out
-    Bt = panel_csr_t(V)
-    absBt = None
+    sparse = level_is_sparse(chain, t)
+    d = V.shape[0]
+    operands: dict = {}
+
+    def operand(keep, absolute):
+        key = (None if keep is None else id(keep), absolute)
+        if key not in operands:
+            Vk = V if keep is None else np.ascontiguousarray(V[keep])
+            if sparse:
+                raw = (key[0], "csr")
+                if raw not in operands:
+                    operands[raw] = panel_csr_t(Vk)
+                operands[key] = abs(operands[raw]) if absolute else operands[raw]
+            else:
+                operands[key] = np.abs(Vk) if absolute else Vk
+        return operands[key]
+
     out = []
-    for A, absolute in lefts:
-        if absolute and absBt is None:
-            absBt = abs(Bt)
-        out.append(_csr_times_dense_t(absBt if absolute else Bt, np.asarray(A)))
+    for left in lefts:
+        A, absolute = left[0], left[1]
+        keep = left[2] if len(left) > 2 else None
+        if keep is not None and keep.size == d:
+            keep = None  # every neuron: the same product as without a selection
+        if keep is not None and keep.size == 0:
+            out.append(np.zeros((A.shape[0], V.shape[1]), dtype=np.result_type(A.dtype, V.dtype)))
+            continue
+        B = operand(keep, absolute)
+        if sparse:
+            out.append(_csr_times_dense_t(B, np.asarray(A)))
+        else:
+            out.append(tile_matmul(A, B, chain.panel, chain.row_tile))
     return out
 
 
-def finish_products(chain: Chain, *rights) -> list:
+def finish_products(chain: Chain, *rights, keep: np.ndarray | None = None) -> list:
     """``W(1)ᵀ @ B`` (or ``|W(1)ᵀ| @ B``) for each ``(B, absolute)`` in ``rights``: the F1 finish (``B`` of shape
-    ``(n_1, m)``, the result ``(n_0, m)``).
+    ``(n_1, m)``, or ``(keep.size, m)`` on the layer-1 neurons ``keep``; the result ``(n_0, m)``).
 
-    Dense: :func:`tile_matmul` on ``W(1)ᵀ``.  Pruned first layer (:attr:`Chain.sparse_finish`): CSR ``W(1)ᵀ`` times
+    Dense: :func:`tile_matmul` on ``W(1)ᵀ`` (its columns ``keep``: the caller's terms on the other neurons are exact
+    zeros, as in :func:`panel_products`).  Pruned first layer (:attr:`Chain.sparse_finish`): CSR ``W(1)ᵀ`` times
     the dense ``B``; entry ``[k, i]`` sums the stored entries of row ``k`` (column ``k`` of ``W(1)``, at most ``n_1``
     terms) in index order, independent of the other columns of ``B`` (blocking-invariant, covered by the dense
     rounding allowance of :func:`recurjac_scale.jacobian.methods.finish_chain`).
     """
     S = chain.sparse_finish
+    n_1 = int(chain.finish_mat.shape[0]) if S is None else int(S.shape[1])
+    if keep is not None and keep.size == n_1:
+        keep = None
     if S is None:
-        W1T = np.ascontiguousarray(np.asarray(chain.finish_mat, dtype=chain.dtype).T)
+        W1T = np.asarray(chain.finish_mat, dtype=chain.dtype).T
+        W1T = np.ascontiguousarray(W1T if keep is None else W1T[:, keep])
         absW1T = None
         out = []
         for B, absolute in rights:
@@ -797,6 +841,21 @@ def finish_products(chain: Chain, *rights) -> list:
                 absW1T = np.abs(W1T)
             out.append(tile_matmul(absW1T if absolute else W1T, B, chain.panel, chain.row_tile))
         return out
+    if keep is not None:
+        S = _sp.csr_array(S[:, keep])
+        S.sort_indices()
+    absS = None
+    out = []
+    for B, absolute in rights:
+        if absolute and absS is None:
+            absS = abs(S)
+        M = absS if absolute else S
+        B = np.ascontiguousarray(B)
+        if M.shape[0] == 0 or B.shape[1] == 0:
+            out.append(np.zeros((M.shape[0], B.shape[1]), dtype=np.result_type(M.dtype, B.dtype)))
+        else:
+            out.append(np.ascontiguousarray(np.asarray(M @ B)))
+    return out
     absS = None
     out = []
     for B, absolute in rights:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chain import Chain, panel_products, widen_outward, widening
+from .chain import Chain, live_neurons, panel_products, widen_outward, widening
 
 __all__ = ["fastlip_step", "interval_hull"]
 
@@ -63,14 +63,16 @@ def fastlip_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
     prev = priors[t - 1]
     L = np.asarray(prev["lower"], dtype=dt)
     U = np.asarray(prev["upper"], dtype=dt)
-    dl, du = chain.dl[t - 1], chain.du[t - 1]
-    zl, zu = interval_hull(L, U, dl[None, :], du[None, :])
+    # Dead neurons (du = 0) have Z = [0, 0]: only the live ones are multiplied (chain.panel_products).
+    live = live_neurons(chain, t)
+    dl, du = chain.dl[t - 1][live], chain.du[t - 1][live]
+    zl, zu = interval_hull(L[:, live], U[:, live], dl[None, :], du[None, :])
     mid = 0.5 * (zl + zu)
     rad = 0.5 * (zu - zl)
     # The three products with V (centre, radius, magnitude chain ``mag_{t-1} D(du) |V|``, as magnitude_step):
     # dense fixed tiles, or sparse x dense for a pruned level (chain.panel_products; <= d_t terms per entry).
-    mag_in = np.asarray(prev["mag"], dtype=dt) * du[None, :]
-    center, radius, mag = panel_products(chain, t, V, (mid, False), (rad, True), (mag_in, True))
+    mag_in = np.asarray(prev["mag"], dtype=dt)[:, live] * du[None, :]
+    center, radius, mag = panel_products(chain, t, V, (mid, False, live), (rad, True, live), (mag_in, True, live))
     # Local error only (L, U are certified floats): the hull products, mid/rad, and one GEMM of length d_t, each
     # term dominated by du |L or U| |V| <= mag_t (up to the earlier widening, covered by the factor 2 in gamma).
     w = widening(chain, t, mag, n=V.shape[0] + 8 + (0 if chain.dtype == np.float64 else 8))

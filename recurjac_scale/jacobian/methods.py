@@ -41,15 +41,16 @@ def finish_chain(chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
             return L, U
         return np.ascontiguousarray(L.T), np.ascontiguousarray(U.T)
     n_1 = int(chain.finish_mat.shape[0])  # W(1): (n_1, n_0)
-    dl, du = chain.finish_dl, chain.finish_du
-    zl, zu = interval_hull(L, U, dl[:, None], du[:, None])  # (n_1, m): bounds of sigma'_r Y[:, r]^T
+    # Dead neurons of layer 1 (du = 0) have the hull [0, 0]: only the live ones are multiplied.
+    live = np.flatnonzero(chain.finish_du > 0)
+    dl, du = chain.finish_dl[live], chain.finish_du[live]
+    zl, zu = interval_hull(L[live], U[live], dl[:, None], du[:, None])  # (live, m): bounds of sigma'_r Y[:, r]^T
     mid = 0.5 * (zl + zu)
     rad = 0.5 * (zu - zl)
     # (n_0, m) each: W(1)ᵀ mid, |W(1)ᵀ| rad, |W(1)ᵀ| D(du) mag_T; dense fixed tiles, or CSR W(1)ᵀ x dense for a
     # pruned first layer (chain.finish_products: fixed-order sums of <= n_1 terms, same allowance).
-    center, radius, mag = finish_products(
-        chain, (mid, False), (rad, True), (du[:, None] * np.asarray(state["mag"], dtype=chain.dtype), True)
-    )
+    mag_in = du[:, None] * np.asarray(state["mag"], dtype=chain.dtype)[live]
+    center, radius, mag = finish_products(chain, (mid, False), (rad, True), (mag_in, True), keep=live)
     # Local error only (L, U are certified floats): hull products, mid/rad, one GEMM of length n_1.
     n = n_1 + 16 + (0 if chain.dtype == np.float64 else 8)
     g = gamma(n, chain.dtype)

@@ -40,7 +40,16 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import kernels
-from .chain import Chain, panel_matmul, panel_products, tile_matmul, widen_outward, widening
+from .chain import (
+    Chain,
+    live_neurons,
+    panel_matmul,
+    panel_products,
+    tile_matmul,
+    unstable_neurons,
+    widen_outward,
+    widening,
+)
 
 __all__ = ["recurjac_step", "magnitude_step"]
 
@@ -84,11 +93,12 @@ def magnitude_step(chain: Chain, t: int, V: np.ndarray, mag_prev: np.ndarray) ->
     """``mag_t = mag_{t-1} D(du_t) |V|`` for a block, shape ``(R_blk, c)`` (``V`` shared ``(d_t, c)`` or per row
     ``(R_blk, d_t, c)``).  A shared panel of a pruned level is multiplied sparse (:func:`panel_products`)."""
     du = chain.du[t - 1]
-    A = mag_prev * du[None, :]
+    live = live_neurons(chain, t)  # dead neurons (du = 0) add exact zeros: not multiplied
+    A = mag_prev[:, live] * du[None, live]
     if V.ndim == 2:
-        return panel_products(chain, t, V, (A, True))[0]
+        return panel_products(chain, t, V, (A, True, live))[0]
     out = np.empty((V.shape[0], V.shape[2]), dtype=chain.dtype)
-    kernels.perrow_abs_matmul(np.ascontiguousarray(A), np.ascontiguousarray(V), out)
+    kernels.perrow_abs_matmul(np.ascontiguousarray(A), np.ascontiguousarray(V[:, live, :]), out)
     return out
 
 
@@ -591,11 +601,15 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
         return {"lower": z, "upper": z.copy(), "mag": mag}
 
     if t == 1 and not perrow:
-        # P_0 = M_0 exact: max/min over sigma in [dl, du] of A D(sigma) V = A D(mid) V ± |A| D(rad) |V| (Eq. 10-11).
-        mid = 0.5 * (dl_t + du_t)
-        rad = 0.5 * (du_t - dl_t)
-        # (sparse x dense when level 1 is pruned: fixed-order sums of <= d_1 terms, see chain.panel_products)
-        center, radius = panel_products(chain, t, V, (A * mid[None, :], False), (np.abs(A) * rad[None, :], True))
+        # P_0 = M_0 exact: max/min over sigma in [dl, du] of A D(sigma) V = A D(mid) V ± |A| D(rad) |V| (Eq. 10-11),
+        # the centre over the live neurons (mid = 0 on dead ones), the radius over the unstable ones (rad = 0 on the
+        # others).  (Sparse x dense when level 1 is pruned: fixed-order sums of <= d_1 terms, chain.panel_products.)
+        live, unst = live_neurons(chain, t), unstable_neurons(chain, t)
+        mid = 0.5 * (dl_t[live] + du_t[live])
+        rad = 0.5 * (du_t[unst] - dl_t[unst])
+        center, radius = panel_products(
+            chain, t, V, (A[:, live] * mid[None, :], False, live), (np.abs(A[:, unst]) * rad[None, :], True, unst)
+        )
         upper = center + radius
         lower = center - radius
     else:
