@@ -508,6 +508,38 @@ def test_blas_is_single_threaded_inside_tasks(small, monkeypatch, scheduler):
     assert seen and all(s == {1} for s in seen), seen
 
 
+def test_blas_limit_is_restored_and_its_library_scan_reused(monkeypatch):
+    """``blas_single_thread`` restores the previous BLAS thread count when the last task leaves, and scans the
+    loaded libraries once (a cached ``ThreadpoolController``) until a module is imported, then again (a BLAS
+    library loaded by the new import is limited too)."""
+    import sys
+    import types
+
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    from recurjac_scale.engine import schedulers
+
+    def blas_threads():
+        return {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"}
+
+    np.ones((4, 4)) @ np.ones((4, 4))  # BLAS loaded
+    with threadpool_limits(limits=2, user_api="blas"):
+        assert blas_threads() == {2}
+        with schedulers.blas_single_thread():
+            assert blas_threads() == {1}
+            first = schedulers._controller
+            with schedulers.blas_single_thread():  # nested (a second task of the pool): still one thread
+                assert blas_threads() == {1}
+            assert blas_threads() == {1}
+        assert blas_threads() == {2}
+        with schedulers.blas_single_thread():
+            assert schedulers._controller is first
+        monkeypatch.setitem(sys.modules, "_recurjac_test_new_module", types.ModuleType("_recurjac_test_new_module"))
+        with schedulers.blas_single_thread():
+            assert schedulers._controller is not first and blas_threads() == {1}
+        assert blas_threads() == {2}
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_task_memory_estimate_bounds_the_measured_peak(method, rng):
     """The plan's per-task memory (kernel work + output) is not below what a task really allocates

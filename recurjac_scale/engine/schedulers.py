@@ -38,6 +38,22 @@ WORKER_ENV = dict(THREAD_ENV)
 _limit_lock = threading.Lock()
 _limit_depth = 0
 _limit_restore = None
+_controller = None
+_controller_modules = -1
+
+
+def _blas_controller():
+    """The process's ``threadpoolctl.ThreadpoolController`` (the scan of the loaded libraries costs milliseconds,
+    once per task otherwise), rebuilt whenever a module was imported since: a BLAS or OpenMP library loaded by a
+    new import is then found too.  Call with ``_limit_lock`` held."""
+    global _controller, _controller_modules
+    n = len(sys.modules)
+    if _controller is None or n != _controller_modules:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+        _controller_modules = n
+    return _controller
 
 
 @contextlib.contextmanager
@@ -50,11 +66,9 @@ def blas_single_thread():
     setting (a plain ``threadpool_limits`` per task would let one task's exit lift the limit under another).
     """
     global _limit_depth, _limit_restore
-    from threadpoolctl import threadpool_limits
-
     with _limit_lock:
         if _limit_depth == 0:
-            _limit_restore = threadpool_limits(limits=1)
+            _limit_restore = _blas_controller().limit(limits=1)
         _limit_depth += 1
     try:
         yield
