@@ -301,11 +301,9 @@ def warmup(method: str, lbm: str) -> float:
 
 
 def load_chain_on_worker(spec) -> int:
-    """Build (and cache) the job's chain in a worker process before the graph runs, with dask's synchronous
-    scheduler for reading the store.  Works around a deadlock of the engine as measured today: a block task that
-    builds the chain from the store calls ``compute()`` inside the task, which under distributed secedes and
-    submits to the cluster while holding the chain-cache lock; with one thread per worker the next task then
-    waits for that lock forever."""
+    """Build (and cache) the job's chain in a worker process before the graph runs, so that the timed run does not
+    include reading the store (the engine's block tasks build it on first use the same way, reading the store with
+    dask's synchronous scheduler inside the task)."""
     import dask
 
     with dask.config.set(scheduler="synchronous"):
@@ -764,7 +762,7 @@ def cmd_sparse(args) -> None:
     out = {"kind": "sparse", "command": command_line(), "machine": machine(), "gemm": gemm, "rows": rows,
            "store_bytes": {"dense_he": du(dense_store), "pruned90_dense_zarr": du(pruned_path),
                            "pruned90_csr_zarr": du(csr_path)},
-           "pruned_store": str(pruned_path)}
+           "pruned_store": pruned_path.name}  # relative to the bench directory
     save("sparse", out)
 
 
