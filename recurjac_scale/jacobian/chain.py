@@ -787,17 +787,15 @@ def panel_products(chain: Chain, t: int, V: np.ndarray, *lefts) -> list:
     d = V.shape[0]
     operands: dict = {}
 
-    def operand(keep, absolute):
-        key = (None if keep is None else id(keep), absolute)
+    def operand(keep, absolute):  # V[keep] (or its CSR transpose) gathered once, its absolute value once
+        sel = None if keep is None else id(keep)
+        key = (sel, absolute)
         if key not in operands:
-            Vk = V if keep is None else np.ascontiguousarray(V[keep])
-            if sparse:
-                raw = (key[0], "csr")
-                if raw not in operands:
-                    operands[raw] = panel_csr_t(Vk)
-                operands[key] = abs(operands[raw]) if absolute else operands[raw]
-            else:
-                operands[key] = np.abs(Vk) if absolute else Vk
+            raw = (sel, "raw")
+            if raw not in operands:
+                Vk = V if keep is None else np.ascontiguousarray(V[keep])
+                operands[raw] = panel_csr_t(Vk) if sparse else Vk
+            operands[key] = abs(operands[raw]) if absolute else operands[raw]
         return operands[key]
 
     out = []

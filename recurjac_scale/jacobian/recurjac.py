@@ -595,24 +595,27 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
     perrow = V.ndim == 3
     c = V.shape[-1]
     dl_t, du_t = chain.dl[t - 1], chain.du[t - 1]
-    mag = magnitude_step(chain, t, V, np.asarray(priors[t - 1]["mag"], dtype=dt))
+    mag_prev = np.asarray(priors[t - 1]["mag"], dtype=dt)
     if R == 0 or c == 0:
         z = np.zeros((R, c), dtype=dt)
-        return {"lower": z, "upper": z.copy(), "mag": mag}
+        return {"lower": z, "upper": z.copy(), "mag": magnitude_step(chain, t, V, mag_prev)}
 
     if t == 1 and not perrow:
         # P_0 = M_0 exact: max/min over sigma in [dl, du] of A D(sigma) V = A D(mid) V ± |A| D(rad) |V| (Eq. 10-11),
         # the centre over the live neurons (mid = 0 on dead ones), the radius over the unstable ones (rad = 0 on the
-        # others).  (Sparse x dense when level 1 is pruned: fixed-order sums of <= d_1 terms, chain.panel_products.)
+        # others), with the magnitude chain (as magnitude_step) in the same call, which gathers V[live] once.
+        # (Sparse x dense when level 1 is pruned: fixed-order sums of <= d_1 terms, chain.panel_products.)
         live, unst = live_neurons(chain, t), unstable_neurons(chain, t)
         mid = 0.5 * (dl_t[live] + du_t[live])
         rad = 0.5 * (du_t[unst] - dl_t[unst])
-        center, radius = panel_products(
-            chain, t, V, (A[:, live] * mid[None, :], False, live), (np.abs(A[:, unst]) * rad[None, :], True, unst)
+        center, radius, mag = panel_products(
+            chain, t, V, (A[:, live] * mid[None, :], False, live), (np.abs(A[:, unst]) * rad[None, :], True, unst),
+            (mag_prev[:, live] * du_t[None, live], True, live),
         )
         upper = center + radius
         lower = center - radius
     else:
+        mag = magnitude_step(chain, t, V, mag_prev)
         P = chain.panel
         ncols = 2 * R * c
         npad = -(-ncols // P) * P
