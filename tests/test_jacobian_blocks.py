@@ -411,6 +411,26 @@ def test_panel_products_skip_dead_and_stable_neurons(method, rng, monkeypatch):
     assert ((J >= res.lower) & (J <= res.upper)).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_scaled_column_gather_equals_numpy_bitwise(dtype):
+    """The fused gather of the panel products' left operands gives numpy's ``A[:, cols] * s`` (and
+    ``|A[:, cols]| * s``) bit for bit, for empty selections and non-contiguous inputs too."""
+    from recurjac_scale.jacobian.recurjac import _scaled_cols
+
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((7, 40)).astype(dtype)
+    A[0, 3] = np.inf
+    A[1, 5] = -0.0
+    for cols in (np.array([3, 5, 9, 39]), np.arange(40), np.zeros(0, dtype=np.int64), np.array([5, 3, 3])):
+        scale = rng.uniform(0, 2, cols.size).astype(dtype)
+        for M in (A, np.asfortranarray(A), A[:, ::-1]):
+            got, got_abs = _scaled_cols(M, cols, scale), _scaled_cols(M, cols, scale, True)
+            assert got.dtype == dtype and got.shape == (7, cols.size)
+            assert np.array_equal(got, M[:, cols] * scale[None, :], equal_nan=True)
+            assert np.array_equal(got_abs, np.abs(M[:, cols]) * scale[None, :], equal_nan=True)
+            assert np.array_equal(np.signbit(got), np.signbit(M[:, cols] * scale[None, :]))
+
+
 def test_panel_products_keep_an_overflowed_dead_neuron_out_of_the_sum():
     """A left factor that overflowed (inf) on a neuron outside ``keep`` is not multiplied (``inf * 0`` = NaN in
     the product over every neuron); with a pruned level too."""

@@ -94,11 +94,23 @@ def magnitude_step(chain: Chain, t: int, V: np.ndarray, mag_prev: np.ndarray) ->
     ``(R_blk, d_t, c)``).  A shared panel of a pruned level is multiplied sparse (:func:`panel_products`)."""
     du = chain.du[t - 1]
     live = live_neurons(chain, t)  # dead neurons (du = 0) add exact zeros: not multiplied
-    A = mag_prev[:, live] * du[None, live]
+    A = _scaled_cols(mag_prev, live, du[live])
     if V.ndim == 2:
         return panel_products(chain, t, V, (A, True, live))[0]
     out = np.empty((V.shape[0], V.shape[2]), dtype=chain.dtype)
     kernels.perrow_abs_matmul(np.ascontiguousarray(A), np.ascontiguousarray(V[:, live, :]), out)
+    return out
+
+
+def _scaled_cols(A: np.ndarray, cols: np.ndarray, scale: np.ndarray, absolute: bool = False) -> np.ndarray:
+    """``A[:, cols] * scale`` (``|A[:, cols]| * scale`` when ``absolute``), shape ``(R, cols.size)``, in one pass
+    (:func:`recurjac_scale.kernels.gather_cols_scaled`); the same values, bit for bit."""
+    A = np.ascontiguousarray(A)
+    dt = np.result_type(A.dtype, scale.dtype)
+    out = np.empty((A.shape[0], cols.size), dtype=dt)
+    if out.size:
+        kernels.gather_cols_scaled(A.astype(dt, copy=False), np.ascontiguousarray(cols, dtype=np.int64),
+                                   np.ascontiguousarray(scale, dtype=dt), bool(absolute), out)
     return out
 
 
@@ -609,8 +621,8 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
         mid = 0.5 * (dl_t[live] + du_t[live])
         rad = 0.5 * (du_t[unst] - dl_t[unst])
         center, radius, mag = panel_products(
-            chain, t, V, (A[:, live] * mid[None, :], False, live), (np.abs(A[:, unst]) * rad[None, :], True, unst),
-            (mag_prev[:, live] * du_t[None, live], True, live),
+            chain, t, V, (_scaled_cols(A, live, mid), False, live), (_scaled_cols(A, unst, rad, True), True, unst),
+            (_scaled_cols(mag_prev, live, du_t[live]), True, live),
         )
         upper = center + radius
         lower = center - radius
