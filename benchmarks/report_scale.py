@@ -319,10 +319,9 @@ def write_report(res: dict, out: Path) -> None:
              f"chain: the shared variant multiplies each row only on its non-zero per-row factors, so {issued}, "
              "and steps 2-8 of F0 / F1 spend most of their "
              "time in the elementwise numba passes (not counted): they are not GEMM-bound. Step 1 (three tiled "
-             "products, over the live neurons of layer 1 and, for the radius, its unstable ones) is the most "
-             "GEMM-heavy step of F0 / F1, RecurJac-B's last steps are GEMM-bound; `results/gemm_share.md` measures, "
-             "per step, the share of time inside GEMM calls and the rate inside them. The last step has one column "
-             "(the selected logit).")
+             "products, over the live neurons of layer 1 and, for the radius, its unstable ones) and RecurJac-B's "
+             "last steps are; `results/gemm_share.md` measures, per step, the share of time inside GEMM calls and "
+             "the rate inside them. The last step has one column (the selected logit).")
     L.append("")
     L.append("`threads ×2` vs 1 core: compare the complete runs above (same job, one process; the loads are "
              "recorded beside them). The estimates for more workers assume workers as fast as the sampled process; "
