@@ -106,6 +106,15 @@ def test_finish_products_fixed_order_under_any_column_set(rng):
         part, part_abs = finish_products(sc, (np.ascontiguousarray(B[:, cols]), False), (B[:, cols], True))
         np.testing.assert_array_equal(part, full[:, cols])
         np.testing.assert_array_equal(part_abs, full_abs[:, cols])
+    # On a subset of the layer-1 neurons (the live ones of the F1 finish): the products over those rows of B only.
+    keep = np.array([0, 3, 4, 17, 40])
+    Bk = np.ascontiguousarray(B[keep])
+    for c in (sc, ch):
+        sub, sub_abs = finish_products(c, (Bk, False), (Bk, True), keep=keep)
+        ref = W1.T[:, keep]
+        np.testing.assert_allclose(sub, ref @ Bk, rtol=1e-12, atol=1e-12 * (np.abs(ref) @ np.abs(Bk)).max())
+        np.testing.assert_allclose(sub_abs, np.abs(ref) @ Bk, rtol=1e-12,
+                                   atol=1e-12 * (np.abs(ref) @ np.abs(Bk)).max())
 
 
 def test_with_sparse_levels_and_finish_selection(rng):

@@ -854,15 +854,3 @@ def finish_products(chain: Chain, *rights, keep: np.ndarray | None = None) -> li
         else:
             out.append(np.ascontiguousarray(np.asarray(M @ B)))
     return out
-    absS = None
-    out = []
-    for B, absolute in rights:
-        if absolute and absS is None:
-            absS = abs(S)
-        M = absS if absolute else S
-        B = np.ascontiguousarray(B)
-        if M.shape[0] == 0 or B.shape[1] == 0:
-            out.append(np.zeros((M.shape[0], B.shape[1]), dtype=np.result_type(M.dtype, B.dtype)))
-        else:
-            out.append(np.ascontiguousarray(np.asarray(M @ B)))
-    return out
