@@ -28,7 +28,7 @@ __all__ = [
 
 
 @numba.njit(nogil=True, cache=True)
-def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  # pragma: no cover - compiled
+def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  # pragma: no cover - compiled
     """Term I and the merged-weight operand of one level of Algorithm 1 (Zhang et al. 2019, Eq. 14-19).
 
     Parameters
@@ -40,6 +40,10 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  #
     Lp, Up : ndarray, shape (R, K)
         Certified bounds ``Lm <= Y <= Um`` of the rows of the block (the earlier step's state), restricted to the
         ``K`` neurons of ``X``.
+    Sp : ndarray, shape (R, K)
+        Sign slack ``>= 0``: the rounding allowance by which ``Lp`` / ``Up`` were widened.  A neuron whose widened
+        lower bound is ``>= -Sp`` (its computed bound was ``>= 0``) is classed ``P``, one whose widened upper bound
+        is ``<= Sp`` is classed ``N`` (ALGORITHM.md classifies by the computed bounds; see Notes).
     dl, du : ndarray, shape (K,)
         Derivative bounds ``0 <= dl <= sigma' <= du`` of the level.
     R, c : int
@@ -62,7 +66,16 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  #
     Notes
     -----
     Neuron classes per row ``j`` (ALGORITHM.md): ``E`` if ``dl == du`` (expanded exactly whatever the sign of
-    ``Y``), else ``P`` if ``Lm >= 0``, else ``N`` if ``Um <= 0``, else ``I``.
+    ``Y``), else ``P`` if ``Lm >= -Sp``, else ``N`` if ``Um <= Sp``, else ``I``.
+
+    The slack keeps the classes of ALGORITHM.md, which are decided on the computed (unwidened) bounds: widening an
+    exact zero by the rounding allowance would otherwise move a sign-certain neuron into ``I`` and loosen the
+    bound (a Term I product instead of the Term II expansion).  It stays sound for any slack: on ``P`` only
+    ``Y >= -delta`` with ``delta = max(0, -Lm)`` is certain, and fixing ``sigma'`` by the sign of ``x`` as if
+    ``Y >= 0`` then misses the true extreme of ``Y sigma' x`` over ``[dl, du]`` by at most
+    ``(du - dl) delta |x|``, which is added outward to both chains (``N`` alike with ``delta = max(0, Um)``).
+    ``delta <= Sp``: the correction is of the order of the rounding allowance, and it is dominated by
+    ``du |Lm| |x|``, as Term I is (the rounding accounting of :mod:`recurjac_scale.jacobian.chain` holds).
     """
     K = X.shape[0]
     Rc = R * c
@@ -87,7 +100,8 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  #
                     Xp[r, qu + k] = hi * xu
                     Xp[r, ql + k] = hi * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
-            elif L >= 0:
+            elif L >= -Sp[j, r]:
+                dd = (hi - lo) * (-L) if L < 0 else 0.0
                 for k in range(c):
                     xu = X[r, xu0 + k]
                     xl = X[r, xl0 + k]
@@ -97,7 +111,11 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  #
                     Xp[r, qu + k] = hi * xu if xu > 0 else lo * xu
                     Xp[r, ql + k] = lo * xl if xl > 0 else hi * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
-            elif U <= 0:
+                    if dd > 0:
+                        acc[0, j, k] += dd * abs(xu)
+                        acc[1, j, k] -= dd * abs(xl)
+            elif U <= Sp[j, r]:
+                dd = (hi - lo) * U if U > 0 else 0.0
                 for k in range(c):
                     xu = X[r, xu0 + k]
                     xl = X[r, xl0 + k]
@@ -107,6 +125,9 @@ def prep_level(X, shared, Lp, Up, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  #
                     Xp[r, qu + k] = lo * xu if xu > 0 else hi * xu
                     Xp[r, ql + k] = hi * xl if xl > 0 else lo * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
+                    if dd > 0:
+                        acc[0, j, k] += dd * abs(xu)
+                        acc[1, j, k] -= dd * abs(xl)
             else:
                 hU = hi * U
                 hL = hi * L
@@ -379,7 +400,7 @@ def ensure_compiled(dtype=np.float64) -> float:
     Lp = np.zeros((1, 1), dtype=dt)
     d = np.zeros(1, dtype=dt)
     acc = np.zeros((2, 1, 1), dtype=dt)
-    prep_level(X, False, Lp, Lp, d, d, 1, 1, X.copy(), acc, np.zeros((1, 1), np.uint8), np.zeros(1, np.int64),
+    prep_level(X, False, Lp, Lp, Lp, d, d, 1, 1, X.copy(), acc, np.zeros((1, 1), np.uint8), np.zeros(1, np.int64),
                no_add(dt))
     top_level(X, Lp, d, d, 1, 1, acc, no_add(dt))
     perrow_abs_matmul(Lp, np.zeros((1, 1, 1), dtype=dt), np.zeros((1, 1), dtype=dt))

@@ -87,6 +87,7 @@ __all__ = [
     "widening",
     "underflow_allowance",
     "widen_outward",
+    "sign_slack",
     "panel_matmul",
     "tile_matmul",
     "level_is_sparse",
@@ -559,6 +560,22 @@ def widening(chain: Chain, t: int, mag: np.ndarray, n: int | None = None) -> np.
         tiny = tiny + underflow_allowance(chain, t)
     with np.errstate(over="ignore"):
         return (g * (1.0 + g)) * mag + tiny
+
+
+def sign_slack(chain: Chain, t: int, mag: np.ndarray) -> np.ndarray:
+    """The slack with which step ``t``'s widened bounds are classed by sign at a later step
+    (:func:`recurjac_scale.kernels.prep_level`): ``2^t`` times the rounding allowance ``w_t`` of step ``t``
+    (:func:`widening`), shape of ``mag`` (``(R, d)``).
+
+    ALGORITHM.md classes a neuron by the sign of its computed (unwidened) bound: a lower bound computed as an
+    exact zero puts it in ``P_j``.  Here the stored bound is ``L = c - w_t``, and ``c`` also holds the outward
+    corrections that ``prep_level`` added at the levels of step ``t`` for neurons classed this way earlier; each
+    is at most ``(du - dl) * slack_{s} * |x| <= slack_s / w_s * w_t`` (the magnitude chain dominates
+    ``mag_s D(du) |x|``), so an oracle-zero bound satisfies ``L >= -(1 + sum_{s<t} 2^s) w_t (1 + u) >= -2^t w_t``.
+    Any slack is sound (``prep_level`` adds the correction for the residual ``max(0, -L)``); this one only decides
+    which neurons are expanded (Term II), as ALGORITHM.md does, up to ties within ``2^t w_t`` of zero."""
+    with np.errstate(over="ignore"):
+        return widening(chain, t, mag) * float(2.0**t)
 
 
 def _abs_sum_bound(m) -> float:

@@ -45,6 +45,7 @@ from .chain import (
     live_neurons,
     panel_matmul,
     panel_products,
+    sign_slack,
     tile_matmul,
     unstable_neurons,
     widen_outward,
@@ -264,7 +265,7 @@ def _rowwise_matmul(M, Xp, subsets, R, c, P, ws=None):
     return out
 
 
-def _level(X, shared, M, Lp, Up, lo, hi, R, c, P, npad, acc):
+def _level(X, shared, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc):
     """One level: prepare the merged operand (and Term I into ``acc``), then multiply by ``M``."""
     K = lo.size
     Xp = np.empty((K, npad), dtype=acc.dtype)
@@ -272,13 +273,13 @@ def _level(X, shared, M, Lp, Up, lo, hi, R, c, P, npad, acc):
     in_term1 = np.zeros((R, K), dtype=np.uint8)
     nnz = np.zeros(R, dtype=np.int64)
     kernels.prep_level(
-        np.ascontiguousarray(X), shared, np.ascontiguousarray(Lp), np.ascontiguousarray(Up),
+        np.ascontiguousarray(X), shared, np.ascontiguousarray(Lp), np.ascontiguousarray(Up), np.ascontiguousarray(Sp),
         np.ascontiguousarray(lo), np.ascontiguousarray(hi), R, c, Xp, acc, in_term1, nnz, kernels.no_add(acc.dtype),
     )
     return _level_matmul(_contig(M), Xp, in_term1, nnz, R, c, P)
 
 
-def _first_level(V, M, Lp, Up, lo, hi, R, c, P, npad, acc):
+def _first_level(V, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc):
     """The first level of a step, where the operand ``V`` is shared by every row (sharing across rows).
 
     For a neuron with an exact derivative (``dl == du``) the merged operand is ``du V[r]`` for every row and both
@@ -288,12 +289,12 @@ def _first_level(V, M, Lp, Up, lo, hi, R, c, P, npad, acc):
     """
     stab = lo == hi
     if not stab.any():
-        return _level(V, True, M, Lp, Up, lo, hi, R, c, P, npad, acc)
+        return _level(V, True, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc)
     u = np.flatnonzero(~stab)
     st = np.flatnonzero(stab)
     out = None
     if u.size:
-        out = _level(V[u], True, _cols(M, u), Lp[:, u], Up[:, u], lo[u], hi[u], R, c, P, npad, acc)
+        out = _level(V[u], True, _cols(M, u), Lp[:, u], Up[:, u], Sp[:, u], lo[u], hi[u], R, c, P, npad, acc)
     if out is None:
         out = np.zeros((M.shape[0], npad), dtype=acc.dtype)
     Vs = np.zeros((st.size, -(-c // P) * P), dtype=acc.dtype)
@@ -526,16 +527,17 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
             prior = priors[lvl["s"] - 1]
             Lp = np.ascontiguousarray(np.asarray(prior["lower"][j0:j1], dtype=dt)[:, cols])
             Up = np.ascontiguousarray(np.asarray(prior["upper"][j0:j1], dtype=dt)[:, cols])
+            Sp = sign_slack(chain, lvl["s"] - 1, np.asarray(prior["mag"][j0:j1], dtype=dt)[:, cols])
             in_term1 = np.zeros((n, u.size), dtype=np.uint8)
             nnz = np.zeros(n, np.int64)
             if Xu is None:  # no per-row part (yet): the operand is Xsh[u] for every row and both chains
                 kernels.prep_level(
-                    xsh_u, True, Lp, Up, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz,
+                    xsh_u, True, Lp, Up, Sp, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz,
                     kernels.no_add(dt),
                 )
             else:
                 kernels.prep_level(
-                    Xu, False, Lp, Up, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz, xsh_u
+                    Xu, False, Lp, Up, Sp, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz, xsh_u
                 )
             del Xu
             # Term I neurons of a row (and every neuron of a row whose prepared operand vanished) leave exact zeros
@@ -651,12 +653,13 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
             lo, hi = chain.dl[s - 1][alive], chain.du[s - 1][alive]
             Lp = np.asarray(priors[s - 1]["lower"], dtype=dt)[:, alive]
             Up = np.asarray(priors[s - 1]["upper"], dtype=dt)[:, alive]
+            Sp = sign_slack(chain, s - 1, np.asarray(priors[s - 1]["mag"], dtype=dt)[:, alive])
             alive_up = _alive(chain.du[s - 2])
             M = _level_matrix(chain, s - 2, alive_up, alive, dt)
             if shared:
-                X = _first_level(X, M, Lp, Up, lo, hi, R, c, P, npad, acc)
+                X = _first_level(X, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc)
             else:
-                X = _level(X, False, M, Lp, Up, lo, hi, R, c, P, npad, acc)
+                X = _level(X, False, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc)
             shared = False
             alive = alive_up
             if X is None:  # all operands vanished (every neuron of every row in I_j or dead)
