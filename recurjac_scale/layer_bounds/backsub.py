@@ -85,7 +85,7 @@ class _Layer:
 
     __slots__ = (
         "a_low", "b_low", "a_up", "b_up", "zmax", "hmax", "active", "relax_err_up", "relax_err_low", "w_active",
-        "underflow_err", "linear", "finite",
+        "underflow_err", "linear", "finite", "kept", "act_pos", "vec_kept", "w_fused",
     )
 
     def __init__(self, act: Activation, lower: np.ndarray, upper: np.ndarray, relax: RelaxFn):
@@ -102,6 +102,14 @@ class _Layer:
         # Equal slopes on every neuron: the relaxation step is Lam -> Lam D(a) whatever the signs.
         self.linear = bool(np.array_equal(a_low, a_up))
         self.finite = bool(all(np.isfinite(v).all() for v in (b_low, b_up, self.relax_err_up, self.relax_err_low)))
+        # Neurons whose relaxation is not the zero line on both sides (dead ReLUs are): the others contribute
+        # nothing to any chain, so the fused chains drop their columns (see fused.py); ``act_pos`` locates the
+        # active neurons among them, ``vec_kept`` holds the relaxation and allowance vectors restricted to them.
+        self.kept = np.flatnonzero((a_low != 0) | (a_up != 0) | (b_low != 0) | (b_up != 0))
+        self.act_pos = np.searchsorted(self.kept, self.active)
+        self.vec_kept = tuple(np.ascontiguousarray(v[self.kept]) for v in (
+            a_up, a_low, b_up, b_low, self.relax_err_up, self.relax_err_low))
+        self.w_fused = None
 
 
 def _underflow_err(layer: _Layer, hmax_prev: np.ndarray, dtype) -> float:
@@ -235,6 +243,11 @@ class _State:
             # rows of W[k] of the neurons that carry coefficients (a copy only when some are dropped)
             layer.w_active = wd[k] if layer.active.size == wd[k].shape[0] else wd[k][layer.active]
             layer.underflow_err = _underflow_err(layer, self.hmax_prev, wd[k].dtype)
+            # rows of the active neurons, columns of the kept neurons of layer k - 1 (all inputs for k = 0)
+            if k and layers[k - 1].kept.size < wd[k].shape[1]:
+                layer.w_fused = np.ascontiguousarray(layer.w_active[:, layers[k - 1].kept])
+            else:
+                layer.w_fused = layer.w_active
             layers.append(layer)
         n_k = ws[k].shape[0]
         err = np.empty(n_k)

@@ -1,9 +1,10 @@
-"""The back-substitution chain of :mod:`recurjac_scale.layer_bounds.backsub` with each relaxation step fused into
-one pass over the coefficient matrix, and with the upper and lower chains merged when every layer is linear.
+"""The back-substitution chains of :mod:`recurjac_scale.layer_bounds.backsub`, fused: one pass over the coefficient
+matrix per relaxation step, one chain for both bounds of a linear relaxation, no work on dead neurons, and the
+first affine step shared by every chain of a block of target neurons.
 
-Same arithmetic, same allowances as :func:`~recurjac_scale.layer_bounds.backsub._chain_upper` (whose module
-docstring has the rounding argument); what changes is the cost outside the GEMMs and, for linear relaxations,
-the number of GEMMs:
+Same products, same allowances as :func:`~recurjac_scale.layer_bounds.backsub._chain_upper` (whose module
+docstring has the rounding argument), so the bounds are certified in the same sense and agree with the plain
+chains up to the order of summation; what changes is the memory traffic and the number of GEMM flops:
 
 * **One pass per relaxation step.**  The plain numpy step reads and writes the ``(r, n_k)`` coefficient matrix
   about twenty times (positive and negative parts, the two intercept products, the two allowance products, the
@@ -17,9 +18,18 @@ the number of GEMMs:
   ``-Lam`` at every level: negation commutes with every rounding.  One chain then serves both bounds; only the
   intercept and allowance sums, which depend on the signs, are formed for both sides (:func:`_relax_rows` does
   both in its single pass).  This halves Fast-Lin's GEMMs.
+* **Void neurons dropped from both sides of every GEMM.**  A neuron whose relaxation is the zero line on both
+  sides (a dead ReLU: ``h = 0`` on its interval) contributes nothing to any chain: the plain chain already skips
+  its row of ``W[k]``; the fused chain also skips its column of ``W[k+1]``, i.e. it never forms the coefficient
+  that would multiply it.  Both the intercept sums and the allowances of a void neuron are exactly 0, so nothing
+  else changes; on ReLU networks with half the neurons dead this removes about half of every GEMM but the first
+  layer's.
+* **First affine step shared by all chains** of a target block (:func:`block_bounds`): CROWN's upper and lower
+  chains and Fast-Lin's chain all start from ``+-W[t][R, :]`` and relax layer ``t - 1`` with the same line on
+  its stable neurons, so that part of the first GEMM is formed once.
 
-Both are used only when the intercepts, allowances and biases of every layer of the chain are finite; otherwise
-(unbounded regions, ``eps = inf``) the caller runs the plain numpy chain, which handles infinities.
+All of this is used only when the intercepts, allowances and biases of every layer of the chain are finite;
+otherwise (unbounded regions, ``eps = inf``) the caller runs the plain numpy chain, which handles infinities.
 """
 
 from __future__ import annotations
@@ -55,12 +65,12 @@ class _Chain:
         self.slack_lo = np.zeros(lam.shape[0])
 
     def relax(self, L, bias: np.ndarray, aff: np.ndarray, g_k: float, g_a: float, dtype) -> np.ndarray:
-        """Relaxation step through layer ``L`` (one kernel pass); returns ``Lam_z`` on ``L.active``."""
+        """Relaxation step through layer ``L`` (one kernel pass); ``self.lam`` holds the columns of ``L.kept``.
+        Returns ``Lam_z`` on ``L.active``."""
         rows = self.lam.shape[0]
         lam_z = np.empty((rows, L.active.size), dtype=dtype)
         sums = np.empty((rows, 6))
-        _relax_rows(self.lam, L.active, L.a_up, L.a_low, L.b_up, L.b_low, L.relax_err_up, L.relax_err_low,
-                    bias, aff, lam_z, sums)
+        _relax_rows(self.lam, L.act_pos, *L.vec_kept, bias, aff, lam_z, sums)
         self.c_up += sums[:, 0]
         self.cabs_up += np.abs(sums[:, 0])
         self.c_up += sums[:, 4]
@@ -139,13 +149,16 @@ def block_bounds(
     chains, lam_zs = [], []
     for layers, aff in variants:
         both = all(L.linear for L in layers[:t])
-        ch = _Chain(w_rows, b_rows, True) if both else _Chain(
-            np.concatenate([w_rows, -w_rows]), np.concatenate([b_rows, -b_rows]), False)
         L = layers[k]
+        w_kept = w_rows[:, L.kept]
+        ch = _Chain(w_kept, b_rows, True) if both else _Chain(
+            np.concatenate([w_kept, -w_kept]), np.concatenate([b_rows, -b_rows]), False)
         lam_zs.append(ch.relax(L, bs[k][L.active], aff[k][L.active], gamma(w_rows.shape[1] + 2, dtype),
                                affine_gamma(wd[k].shape[1], wd[k].shape[0], dtype), dtype))
         chains.append(ch)
     tops = [layers[k] for layers, _ in variants]
+    # output columns of the first GEMM: the kept neurons of layer k - 1 of each variant (all inputs for k = 0)
+    outs = [layers[k - 1].kept if k else None for layers, _ in variants]
     shared = tops[0].a_up != 0
     for L in tops:
         shared &= (L.a_up == tops[0].a_up) & (L.a_low == tops[0].a_up) & (L.b_low == L.b_up)
@@ -153,25 +166,30 @@ def block_bounds(
     S = np.flatnonzero(shared)
     rows_total = sum(ch.lam.shape[0] for ch in chains)
     if S.size and rows_total > r:
-        base = (w_rows[:, S] * tops[0].a_up[S]).astype(dtype, copy=False)
-        B = base @ wd[k][S]
-        for ch, L, lam_z in zip(chains, tops, lam_zs):
+        union = None if k == 0 else np.unique(np.concatenate(outs))
+        w_s = wd[k][S] if union is None else wd[k][np.ix_(S, union)]
+        B = (w_rows[:, S] * tops[0].a_up[S]).astype(dtype, copy=False) @ w_s
+        del w_s
+        for ch, L, lam_z, cols in zip(chains, tops, lam_zs, outs):
             keep = ~np.isin(L.active, S, assume_unique=True)
             U = L.active[keep]
-            rest = lam_z[:, keep] @ wd[k][U] if U.size else 0.0
-            signed = B if ch.both else np.concatenate([B, -B])
-            ch.lam = signed + rest
+            Bv = B if union is None or cols.size == union.size else B[:, np.searchsorted(union, cols)]
+            signed = Bv if ch.both else np.concatenate([Bv, -Bv])
+            if U.size:
+                w_u = wd[k][U] if cols is None else wd[k][np.ix_(U, cols)]
+                signed = signed + lam_z[:, keep] @ w_u
+            ch.lam = signed
     else:
         for ch, L, lam_z in zip(chains, tops, lam_zs):
-            ch.lam = lam_z @ L.w_active
+            ch.lam = lam_z @ L.w_fused
     del lam_zs
     out = []
     for ch, (layers, aff) in zip(chains, variants):
         for j in range(k - 1, -1, -1):
             L = layers[j]
-            lam_z = ch.relax(L, bs[j][L.active], aff[j][L.active], gamma(ch.lam.shape[1] + 2, dtype),
+            lam_z = ch.relax(L, bs[j][L.active], aff[j][L.active], gamma(L.zmax.size + 2, dtype),
                              affine_gamma(wd[j].shape[1], wd[j].shape[0], dtype), dtype)
-            ch.lam = lam_z @ L.w_active
+            ch.lam = lam_z @ L.w_fused
         out.append(ch.finish(t, region, dtype, concretise))
     return out
 
