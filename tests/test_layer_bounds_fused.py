@@ -59,7 +59,7 @@ def _assert_close(a, b, what):
             assert not bad.any(), f"{what}: layer {k}: {x[bad][:3]} vs {y[bad][:3]}"
 
 
-@pytest.mark.parametrize("acts", [("relu", "leaky_relu"), ("tanh", "sigmoid", "softplus")])
+@pytest.mark.parametrize("acts", [("relu", "leaky_relu"), ("tanh", "sigmoid", "hard_sigmoid", "softplus")])
 def test_fused_engine_equals_the_numpy_chains(acts, rng):
     """Every method, fused and unfused, on random networks: the same bounds up to the order of summation (the
     first affine step shared between chains, stacked chains, one chain for Fast-Lin's two bounds)."""

@@ -329,8 +329,11 @@ def backsubstitute(
         are intersected: each is sound, so the intersection is.
     block_rows : int, optional
         Rows of a target layer processed together (default :data:`DEFAULT_BLOCK_ROWS`).  Peak extra memory is
-        about ``4 * block_rows * max_k n_k`` floats, plus, per layer, a copy of the rows of ``W[k]`` of the
-        neurons that carry coefficients when some do not (dead ReLUs), which saves their share of the flops.
+        about ``4 * block_rows * max_k n_k`` floats per chain with ``fused=False``; the fused engine holds every
+        chain of a block at once (CROWN-Ada: 2, Fast-Lin: 1; about ``3 (chains + 1) * block_rows * max_k n_k``
+        floats at the first step).  Plus, per layer and relaxation, a copy of the rows of ``W[k]`` of the
+        neurons that carry coefficients when some do not (dead ReLUs), and with ``fused`` a copy of those rows
+        restricted to the columns of the previous layer's live neurons, which saves their share of the flops.
     dtype : {float64, float32}
         Working precision of the GEMMs; allowances are sized for it, so float32 results are certified too.
     intersect_ibp : bool

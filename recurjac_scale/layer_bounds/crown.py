@@ -44,6 +44,13 @@ def crown(
     hull for hard-sigmoid), which are back-substituted through all earlier layers
     (:func:`~recurjac_scale.layer_bounds.backsub.backsubstitute`) and concretised with the dual norm ``q``.
 
+    What is certified: every returned interval contains the exact real-number pre-activation for every ``x`` in
+    the region, whatever the options: each pass is sound with the rounding allowances of
+    :mod:`~recurjac_scale.layer_bounds.backsub` (for the working dtype), and so is the intersection of passes.
+    With the defaults, on ReLU-family networks, every interval is also inside Fast-Lin's (it is intersected
+    with Fast-Lin run on its own earlier bounds, exactly as :func:`~recurjac_scale.layer_bounds.fastlin.fastlin`
+    runs alone, up to the order of summation).
+
     Parameters
     ----------
     network : Network
@@ -61,18 +68,15 @@ def crown(
         earlier bounds, exactly as it runs alone) and intersect every layer with it.  The adaptive slope alone is
         looser than Fast-Lin on some neurons (about 20% of them in random networks); with this option CROWN is
         never looser than Fast-Lin, by construction (and about 2% tighter on average, since the tighter bounds
-        feed the later layers).  Fast-Lin's lines are parallel, so with ``fused`` its pass costs one chain for
-        both bounds instead of two: the default costs about 1.5 chains per bound instead of 2 (see
-        benchmarks/RESULTS.md).  ``False`` gives plain CROWN-Ada (one pass).
+        feed the later layers).  Fast-Lin's lines are parallel, so with ``fused`` its pass runs one chain for
+        both bounds instead of two, and its first affine step is shared with CROWN-Ada's: the default costs
+        about 1.5 times plain CROWN-Ada instead of 2 times (benchmarks/RESULTS.md).  ``False`` gives plain
+        CROWN-Ada.
     fused : bool
         Run the back-substitution through :mod:`recurjac_scale.layer_bounds.fused` (one pass over the
         coefficients per relaxation step, upper and lower chains stacked into one GEMM, one shared chain for
         linear relaxations).  ``False`` runs the plain numpy chains, one per bound and pass, as before (kept as
         the reference the fused engine is tested against); the two agree up to the order of summation.
-
-    What is certified: every returned interval contains the exact real-number pre-activation for every ``x`` in
-    the region, whatever the options (each pass is sound with its rounding allowances, and so is their
-    intersection).
 
     Returns
     -------

@@ -198,6 +198,16 @@ def block_bounds(
 # numba kernel
 
 
+@numba.njit(nogil=True, cache=True, inline="always")
+def _intercept_terms(x, bu, bl, eu, el):  # pragma: no cover
+    """The four sums' terms for one coefficient ``x`` (see :func:`_relax_rows`), and ``x - x`` (NaN when ``x`` is
+    not finite).  ``p + q == x`` exactly and one of them is 0, so each pair of products adds exactly."""
+    v = np.float64(x)
+    p = v if v > 0.0 else 0.0
+    q = v - p
+    return p * bu + q * bl, p * eu - q * el, -(q * bu + p * bl), p * el - q * eu, v - v
+
+
 @numba.njit(nogil=True, cache=True)
 def _relax_rows(lam, act, a_up, a_low, b_up, b_low, err_up, err_low, bias, aff, lam_z, sums):  # pragma: no cover
     """One relaxation step of the chain, for every row of ``lam``, in one pass.
@@ -224,11 +234,10 @@ def _relax_rows(lam, act, a_up, a_low, b_up, b_low, err_up, err_low, bias, aff, 
     """
     r, n = lam.shape
     m = act.shape[0]
-    half = n // 2
     for i in range(r):
         # two interleaved sets of accumulators (even / odd columns) halve the add latency chain; the order of
-        # summation is free (every allowance holds for any order).  p + q == v exactly, and one of them is 0, so
-        # each pair of products below adds exactly.  ``bad`` is NaN when a coefficient is infinite or NaN.
+        # summation is free (every allowance holds for any order).  ``bad`` is NaN when a coefficient is
+        # infinite or NaN (the bound is then void, as in the numpy chain).
         s0 = 0.0
         s1 = 0.0
         s2 = 0.0
@@ -238,35 +247,21 @@ def _relax_rows(lam, act, a_up, a_low, b_up, b_low, err_up, err_low, bias, aff, 
         e2 = 0.0
         e3 = 0.0
         bad = 0.0
-        for h in range(half):
-            j = 2 * h
-            v = np.float64(lam[i, j])
-            p = v if v > 0.0 else 0.0
-            q = v - p
-            bad += v - v
-            s0 += p * b_up[j] + q * b_low[j]
-            s1 += p * err_up[j] - q * err_low[j]
-            s2 -= q * b_up[j] + p * b_low[j]
-            s3 += p * err_low[j] - q * err_up[j]
-            j += 1
-            v = np.float64(lam[i, j])
-            p = v if v > 0.0 else 0.0
-            q = v - p
-            bad += v - v
-            e0 += p * b_up[j] + q * b_low[j]
-            e1 += p * err_up[j] - q * err_low[j]
-            e2 -= q * b_up[j] + p * b_low[j]
-            e3 += p * err_low[j] - q * err_up[j]
-        if n % 2:
-            j = n - 1
-            v = np.float64(lam[i, j])
-            p = v if v > 0.0 else 0.0
-            q = v - p
-            bad += v - v
-            s0 += p * b_up[j] + q * b_low[j]
-            s1 += p * err_up[j] - q * err_low[j]
-            s2 -= q * b_up[j] + p * b_low[j]
-            s3 += p * err_low[j] - q * err_up[j]
+        for j in range(0, n, 2):
+            d0, d1, d2, d3, db = _intercept_terms(lam[i, j], b_up[j], b_low[j], err_up[j], err_low[j])
+            s0 += d0
+            s1 += d1
+            s2 += d2
+            s3 += d3
+            bad += db
+            if j + 1 < n:
+                d0, d1, d2, d3, db = _intercept_terms(lam[i, j + 1], b_up[j + 1], b_low[j + 1], err_up[j + 1],
+                                                      err_low[j + 1])
+                e0 += d0
+                e1 += d1
+                e2 += d2
+                e3 += d3
+                bad += db
         s4 = 0.0
         s5 = 0.0
         for jj in range(m):
