@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Assemble ``benchmarks/RESULTS.md`` from the summary ``results/_summary.md`` and the per-area result files that
-the benchmark scripts write (``results/layer_bounds.md``, ``results/jacobian_speed.md``, ``results/jacobian.md``,
-``results/scale.md``, ``results/gemm_share.md``, ``results/scale_ooc.md``, ``results/sparse_kernels.md``).  Run it after any benchmark
-script:
+the benchmark scripts write (``results/layer_bounds.md``, ``results/layer_bounds_cifar.md``,
+``results/jacobian_speed.md``, ``results/jacobian.md``, ``results/scale.md``, ``results/gemm_share.md``,
+``results/scale_ooc.md``, ``results/sparse_kernels.md``).  Run it after any benchmark script:
 
     python benchmarks/assemble_results.py
 """
@@ -13,8 +13,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = (
-    "_summary.md", "layer_bounds.md", "jacobian_speed.md", "jacobian.md", "scale.md", "gemm_share.md", "scale_ooc.md",
-    "sparse_kernels.md",
+    "_summary.md", "layer_bounds.md", "layer_bounds_cifar.md", "jacobian_speed.md", "jacobian.md", "scale.md",
+    "gemm_share.md", "scale_ooc.md", "sparse_kernels.md",
 )
 
 

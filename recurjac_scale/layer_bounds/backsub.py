@@ -20,9 +20,9 @@ with ``|Lam|`` and added to the result:
 
 * relaxation step: ``gamma(n_k + 2) |Lam| (|a| zmax(k) + |b|)`` (element-wise products, the cast of
   ``Lam`` and of the slopes to the working dtype, the intercept dot products);
-* affine step: ``gamma(n_{k-1} + 2) |Lam'| (|W[k]| hmax(k-1) + |b[k]|)`` (the GEMM and the dot with ``b[k]``),
-  where ``hmax`` bounds ``|h|`` from the already certified earlier layers (``|x|`` over the region's box at the
-  input);
+* affine step: ``gamma(max(n_k, n_{k-1}) + 2) |Lam_z| (|W[k]| hmax(k-1) + |b[k]|)`` (the GEMM ``Lam_z @ W[k]``
+  and the dot with ``b[k]``, whose dot products have ``n_k`` terms, in any order of summation), where ``hmax``
+  bounds ``|h|`` from the already certified earlier layers (``|x|`` over the region's box at the input);
 * concretisation: ``gamma(n_0 + 2) |Lam| (|x0| + eps)`` and a relative ``gamma`` on the dual norm;
 * the running sum ``c``: ``gamma(2 t + 4) * sum of |terms|``;
 * underflow (products below the smallest normal number, which the relative bounds above do not see):
@@ -30,6 +30,10 @@ with ``|Lam|`` and added to the result:
 
 ``gamma`` is :func:`recurjac_scale._fp.gamma` for the working dtype (float32 GEMMs get float32 allowances).  The
 allowances are computed in float64 (their own rounding is covered by the factor 2 inside ``gamma``).
+
+By default the chains run in :mod:`recurjac_scale.layer_bounds.fused` (same products, same allowances, fewer
+passes over memory and, for linear relaxations and the first affine step, fewer GEMMs); ``fused=False`` runs the
+plain numpy chains below.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from ..activations import Activation
 from ..errors import InputError
 from ..network.model import Network
 from .base import Region
+from .fused import affine_gamma, block_bounds
 from .ibp import affine_interval, first_layer_bounds
 from .relaxations import value_bounds
 
@@ -80,7 +85,7 @@ class _Layer:
 
     __slots__ = (
         "a_low", "b_low", "a_up", "b_up", "zmax", "hmax", "active", "relax_err_up", "relax_err_low", "w_active",
-        "underflow_err",
+        "underflow_err", "linear", "finite", "kept", "act_pos", "vec_kept", "w_fused",
     )
 
     def __init__(self, act: Activation, lower: np.ndarray, upper: np.ndarray, relax: RelaxFn):
@@ -94,6 +99,17 @@ class _Layer:
         # |a| zmax + |b| per line, for the relaxation-step allowance (0 * inf = 0).
         self.relax_err_up = _safe_mul(np.abs(a_up), self.zmax) + np.abs(b_up)
         self.relax_err_low = _safe_mul(np.abs(a_low), self.zmax) + np.abs(b_low)
+        # Equal slopes on every neuron: the relaxation step is Lam -> Lam D(a) whatever the signs.
+        self.linear = bool(np.array_equal(a_low, a_up))
+        self.finite = bool(all(np.isfinite(v).all() for v in (b_low, b_up, self.relax_err_up, self.relax_err_low)))
+        # Neurons whose relaxation is not the zero line on both sides (dead ReLUs are): the others contribute
+        # nothing to any chain, so the fused chains drop their columns (see fused.py); ``act_pos`` locates the
+        # active neurons among them, ``vec_kept`` holds the relaxation and allowance vectors restricted to them.
+        self.kept = np.flatnonzero((a_low != 0) | (a_up != 0) | (b_low != 0) | (b_up != 0))
+        self.act_pos = np.searchsorted(self.kept, self.active)
+        self.vec_kept = tuple(np.ascontiguousarray(v[self.kept]) for v in (
+            a_up, a_low, b_up, b_low, self.relax_err_up, self.relax_err_low))
+        self.w_fused = None
 
 
 def _underflow_err(layer: _Layer, hmax_prev: np.ndarray, dtype) -> float:
@@ -195,8 +211,8 @@ def _chain_upper(
         term = lam_z64 @ bs[k][act]
         c = c + term
         cabs = cabs + np.abs(term)
-        nprev = ws[k].shape[1]
-        slack = slack + gamma(nprev + 2, dtype) * _sup_dot(np.abs(lam_z64), aff_err[k][act]) + L.underflow_err
+        g_a = affine_gamma(ws[k].shape[1], ws[k].shape[0], dtype)
+        slack = slack + g_a * _sup_dot(np.abs(lam_z64), aff_err[k][act]) + L.underflow_err
         lam = lam_z @ w_act
         del lam_z64
     lam64 = lam if lam.dtype == np.float64 else lam.astype(np.float64)
@@ -227,6 +243,11 @@ class _State:
             # rows of W[k] of the neurons that carry coefficients (a copy only when some are dropped)
             layer.w_active = wd[k] if layer.active.size == wd[k].shape[0] else wd[k][layer.active]
             layer.underflow_err = _underflow_err(layer, self.hmax_prev, wd[k].dtype)
+            # rows of the active neurons, columns of the kept neurons of layer k - 1 (all inputs for k = 0)
+            if k and layers[k - 1].kept.size < wd[k].shape[1]:
+                layer.w_fused = np.ascontiguousarray(layer.w_active[:, layers[k - 1].kept])
+            else:
+                layer.w_fused = layer.w_active
             layers.append(layer)
         n_k = ws[k].shape[0]
         err = np.empty(n_k)
@@ -236,14 +257,52 @@ class _State:
         self.aff_err.append(err)
         self.hmax_prev = self.variants[0][k].hmax
 
-    def bound_rows(self, rows: slice, t: int, ws, wd, bs, region, dtype, lo_t, up_t) -> None:
-        """Intersect ``lo_t[rows]``, ``up_t[rows]`` with every variant's bound of layer ``t``."""
+    def fusable(self, t: int, bs) -> list[bool]:
+        """Per variant: can layer ``t`` be bounded by :mod:`~recurjac_scale.layer_bounds.fused` (everything
+        finite on the layers below ``t``)?"""
+        ok = all(np.isfinite(self.aff_err[k]).all() and np.isfinite(bs[k]).all() for k in range(t))
+        return [ok and all(L.finite for L in layers[:t]) for layers in self.variants]
+
+    def bound_rows(self, rows: slice, t: int, ws, wd, bs, region, dtype, lo_t, up_t, skip=()) -> None:
+        """Intersect ``lo_t[rows]``, ``up_t[rows]`` with every variant's bound of layer ``t`` (plain numpy chains;
+        variants whose index is in ``skip`` are left out)."""
         w_rows, b_rows = ws[t][rows], bs[t][rows]
-        for layers in self.variants:
+        for i, layers in enumerate(self.variants):
+            if i in skip:
+                continue
             up = _chain_upper(w_rows, b_rows, t, ws, wd, bs, layers, self.aff_err, region, dtype)
             lo = -_chain_upper(-w_rows, -b_rows, t, ws, wd, bs, layers, self.aff_err, region, dtype)
             up_t[rows] = np.minimum(up_t[rows], up)
             lo_t[rows] = np.maximum(lo_t[rows], lo)
+
+
+def _bound_layer(states: Sequence[_State], t: int, ws, wd, bs, region, dtype, block_rows: int, fused: bool):
+    """Bounds of layer ``t`` from every state (each intersected over its variants): list of (lower, upper).
+
+    With ``fused``, every variant that can (finite quantities) of every state is bounded by one
+    :func:`~recurjac_scale.layer_bounds.fused.block_bounds` call per row block, which shares the first affine
+    step among them; the others run the plain numpy chains."""
+    n_t = ws[t].shape[0]
+    outs = [(np.full(n_t, -np.inf), np.full(n_t, np.inf)) for _ in states]
+    jobs = []  # (state index, variant index) run fused
+    if fused:
+        for si, st in enumerate(states):
+            jobs += [(si, vi) for vi, ok in enumerate(st.fusable(t, bs)) if ok]
+    for r0 in range(0, n_t, block_rows):
+        rows = slice(r0, min(n_t, r0 + block_rows))
+        for si, st in enumerate(states):
+            skip = {vi for sj, vi in jobs if sj == si}
+            if len(skip) < len(st.variants):
+                st.bound_rows(rows, t, ws, wd, bs, region, dtype, outs[si][0], outs[si][1], skip)
+        if jobs:
+            res = block_bounds(ws[t][rows], bs[t][rows], t, wd, bs,
+                               [(states[si].variants[vi], states[si].aff_err) for si, vi in jobs], region, dtype,
+                               _concretise_upper)
+            for (si, _), (up, lo) in zip(jobs, res):
+                lo_t, up_t = outs[si]
+                up_t[rows] = np.minimum(up_t[rows], up)
+                lo_t[rows] = np.maximum(lo_t[rows], lo)
+    return outs
 
 
 def backsubstitute(
@@ -255,6 +314,7 @@ def backsubstitute(
     dtype=np.float64,
     intersect_ibp: bool = True,
     independent: Sequence[RelaxFn] = (),
+    fused: bool = True,
 ) -> tuple[list, list]:
     """Layer-by-layer bounds by back-substituting linear relaxations (CROWN / Fast-Lin).
 
@@ -269,8 +329,11 @@ def backsubstitute(
         are intersected: each is sound, so the intersection is.
     block_rows : int, optional
         Rows of a target layer processed together (default :data:`DEFAULT_BLOCK_ROWS`).  Peak extra memory is
-        about ``4 * block_rows * max_k n_k`` floats, plus, per layer, a copy of the rows of ``W[k]`` of the
-        neurons that carry coefficients when some do not (dead ReLUs), which saves their share of the flops.
+        about ``4 * block_rows * max_k n_k`` floats per chain with ``fused=False``; the fused engine holds every
+        chain of a block at once (CROWN-Ada: 2, Fast-Lin: 1; about ``3 (chains + 1) * block_rows * max_k n_k``
+        floats at the first step).  Plus, per layer and relaxation, a copy of the rows of ``W[k]`` of the
+        neurons that carry coefficients when some do not (dead ReLUs), and with ``fused`` a copy of those rows
+        restricted to the columns of the previous layer's live neurons, which saves their share of the flops.
     dtype : {float64, float32}
         Working precision of the GEMMs; allowances are sized for it, so float32 results are certified too.
     intersect_ibp : bool
@@ -279,6 +342,11 @@ def backsubstitute(
         Relaxations run as separate, complete methods (each on its own earlier bounds, exactly as it would run
         alone); every layer of the result is also intersected with theirs, so the result is never looser than
         any of them (used by CROWN to be never looser than Fast-Lin).
+    fused : bool
+        Run the chains through :mod:`recurjac_scale.layer_bounds.fused` (one pass over the coefficients per
+        relaxation step; one chain for both bounds of a relaxation that is linear on every layer, e.g. Fast-Lin's
+        with finite bounds).  ``False`` runs the plain numpy chains, one per bound and relaxation (the reference
+        the fused path is tested against).  Both are certified; they differ only in the order of summation.
 
     Returns
     -------
@@ -299,22 +367,17 @@ def backsubstitute(
     l, u = first_layer_bounds(ws[0], bs[0], region)
     main = _State([relax] if callable(relax) else relax, l, u, xmax)
     others = [_State([r], l, u, xmax) for r in independent]
+    states = (main, *others)
     for t in range(1, network.n_layers):
         k = t - 1
-        n_t = ws[t].shape[0]
-        results = []
-        for st in (main, *others):
+        for st in states:
             st.prepare(k, acts[k], ws, wd, bs, block_rows)
-            lo_t = np.full(n_t, -np.inf)
-            up_t = np.full(n_t, np.inf)
-            for r0 in range(0, n_t, block_rows):
-                st.bound_rows(slice(r0, min(n_t, r0 + block_rows)), t, ws, wd, bs, region, dtype, lo_t, up_t)
-            if intersect_ibp:
+        results = _bound_layer(states, t, ws, wd, bs, region, dtype, block_rows, fused)
+        if intersect_ibp:
+            for i, st in enumerate(states):
                 hl, hu = value_bounds(acts[k].value, st.lowers[k], st.uppers[k])
                 il, iu = affine_interval(ws[t], bs[t], hl, hu)
-                lo_t = np.maximum(lo_t, il)
-                up_t = np.minimum(up_t, iu)
-            results.append((lo_t, up_t))
+                results[i] = (np.maximum(results[i][0], il), np.minimum(results[i][1], iu))
         for st, (lo_t, up_t) in zip(others, results[1:]):
             st.lowers.append(lo_t)
             st.uppers.append(up_t)

@@ -34,6 +34,7 @@ def crown(
     relu_lower: str = "adaptive",
     intersect_ibp: bool = True,
     never_looser_than_fastlin: bool = True,
+    fused: bool = True,
 ) -> tuple[list, list]:
     """CROWN bounds of every pre-activation over ``B_p[x0, eps] ∩ D`` (Zhang et al. 2018, Theorem 3.2).
 
@@ -42,6 +43,13 @@ def crown(
     end point for sigmoid, tanh, arctan; chord above and tangent below for the convex ELU and softplus; vertex
     hull for hard-sigmoid), which are back-substituted through all earlier layers
     (:func:`~recurjac_scale.layer_bounds.backsub.backsubstitute`) and concretised with the dual norm ``q``.
+
+    What is certified: every returned interval contains the exact real-number pre-activation for every ``x`` in
+    the region, whatever the options: each pass is sound with the rounding allowances of
+    :mod:`~recurjac_scale.layer_bounds.backsub` (for the working dtype), and so is the intersection of passes.
+    With the defaults, on ReLU-family networks, every interval is also inside Fast-Lin's (it is intersected
+    with Fast-Lin run on its own earlier bounds, exactly as :func:`~recurjac_scale.layer_bounds.fastlin.fastlin`
+    runs alone, up to the order of summation).
 
     Parameters
     ----------
@@ -59,8 +67,16 @@ def crown(
         For ReLU / leaky-ReLU networks with ``relu_lower="adaptive"``: run Fast-Lin alongside (on its own
         earlier bounds, exactly as it runs alone) and intersect every layer with it.  The adaptive slope alone is
         looser than Fast-Lin on some neurons (about 20% of them in random networks); with this option CROWN is
-        never looser than Fast-Lin, by construction, at twice the cost of one pass (and about 2% tighter on
-        average, since the tighter bounds feed the later layers).  ``False`` gives plain CROWN-Ada (one pass).
+        never looser than Fast-Lin, by construction (and about 2% tighter on average, since the tighter bounds
+        feed the later layers).  Fast-Lin's lines are parallel, so with ``fused`` its pass runs one chain for
+        both bounds instead of two, and its first affine step is shared with CROWN-Ada's: the default costs
+        about 1.5 times plain CROWN-Ada instead of 2 times (benchmarks/RESULTS.md).  ``False`` gives plain
+        CROWN-Ada.
+    fused : bool
+        Run the back-substitution through :mod:`recurjac_scale.layer_bounds.fused` (one pass over the
+        coefficients per relaxation step, upper and lower chains stacked into one GEMM, one shared chain for
+        linear relaxations).  ``False`` runs the plain numpy chains, one per bound and pass, as before (kept as
+        the reference the fused engine is tested against); the two agree up to the order of summation.
 
     Returns
     -------
@@ -86,4 +102,5 @@ def crown(
         dtype=dtype,
         intersect_ibp=intersect_ibp,
         independent=independent,
+        fused=fused,
     )

@@ -34,11 +34,15 @@ def fastlin(
     block_rows: int | None = None,
     dtype=np.float64,
     intersect_ibp: bool = True,
+    fused: bool = True,
 ) -> tuple[list, list]:
     """Fast-Lin bounds of every pre-activation over ``B_p[x0, eps] ∩ D`` (Weng et al. 2018, Theorem 3.5).
 
     Same back-substitution engine as :func:`~recurjac_scale.layer_bounds.crown.crown` (block rows, dtype,
-    certified rounding); only the relaxation differs.
+    certified rounding); only the relaxation differs.  Fast-Lin's lines are parallel, so with finite bounds one
+    back-substitution chain serves both the upper and the lower bound (``fused``, see
+    :mod:`recurjac_scale.layer_bounds.fused`); ``fused=False`` runs the plain numpy chains (same bounds up to the
+    order of summation, twice the GEMMs).
 
     Raises
     ------
@@ -49,5 +53,6 @@ def fastlin(
     for act in network.layer_activations[:-1]:
         fastlin_relaxation(act, np.zeros(1), np.zeros(1))  # raises for unsupported activations
     return backsubstitute(
-        network, region, fastlin_relaxation, block_rows=block_rows, dtype=dtype, intersect_ibp=intersect_ibp
+        network, region, fastlin_relaxation, block_rows=block_rows, dtype=dtype, intersect_ibp=intersect_ibp,
+        fused=fused,
     )
