@@ -4,6 +4,7 @@ Lipschitz constants and robustness radii, computed blockwise on zarr + Dask + Nu
 Importing the package does no work: no numba compilation, no dask client, no file access.
 """
 
+from ._version import __version__
 from .activations import ACTIVATIONS, Activation, get_activation, register_activation
 from .engine import plan_jacobian, run_plan
 from .errors import RecurJacError
@@ -12,7 +13,6 @@ from .lipschitz import LipschitzResult, lipschitz, naive_constant
 from .layer_bounds import LAYER_BOUND_METHODS, LayerBounds, layer_bounds
 from .network import InputSpec, Network
 
-__version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
+from ._registry import Registry
 from .errors import InputError, NonFiniteError, ShapeMismatchError, UnsupportedActivationError
 
 __all__ = [
@@ -106,7 +107,7 @@ class Activation:
         a_low, b_low, a_up, b_up : ndarray, shape (n,), float64
             ``a_low * z + b_low <= sigma(z) <= a_up * z + b_up`` for every real ``z`` in ``[lower, upper]``, in
             exact arithmetic (intercepts are pushed outward for the rounding of every evaluation; see
-            :mod:`recurjac_scale.layer_bounds.relaxations`).  Slopes are finite; an intercept is infinite only
+            :mod:`recurjac_scale.relaxations`).  Slopes are finite; an intercept is infinite only
             where no finite line exists (unbounded interval of an unbounded function), with slope 0 there.
         """
         raise NotImplementedError  # pragma: no cover - abstract
@@ -160,7 +161,7 @@ def _finite_part(lower, upper):
     return fin, np.where(fin, lower, -1.0), np.where(fin, upper, 1.0)
 
 
-_REL_VALUE = 36 * np.finfo(np.float64).eps / 2  # one transcendental evaluation (see layer_bounds.relaxations)
+_REL_VALUE = 36 * np.finfo(np.float64).eps / 2  # one transcendental evaluation (see recurjac_scale.relaxations)
 
 
 def _up(v):
@@ -385,7 +386,7 @@ class HardSigmoid(Activation):
         (smallest area) upper and lower lines among the slopes ``0``, ``alpha`` and the slopes between the
         vertices of the graph on the interval; intercepts checked at every vertex (piecewise linear, so exact up
         to rounding).  Unbounded intervals get constant lines."""
-        from .layer_bounds.relaxations import piecewise_linear_intercepts
+        from .relaxations import piecewise_linear_intercepts
 
         l, u = _interval(lower, upper)
         fin, lf, uf = _finite_part(l, u)
@@ -427,12 +428,12 @@ class HardSigmoid(Activation):
 
 def _convex_relaxation(act: Activation, lower, upper):
     """Relaxation of a convex nondecreasing activation (ELU with alpha <= 1, softplus): chord above, tangent at
-    the midpoint below (CROWN), intercepts certified by :mod:`recurjac_scale.layer_bounds.relaxations`.
+    the midpoint below (CROWN), intercepts certified by :mod:`recurjac_scale.relaxations`.
 
     Unbounded intervals: above, ``z + (f(l) - l)`` on ``[l, inf)`` (``f(z) - z`` is nonincreasing) or the
     constant ``f(u)`` on ``(-inf, u]``; below, a slope just under ``f'(l)`` through ``f(l)`` (``f - a z`` is then
     nondecreasing on ``[l, inf)``) or the constant ``inf f``."""
-    from .layer_bounds.relaxations import lower_intercept, upper_intercept
+    from .relaxations import lower_intercept, upper_intercept
 
     f, df = act.value, act.derivative
     l, u = _interval(lower, upper)
@@ -583,7 +584,7 @@ class _SigmoidFamily(Activation):
         return a_r, b_low, a_up, b_up
 
     def _upper_line(self, l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        from .layer_bounds.relaxations import tangent_point_from_left, upper_intercept
+        from .relaxations import tangent_point_from_left, upper_intercept
 
         f, df = self.value, self.derivative
         fin, lf, uf = _finite_part(l, u)
@@ -671,17 +672,12 @@ class Arctan(_SigmoidFamily):
 
 # -- registry ----------------------------------------------------------------------------------------------------
 
-ACTIVATIONS: dict[str, Callable[..., Activation]] = {}
+ACTIVATIONS: Registry = Registry("activation", sep="_", error=UnsupportedActivationError)
 """Registry: name -> activation class.  Extend with :func:`register_activation`."""
-
-_ALIASES = {
-    "linear": "identity",
-    "none": "identity",
-    "leakyrelu": "leaky_relu",
-    "leaky": "leaky_relu",
-    "atan": "arctan",
-    "hardsigmoid": "hard_sigmoid",
-}
+ACTIVATIONS.add_aliases(
+    {"linear": "identity", "none": "identity", "leakyrelu": "leaky_relu", "leaky": "leaky_relu", "atan": "arctan",
+     "hardsigmoid": "hard_sigmoid"}
+)
 
 REJECTED_ACTIVATIONS: dict[str, str] = {
     "gelu": "its derivative is negative for z < -0.75",
@@ -702,8 +698,7 @@ def register_activation(cls: type[Activation]) -> type[Activation]:
     """
     if not cls.name:
         raise ValueError("an activation class needs a non-empty name")
-    ACTIVATIONS[cls.name] = cls
-    return cls
+    return ACTIVATIONS.register(cls.name, cls)
 
 
 for _cls in (Identity, ReLU, LeakyReLU, HardSigmoid, ELU, Softplus, Sigmoid, Tanh, Arctan):
@@ -731,8 +726,7 @@ def get_activation(name: str | Activation | None, **params) -> Activation:
         return name
     if name is None:
         return Identity()
-    key = str(name).strip().lower().replace("-", "_")
-    key = _ALIASES.get(key.replace("_", ""), _ALIASES.get(key, key))
+    key = ACTIVATIONS.resolve(name)
     if key in REJECTED_ACTIVATIONS:
         raise UnsupportedActivationError(
             f"activation {name!r} is not supported: {REJECTED_ACTIVATIONS[key]}, which breaks Assumption 2 of "

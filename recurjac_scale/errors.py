@@ -14,6 +14,7 @@ __all__ = [
     "NonFiniteError",
     "ModelFormatError",
     "StoreError",
+    "IncompleteRunError",
     "InputError",
     "OutputExistsError",
     "MissingDependencyError",
@@ -50,6 +51,11 @@ class InputError(RecurJacError):
 
 class OutputExistsError(RecurJacError):
     """An output already exists and overwriting it was not requested."""
+
+
+class IncompleteRunError(RecurJacError, RuntimeError):
+    """A run stopped before every block was computed (``max_blocks``): no result exists yet; rerunning with the same
+    checkpoint continues it.  (Also a ``RuntimeError``, as it was before it had its own class.)"""
 
 
 class MissingDependencyError(RecurJacError, ImportError):

@@ -44,6 +44,7 @@ from typing import Callable
 import numpy as np
 
 from ._fp import TINY, gamma
+from ._json import json_float
 from .errors import InputError, ShapeMismatchError
 from .layer_bounds.base import dual_norm, parse_norm
 from .network.model import Network
@@ -69,15 +70,6 @@ __all__ = [
 def format_norm(p: float):
     """``p`` as stored in JSON: ``1``, ``2`` or ``"inf"``."""
     return "inf" if p == math.inf else int(p)
-
-
-def _json_float(v):
-    if v is None:
-        return None
-    v = float(v)
-    if math.isinf(v):
-        return "inf" if v > 0 else "-inf"
-    return v
 
 
 # -- norms of the magnitude bound M ---------------------------------------------------------------------------
@@ -341,7 +333,7 @@ def _directional_upper_last_step(chain, states, signs: np.ndarray) -> np.ndarray
 def _algorithm2_backward(network: Network, jac, signs: np.ndarray) -> np.ndarray:
     """Algorithm 2 for RecurJac-B: reuses the chain and states ``0 .. T-1`` of the Jacobian run (same bounds of
     ``∂f/∂h(l)`` as for the Jacobian), then one per-row last step."""
-    chain, states = getattr(jac, "chain", None), getattr(jac, "states", None)
+    chain, states = jac.chain, jac.states
     if chain is None or states is None:
         from .jacobian import derivative_bounds_for
 
@@ -415,12 +407,12 @@ class LipschitzPoint:
 
     def to_dict(self) -> dict:
         return {
-            "eps": _json_float(self.eps),
-            "lipschitz": _json_float(self.lipschitz),
+            "eps": json_float(self.eps),
+            "lipschitz": json_float(self.lipschitz),
             "source": self.source,
-            "prop2": _json_float(self.prop2),
-            "algorithm2": _json_float(self.algorithm2),
-            "row_norms": [_json_float(v) for v in self.row_norms],
+            "prop2": json_float(self.prop2),
+            "algorithm2": json_float(self.algorithm2),
+            "row_norms": [json_float(v) for v in self.row_norms],
             "time_s": self.time_s,
             "timings": dict(self.timings),
             "unstable": list(self.unstable),
@@ -482,7 +474,7 @@ class LipschitzResult:
             "n_outputs": self.n_outputs,
             "norm": self.norm_kind,
             "algorithm2": self.algorithm2,
-            "naive_global": _json_float(self.naive_global),
+            "naive_global": json_float(self.naive_global),
             "rounding": self.rounding,
             "results": [pt.to_dict() for pt in self.points],
         }
@@ -625,7 +617,7 @@ def lipschitz(
         if alg2 is not None:
             cands["algorithm2"] = alg2
         source = min(cands, key=lambda k: (cands[k], k != "algorithm2", k == "naive"))
-        jt = dict(getattr(jac, "timings", {}) or {})
+        jt = dict(jac.timings)
         t_lb = float(jt.get("layer_bounds", 0.0))
         t_compile = float(jt.get("compile", 0.0))
         timings = {
@@ -646,7 +638,7 @@ def lipschitz(
                 row_norms=tuple(float(v) for v in rows),
                 time_s=time.perf_counter() - t0 - t_compile,
                 timings=timings,
-                unstable=tuple(int(u) for u in (getattr(jac, "unstable", ()) or ())),
+                unstable=tuple(int(u) for u in jac.unstable),
                 layer_bounds=lb_name,
             )
         )

@@ -15,7 +15,7 @@ import pytest
 
 from recurjac_scale.engine import estimate_wall_time, plan_jacobian
 from recurjac_scale.engine.plan import choose_blocks, parse_bytes
-from recurjac_scale.errors import InputError, OutputExistsError, StoreError
+from recurjac_scale.errors import IncompleteRunError, InputError, OutputExistsError, StoreError
 from recurjac_scale.jacobian import JACOBIAN_METHODS, jacobian_bounds
 from recurjac_scale.testing import assert_tasks_within_plan_memory, random_network
 
@@ -248,10 +248,10 @@ def test_resume_recomputes_no_finished_block(tmp_path, small, reference, method)
     ck = tmp_path / "ck"
     plan = _plan(net, x0, method, row_block=3, col_block=4)
     total = sum(s.n_tasks for s in plan.steps)
-    with pytest.raises(RuntimeError, match="max_blocks"):
+    with pytest.raises(IncompleteRunError, match="max_blocks"):
         plan.compute(checkpoint=ck, max_blocks=7, scheduler="synchronous")
     assert _records(ck) == 7
-    with pytest.raises(RuntimeError, match="max_blocks"):
+    with pytest.raises(IncompleteRunError, match="max_blocks"):
         plan.compute(checkpoint=ck, max_blocks=5, scheduler="threads")
     assert _records(ck) == 12
     res = plan.compute(checkpoint=ck, scheduler="threads")

@@ -97,10 +97,8 @@ def check_layer_bounds(name: str | None) -> str:
 
     if name is None:
         return default_layer_bounds()
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in LAYER_BOUND_METHODS:
-        raise InputError(f"unknown layer-bound method {name!r}; accepted: {', '.join(sorted(LAYER_BOUND_METHODS))}")
-    return key
+    LAYER_BOUND_METHODS.lookup(name)  # InputError naming the accepted ones
+    return LAYER_BOUND_METHODS.resolve(name)
 
 
 def check_jacobian_method(name: str) -> str:

@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import IncompleteRunError
 from ._common import check_output, load_model
 from .plan import add_engine_arguments, make_plan
 
@@ -76,11 +77,9 @@ def run(args) -> int:
             log=log,
             max_blocks=args.max_blocks,
         )
-    except RuntimeError as exc:
-        if args.max_blocks is not None and "max_blocks" in str(exc):
-            log(f"stopped: {exc}")
-            return 3
-        raise
+    except IncompleteRunError as exc:
+        log(f"stopped: {exc}")
+        return 3
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     elif not args.quiet:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+from .._json import json_float
 from ..errors import InputError
 from . import blocks as _blocks
 
@@ -241,8 +242,8 @@ class Plan:
         d["steps"] = [s.to_dict() for s in self.steps]
         for k in ("widths", "chain_widths", "unstable", "dead", "sparse_levels"):
             d[k] = list(d[k])
-        d["p"] = "inf" if self.p == math.inf else self.p
-        d["eps"] = "inf" if self.eps == math.inf else self.eps
+        d["p"] = json_float(self.p)
+        d["eps"] = json_float(self.eps)
         return d
 
     def describe(self) -> str:

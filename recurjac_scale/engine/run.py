@@ -24,7 +24,6 @@ the blocking is part of the job hash.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 import sys
@@ -38,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputExistsError, StoreError
+from .._json import json_float, json_safe
+from ..errors import IncompleteRunError, OutputExistsError, StoreError
 from .checkpoint import Checkpoint
 from .schedulers import blas_single_thread, open_executor
 
@@ -262,8 +262,8 @@ class EngineResult:
         return {
             "method": self.method,
             "layer_bound_method": self.layer_bound_method,
-            "eps": "inf" if self.eps == math.inf else self.eps,
-            "p": "inf" if self.p == math.inf else self.p,
+            "eps": json_float(self.eps),
+            "p": json_float(self.p),
             "shape": list(self.lower.shape),
             "job_id": self.job_id,
             "blocks_total": self.blocks_total,
@@ -320,18 +320,6 @@ def _create_result(path: Path, plan, m: int, n0: int) -> None:
         )
 
 
-def _json_safe(v):
-    if isinstance(v, float) and not math.isfinite(v):
-        return str(v)
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, (np.floating, np.integer)):
-        return _json_safe(v.item())
-    return v
-
-
 # -- the run ---------------------------------------------------------------------------------------------------
 def run_plan(
     plan,
@@ -385,7 +373,8 @@ def run_plan(
     log : callable, optional
         ``log(str)`` for status lines (the CLI passes a printer to stderr); default silent.
     max_blocks : int, optional
-        Compute at most this many blocks, then stop (for measuring a fraction of a job; raises ``RuntimeError``
+        Compute at most this many blocks, then stop (for measuring a fraction of a job; raises
+        :class:`~recurjac_scale.errors.IncompleteRunError`
         afterwards so no partial result is mistaken for a complete one, unless all blocks were done).
     durable : bool
         ``fsync`` each block's data and record before moving on (survives a machine crash, not only a killed
@@ -412,7 +401,7 @@ def run_plan(
         ckpt_dir = Path(tempfile.mkdtemp(prefix="recurjac-state-", dir=base))
     if keep_checkpoint is None:
         keep_checkpoint = given_ckpt
-    ckpt = Checkpoint.open(ckpt_dir, plan.job_id, description=_json_safe(plan.to_dict()), reset=overwrite)
+    ckpt = Checkpoint.open(ckpt_dir, plan.job_id, description=json_safe(plan.to_dict()), reset=overwrite)
     spec = ctx.worker_spec()
     success = False
     try:
@@ -520,7 +509,7 @@ def run_plan(
             task_times[(v["step"], v["rb"], v["cb"])] = v["seconds"]
             step_seconds[v["step"]] += v["seconds"]
         if not complete:
-            raise RuntimeError(
+            raise IncompleteRunError(
                 f"stopped after {len(block_keys)} block(s) (max_blocks); {total - reused - len(block_keys)} remain; "
                 "rerun with the same checkpoint to continue"
             )
@@ -556,7 +545,7 @@ def run_plan(
         )
         if output is not None:
             g.attrs.update(
-                _json_safe(
+                json_safe(
                     {
                         "format": RESULT_FORMAT,
                         "format_version": 1,

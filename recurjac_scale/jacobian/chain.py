@@ -473,8 +473,7 @@ def sparse_chain(chain: Chain, option, stored_layers=()) -> Chain:
 
 def stored_sparse_layers(network) -> tuple[int, ...]:
     """The layers a store-backed network holds as CSR (its provenance's ``sparse_layers``; empty otherwise)."""
-    prov = getattr(network, "provenance", None) or {}
-    layers = prov.get("sparse_layers") or ()
+    layers = network.provenance.get("sparse_layers") or ()
     try:
         return tuple(sorted(int(k) for k in layers))
     except (TypeError, ValueError):

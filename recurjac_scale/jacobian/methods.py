@@ -12,7 +12,7 @@ from typing import Callable
 import numpy as np
 
 from .._fp import gamma
-from ..errors import InputError
+from .._registry import Registry
 from .chain import Chain, DEFAULT_PANEL, derivative_bounds_for, finish_products, widen_outward
 from .fastlip import fastlip_step, interval_hull
 from .recurjac import recurjac_step
@@ -99,33 +99,18 @@ class JacobianMethod:
         """The earlier steps whose state (rows of the block, all columns) step ``t`` reads."""
         return tuple(range(t)) if self.uses_all_priors else (t - 1,)
 
-    def n_steps(self, chain: Chain) -> int:
-        return chain.n_steps
-
     def finish(self, chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
         """Last state -> ``(lower, upper)`` of shape ``(m, n_0)`` (:func:`finish_chain`)."""
         return finish_chain(chain, state)
 
 
-JACOBIAN_METHODS: dict[str, JacobianMethod] = {}
-"""Registry: name -> :class:`JacobianMethod`."""
+JACOBIAN_METHODS: Registry = Registry("Jacobian method", sep="-")
+"""Registry: name -> :class:`JacobianMethod` (aliases ``b``, ``f0``, ``f1``, ``recurjac``, ``fast-lip``)."""
 
 
-def register_jacobian_method(method: JacobianMethod) -> JacobianMethod:
-    JACOBIAN_METHODS[method.name] = method
-    return method
-
-
-_ALIASES = {
-    "recurjac": "recurjac-b",
-    "recurjac-backward": "recurjac-b",
-    "backward": "recurjac-b",
-    "b": "recurjac-b",
-    "f0": "recurjac-f0",
-    "f1": "recurjac-f1",
-    "recurjac-forward": "recurjac-f0",
-    "fast-lip": "fastlip",
-}
+def register_jacobian_method(method: JacobianMethod, aliases=()) -> JacobianMethod:
+    """Add ``method`` to :data:`JACOBIAN_METHODS` under ``method.name`` (and ``aliases``); returns it."""
+    return JACOBIAN_METHODS.register(method.name, method, aliases)
 
 
 def get_jacobian_method(name: str) -> JacobianMethod:
@@ -136,34 +121,34 @@ def get_jacobian_method(name: str) -> JacobianMethod:
     InputError
         For an unknown name, listing the accepted ones.
     """
-    key = str(name).strip().lower().replace("_", "-")
-    key = _ALIASES.get(key, key)
-    if key not in JACOBIAN_METHODS:
-        raise InputError(f"unknown Jacobian method {name!r}; accepted: {', '.join(sorted(JACOBIAN_METHODS))}")
-    return JACOBIAN_METHODS[key]
+    return JACOBIAN_METHODS.lookup(name)
 
 
 register_jacobian_method(
     JacobianMethod(
         "fastlip", "backward", 0, fastlip_step, False,
         "Fast-Lip (Weng et al. 2018a): layer-by-layer interval product on the backward chain",
-    )
+    ),
+    aliases=("fast-lip",),
 )
 register_jacobian_method(
     JacobianMethod(
         "recurjac-b", "backward", 0, recurjac_step, True,
         "RecurJac, backward (Zhang et al. 2019, Algorithm 1): rows = outputs",
-    )
+    ),
+    aliases=("recurjac", "recurjac-backward", "backward", "b"),
 )
 register_jacobian_method(
     JacobianMethod(
         "recurjac-f0", "forward", 0, recurjac_step, True,
         "RecurJac, forward on the transposed chain: rows = inputs; bounds of every dz(l)/dx",
-    )
+    ),
+    aliases=("f0", "recurjac-forward"),
 )
 register_jacobian_method(
     JacobianMethod(
         "recurjac-f1", "forward", 1, recurjac_step, True,
         "RecurJac, forward from h(1) (rows = layer-1 neurons), then one interval product with Σ(1) W(1)",
-    )
+    ),
+    aliases=("f1",),
 )

@@ -443,14 +443,6 @@ def _iter_shared_factors(chain: Chain, t: int):
     }
 
 
-def _nbytes(v) -> int:
-    if isinstance(v, np.ndarray):
-        return int(v.nbytes)
-    if sp.issparse(v):
-        return int(v.data.nbytes + v.indices.nbytes + v.indptr.nbytes)
-    return 0
-
-
 SHARED_TILE_BYTES = 16 * 2**20
 """Bytes of the per-row factors ``Z`` (``r x 2 R_s c``) :func:`_shared_levels` holds at once: the rows of a block
 are processed ``R_s`` at a time so that ``Z`` and the level products stay in cache (rows are independent: the

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .._json import json_float
 
 __all__ = ["JacobianBounds", "ROUNDING_NOTE"]
 
@@ -86,14 +87,11 @@ class JacobianBounds:
     def to_dict(self, arrays: bool = True) -> dict:
         """JSON-able dict (``lower``/``upper`` as nested lists when ``arrays``)."""
 
-        def num(v):
-            return "inf" if v == math.inf else float(v)
-
         d = {
             "method": self.method,
             "layer_bound_method": self.layer_bound_method,
-            "p": num(self.p),
-            "eps": num(self.eps),
+            "p": json_float(self.p),
+            "eps": json_float(self.eps),
             "shape": list(self.shape),
             "unstable": [int(u) for u in self.unstable],
             "timings": {k: float(v) for k, v in self.timings.items()},

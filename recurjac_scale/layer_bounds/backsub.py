@@ -50,7 +50,7 @@ from ..network.model import Network
 from .base import Region
 from .fused import affine_gamma, block_bounds
 from .ibp import affine_interval, first_layer_bounds
-from .relaxations import value_bounds
+from ..relaxations import value_bounds
 
 __all__ = ["backsubstitute", "DEFAULT_BLOCK_ROWS", "RelaxFn"]
 

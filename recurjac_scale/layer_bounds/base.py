@@ -8,6 +8,7 @@ from typing import Callable
 
 import numpy as np
 
+from .._registry import Registry
 from ..errors import InputError
 from ..network.model import Network
 
@@ -192,7 +193,7 @@ class LayerBounds:
 
 
 LayerBoundFn = Callable[..., tuple[list, list]]
-LAYER_BOUND_METHODS: dict[str, LayerBoundFn] = {}
+LAYER_BOUND_METHODS: Registry = Registry("layer-bound method", sep="-")
 """Registry: name -> ``fn(network, region, *, block_rows, dtype, **options) -> (lowers, uppers)`` (lists over
 all H affine layers, float64, certified)."""
 
@@ -202,17 +203,15 @@ def register_layer_bound_method(name: str):
     uppers)`` under ``name``."""
 
     def deco(fn: LayerBoundFn) -> LayerBoundFn:
-        LAYER_BOUND_METHODS[name] = fn
-        return fn
+        return LAYER_BOUND_METHODS.register(name, fn)
 
     return deco
 
 
 def get_layer_bound_method(name: str) -> LayerBoundFn:
-    key = str(name).strip().lower().replace("_", "-")
-    if key not in LAYER_BOUND_METHODS:
-        raise InputError(f"unknown layer-bound method {name!r}; accepted: {', '.join(sorted(LAYER_BOUND_METHODS))}")
-    return LAYER_BOUND_METHODS[key]
+    """The registered function of a layer-bound method (normalised name; :class:`InputError` listing the accepted
+    ones otherwise)."""
+    return LAYER_BOUND_METHODS.lookup(name)
 
 
 def layer_bounds(
@@ -258,7 +257,7 @@ def layer_bounds(
         Unknown method or option, bad eps/p/x0, an activation the method does not support (``fastlin``).
     """
     fn = get_layer_bound_method(method)
-    name = str(method).strip().lower().replace("_", "-")
+    name = LAYER_BOUND_METHODS.resolve(method)
     region = Region.of(network, x0, eps, p)
     net = network.materialize() if network.is_lazy else network
     try:

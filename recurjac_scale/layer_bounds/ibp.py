@@ -9,7 +9,7 @@ import numpy as np
 from .._fp import TINY, gamma
 from ..network.model import Network
 from .base import Region, register_layer_bound_method
-from .relaxations import value_bounds
+from ..relaxations import value_bounds
 
 __all__ = ["ibp", "first_layer_bounds", "affine_interval"]
 

@@ -79,6 +79,7 @@ from typing import Any
 
 import numpy as np
 
+from .._json import json_safe
 from ..activations import activation_from_spec
 from ..errors import (
     InputError,
@@ -217,31 +218,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def _json_safe(v: Any) -> Any:
-    """Turn metadata into strict JSON: numpy scalars/arrays to Python, paths to str, non-finite floats to
-    ``"inf"``/``"-inf"``/``"nan"`` strings (read back by numpy's float conversion)."""
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if isinstance(v, np.ndarray):
-        return _json_safe(v.tolist())
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        if math.isfinite(f):
-            return f
-        return "nan" if math.isnan(f) else ("inf" if f > 0 else "-inf")
-    if v is None or isinstance(v, str):
-        return v
-    if isinstance(v, os.PathLike):
-        return os.fspath(v)
-    return str(v)
-
-
 def _store_dtype(network: Network, dtype) -> np.dtype:
     if dtype is not None:
         dt = np.dtype(dtype)
@@ -349,7 +325,7 @@ def save_network(
     import dask.array as da
     import zarr
 
-    from .. import __version__
+    from .._version import __version__
 
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
@@ -386,7 +362,7 @@ def save_network(
         provenance["sparse_layers"] = sorted(sparse_layers)
     else:
         provenance.pop("sparse_layers", None)
-    attrs = _json_safe(
+    attrs = json_safe(
         {
             "format": FORMAT_NAME,
             "format_version": SPARSE_FORMAT_VERSION if sparse_layers else FORMAT_VERSION,
@@ -927,4 +903,4 @@ def network_store_info(path: str | os.PathLike) -> dict:
             e[n]["chunks_stored"] == e[n]["n_chunks"] for e in layers for n in ("weight", "bias")
         ),
     }
-    return _json_safe(info)
+    return json_safe(info)

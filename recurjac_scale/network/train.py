@@ -261,7 +261,7 @@ def train_mlp(
                 mh = m[i] / (1 - b1**step)
                 vh = v[i] / (1 - b2**step)
                 params[i] -= lr * mh / (np.sqrt(vh) + tiny)
-    from .. import __version__
+    from .._version import __version__
 
     net = Network(params[0::2], params[1::2], [act] * (H - 1), input_spec=data.input_spec)
     report = {

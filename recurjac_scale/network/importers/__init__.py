@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from ..._registry import Registry
 from ...errors import InputError, ModelFormatError
 from ..model import Network
 
@@ -42,8 +43,9 @@ __all__ = [
     "from_torch_module",
 ]
 
-IMPORTERS: dict[str, Callable[..., Network]] = {}
-"""Registry: format name -> importer ``f(path, **options) -> Network``."""
+IMPORTERS: Registry = Registry("model format", sep="_", error=ModelFormatError)
+"""Registry: format name -> importer ``f(path, **options) -> Network`` (aliases ``pytorch``, ``h5``, ...)."""
+IMPORTERS.add_aliases({"pytorch": "torch", "h5": "keras", "hdf5": "keras", "keras_h5": "keras"})
 
 IMPORTER_SUFFIXES: dict[str, str] = {}
 """File suffix (lower case, with the dot) -> format name."""
@@ -61,8 +63,8 @@ def register_importer(name: str, suffixes: tuple[str, ...] | list[str] = ()):
     """
 
     def deco(fn: Callable[..., Network]) -> Callable[..., Network]:
-        key = name.lower()
-        IMPORTERS[key] = fn
+        key = IMPORTERS.key(name)
+        IMPORTERS.register(key, fn)
         for s in suffixes:
             s = s.lower()
             IMPORTER_SUFFIXES[s if s.startswith(".") else "." + s] = key
@@ -97,12 +99,11 @@ def guess_format(path: str | os.PathLike) -> str:
 
 
 def _resolve_format(fmt: str) -> str:
-    key = str(fmt).strip().lower()
+    key = IMPORTERS.resolve(fmt)
     if key in IMPORTERS:
         return key
-    alias = IMPORTER_SUFFIXES.get(key if key.startswith(".") else "." + key)
-    if alias is None:
-        alias = {"pytorch": "torch", "h5": "keras", "hdf5": "keras", "keras_h5": "keras"}.get(key)
+    raw = str(fmt).strip().lower()
+    alias = IMPORTER_SUFFIXES.get(raw if raw.startswith(".") else "." + raw)
     if alias is None:
         raise ModelFormatError(f"unknown model format {fmt!r}; accepted formats: {_accepted()}")
     return alias

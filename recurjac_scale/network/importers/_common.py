@@ -70,7 +70,7 @@ def file_sha256(path: Path | str) -> str:
 def package_version() -> str:
     """The installed package version (``recurjac_scale.__version__``)."""
     try:
-        from ... import __version__
+        from ..._version import __version__
 
         return str(__version__)
     except ImportError:  # pragma: no cover - a broken install; fall back to the distribution metadata

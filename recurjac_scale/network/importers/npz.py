@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...activations import get_activation
+from ...activations import ACTIVATIONS, get_activation
 from ...errors import ModelFormatError
 from ..model import Network
 from . import register_importer
@@ -95,8 +95,7 @@ def _build(data: dict, path: Path) -> Network:
             raise ModelFormatError(f"'alphas' has shape {alphas.shape}; need ({n},), one slope per layer")
     layer_acts = []
     for k, name in enumerate(acts):
-        key = name.strip().lower().replace("-", "_")
-        if key in ("leaky_relu", "leakyrelu", "leaky"):
+        if ACTIVATIONS.resolve(name) == "leaky_relu":
             alpha = 0.01 if alphas is None else float(alphas[k])
             layer_acts.append(get_activation("leaky_relu", alpha=alpha))
         else:

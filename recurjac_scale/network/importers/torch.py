@@ -33,7 +33,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ...activations import Activation, get_activation
+from ...activations import ACTIVATIONS, Activation, get_activation
 from ...errors import ModelFormatError, UnsupportedActivationError, require
 from ..model import Network
 from . import register_importer
@@ -174,10 +174,9 @@ def _token_activation(token: str) -> Activation:
         vals = [float(p) for p in params]
     except ValueError:
         raise ModelFormatError(f"bad activation parameter in layer description entry {token!r}") from None
-    key = name.lower().replace("-", "_")
     if not vals:
         return get_activation(name)
-    if key in ("hard_sigmoid", "hardsigmoid") and len(vals) == 2:
+    if ACTIVATIONS.resolve(name) == "hard_sigmoid" and len(vals) == 2:
         return get_activation(name, alpha=vals[0], beta=vals[1])
     if len(vals) == 1:
         return get_activation(name, alpha=vals[0])
