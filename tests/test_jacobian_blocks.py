@@ -354,7 +354,7 @@ def test_panel_products_skip_dead_and_stable_neurons(method, rng, monkeypatch):
     terms can be non-zero: the live ones (``du > 0``), and for the radius of RecurJac's step 1 the unstable ones
     (``dl < du``).  Every such product has exactly that inner length; the results equal the products over all
     neurons up to the rounding allowance, contain the exact Jacobian, and stay bitwise blocking-invariant."""
-    import recurjac_scale.jacobian.chain as ch
+    import recurjac_scale.jacobian.products as ch
     import recurjac_scale.jacobian.fastlip as fl
     import recurjac_scale.jacobian.recurjac as rj
     from recurjac_scale.layer_bounds import Region
@@ -380,7 +380,7 @@ def test_panel_products_skip_dead_and_stable_neurons(method, rng, monkeypatch):
     inner = []
     tile = ch.tile_matmul
 
-    def recording(A, B, *a, **k):  # panel_products' dense products go through chain.tile_matmul
+    def recording(A, B, *a, **k):  # panel_products' dense products go through products.tile_matmul
         inner.append(B.shape[0])
         return tile(A, B, *a, **k)
 
@@ -434,7 +434,7 @@ def test_scaled_column_gather_equals_numpy_bitwise(dtype):
 def test_panel_products_keep_an_overflowed_dead_neuron_out_of_the_sum():
     """A left factor that overflowed (inf) on a neuron outside ``keep`` is not multiplied (``inf * 0`` = NaN in
     the product over every neuron); with a pruned level too."""
-    import recurjac_scale.jacobian.chain as ch
+    import recurjac_scale.jacobian.products as ch
 
     rng = np.random.default_rng(3)
     net, x0, lb, db = _setup("relu", [6, 9, 8, 3], 0.05, math.inf, rng)

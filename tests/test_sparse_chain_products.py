@@ -178,7 +178,7 @@ def test_every_product_sparse_equal_dense_and_sound(method, act, rng):
 @pytest.mark.parametrize("method", METHODS)
 def test_sparse_product_actually_used(method, rng, monkeypatch):
     """Corrupting the sparse product changes the result: the sparse paths are the ones that ran."""
-    import recurjac_scale.jacobian.chain as ch
+    import recurjac_scale.jacobian.products as ch
 
     net = _pruned(rng)
     jm = get_jacobian_method(method)

@@ -191,7 +191,7 @@ class ChainShape:
         and columns rounded up to the panel).  Fast-Lip: the interval hull ``(rows, d_t)`` arrays and the padded
         products.
         """
-        from ..jacobian.chain import row_tile_for
+        from ..jacobian.products import row_tile_for
 
         d = self.widths
         P = max(1, int(self.panel))
@@ -516,7 +516,7 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None, sp
     it, ``0`` / ``None`` none; the choice is made here, once, and shipped to the workers as level numbers.
     """
     from ..jacobian import api as _api
-    from ..jacobian.chain import sparse_chain, stored_sparse_layers
+    from ..jacobian.sparse_policy import sparse_chain, stored_sparse_layers
     from ..layer_bounds.base import LayerBounds, Region, layer_bounds as compute_layer_bounds
     from ..network.model import Network
 

@@ -11,7 +11,8 @@ from .. import kernels
 from ..errors import InputError, ShapeMismatchError
 from ..layer_bounds.base import LAYER_BOUND_METHODS, LayerBounds, Region, layer_bounds as compute_layer_bounds
 from ..network.model import Network
-from .chain import DEFAULT_PANEL, derivative_bounds_for, sparse_chain, stored_sparse_layers
+from .chain import DEFAULT_PANEL, derivative_bounds_for
+from .sparse_policy import sparse_chain, stored_sparse_layers
 from .driver import run_chain
 from .methods import get_jacobian_method
 from .result import JacobianBounds

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chain import Chain, live_neurons, panel_products, widen_outward, widening
+from .chain import Chain, widen_outward, widening
+from .products import live_neurons, panel_products
 
 __all__ = ["fastlip_step", "interval_hull"]
 

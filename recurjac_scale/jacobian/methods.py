@@ -13,7 +13,8 @@ import numpy as np
 
 from .._fp import gamma
 from .._registry import Registry
-from .chain import Chain, DEFAULT_PANEL, derivative_bounds_for, finish_products, widen_outward
+from .chain import Chain, DEFAULT_PANEL, derivative_bounds_for, widen_outward
+from .products import finish_products
 from .fastlip import fastlip_step, interval_hull
 from .recurjac import recurjac_step
 

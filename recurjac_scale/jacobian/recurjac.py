@@ -40,17 +40,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import kernels
-from .chain import (
-    Chain,
-    live_neurons,
-    panel_matmul,
-    panel_products,
-    sign_slack,
-    tile_matmul,
-    unstable_neurons,
-    widen_outward,
-    widening,
-)
+from .chain import Chain, sign_slack, widen_outward, widening
+from .products import live_neurons, panel_matmul, panel_products, tile_matmul, unstable_neurons
 
 __all__ = ["recurjac_step", "magnitude_step"]
 
