@@ -34,7 +34,7 @@ GEMM_BOUND = 0.75
 def measure(method: str, radius: int) -> dict:
     from recurjac_scale.engine.blocks import BoundChain
     from recurjac_scale.engine.schedulers import blas_single_thread
-    from recurjac_scale.jacobian import chain as ch
+    from recurjac_scale.jacobian import products as ch
     from recurjac_scale.jacobian import recurjac as rj
 
     bs.warmup(method, "crown")
@@ -42,7 +42,7 @@ def measure(method: str, radius: int) -> dict:
     store, net, x0, label, pred, eps, frac = bs.setup(radius)
     plan = bs._plan(store, x0, eps, method, "crown", pred, None, total_threads=1)
     ctx = plan.context
-    bc = BoundChain(ctx.adapter, ctx.chain)
+    bc = BoundChain(ctx.method, ctx.chain)
     shape = ctx.shape
     acc = {"t": 0.0, "f": 0.0}
 

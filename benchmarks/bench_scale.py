@@ -196,7 +196,7 @@ class FlopCounter:
     """Counts the GEMM FLOPs the Jacobian methods actually issue, in this process.
 
     Wraps the two GEMM helpers every method calls (``panel_matmul``, ``tile_matmul`` of
-    :mod:`recurjac_scale.jacobian.chain`) where the method modules imported them: ``2 * a * K * N`` per call
+    :mod:`recurjac_scale.jacobian.products`) where the method modules imported them: ``2 * a * K * N`` per call
     (``panel_matmul``: as issued, including the zero-padded columns of the last panel; ``tile_matmul``: the
     unpadded product).  Elementwise numba passes (masks, sign splits, Term I) are not counted.  Per layer step:
     :meth:`BoundChain.step_block` is wrapped too, so in-process schedulers attribute FLOPs to steps.
@@ -226,10 +226,10 @@ class FlopCounter:
                 return f(A, B, panel, *args, **kw)
             return tile_matmul
 
-        # "chain": its panel_products / finish_products call tile_matmul there (step 1, magnitude chain, Fast-Lip,
+        # "products": its panel_products / finish_products call tile_matmul there (step 1, magnitude chain, Fast-Lip,
         # F1 finish); every other module imported the helpers by name.  Each call goes through one name: no
         # double counting.  Sparse x dense products (pruned levels) are not counted.
-        for modname in ("chain", "recurjac", "fastlip", "methods", "driver"):
+        for modname in ("products", "chain", "recurjac", "fastlip", "methods", "driver"):
             try:
                 mod = importlib.import_module(f"recurjac_scale.jacobian.{modname}")
             except ImportError:
@@ -439,7 +439,7 @@ def _sample_blocks(plan, row_blocks: list[int], gemm_gflops: float) -> dict:
     from recurjac_scale.engine.schedulers import blas_single_thread
 
     ctx = plan.context
-    bc = BoundChain(ctx.adapter, ctx.chain)
+    bc = BoundChain(ctx.method, ctx.chain)
     shape = ctx.shape
     R, rb_, cb_ = plan.n_rows, plan.row_block, plan.col_block
     tasks = []  # (t, rb, cb, seconds)

@@ -17,7 +17,7 @@ Measured, one BLAS thread (threadpoolctl), in one process:
 - ``--sample`` methods (default RecurJac-F0): ``--row-blocks`` row blocks of ``--row-block`` rows (seeded choice),
   every layer step for those rows (rows are independent: the chain restricted to them computes exactly their rows),
   ``--sample-runs`` runs per kernel, extrapolated to all rows;
-- plan FLOPs of each kernel (``ChainShape.flops_per_entry``: dense counts rows x columns, sparse the stored entries),
+- plan FLOPs of each kernel (``ChainCost.flops_per_entry``: dense counts rows x columns, sparse the stored entries),
   the achieved GFLOP/s and its ratio to the GEMM rate; the load average before and after every measurement; the
   largest difference between the two results relative to the largest bound (summation order differs).
 
@@ -67,9 +67,9 @@ def _plan_flops(method: str, chain) -> float:
     """The engine plan's FLOP count of a whole run of ``chain`` (sparse levels by their stored entries; a step that
     shares across rows by that variant's model, its shared parts counted once for all rows), before the per-row
     masks."""
-    from recurjac_scale.engine._jacobian_adapters import adapter_for
+    from recurjac_scale.jacobian import get_jacobian_method
 
-    shape = adapter_for(method).shape(chain)
+    shape = get_jacobian_method(method).cost(chain)
     R, d = shape.n_rows, shape.widths
     return float(sum(R * d[t] * shape.flops_per_entry(t, block=(R, d[t])) for t in range(1, shape.n_steps + 1)))
 

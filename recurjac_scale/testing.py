@@ -233,12 +233,12 @@ def assert_tasks_within_plan_memory(plan, max_rows: int, max_cols: int) -> None:
     is at most the plan's estimate of a task's working memory (``task_peak_bytes - task_state_bytes``)."""
     import tracemalloc
 
-    from .jacobian import get_jacobian_method, run_chain
+    from .jacobian import run_chain
 
     ctx = plan.context
     spec = ctx.worker_spec()
     bc = spec.chain()
-    _, _, states = run_chain(get_jacobian_method(ctx.method), ctx.chain)
+    _, _, states = run_chain(ctx.method, ctx.chain)
     for sp in plan.steps:
         t = sp.step
         rows, cols = slice(0, min(max_rows, plan.n_rows)), slice(0, min(max_cols, sp.width))

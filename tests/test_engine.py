@@ -344,13 +344,13 @@ def test_not_a_checkpoint_folder_is_never_touched(tmp_path, small):
 
 
 def test_failed_block_is_not_recorded(tmp_path, small, monkeypatch):
-    from recurjac_scale.engine import _jacobian_adapters
+    from recurjac_scale.jacobian import JacobianMethod
 
     net, x0 = small
     ck = tmp_path / "ck"
     plan = _plan(net, x0, "recurjac-b", row_block=2, col_block=3)
     calls = {"n": 0}
-    orig = _jacobian_adapters.JacobianAdapter.step_block
+    orig = JacobianMethod.step_block
 
     def flaky(self, chain, t, rows, cols, priors):
         calls["n"] += 1
@@ -358,13 +358,13 @@ def test_failed_block_is_not_recorded(tmp_path, small, monkeypatch):
             raise FloatingPointError("boom")
         return orig(self, chain, t, rows, cols, priors)
 
-    monkeypatch.setattr(_jacobian_adapters.JacobianAdapter, "step_block", flaky)
+    monkeypatch.setattr(JacobianMethod, "step_block", flaky)
     with pytest.raises(FloatingPointError):
         plan.compute(checkpoint=ck, scheduler="synchronous")
     recs = [json.loads(p.read_text()) for p in (ck / "done").glob("step-*/*.json")]
     assert not any(r["step"] == 2 and r["rows"][0] == 2 for r in recs)
     assert ck.exists()  # a given checkpoint survives a failure
-    monkeypatch.setattr(_jacobian_adapters.JacobianAdapter, "step_block", orig)
+    monkeypatch.setattr(JacobianMethod, "step_block", orig)
     res = plan.compute(checkpoint=ck, scheduler="synchronous")
     assert res.blocks_reused == len(recs)
 
@@ -401,12 +401,12 @@ def test_plan_counts_and_costs(small):
 
 
 def test_plan_runs_nothing_heavy(tmp_path, small, monkeypatch):
-    from recurjac_scale.engine import _jacobian_adapters
+    from recurjac_scale.jacobian import JacobianMethod
 
     def boom(*a, **k):
         raise AssertionError("plan must not run blocks")
 
-    monkeypatch.setattr(_jacobian_adapters.JacobianAdapter, "step_block", boom)
+    monkeypatch.setattr(JacobianMethod, "step_block", boom)
     net, x0 = small
     plan = _plan(net, x0, "recurjac-b")
     assert plan.n_tasks > 0
@@ -492,18 +492,18 @@ def test_blas_is_single_threaded_inside_tasks(small, monkeypatch, scheduler):
     """Every block runs with one BLAS thread (threadpoolctl), also with concurrent tasks in a thread pool."""
     from threadpoolctl import threadpool_info
 
-    from recurjac_scale.engine import _jacobian_adapters
+    from recurjac_scale.jacobian import JacobianMethod
 
     net, x0 = small
     jacobian_bounds(net, x0, EPS, math.inf, method="recurjac-b", layer_bounds="crown")  # BLAS used in this thread
     seen = []
-    orig = _jacobian_adapters.JacobianAdapter.step_block
+    orig = JacobianMethod.step_block
 
     def spy(self, chain, t, rows, cols, priors):
         seen.append({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
         return orig(self, chain, t, rows, cols, priors)
 
-    monkeypatch.setattr(_jacobian_adapters.JacobianAdapter, "step_block", spy)
+    monkeypatch.setattr(JacobianMethod, "step_block", spy)
     _plan(net, x0, "recurjac-b", row_block=1, col_block=2).compute(scheduler=scheduler, threads_per_worker=2)
     assert seen and all(s == {1} for s in seen), seen
 
@@ -557,7 +557,6 @@ def test_plan_flops_of_a_shared_step_are_the_work_it_issues(method, monkeypatch)
     row-dot FLOPs the step issues equal the plan's figure."""
     import recurjac_scale.jacobian.recurjac as rj
     from recurjac_scale import kernels
-    from recurjac_scale.engine.blocks import get_block_method
     from recurjac_scale.jacobian import derivative_bounds_for, get_jacobian_method, run_chain
     from recurjac_scale.layer_bounds import layer_bounds
 
@@ -568,7 +567,7 @@ def test_plan_flops_of_a_shared_step_are_the_work_it_issues(method, monkeypatch)
     db = derivative_bounds_for(net, layer_bounds(net, x0, 0.01, method="crown"))
     jm = get_jacobian_method(method)
     chain = jm.build_chain(net, db).with_panel(1)
-    shape = get_block_method(method).shape(chain)
+    shape = jm.cost(chain)
     assert all(shape.shares[1:]) and not shape.shares[0]
     _, _, states = run_chain(jm, chain)
     count = [0.0]

@@ -486,7 +486,6 @@ def test_shared_workspaces_are_per_thread_and_results_unchanged(method, monkeypa
     import threading
 
     import recurjac_scale.jacobian.recurjac as rj
-    from recurjac_scale.engine.blocks import get_block_method
 
     monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)
     monkeypatch.setattr(rj, "SHARED_TILE_BYTES", 16 * 8 * 2 * 40)  # several row chunks per block
@@ -514,7 +513,7 @@ def test_shared_workspaces_are_per_thread_and_results_unchanged(method, monkeypa
         assert np.array_equal(lo, ref_lo) and np.array_equal(up, ref_up)
     pools = chain.memo()["workspace"]
     assert len(pools) == 3 and all("shared.Z" in p for p in pools.values())
-    shape = get_block_method(method).shape(chain)
+    shape = jm.cost(chain)
     R = chain.n_rows
     bound = max(shape.work_bytes(t, R, chain.widths[t]) for t in range(2, chain.n_steps + 1))
     assert max(sum(b.nbytes for b in p.values()) for p in pools.values()) <= bound

@@ -43,25 +43,16 @@ def parse_outputs(text: str | None):
     argparse.ArgumentTypeError
         On anything else (argparse turns it into a usage error, exit 2).
     """
+    from ..jacobian.prepare import parse_output_selection
+
     if text is None:
         return None
-    t = str(text).strip().lower()
-    if t in ("", "all"):
-        return None
-    parts = [s.strip() for s in t.split(",")]
     try:
-        vals = [int(s) for s in parts]
-    except ValueError:
+        return parse_output_selection(text)
+    except InputError:
         raise argparse.ArgumentTypeError(
             f"invalid --outputs {text!r}; accepted: 'all', a logit index K, or 'C,J' for the margin f_C - f_J"
         ) from None
-    if len(vals) == 1:
-        return vals[0]
-    if len(vals) == 2:
-        return (vals[0], vals[1])
-    raise argparse.ArgumentTypeError(
-        f"invalid --outputs {text!r}; accepted: 'all', a logit index K, or 'C,J' for the margin f_C - f_J"
-    )
 
 
 def parse_eps(text: str) -> float:
@@ -83,13 +74,10 @@ def check_eps(values) -> None:
 
 
 def default_layer_bounds() -> str:
-    """``crown`` when registered, else the best available of ``fastlin``, ``ibp``."""
-    from ..layer_bounds import LAYER_BOUND_METHODS
+    """``crown`` when registered, else the best available of ``fastlin``, ``ibp`` (as the Python API)."""
+    from ..jacobian.prepare import default_layer_bound_method
 
-    for name in ("crown", "fastlin", "ibp"):
-        if name in LAYER_BOUND_METHODS:
-            return name
-    return "ibp"  # pragma: no cover
+    return default_layer_bound_method()
 
 
 def check_layer_bounds(name: str | None) -> str:

@@ -33,7 +33,8 @@ from typing import Any
 
 from .._json import json_float
 from ..errors import InputError
-from . import blocks as _blocks
+from ..jacobian.cost import ChainCost
+from .blocks import prepare_job
 
 __all__ = [
     "Plan",
@@ -119,7 +120,7 @@ class StepPlan:
     flops : float
         Estimated floating-point operations of the whole step's GEMMs, with dead neurons (``du = 0``) removed,
         by the variant the step runs (a step sharing the stable part across rows: per-row work on the unstable
-        neurons, :meth:`ChainShape.flops_per_entry`), before the per-row masks (a row's Term I neurons drop out at
+        neurons, :meth:`~recurjac_scale.jacobian.cost.ChainCost.flops_per_entry`), before the per-row masks (a row's Term I neurons drop out at
         run time, so the work issued is usually lower; GEMM panel padding is not counted).
     flops_dense : float
         The same without removing dead neurons.
@@ -290,20 +291,7 @@ class Plan:
 
 
 # -- cost model ------------------------------------------------------------------------------------------------
-def _step_costs(shape: "_blocks.ChainShape", t: int, rb: int, cb: int) -> tuple[int, int, int]:
-    """(state bytes read, weight bytes touched, peak bytes) of the largest task of step ``t``."""
-    R, d = shape.n_rows, shape.widths
-    rows = min(rb, R)
-    cols = min(cb, d[t])
-    nk = len(shape.state_keys)
-    state = sum(rows * d[s] * nk * _F64 for s in shape.prior_steps(t))
-    weights = rows * d[0] * _F64 + sum(d[s - 1] * d[s] * _F64 for s in range(1, t)) + d[t - 1] * cols * _F64
-    work = shape.work_bytes(t, rows, cols)
-    out = rows * cols * nk * _F64
-    return int(state), int(weights), int(state + out + work)
-
-
-def _streamed_bytes(shape: "_blocks.ChainShape", t: int, cb: int, tile_bytes: int = 0) -> int:
+def _streamed_bytes(shape: ChainCost, t: int, cb: int, tile_bytes: int = 0) -> int:
     """Bytes a task of step ``t`` holds, on top of :func:`_step_costs`' peak, when the weights are streamed from the
     store (:mod:`recurjac_scale.engine.streaming`).
 
@@ -311,7 +299,7 @@ def _streamed_bytes(shape: "_blocks.ChainShape", t: int, cb: int, tile_bytes: in
     of :meth:`~recurjac_scale.engine.streaming.StoreMatrix.live_block` (``tile_bytes``,
     :func:`~recurjac_scale.engine.streaming.store_tile_bytes`) is held as its compressed chunks, their decoded
     buffers, the tile read and its selected part: ``4 x tile_bytes``.  The live weight blocks themselves are
-    counted in :meth:`ChainShape.level_bytes` (in memory the same blocks are cut out of the held matrices).
+    counted in :meth:`~recurjac_scale.jacobian.cost.ChainCost.level_bytes` (in memory the same blocks are cut out of the held matrices).
     """
     d = shape.widths
     cols = min(cb, d[t])
@@ -323,7 +311,7 @@ def _block_grid(n: int, b: int) -> int:
 
 
 def choose_blocks(
-    shape: "_blocks.ChainShape",
+    shape: ChainCost,
     *,
     row_block: int | None,
     col_block: int | None,
@@ -359,7 +347,7 @@ def choose_blocks(
     def peak(rb_, cb_):
         return int(baseline) + wbytes + threads_per_worker * max(
             (
-                _step_costs(shape, t, rb_, cb_)[2] + (_streamed_bytes(shape, t, cb_, tile_bytes) if stream else 0)
+                shape.task_costs(t, rb_, cb_)[2] + (_streamed_bytes(shape, t, cb_, tile_bytes) if stream else 0)
                 for t in range(1, shape.n_steps + 1)
             ),
             default=0,
@@ -386,19 +374,16 @@ def choose_blocks(
     return rb, cb
 
 
-def cache_bytes(shape: "_blocks.ChainShape", *, stream: bool) -> int:
+def cache_bytes(shape: ChainCost, *, stream: bool) -> int:
     """The most a worker process's caches hold between tasks: the chain-only factors of steps that share across
     rows (:data:`recurjac_scale.jacobian.recurjac.SHARED_CACHE_BYTES`) and the rows of earlier states
     (:data:`recurjac_scale.engine.run.PRIOR_CACHE_BYTES`, at most the job's whole state).  Streamed (out-of-core)
     runs keep neither."""
     if stream:
         return 0
-    from ..jacobian.recurjac import SHARED_CACHE_BYTES
     from .run import PRIOR_CACHE_BYTES
 
-    state = 8 * len(shape.state_keys) * shape.n_rows * sum(int(w) for w in shape.widths[1:])
-    shared = SHARED_CACHE_BYTES if any(shape.shares) or (not shape.shares and shape.depth == "recursive") else 0
-    return int(shared + min(PRIOR_CACHE_BYTES, state))
+    return int(shape.shared_cache_bytes() + min(PRIOR_CACHE_BYTES, shape.state_bytes()))
 
 
 def measure_workers(client) -> dict:
@@ -506,7 +491,7 @@ def plan_jacobian(
         if budget is None:
             budget = facts["budget"]
     t0 = time.perf_counter()
-    ctx = _blocks.prepare_job(network, x0, eps, parse_norm(p), method, layer_bounds, outputs, sparse_threshold)
+    ctx = prepare_job(network, x0, eps, parse_norm(p), method, layer_bounds, outputs, sparse_threshold)
     lb_seconds = time.perf_counter() - t0
     shape = ctx.shape
     tpw = max(1, int(threads_per_worker))
@@ -551,7 +536,7 @@ def plan_jacobian(
     for t in range(1, shape.n_steps + 1):
         width = shape.widths[t]
         nr, nc = _block_grid(R, rb), _block_grid(width, cb)
-        sb, wb, pk = _step_costs(shape, t, rb, cb)
+        sb, wb, pk = shape.task_costs(t, rb, cb)
         if ctx.stream:  # the task also holds its column panel and the store tiles in flight
             pk += _streamed_bytes(shape, t, cb, tile)
         steps.append(
@@ -578,7 +563,7 @@ def plan_jacobian(
         peak = baseline + caches + wbytes + tpw * task_peak
     job_id = ctx.job_id(rb, cb)
     return Plan(
-        method=ctx.method,
+        method=ctx.method.name,
         layer_bound_method=ctx.layer_bound_method,
         eps=float(ctx.eps),
         p=float(ctx.p),

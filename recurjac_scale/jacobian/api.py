@@ -8,97 +8,17 @@ import time
 import numpy as np
 
 from .. import kernels
-from ..errors import InputError, ShapeMismatchError
-from ..layer_bounds.base import LAYER_BOUND_METHODS, LayerBounds, Region, layer_bounds as compute_layer_bounds
+from ..errors import InputError
+from ..layer_bounds.base import LayerBounds
 from ..network.model import Network
 from .chain import DEFAULT_PANEL, derivative_bounds_for
-from .sparse_policy import sparse_chain, stored_sparse_layers
 from .driver import run_chain
 from .methods import get_jacobian_method
+from .prepare import default_layer_bound_method, output_matrix, prepare
 from .result import JacobianBounds
+from .sparse_policy import sparse_chain
 
 __all__ = ["jacobian_bounds", "output_matrix", "default_layer_bound_method", "derivative_bounds_for"]
-
-_PREFERRED = ("crown", "fastlin", "ibp")
-
-
-def default_layer_bound_method() -> str:
-    """``crown`` when registered, else the best registered of ``fastlin``, ``ibp``."""
-    for name in _PREFERRED:
-        if name in LAYER_BOUND_METHODS:
-            return name
-    raise InputError("no layer-bound method is registered")  # pragma: no cover
-
-
-def output_matrix(outputs, n_outputs: int) -> np.ndarray:
-    """The output selection ``C`` of shape ``(m, n_H)``.
-
-    Parameters
-    ----------
-    outputs : None, "all", int, (c, j), "K", "C,J" or array of shape (m, n_H)
-        ``None`` / ``"all"``: every output (``C = I``); ``k``: output ``k``; ``(c, j)``: the margin
-        ``f_c - f_j`` (``j = None``: output ``c``); a matrix: its rows.
-    n_outputs : int
-        ``n_H``.
-    """
-    n = int(n_outputs)
-
-    def idx(v) -> int:
-        try:
-            k = int(v)
-        except (TypeError, ValueError):
-            raise InputError(f"output index {v!r} is not an integer; accepted: 0..{n - 1}") from None
-        if isinstance(v, float) and v != k:
-            raise InputError(f"output index {v!r} is not an integer")
-        if not 0 <= k < n:
-            raise InputError(f"output index {k} out of range; accepted: 0..{n - 1}")
-        return k
-
-    if outputs is None:
-        return np.eye(n)
-    if isinstance(outputs, str):
-        s = outputs.strip().lower()
-        if s == "all":
-            return np.eye(n)
-        parts = [p.strip() for p in s.split(",")]
-        if len(parts) == 1:
-            outputs = parts[0]
-        elif len(parts) == 2:
-            outputs = (parts[0], parts[1])
-        else:
-            raise InputError(f"outputs={outputs!r}; accepted: 'all', 'K' or 'C,J'")
-    if isinstance(outputs, (int, np.integer, str)):
-        C = np.zeros((1, n))
-        C[0, idx(outputs)] = 1.0
-        return C
-    if isinstance(outputs, tuple) and len(outputs) == 2 and not isinstance(outputs[0], (list, tuple, np.ndarray)):
-        c = idx(outputs[0])
-        C = np.zeros((1, n))
-        C[0, c] = 1.0
-        if outputs[1] is not None:
-            j = idx(outputs[1])
-            if j == c:
-                raise InputError(f"margin f_c - f_j needs c != j (got c = j = {c})")
-            C[0, j] = -1.0
-        return C
-    C = np.asarray(outputs, dtype=np.float64)
-    if C.ndim == 1:
-        C = C[None, :]
-    if C.ndim != 2 or C.shape[1] != n or C.shape[0] == 0:
-        raise ShapeMismatchError(f"output matrix of shape {C.shape}; need (m, {n}) with m >= 1")
-    if not np.isfinite(C).all():
-        raise InputError("output matrix contains NaN or infinite values")
-    return C
-
-
-def _global_layer_bounds(network: Network, region: Region) -> LayerBounds:
-    lowers = tuple(np.full(n, -np.inf) for n in network.widths[1:])
-    uppers = tuple(np.full(n, np.inf) for n in network.widths[1:])
-    unstable = tuple(
-        int(np.count_nonzero(np.less(*a.derivative_bounds(l, u)))) for a, l, u in zip(network.layer_activations, lowers, uppers)
-    )
-    return LayerBounds(lower=lowers, upper=uppers, method="global", region=region, unstable=unstable)
-
 
 def jacobian_bounds(
     network: Network,
@@ -162,43 +82,26 @@ def jacobian_bounds(
     dtype = np.dtype(dtype)
     if dtype not in (np.dtype(np.float64), np.dtype(np.float32)):
         raise InputError(f"dtype {dtype} is not supported; accepted: float64, float32")
-    net = network.materialize() if network.is_lazy else network
-    region = Region.of(net, x0, eps, p)
-    C = output_matrix(outputs, net.n_outputs)
-    netC = net.with_outputs(C)
-
-    t0 = time.perf_counter()
-    if isinstance(layer_bounds, LayerBounds):
-        lb = layer_bounds
-        lb_name = lb.method
-    elif math.isinf(region.eps) and region.lower is None:
-        lb = _global_layer_bounds(netC, region)
-        lb_name = "global"
-    else:
-        lb_name = default_layer_bound_method() if layer_bounds is None else str(layer_bounds).strip().lower()
-        lb = compute_layer_bounds(netC, region.x0, region.eps, region.p, method=lb_name)
-    t_lb = time.perf_counter() - t0
-
-    db = derivative_bounds_for(netC, lb)
+    job = prepare(network, x0, eps, p, outputs, layer_bounds)
+    db = job.derivative_bounds
     compile_s = kernels.ensure_compiled(dtype)
     t1 = time.perf_counter()
-    chain = jm.build_chain(netC, db, dtype=dtype, panel=panel)
-    chain = sparse_chain(chain, sparse_threshold, stored_sparse_layers(network))
+    chain = jm.build_chain(job.network, db, dtype=dtype, panel=panel)
+    chain = sparse_chain(chain, sparse_threshold, job.sparse_layers)
     lower, upper, states = run_chain(jm, chain, row_block=row_block, col_block=col_block, keep_states=keep_states)
     t_jac = time.perf_counter() - t1
-    unstable = tuple(int(np.count_nonzero(dl < du)) for dl, du in db)
     return JacobianBounds(
         lower=lower,
         upper=upper,
         method=jm.name,
-        layer_bound_method=lb_name,
-        p=region.p,
-        eps=region.eps,
-        x0=region.x0,
-        outputs=C,
-        layer_bounds=lb,
-        unstable=unstable,
-        timings={"layer_bounds": t_lb, "jacobian": t_jac, "compile": compile_s},
+        layer_bound_method=job.layer_bound_method,
+        p=job.region.p,
+        eps=job.region.eps,
+        x0=job.region.x0,
+        outputs=job.outputs,
+        layer_bounds=job.layer_bounds,
+        unstable=job.unstable,
+        timings={"layer_bounds": job.layer_bounds_seconds, "jacobian": t_jac, "compile": compile_s},
         dtype=dtype.name,
         chain=chain if keep_states else None,
         states=states if keep_states else None,

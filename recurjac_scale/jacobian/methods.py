@@ -1,7 +1,8 @@
 """Registry of the Jacobian bound methods: ``fastlip``, ``recurjac-b``, ``recurjac-f0``, ``recurjac-f1``.
 
-Each entry is a :class:`JacobianMethod`: how to build its chain, its step (block) function, which earlier states
-a step reads, and how the last state becomes the ``(m, n_0)`` Jacobian bounds (see :mod:`.chain` for the loop).
+Each entry is a :class:`JacobianMethod`, the one interface every runner uses: how to build its chain, its step
+(block) function, which earlier states a step reads, how the last state becomes the ``(m, n_0)`` Jacobian bounds,
+and its cost model (see :mod:`.chain` for the loop, :mod:`.cost` for the costs).
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ import numpy as np
 
 from .._fp import gamma
 from .._registry import Registry
-from .chain import Chain, DEFAULT_PANEL, derivative_bounds_for, widen_outward
+from ..layer_bounds.base import LayerBounds
+from .chain import DEFAULT_PANEL, STATE_KEYS, Chain, derivative_bounds_for, top_state, widen_outward
+from .cost import ChainCost, chain_cost
 from .products import finish_products
+from .sparse_policy import with_sparse_levels
 from .fastlip import fastlip_step, interval_hull
 from .recurjac import recurjac_step
 
@@ -62,7 +66,27 @@ def finish_chain(chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
 
 @dataclass(frozen=True)
 class JacobianMethod:
-    """One Jacobian bound method.
+    """One Jacobian bound method: everything a runner needs, and nothing about where it runs.
+
+    The in-memory driver (:func:`recurjac_scale.jacobian.driver.run_chain`) and the scale engine
+    (:mod:`recurjac_scale.engine`) call exactly these, and nothing else of a method:
+
+    ==============================================  ==============================================================
+    ``build_chain(network, bounds, ...) -> Chain``  the chain ``M_0 Σ_1 M_1 ... Σ_T M_T`` of the method
+                                                    (:mod:`.chain`), for a network with its outputs folded in
+    ``priors(t) -> tuple of int``                   the earlier states (rows of the task, all columns) step ``t``
+                                                    reads
+    ``step_block(chain, t, rows, cols, priors)``    the state block ``(rows, cols)`` of step ``t``: a dict
+                                                    (:data:`.chain.STATE_KEYS`) of ``(R_blk, c)`` arrays; a pure
+                                                    function of the chain and the priors' rows
+    ``finish(chain, state) -> (lower, upper)``      the ``(m, n_0)`` Jacobian bounds from the whole last state
+    ``cost(chain) -> ChainCost``                    FLOPs, bytes and peak memory of a ``(rows x cols)`` task at step
+                                                    ``t`` (:mod:`.cost`), which the engine plans with
+    ==============================================  ==============================================================
+
+    A new method is one module that builds a :class:`JacobianMethod` (or a subclass overriding ``finish`` /
+    ``cost``) and calls :func:`register_jacobian_method`; no runner changes.  Results must not depend on the
+    blocking (rows, columns): see :mod:`.chain`, "Block interface".
 
     Attributes
     ----------
@@ -71,11 +95,16 @@ class JacobianMethod:
     start : int
         Forward chains: 0 (F0) or 1 (F1).
     step : callable
-        ``step(chain, t, V, priors) -> dict`` of ``(R_blk, c)`` arrays (``"lower"``, ``"upper"``, ``"mag"``).
+        ``step(chain, t, V, priors) -> dict`` of ``(R_blk, c)`` arrays (``"lower"``, ``"upper"``, ``"mag"``), with
+        ``V = M_t[:, cols]`` ``(d_t, c)`` and ``priors[s]`` the state of step ``s`` for the task's rows (``None``
+        for the steps not in :meth:`priors`).
     uses_all_priors : bool
         ``True`` when step ``t`` reads the states of every earlier step ``0..t-1`` (RecurJac), ``False`` when it
         reads only step ``t - 1`` (Fast-Lip).
     description : str
+    cost_model : {"", "recursive", "interval"}
+        The kernel family :meth:`cost` counts (:func:`.cost.chain_cost`); empty: ``"recursive"`` when
+        ``uses_all_priors``, else ``"interval"``.
     """
 
     name: str
@@ -84,25 +113,53 @@ class JacobianMethod:
     step: Callable
     uses_all_priors: bool
     description: str = ""
+    cost_model: str = ""
 
-    def build_chain(self, network, bounds, *, dtype=np.float64, panel: int = DEFAULT_PANEL) -> Chain:
+    def build_chain(
+        self, network, bounds, *, dtype=np.float64, panel: int = DEFAULT_PANEL, sparse_levels: tuple = ()
+    ) -> Chain:
         """The chain of this method for a network whose output selection is folded in (module :mod:`.chain`).
 
         ``bounds``: the network's :class:`LayerBounds` (pre-activation bounds), or derivative bounds ``[(dl, du),
-        ...]`` per hidden layer.
+        ...]`` per hidden layer.  ``sparse_levels``: levels that get CSR copies whatever their density
+        (:func:`.sparse_policy.with_sparse_levels`; the engine ships the client's choice to its workers).
         """
-        derivative_bounds = derivative_bounds_for(network, bounds) if hasattr(bounds, "lower") else bounds
+        derivative_bounds = derivative_bounds_for(network, bounds) if isinstance(bounds, LayerBounds) else bounds
         if self.direction == "backward":
-            return Chain.backward(network, derivative_bounds, dtype=dtype, panel=panel)
-        return Chain.forward(network, derivative_bounds, start=self.start, dtype=dtype, panel=panel)
+            chain = Chain.backward(network, derivative_bounds, dtype=dtype, panel=panel)
+        else:
+            chain = Chain.forward(network, derivative_bounds, start=self.start, dtype=dtype, panel=panel)
+        return with_sparse_levels(chain, sparse_levels)
 
     def priors(self, t: int) -> tuple[int, ...]:
         """The earlier steps whose state (rows of the block, all columns) step ``t`` reads."""
         return tuple(range(t)) if self.uses_all_priors else (t - 1,)
 
+    def initial_state(self, chain: Chain, rows=slice(None)) -> dict:
+        """State 0 (exact, the top ``M_0``) for the given rows (:func:`.chain.top_state`)."""
+        return top_state(chain, rows)
+
+    def step_block(self, chain: Chain, t: int, rows: slice, cols: slice, priors: dict) -> dict:
+        """Block ``(rows, cols)`` of step ``t``: ``step(chain, t, M_t[:, cols], ...)`` with the states of the steps
+        :meth:`priors` for these rows.
+
+        ``priors`` maps a step ``s >= 1`` to its state for ``rows`` (all columns); state 0 is taken from the chain.
+        Returns a dict of ``(rows, cols)`` arrays (:data:`.chain.STATE_KEYS`).
+        """
+        V = np.asarray(chain.mats[t - 1][:, cols], dtype=chain.dtype)
+        pri: list = [None] * t
+        for s in self.priors(t):
+            pri[s] = top_state(chain, rows) if s == 0 else priors[s]
+        return self.step(chain, t, V, pri)
+
     def finish(self, chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
         """Last state -> ``(lower, upper)`` of shape ``(m, n_0)`` (:func:`finish_chain`)."""
         return finish_chain(chain, state)
+
+    def cost(self, chain: Chain) -> ChainCost:
+        """The cost model of this method on ``chain`` (:func:`.cost.chain_cost`)."""
+        depth = self.cost_model or ("recursive" if self.uses_all_priors else "interval")
+        return chain_cost(chain, self.priors, depth=depth, state_keys=STATE_KEYS)
 
 
 JACOBIAN_METHODS: Registry = Registry("Jacobian method", sep="-")

@@ -7,12 +7,11 @@ pruned (CSR) matrix sum each row's stored entries in index order (:func:`panel_p
 :func:`finish_products`): results are bitwise independent of how rows and columns are blocked, and every summation
 is at most as long as the dense one the rounding allowances are written for.  The chain itself is
 :mod:`recurjac_scale.jacobian.chain`; this module only reads its ``panel``, ``row_tile``, ``du``, ``dl``,
-``sparse_mats``, ``finish_mat`` and ``sparse_finish``.
+``sparse_mats``, ``finish_mat`` and ``sparse_finish`` (``chain`` below is always a :class:`~.chain.Chain`; this
+module does not import it, the chain imports the row tiles from here).
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -20,9 +19,6 @@ try:  # scipy is a dependency of the package; the guard keeps the dense path fre
     import scipy.sparse as _sp
 except ImportError:  # pragma: no cover
     _sp = None
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .chain import Chain
 
 __all__ = [
     "ROW_TILE",
@@ -143,7 +139,7 @@ def tile_matmul(A: np.ndarray, B: np.ndarray, panel: int, row_tile: int = ROW_TI
 # loses nothing sound by not being multiplied by a structural zero.
 
 
-def level_is_sparse(chain: "Chain", t: int) -> bool:
+def level_is_sparse(chain, t: int) -> bool:
     """Whether level ``t`` (``mats[t - 1]``) of the chain holds a CSR copy (a chain-only, blocking-independent
     choice)."""
     return bool(chain.sparse_mats) and chain.sparse_mats[t - 1] is not None
@@ -170,19 +166,19 @@ def _csr_times_dense_t(B, A: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(out).T)
 
 
-def live_neurons(chain: "Chain", t: int) -> np.ndarray:
+def live_neurons(chain, t: int) -> np.ndarray:
     """Indices of the neurons of level ``t`` with ``du > 0`` (the others are dead: every product through them is an
     exact zero).  Depends on the chain alone."""
     return np.flatnonzero(chain.du[t - 1] > 0)
 
 
-def unstable_neurons(chain: "Chain", t: int) -> np.ndarray:
+def unstable_neurons(chain, t: int) -> np.ndarray:
     """Indices of the neurons of level ``t`` with ``dl < du`` (the derivative interval has a radius).  Depends on the
     chain alone."""
     return np.flatnonzero(chain.dl[t - 1] < chain.du[t - 1])
 
 
-def panel_products(chain: "Chain", t: int, V: np.ndarray, *lefts) -> list:
+def panel_products(chain, t: int, V: np.ndarray, *lefts) -> list:
     """``A @ V[keep]`` (or ``A @ |V[keep]|``) for each ``(A, absolute, keep)`` in ``lefts``: the products of a step
     with its column panel ``V = M_t[:, cols]`` (step 1 of RecurJac, the magnitude chain, Fast-Lip).
 
@@ -243,7 +239,7 @@ def panel_products(chain: "Chain", t: int, V: np.ndarray, *lefts) -> list:
     return out
 
 
-def finish_products(chain: "Chain", *rights, keep: np.ndarray | None = None) -> list:
+def finish_products(chain, *rights, keep: np.ndarray | None = None) -> list:
     """``W(1)ᵀ @ B`` (or ``|W(1)ᵀ| @ B``) for each ``(B, absolute)`` in ``rights``: the F1 finish (``B`` of shape
     ``(n_1, m)``, or ``(keep.size, m)`` on the layer-1 neurons ``keep``; the result ``(n_0, m)``).
 

@@ -138,7 +138,7 @@ def _workspace(ws, shape: tuple, dtype) -> np.ndarray:
     above the allocator's mmap threshold are page-faulted in again by every task (dask's worker default returns
     them to the system at once: measured, a third more run time).  A workspace array is valid until the next call
     with the same key; its size is within the task's own work memory
-    (:meth:`recurjac_scale.engine.blocks.ChainShape.work_bytes`), which the plan counts per thread."""
+    (:meth:`recurjac_scale.jacobian.cost.ChainCost.work_bytes`), which the plan counts per thread."""
     pool, key = ws
     dtype = np.dtype(dtype)
     if pool is None:

@@ -8,9 +8,11 @@ One policy shared by :func:`recurjac_scale.jacobian.jacobian_bounds`, the engine
 
 from __future__ import annotations
 
+import math
+
 from ..errors import InputError
 
-__all__ = ["KERNEL_SPARSE_THRESHOLD", "sparse_chain", "stored_sparse_layers"]
+__all__ = ["KERNEL_SPARSE_THRESHOLD", "sparse_chain", "stored_sparse_layers", "with_sparse_levels"]
 
 KERNEL_SPARSE_THRESHOLD = 0.15
 """Density below which :meth:`Chain.with_sparse` (default) keeps a CSR copy of a chain matrix for the RecurJac
@@ -55,3 +57,11 @@ def stored_sparse_layers(network) -> tuple[int, ...]:
         return tuple(sorted(int(k) for k in layers))
     except (TypeError, ValueError):
         return ()
+
+
+def with_sparse_levels(chain, levels=()):
+    """``chain`` with CSR copies of exactly the levels ``levels`` (``Chain.sparse_levels()`` of another build of the
+    same chain: the same choice in every process, whatever the matrices' density); empty: ``chain`` unchanged."""
+    if not levels:
+        return chain
+    return chain.with_sparse(math.inf, levels=tuple(levels))
