@@ -45,7 +45,9 @@ class WorkerSpec:
     ----------
     key : str
         The job hash (cache key).
-    method : str
+    method : JacobianMethod
+        Shipped itself (its step function by reference), so a method registered by a module the workers can import
+        runs with no registration step on the workers.
     network : Network or None
         In-memory network (numpy weights), shipped with the graph (once per worker under distributed).
     store_path : str or None
@@ -69,7 +71,7 @@ class WorkerSpec:
     """
 
     key: str
-    method: str
+    method: JacobianMethod
     network: Any
     store_path: str | None
     outputs: Any
@@ -91,8 +93,7 @@ class WorkerSpec:
         with _CHAINS_LOCK:
             c = _CHAINS.get(self.key)
             if c is None:
-                method = get_jacobian_method(self.method)
-                c = BoundChain(method, self._build(method))
+                c = BoundChain(self.method, self._build(self.method))
                 if self.stream or len(_CHAINS) >= 2:  # keep at most two jobs' weights per process (streamed: one)
                     _CHAINS.clear()
                 _CHAINS[self.key] = c
@@ -240,7 +241,7 @@ class JobContext:
         use_store = self.store_path is not None
         return WorkerSpec(
             key=key,
-            method=self.method.name,
+            method=self.method,
             network=None if use_store else self.network,
             store_path=self.store_path,
             outputs=self.outputs,
