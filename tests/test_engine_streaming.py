@@ -12,7 +12,7 @@ import pytest
 
 from recurjac_scale.engine import plan_jacobian
 from recurjac_scale.engine import plan as plan_mod
-from recurjac_scale.engine import streaming
+from recurjac_scale.network import store_matrix
 from recurjac_scale.engine.streaming import StoreMatrix
 from recurjac_scale.errors import InputError
 from recurjac_scale.jacobian import recurjac
@@ -116,7 +116,7 @@ def test_live_block_is_the_compacted_block_read_tile_by_tile(store, rng, transpo
 def test_streamed_with_tiny_panels_equals_in_memory(store, rng, monkeypatch, method):
     """One row per panel: many panels per level, only live rows filled; same bits as the in-memory path."""
     net, path = store
-    monkeypatch.setattr(streaming, "STREAM_PANEL_BYTES", 1)
+    monkeypatch.setattr(store_matrix, "STREAM_PANEL_BYTES", 1)
     x0 = rng.normal(size=9)
     ref = jacobian_bounds(net, x0, 0.05, math.inf, method=method, layer_bounds="ibp", outputs=(0, 2))
     plan = plan_jacobian(path, x0, 0.05, math.inf, method, layer_bounds="ibp", row_block=1, col_block=3,
@@ -155,7 +155,7 @@ def test_streamed_uneven_blocks_equal_in_memory(tmp_path, rng, monkeypatch, coun
     bitwise the in-memory result, and the levels read their blocks through ``live_block``."""
     net = random_network([11, 17, 13, 12, 5], "relu", rng)
     save_network(net, tmp_path / "m.zarr", chunk_edge=4)
-    monkeypatch.setattr(streaming, "STREAM_PANEL_BYTES", 1)
+    monkeypatch.setattr(store_matrix, "STREAM_PANEL_BYTES", 1)
     monkeypatch.setattr(recurjac, "SHARE_RATIO", math.inf if share else 0.0)
     x0 = rng.normal(size=11)
     ref = jacobian_bounds(net, x0, 0.04, math.inf, method=method, layer_bounds="ibp")

@@ -68,7 +68,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -91,6 +91,7 @@ from .sparse_policy import KERNEL_SPARSE_THRESHOLD, sparse_chain, stored_sparse_
 
 __all__ = [
     "Chain",
+    "LevelMatrix",
     "derivative_bounds_for",
     "top_state",
     "widening",
@@ -118,6 +119,39 @@ STATE_KEYS = ("lower", "upper", "mag")
 DEFAULT_PANEL = 128
 """GEMM panel width (columns per BLAS call).  Results depend on it, bitwise, so it is a property of the chain, not
 of the blocking."""
+
+@runtime_checkable
+class LevelMatrix(Protocol):
+    """A chain matrix that is not held in memory (e.g. a weight read from a model store on demand,
+    :class:`recurjac_scale.network.store_matrix.StoreMatrix`).  A chain (:meth:`Chain.from_layers`) may hold one
+    wherever it holds an array; the methods then read it only through this protocol:
+
+    - ``shape`` ``(d_t, d_{t+1})``, ``ndim`` (2) and ``dtype``;
+    - ``M[rows, cols]`` (slices or 1-d integer / boolean index arrays) -> ndarray: a step's column panel
+      ``V = M_t[:, cols]``;
+    - ``live_block(rows, cols, dtype) -> ndarray (len(rows), len(cols))``: the compacted block a level of the
+      recursion multiplies (:func:`recurjac_scale.jacobian.recurjac.recurjac_step`), bitwise
+      ``np.asarray(M, dtype)[np.ix_(rows, cols)]``, never the whole matrix;
+    - ``panel_rows() -> int``: rows read at a time by ``np.asarray(M)`` (whole-matrix readers go panel by panel);
+    - ``to_csr(dtype) -> scipy.sparse.csr_array``: the whole matrix as canonical CSR (a sparse level's copy);
+    - ``np.asarray(M)``: the whole matrix (for other readers).
+
+    Every value is the exact stored value, so a chain of level matrices gives bitwise the results of the same chain
+    held in memory.
+    """
+
+    shape: tuple
+
+    def __getitem__(self, idx) -> np.ndarray: ...
+
+    def live_block(self, rows, cols, dtype=None) -> np.ndarray: ...
+
+    def panel_rows(self) -> int: ...
+
+    def to_csr(self, dtype=np.float64): ...
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray: ...
+
 
 def _np(a, dtype=None) -> np.ndarray:
     if not isinstance(a, np.ndarray) and hasattr(a, "compute"):
@@ -261,17 +295,7 @@ class Chain:
             Opt-in sparse kernels: see :meth:`with_sparse` (``None``: dense only, the default).
         """
         ws, db = _weights_and_bounds(network, derivative_bounds, dtype)
-        H = len(ws)
-        return cls(
-            top=ws[H - 1],
-            mats=tuple(ws[k] for k in range(H - 2, -1, -1)),
-            dl=tuple(db[k][0] for k in range(H - 2, -1, -1)),
-            du=tuple(db[k][1] for k in range(H - 2, -1, -1)),
-            direction="backward",
-            names=tuple(f"hidden layer {k + 1}" for k in range(H - 2, -1, -1)),
-            panel=panel,
-            dtype=np.dtype(dtype),
-        )._sparse_opt_in(sparse_threshold)
+        return cls.from_layers(len(ws), db, _held(ws), dtype=dtype, panel=panel)._sparse_opt_in(sparse_threshold)
 
     @classmethod
     def forward(
@@ -291,33 +315,69 @@ class Chain:
         ``sparse_threshold``: opt-in sparse kernels, see :meth:`with_sparse`.
         """
         ws, db = _weights_and_bounds(network, derivative_bounds, dtype)
-        H = len(ws)
+        return cls.from_layers(
+            len(ws), db, _held(ws), direction="forward", start=start, dtype=dtype, panel=panel
+        )._sparse_opt_in(sparse_threshold)
+
+    @classmethod
+    def from_layers(
+        cls,
+        n_layers: int,
+        derivative_bounds: Sequence,
+        matrix: Callable,
+        *,
+        direction: str = "backward",
+        start: int = 0,
+        dtype=np.float64,
+        panel: int = DEFAULT_PANEL,
+    ) -> "Chain":
+        """The chain of a network of ``n_layers`` affine layers whose matrices come from a factory: the index
+        arithmetic of :meth:`backward` and :meth:`forward` (F0, F1) in one place.
+
+        Parameters
+        ----------
+        n_layers : int
+            ``H``.
+        derivative_bounds : sequence of (dl, du)
+            Per hidden layer ``k = 0..H-2``, shapes ``(n_{k+1},)``, already in ``dtype``.
+        matrix : callable
+            ``matrix(k, transpose, live_rows)``: the weight ``W(k+1)`` (shape ``(n_{k+1}, n_k)``), or its transpose,
+            as an array or a :class:`LevelMatrix`.  ``live_rows`` (bool, one per row) marks the rows a step reads
+            (the neurons of the level with ``du > 0``) for a chain matrix, ``None`` for the top and the F1 finish
+            matrix; a factory may ignore it.  Held weights: :meth:`backward`, :meth:`forward`; weights streamed
+            from a model store: :func:`recurjac_scale.engine.streaming.streamed_chain`.
+        direction : {"backward", "forward"}
+        start : {0, 1}
+            Forward chains: F0 or F1 (a network without hidden layers gives F0 for both).
+        """
+        H = int(n_layers)
+        db = derivative_bounds
+        if direction not in ("backward", "forward"):
+            raise InputError(f"chain direction={direction!r}; accepted: 'backward' or 'forward'")
         if start not in (0, 1):
             raise InputError(f"forward chain start={start!r}; accepted: 0 (F0) or 1 (F1)")
-        if start == 1 and H >= 2:
+        common = dict(direction=direction, panel=panel, dtype=np.dtype(dtype))
+        if direction == "backward":  # M_0 = W(H), M_t = W(H - t): rows of M_t are the neurons of hidden layer H - t
+            ks = range(H - 2, -1, -1)
             return cls(
-                top=np.ascontiguousarray(ws[1].T),
-                mats=tuple(np.ascontiguousarray(ws[k].T) for k in range(2, H)),
-                dl=tuple(db[k][0] for k in range(1, H - 1)),
-                du=tuple(db[k][1] for k in range(1, H - 1)),
-                direction="forward",
-                finish_mat=ws[0],
-                finish_dl=db[0][0],
-                finish_du=db[0][1],
-                names=tuple(f"hidden layer {k + 1}" for k in range(1, H - 1)),
-                panel=panel,
-                dtype=np.dtype(dtype),
-            )._sparse_opt_in(sparse_threshold)
+                top=matrix(H - 1, False, None),
+                mats=tuple(matrix(k, False, db[k][1] > 0) for k in ks),
+                dl=tuple(db[k][0] for k in ks),
+                du=tuple(db[k][1] for k in ks),
+                names=tuple(f"hidden layer {k + 1}" for k in ks),
+                **common,
+            )
+        first = 1 if (start == 1 and H >= 2) else 0  # F1: the F0 chain of the sub-network from h(1)
+        ks = range(first + 1, H)  # M_t = W(k+1)ᵀ: rows of M_t are the neurons of hidden layer k
         return cls(
-            top=np.ascontiguousarray(ws[0].T),
-            mats=tuple(np.ascontiguousarray(ws[k].T) for k in range(1, H)),
-            dl=tuple(db[k][0] for k in range(0, H - 1)),
-            du=tuple(db[k][1] for k in range(0, H - 1)),
-            direction="forward",
-            names=tuple(f"hidden layer {k + 1}" for k in range(0, H - 1)),
-            panel=panel,
-            dtype=np.dtype(dtype),
-        )._sparse_opt_in(sparse_threshold)
+            top=matrix(first, True, None),
+            mats=tuple(matrix(k, True, db[k - 1][1] > 0) for k in ks),
+            dl=tuple(db[k][0] for k in range(first, H - 1)),
+            du=tuple(db[k][1] for k in range(first, H - 1)),
+            names=tuple(f"hidden layer {k + 1}" for k in range(first, H - 1)),
+            **({"finish_mat": matrix(0, False, None), "finish_dl": db[0][0], "finish_du": db[0][1]} if first else {}),
+            **common,
+        )
 
     def _sparse_opt_in(self, threshold):
         return self if threshold is None else self.with_sparse(threshold)
@@ -352,7 +412,7 @@ class Chain:
         for t, m in enumerate(self.mats, start=1):
             if t not in sel or thr <= 0 or 0 in m.shape:
                 sm.append(None)
-            elif thr == math.inf and hasattr(m, "to_csr"):  # a streamed matrix: read as CSR, never dense whole
+            elif thr == math.inf and isinstance(m, LevelMatrix):  # read as CSR, never dense whole
                 sm.append(m.to_csr(self.dtype))
             else:
                 a = _np(m, self.dtype)
@@ -360,7 +420,7 @@ class Chain:
         fin = None
         f = self.finish_mat
         if f is not None and (T + 1) in sel and thr > 0 and 0 not in f.shape:
-            if thr == math.inf and hasattr(f, "to_csr"):
+            if thr == math.inf and isinstance(f, LevelMatrix):
                 fin = to_csr(f.to_csr(self.dtype).T, dtype=self.dtype)
             else:
                 f = _np(f, self.dtype)
@@ -427,6 +487,15 @@ class Chain:
     def rounding_length(self, t: int) -> int:
         """``N_t`` of the module docstring: a bound on the number of roundings on any path of step ``t``."""
         return 3 * sum(int(d.shape[0]) for d in self.dl[:t]) + 4 * t + 4 + (0 if self.dtype == np.float64 else 4 * t + 4)
+
+
+def _held(ws):
+    """The :meth:`Chain.from_layers` factory of held weights ``ws`` (a transpose is a C-contiguous copy)."""
+
+    def matrix(k, transpose, live_rows):
+        return np.ascontiguousarray(ws[k].T) if transpose else ws[k]
+
+    return matrix
 
 
 def _weights_and_bounds(network, derivative_bounds, dtype):

@@ -40,7 +40,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import kernels
-from .chain import Chain, sign_slack, widen_outward, widening
+from .chain import Chain, LevelMatrix, sign_slack, widen_outward, widening
 from .products import live_neurons, panel_matmul, panel_products, tile_matmul, unstable_neurons
 
 __all__ = ["recurjac_step", "magnitude_step"]
@@ -59,12 +59,12 @@ def _alive(du: np.ndarray) -> np.ndarray:
 def _level_matrix(chain: Chain, k: int, rows: np.ndarray, cols: np.ndarray, dt):
     """``M_{k+1}[rows][:, cols]`` (``chain.mats[k]``): dense as before, or CSR when the chain holds a sparse copy.
 
-    A matrix with a ``live_block`` method (weights streamed from the store, :mod:`recurjac_scale.engine.streaming`)
-    returns the same dense block itself, so that only the block is ever held."""
+    A :class:`~.chain.LevelMatrix` (weights streamed from the store, :mod:`recurjac_scale.engine.streaming`)
+    returns the same dense block itself (``live_block``), so that only the block is ever held."""
     sm = chain.sparse_mats[k] if chain.sparse_mats else None
     if sm is None:
         M = chain.mats[k]
-        if hasattr(M, "live_block"):
+        if isinstance(M, LevelMatrix):
             return M.live_block(rows, cols, dt)
         return np.asarray(M, dtype=dt)[np.ix_(rows, cols)]
     return sp.csr_array(sm[rows][:, cols])
@@ -394,7 +394,7 @@ def _shared_factors(chain: Chain, t: int):
 def _streamed(chain: Chain) -> bool:
     """The chain's matrices are read from the model store by each task (out-of-core runs: memory is the limit,
     so nothing is kept between tasks)."""
-    return any(hasattr(m, "panel_rows") for m in chain.mats)
+    return any(isinstance(m, LevelMatrix) for m in chain.mats)
 
 
 def _iter_shared_factors(chain: Chain, t: int):

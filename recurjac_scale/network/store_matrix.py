@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 
+from .csr_store import CSRWeight
+
 __all__ = ["StoreMatrix", "store_tile_bytes", "STREAM_PANEL_BYTES"]
 
 STREAM_PANEL_BYTES = 16 * 2**20
@@ -173,7 +175,7 @@ class StoreMatrix:
         from .sparse import to_csr
 
         z = self._array()
-        if hasattr(z, "csr"):  # a CSR layer of the store (recurjac_scale.network.store.CSRWeight)
+        if isinstance(z, CSRWeight):  # a pruned layer of the store
             a = z.csr()
             return to_csr(a.T if self.transpose else a, dtype=dtype)
         n, m = self.shape
