@@ -279,25 +279,11 @@ def _backward_prefix(netc: Network, derivative_bounds, dtype):
     """The backward RecurJac chain and its states ``0 .. T-1`` (bounds of ``∂f/∂h(l)`` for l >= 1), i.e. all of
     RecurJac-B except its last (most expensive) step."""
     from .jacobian import get_jacobian_method
-    from .jacobian.chain import STATE_KEYS, top_state
-    from .jacobian.driver import auto_blocks, iter_blocks
+    from .jacobian.driver import run_steps
 
     jm = get_jacobian_method("recurjac-b")
     chain = jm.build_chain(netc, derivative_bounds, dtype=dtype)
-    R = chain.n_rows
-    states = [top_state(chain)]
-    for t in range(1, chain.n_steps):
-        M_t = np.asarray(chain.mats[t - 1], dtype=chain.dtype)
-        rb, cb = auto_blocks(chain, t)
-        out = {k: np.empty((R, M_t.shape[1]), dtype=chain.dtype) for k in STATE_KEYS}
-        for rows in iter_blocks(R, rb):
-            priors = [{k: v[rows] for k, v in states[s].items()} for s in range(t)]
-            for cols in iter_blocks(M_t.shape[1], cb):
-                res = jm.step(chain, t, M_t[:, cols], priors)
-                for k in STATE_KEYS:
-                    out[k][rows, cols] = res[k]
-        states.append(out)
-    return chain, states
+    return chain, run_steps(jm, chain, last=chain.n_steps - 1)
 
 
 def _directional_upper_last_step(chain, states, signs: np.ndarray) -> np.ndarray:

@@ -10,7 +10,7 @@ import numpy as np
 from .chain import STATE_KEYS, Chain, top_state
 from .methods import JacobianMethod
 
-__all__ = ["run_chain", "auto_blocks", "iter_blocks"]
+__all__ = ["run_chain", "run_steps", "auto_blocks", "iter_blocks"]
 
 _BUDGET = 96 * 2**20  # bytes for the per-level operand X of one task (a few copies live at once)
 
@@ -74,9 +74,32 @@ def run_chain(
         ``states[t]`` = the full state of step ``t`` (``"lower"``, ``"upper"``, ``"mag"`` of shape
         ``(R, d_{t+1})``); entries no longer needed are ``None`` when ``keep_states`` is false.
     """
+    states = run_steps(method, chain, row_block=row_block, col_block=col_block, keep_states=keep_states)
+    lower, upper = method.finish(chain, states[-1])
+    return lower, upper, states
+
+
+def run_steps(
+    method: JacobianMethod,
+    chain: Chain,
+    *,
+    last: int | None = None,
+    row_block: int | None = None,
+    col_block: int | None = None,
+    keep_states: bool = True,
+) -> list:
+    """The states ``0 .. last`` of ``method`` on ``chain`` (default ``last = chain.n_steps``), in memory, block by
+    block: the loop of :func:`run_chain` without the finish (Algorithm 2 stops one step early).
+
+    Returns
+    -------
+    list of dict
+        ``states[t]`` as in :func:`run_chain`.
+    """
+    T = chain.n_steps if last is None else int(last)
     R = chain.n_rows
     states: list = [top_state(chain)]
-    for t in range(1, chain.n_steps + 1):
+    for t in range(1, T + 1):
         M_t = np.asarray(chain.mats[t - 1], dtype=chain.dtype)
         c_total = M_t.shape[1]
         rb, cb = auto_blocks(chain, t, method)
@@ -96,5 +119,4 @@ def run_chain(
         states.append(out)
         if not keep_states and not method.uses_all_priors:
             states[t - 1] = None
-    lower, upper = method.finish(chain, states[-1])
-    return lower, upper, states
+    return states
