@@ -292,7 +292,7 @@ class Plan:
 
 # -- cost model ------------------------------------------------------------------------------------------------
 def _streamed_bytes(shape: ChainCost, t: int, cb: int, tile_bytes: int = 0) -> int:
-    """Bytes a task of step ``t`` holds, on top of :func:`_step_costs`' peak, when the weights are streamed from the
+    """Bytes a task of step ``t`` holds, on top of :meth:`ChainCost.task_costs`' peak, when the weights are streamed from the
     store (:mod:`recurjac_scale.engine.streaming`).
 
     The column panel ``M_t[:, cols]`` (``d_t x cols``, the step's operand), and the store reads in flight: a tile

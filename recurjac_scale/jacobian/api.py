@@ -11,7 +11,8 @@ from .. import kernels
 from ..errors import InputError
 from ..layer_bounds.base import LayerBounds
 from ..network.model import Network
-from .chain import DEFAULT_PANEL, derivative_bounds_for
+from .chain import DEFAULT_PANEL
+from .derivative_bounds import derivative_bounds_for
 from .driver import run_chain
 from .methods import get_jacobian_method
 from .prepare import default_layer_bound_method, output_matrix, prepare

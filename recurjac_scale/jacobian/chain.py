@@ -87,6 +87,7 @@ from .products import (  # noqa: F401  (re-exported: the products were defined h
     tile_matmul,
     unstable_neurons,
 )
+from .derivative_bounds import derivative_bounds_for  # noqa: F401  (re-exported)
 from .sparse_policy import KERNEL_SPARSE_THRESHOLD, sparse_chain, stored_sparse_layers  # noqa: F401  (re-exported)
 
 __all__ = [
@@ -528,30 +529,6 @@ def _outward(lo, hi, orig, dtype):
     lo = np.where(lo.astype(np.float64) > lo64, np.nextafter(lo, np.asarray(0, dtype)), lo)
     hi = np.where(hi.astype(np.float64) < hi64, np.nextafter(hi, np.asarray(np.inf, dtype)), hi)
     return np.maximum(lo, 0).astype(dtype), hi.astype(dtype)
-
-
-def derivative_bounds_for(network, lb) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Derivative bounds ``(dl, du)`` of every hidden layer of ``network`` from pre-activation bounds ``lb``
-    (Eq. 6-8), intersected with the activation's global derivative range (both are sound)."""
-    H = network.n_layers
-    if len(lb.lower) < H - 1:
-        raise ShapeMismatchError(f"layer bounds for {len(lb.lower)} layers; the network has {H - 1} hidden layers")
-    out = []
-    for k in range(H - 1):
-        act = network.activations[k]
-        lo, hi = np.asarray(lb.lower[k], np.float64), np.asarray(lb.upper[k], np.float64)
-        if lo.shape != (network.widths[k + 1],) or hi.shape != lo.shape:
-            raise ShapeMismatchError(
-                f"layer bounds of layer {k} have shape {lo.shape}; need ({network.widths[k + 1]},)"
-            )
-        if np.isnan(lo).any() or np.isnan(hi).any() or (lo > hi).any():
-            raise InputError(f"layer bounds of layer {k} are NaN or empty (lower > upper)")
-        dl, du = act.derivative_bounds(lo, hi)
-        rlo, rhi = act.derivative_range
-        dl = np.maximum(np.asarray(dl, np.float64), rlo)
-        du = np.minimum(np.asarray(du, np.float64), rhi)
-        out.append((dl, du))
-    return out
 
 
 def top_state(chain: Chain, rows=slice(None)) -> dict:

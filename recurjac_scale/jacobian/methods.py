@@ -15,7 +15,8 @@ import numpy as np
 from .._fp import gamma
 from .._registry import Registry
 from ..layer_bounds.base import LayerBounds
-from .chain import DEFAULT_PANEL, STATE_KEYS, Chain, derivative_bounds_for, top_state, widen_outward
+from .chain import DEFAULT_PANEL, STATE_KEYS, Chain, top_state, widen_outward
+from .derivative_bounds import derivative_bounds_for
 from .cost import ChainCost, chain_cost
 from .products import finish_products
 from .sparse_policy import with_sparse_levels
@@ -95,7 +96,7 @@ class JacobianMethod:
     start : int
         Forward chains: 0 (F0) or 1 (F1).
     step : callable
-        ``step(chain, t, V, priors) -> dict`` of ``(R_blk, c)`` arrays (``"lower"``, ``"upper"``, ``"mag"``), with
+        ``step(chain, t, V, priors) -> dict`` of ``(R_blk, c)`` arrays (keys :data:`.chain.STATE_KEYS`), with
         ``V = M_t[:, cols]`` ``(d_t, c)`` and ``priors[s]`` the state of step ``s`` for the task's rows (``None``
         for the steps not in :meth:`priors`).
     uses_all_priors : bool

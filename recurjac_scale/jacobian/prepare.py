@@ -7,7 +7,7 @@ Everything a Jacobian method needs before its chain is built, computed once, in 
 2. the region ``B_p[x0, eps] ∩ D`` (:class:`~recurjac_scale.layer_bounds.Region`);
 3. the pre-activation bounds: given, the global ones for ``eps = inf`` without a domain, or computed by the default
    (or named) layer-bound method;
-4. the derivative bounds ``(dl, du)`` of every hidden layer (:func:`.chain.derivative_bounds_for`).
+4. the derivative bounds ``(dl, du)`` of every hidden layer (:func:`.derivative_bounds.derivative_bounds_for`).
 
 :func:`recurjac_scale.jacobian.jacobian_bounds` (in memory), the engine's plan
 (:func:`recurjac_scale.engine.plan_jacobian`) and applications all start here, so they compute the same bounds.
@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import InputError, ShapeMismatchError
 from ..layer_bounds.base import LAYER_BOUND_METHODS, LayerBounds, Region, layer_bounds as compute_layer_bounds
 from ..network.model import Network
-from .chain import derivative_bounds_for
+from .derivative_bounds import derivative_bounds_for
 from .sparse_policy import stored_sparse_layers
 
 __all__ = ["Job", "prepare", "output_matrix", "parse_output_selection", "default_layer_bound_method"]
