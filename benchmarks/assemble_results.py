@@ -16,6 +16,7 @@ ORDER = (
     "_summary.md", "layer_bounds.md", "layer_bounds_cifar.md", "jacobian_speed.md", "jacobian.md", "scale.md",
     "gemm_share.md", "scale_ooc.md", "sparse_kernels.md",
 )
+ORDER += ("interface_refactor.md",)
 
 
 def main() -> None:
