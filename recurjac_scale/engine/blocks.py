@@ -82,7 +82,7 @@ class ChainShape:
     widths: tuple
     live: tuple
     priors: tuple
-    state_keys: tuple = ("lower", "upper", "mag")
+    state_keys: tuple = ("lower", "upper", "allowance")
     depth: str = "recursive"
     panel: int = 128
     level_nnz: tuple = ()

@@ -15,6 +15,7 @@ from .chain import DEFAULT_PANEL, derivative_bounds_for, sparse_chain, stored_sp
 from .driver import run_chain
 from .methods import get_jacobian_method
 from .result import JacobianBounds
+from .rounding import final_allowance
 
 __all__ = ["jacobian_bounds", "output_matrix", "default_layer_bound_method", "derivative_bounds_for"]
 
@@ -199,6 +200,7 @@ def jacobian_bounds(
         unstable=unstable,
         timings={"layer_bounds": t_lb, "jacobian": t_jac, "compile": compile_s},
         dtype=dtype.name,
+        allowance=final_allowance(chain, states[-1]),
         chain=chain if keep_states else None,
         states=states if keep_states else None,
     )
