@@ -13,6 +13,7 @@ import math
 import numpy as np
 
 from ..jacobian.chain import STATE_KEYS, top_state
+from ..jacobian.rounding import final_allowance
 from ..jacobian.driver import run_chain
 from ..jacobian.methods import JACOBIAN_METHODS, JacobianMethod, get_jacobian_method
 from .blocks import BLOCK_METHODS, ChainShape, register_block_method
@@ -82,6 +83,11 @@ class JacobianAdapter:
     def finish(self, chain, final: dict, cols: slice):
         lower, upper = self.method.finish(chain, final)
         return lower[:, cols], upper[:, cols]
+
+    def finish_allowance(self, chain, final: dict, cols: slice) -> np.ndarray:
+        """Columns ``cols`` of the result's rounding allowance (:func:`recurjac_scale.jacobian.rounding.
+        final_allowance`)."""
+        return final_allowance(chain, final)[:, cols]
 
     def in_memory(self, network, derivative_bounds, sparse_levels=()):
         chain = self.build(network, derivative_bounds, sparse_levels)

@@ -418,6 +418,15 @@ class BoundChain:
     def finish(self, final, cols):
         return self.adapter.finish(self.chain, final, cols)
 
+    def rounding_share(self, final, cols, lower, upper) -> float | None:
+        """The rounding share of the result columns ``cols`` (``None`` when the method does not state one)."""
+        f = getattr(self.adapter, "finish_allowance", None)
+        if f is None:
+            return None
+        from ..jacobian.rounding import rounding_share
+
+        return rounding_share(lower, upper, f(self.chain, final, cols))
+
     def initial_state(self):
         """State 0 (the exact top ``M_0``) for all rows."""
         return self.adapter.initial_state(self.chain)

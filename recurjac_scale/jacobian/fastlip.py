@@ -6,7 +6,7 @@ derivative interval, ``Z = hull([L, U] · [dl_t, du_t])`` (``0 <= dl <= du``: lo
 midpoint-radius form, ``mid(Z) V ± rad(Z) |V|`` (exact for an interval matrix times a point matrix).  Rounding:
 each step widens by its local error ``gamma(d_t + 8) max_r max(|zl|, |zu|)[j, r] colsum|V|[k]`` (the priors are
 certified floats; :mod:`recurjac_scale.jacobian.rounding`), and its allowance adds the priors' allowance times
-``du |V|`` (bounded the same way).
+``du |V|`` (stacked into the radius product).
 
 A pruned level (``Chain.with_sparse``) multiplies by ``V`` sparse x dense (:func:`recurjac_scale.jacobian.chain.
 panel_products`): each entry is a fixed-order sum over the stored entries of a column of ``V`` (at most ``d_t``
@@ -22,7 +22,8 @@ from __future__ import annotations
 import numpy as np
 
 from .chain import Chain, live_neurons, panel_products
-from .rounding import PROP, abs_col_sums, local_allowance, row_max, widen_outward
+from .._fp import gamma
+from .rounding import abs_col_sums, local_allowance, row_max, widen_outward
 
 __all__ = ["fastlip_step", "interval_hull"]
 
@@ -59,7 +60,7 @@ def fastlip_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
     dict of ndarray, shape (R_blk, c)
         ``"lower"``, ``"upper"`` (widened outward for rounding) and ``"allowance"``.
     """
-    dt = chain.dtype
+    dt = np.dtype(chain.dtype)
     V = np.asarray(V, dtype=dt)
     if V.ndim != 2:
         raise ValueError("fastlip takes a shared column panel V of shape (d_t, c)")
@@ -72,18 +73,18 @@ def fastlip_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
     zl, zu = interval_hull(L[:, live], U[:, live], dl[None, :], du[None, :])
     mid = 0.5 * (zl + zu)
     rad = 0.5 * (zu - zl)
-    # The two products with V (centre, radius): dense fixed tiles, or sparse x dense for a pruned level
-    # (chain.panel_products; <= d_t terms per entry).
-    center, radius = panel_products(chain, t, V, (mid, False, live), (rad, True, live))
+    # The products with V (centre; radius and the priors' allowance stacked into one product with |V|): dense
+    # fixed tiles, or sparse x dense for a pruned level (chain.panel_products; <= d_t terms per entry).
+    R = L.shape[0]
+    a_prev = np.asarray(prev["allowance"], dtype=dt)[:, live] * du[None, :]  # moves Z by at most du a
+    center, rad_prop = panel_products(chain, t, V, (mid, False, live), (np.vstack([rad, a_prev]), True, live))
+    radius, prop = rad_prop[:R], rad_prop[R:]
     # Local error only (L, U are certified floats): the hull products, mid/rad, and one GEMM of length d_t, each
     # term |mid| |V| + |rad| |V| = max(|zl|, |zu|) |V| <= max_r max(|zl|, |zu|)[j, r] colsum|V|[k].
     n = V.shape[0] + 8 + (0 if dt == np.float64 else 8)
-    colV = abs_col_sums(V, np.dtype(dt))
     with np.errstate(over="ignore", invalid="ignore"):
         zmax = row_max(np.maximum(np.abs(zl), np.abs(zu)))
-        w = local_allowance(chain, n, zmax, colV)
-        # the priors' allowance moves Z by at most du a (hull products with factors <= du)
-        a_prev = np.asarray(prev["allowance"], dtype=dt)[:, live] * du[None, :]
-        prop = (row_max(a_prev) * dt.type(PROP))[:, None] * colV[None, :]
+        w = local_allowance(chain, n, zmax, abs_col_sums(V, np.dtype(dt)))
+        allowance = 2.0 * w + prop * dt.type(1.0 + 2.0 * gamma(n, dt))
     lower, upper = widen_outward(center - radius, center + radius, w)
-    return {"lower": lower, "upper": upper, "allowance": 2.0 * w + prop}
+    return {"lower": lower, "upper": upper, "allowance": allowance}
