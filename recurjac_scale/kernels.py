@@ -22,13 +22,14 @@ import numba
 import numpy as np
 
 __all__ = [
-    "prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "gather_rows", "gather_cols_scaled",
+    "prep_level", "top_level", "perrow_abs_matmul", "rowdot_acc", "rowdot_abs_acc", "abs_col_sums",
+    "gather_rows", "gather_cols_scaled",
     "exact_dot_rows", "no_add", "ensure_compiled",
 ]
 
 
 @numba.njit(nogil=True, cache=True)
-def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd):  # pragma: no cover - compiled
+def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd, Cl, Cq, err):  # pragma: no cover
     """Term I and the merged-weight operand of one level of Algorithm 1 (Zhang et al. 2019, Eq. 14-19).
 
     Parameters
@@ -62,6 +63,12 @@ def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd)
     Xadd : ndarray, shape (K, c) or (0, 0)
         When it has rows: a part shared by every row and both chains, added to ``X`` before anything else
         (``X[r, q] + Xadd[r, k]``, one rounding: the same value as adding it beforehand, without the extra pass).
+    Cl, Cq : ndarray, shape (R, K)
+        Running-allowance coefficients (:func:`recurjac_scale.jacobian.rounding.level_coefficients`).
+    err : ndarray, shape (4, R, c), in/out
+        ``err[ch, j, k] += Cl[j, r] |x|`` (rounding of this level, chain ``ch``) and, on the neurons with
+        ``dl < du``, ``err[2 + ch, j, k] += Cq[j, r] |x|`` (propagated allowance of the priors), ``x`` the operand
+        entry (after ``Xadd``).
 
     Notes
     -----
@@ -75,7 +82,7 @@ def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd)
     ``Y >= 0`` then misses the true extreme of ``Y sigma' x`` over ``[dl, du]`` by at most
     ``(du - dl) delta |x|``, which is added outward to both chains (``N`` alike with ``delta = max(0, Um)``).
     ``delta <= Sp``: the correction is of the order of the rounding allowance, and it is dominated by
-    ``du |Lm| |x|``, as Term I is (the rounding accounting of :mod:`recurjac_scale.jacobian.chain` holds).
+    ``du |Lm| |x|``, as Term I is (the accounting of :mod:`recurjac_scale.jacobian.rounding` holds).
     """
     K = X.shape[0]
     Rc = R * c
@@ -86,6 +93,8 @@ def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd)
         for j in range(R):
             L = Lp[j, r]
             U = Up[j, r]
+            cl = Cl[j, r]
+            cq = Cq[j, r]
             qu = j * c
             ql = Rc + j * c
             xu0 = 0 if shared else qu
@@ -100,6 +109,8 @@ def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd)
                     Xp[r, qu + k] = hi * xu
                     Xp[r, ql + k] = hi * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
+                    err[0, j, k] += cl * abs(xu)
+                    err[1, j, k] += cl * abs(xl)
             elif L >= -Sp[j, r]:
                 dd = (hi - lo) * (-L) if L < 0 else 0.0
                 for k in range(c):
@@ -111,6 +122,12 @@ def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd)
                     Xp[r, qu + k] = hi * xu if xu > 0 else lo * xu
                     Xp[r, ql + k] = lo * xl if xl > 0 else hi * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
+                    au = abs(xu)
+                    al = abs(xl)
+                    err[0, j, k] += cl * au
+                    err[1, j, k] += cl * al
+                    err[2, j, k] += cq * au
+                    err[3, j, k] += cq * al
                     if dd > 0:
                         acc[0, j, k] += dd * abs(xu)
                         acc[1, j, k] -= dd * abs(xl)
@@ -125,6 +142,12 @@ def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd)
                     Xp[r, qu + k] = lo * xu if xu > 0 else hi * xu
                     Xp[r, ql + k] = hi * xl if xl > 0 else lo * xl
                     nnz[j] += (Xp[r, qu + k] != 0) + (Xp[r, ql + k] != 0)
+                    au = abs(xu)
+                    al = abs(xl)
+                    err[0, j, k] += cl * au
+                    err[1, j, k] += cl * al
+                    err[2, j, k] += cq * au
+                    err[3, j, k] += cq * al
                     if dd > 0:
                         acc[0, j, k] += dd * abs(xu)
                         acc[1, j, k] -= dd * abs(xl)
@@ -140,12 +163,18 @@ def prep_level(X, shared, Lp, Up, Sp, dl, du, R, c, Xp, acc, n_term1, nnz, Xadd)
                         xl += Xadd[r, k]
                     Xp[r, qu + k] = 0.0
                     Xp[r, ql + k] = 0.0
+                    au = abs(xu)
+                    al = abs(xl)
+                    err[0, j, k] += cl * au
+                    err[1, j, k] += cl * al
+                    err[2, j, k] += cq * au
+                    err[3, j, k] += cq * al
                     acc[0, j, k] += (hU * xu) if xu > 0 else (hL * xu)
                     acc[1, j, k] += (hL * xl) if xl > 0 else (hU * xl)
 
 
 @numba.njit(nogil=True, cache=True)
-def top_level(X, A, dl, du, R, c, acc, Xadd):  # pragma: no cover - compiled
+def top_level(X, A, dl, du, R, c, acc, Xadd, Cl, err):  # pragma: no cover - compiled
     """The top level of Algorithm 1, where ``Y = A`` is known exactly (Eq. 10-11), per row of the block.
 
     Parameters
@@ -160,6 +189,9 @@ def top_level(X, A, dl, du, R, c, acc, Xadd):  # pragma: no cover - compiled
         ``dl`` elsewhere) and the corresponding minimum for the lower chain.
     Xadd : ndarray, shape (K, c) or (0, 0)
         As in :func:`prep_level`: a shared part added to ``X`` first (one rounding).
+    Cl : ndarray, shape (R, K)
+        Running-allowance coefficients of the top: ``err[ch, j, k] += Cl[j, r] |x|``.
+    err : ndarray, shape (>= 2, R, c), in/out
     """
     K = X.shape[0]
     Rc = R * c
@@ -169,6 +201,7 @@ def top_level(X, A, dl, du, R, c, acc, Xadd):  # pragma: no cover - compiled
         hi = du[r]
         for j in range(R):
             a = A[j, r]
+            cl = Cl[j, r]
             qu = j * c
             ql = Rc + j * c
             for k in range(c):
@@ -177,6 +210,8 @@ def top_level(X, A, dl, du, R, c, acc, Xadd):  # pragma: no cover - compiled
                 if add:
                     xu += Xadd[r, k]
                     xl += Xadd[r, k]
+                err[0, j, k] += cl * abs(xu)
+                err[1, j, k] += cl * abs(xl)
                 pu = a * xu
                 pl = a * xl
                 acc[0, j, k] += (hi * pu) if pu > 0 else (lo * pu)
@@ -231,6 +266,54 @@ def rowdot_acc(H, Z, R, c, acc, keep):  # pragma: no cover - compiled
             for k in range(c):
                 acc[0, j, k] += h * Z[i, qu + k]
                 acc[1, j, k] += h * Z[i, ql + k]
+
+
+@numba.njit(nogil=True, cache=True)
+def rowdot_abs_acc(H, Z, R, c, err, keep):  # pragma: no cover - compiled
+    """``err[ch, j, k] += sum_i H[j, i] * |Z[i, (ch R + j) c + k]|`` (``ch = 0, 1``) in sequential order over the
+    ``i`` with ``keep[j, i] != 0``: :func:`rowdot_acc` on the absolute values (running allowance of the shared
+    variant).
+
+    Parameters
+    ----------
+    H : ndarray, shape (R, r), >= 0
+    Z : ndarray, shape (r, Npad)
+    err : ndarray, shape (>= 2, R, c), in/out
+    keep : ndarray, shape (R, r), uint8
+    """
+    r = H.shape[1]
+    Rc = R * c
+    for i in range(r):
+        for j in range(R):
+            if keep[j, i] == 0:
+                continue
+            h = H[j, i]
+            qu = j * c
+            ql = Rc + j * c
+            for k in range(c):
+                err[0, j, k] += h * abs(Z[i, qu + k])
+                err[1, j, k] += h * abs(Z[i, ql + k])
+
+
+@numba.njit(nogil=True, cache=True)
+def abs_col_sums(V, rows, w, out):  # pragma: no cover - compiled
+    """``out[k] = sum_i w[i] |V[rows[i], k]|`` summed in the order of ``rows`` (a column's sum does not depend on
+    the other columns).
+
+    Parameters
+    ----------
+    V : ndarray, shape (d, c)
+    rows : ndarray of int64, shape (n,)
+    w : ndarray, shape (n,)
+    out : ndarray, shape (c,), output
+    """
+    for k in range(V.shape[1]):
+        out[k] = 0.0
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        a = w[i]
+        for k in range(V.shape[1]):
+            out[k] += a * abs(V[r, k])
 
 
 @numba.njit(nogil=True, cache=True)
@@ -400,9 +483,12 @@ def ensure_compiled(dtype=np.float64) -> float:
     Lp = np.zeros((1, 1), dtype=dt)
     d = np.zeros(1, dtype=dt)
     acc = np.zeros((2, 1, 1), dtype=dt)
+    err = np.zeros((4, 1, 1), dtype=dt)
     prep_level(X, False, Lp, Lp, Lp, d, d, 1, 1, X.copy(), acc, np.zeros((1, 1), np.uint8), np.zeros(1, np.int64),
-               no_add(dt))
-    top_level(X, Lp, d, d, 1, 1, acc, no_add(dt))
+               no_add(dt), Lp, Lp, err)
+    top_level(X, Lp, d, d, 1, 1, acc, no_add(dt), Lp, err)
+    rowdot_abs_acc(Lp, X, 1, 1, err, np.ones((1, 1), np.uint8))
+    abs_col_sums(Lp, np.zeros(1, np.int64), d, d.copy())
     perrow_abs_matmul(Lp, np.zeros((1, 1, 1), dtype=dt), np.zeros((1, 1), dtype=dt))
     rowdot_acc(Lp, X, 1, 1, acc, np.ones((1, 1), np.uint8))
     gather_cols_scaled(Lp, np.zeros(1, np.int64), d, False, Lp.copy())

@@ -11,7 +11,7 @@ Findings pinned here:
   amplified by later factors of the chain (weights like 3e-170 * 3e-170 * 1e300: the bound was [-4e-54, 4e-54]
   around a true 9e-40), nor, in the layer bounds' back-substitution, a coefficient flushed to zero that
   multiplies activations of 1e300 (Fast-Lin certified an upper bound of 1.2e-54 for a true 4.5e-40).  Fixed by
-  absolute underflow allowances (``jacobian.chain.underflow_allowance``, ``layer_bounds.backsub._underflow_err``);
+  absolute underflow allowances (``jacobian.rounding.underflow_allowance``, ``layer_bounds.backsub._underflow_err``);
   the reproducers below are now ordinary tests, and another checks that the allowance is negligible at ordinary
   scales.
 """
@@ -162,7 +162,7 @@ def test_underflow_in_back_substitution_is_covered(method):
 def test_underflow_allowances_are_negligible_at_ordinary_scales(rng):
     """The allowance must not cost tightness on networks of ordinary scale (it is ~1e-280 there)."""
     from recurjac_scale.jacobian import derivative_bounds_for, get_jacobian_method
-    from recurjac_scale.jacobian.chain import underflow_allowance
+    from recurjac_scale.jacobian.rounding import underflow_allowance
 
     net = random_network([64, 256, 256, 128, 10], "relu", rng)
     x0 = rng.uniform(0, 1, 64)

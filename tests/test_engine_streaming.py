@@ -234,7 +234,7 @@ def test_plan_counts_the_worker_baseline_and_refuses_with_what_would_fit(tmp_pat
 def test_norm_bound_of_a_streamed_matrix_reads_panels_and_bounds_the_dense_one(store, transpose):
     """The underflow allowance needs row/column abs-sum bounds of every chain matrix: a streamed matrix gives them
     one row panel at a time (never the whole matrix), at least the exact value and within rounding of it."""
-    from recurjac_scale.jacobian.chain import _abs_sum_bound
+    from recurjac_scale.jacobian.rounding import _abs_sum_bound
 
     net, path = store
     W = np.asarray(net.weights[1], dtype=np.float64)

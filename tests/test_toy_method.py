@@ -7,14 +7,26 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import toy_interval_method as toy
 from recurjac_scale.engine import plan_jacobian
 from recurjac_scale.engine.schedulers import WORKER_ENV
-from recurjac_scale.jacobian import JACOBIAN_METHODS, jacobian_bounds
+from recurjac_scale.jacobian import JACOBIAN_METHODS, jacobian_bounds, register_jacobian_method
 from recurjac_scale.layer_bounds import Region
 from recurjac_scale.testing import random_network, sample_region
 
 EPS = 0.05
+
+
+@pytest.fixture(scope="module")
+def toy():
+    """The toy module, imported here (not at collection: other test modules parametrise over the registry), and
+    taken out of the registry again after this module's tests."""
+    import toy_interval_method as toy
+
+    register_jacobian_method(toy.TOY)  # a no-op on first import, which registered it
+    try:
+        yield toy
+    finally:
+        JACOBIAN_METHODS.pop(toy.NAME, None)
 
 
 @pytest.fixture
@@ -29,7 +41,7 @@ def _exact_jacobians(net, x0, rng, n=200):
     return np.stack([net.jacobian(x) for x in xs])
 
 
-def test_toy_method_is_registered_and_sound(case):
+def test_toy_method_is_registered_and_sound(toy, case):
     net, x0 = case
     assert JACOBIAN_METHODS[toy.NAME] is toy.TOY
     jb = jacobian_bounds(net, x0, EPS, np.inf, method=toy.NAME)
@@ -41,7 +53,7 @@ def test_toy_method_is_registered_and_sound(case):
     assert (jb.upper - jb.lower >= fl.upper - fl.lower - 1e-12).all()
 
 
-def test_toy_method_runs_in_the_engine_with_threads(case):
+def test_toy_method_runs_in_the_engine_with_threads(toy, case):
     net, x0 = case
     ref = jacobian_bounds(net, x0, EPS, np.inf, method=toy.NAME)
     plan = plan_jacobian(net, x0, EPS, np.inf, method=toy.NAME, row_block=2, col_block=3)
@@ -51,7 +63,7 @@ def test_toy_method_runs_in_the_engine_with_threads(case):
 
 
 @pytest.mark.cluster
-def test_toy_method_runs_on_a_local_cluster(case, tmp_path):
+def test_toy_method_runs_on_a_local_cluster(toy, case, tmp_path):
     distributed = pytest.importorskip("distributed")
     from recurjac_scale.network.store import save_network
 

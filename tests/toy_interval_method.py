@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from recurjac_scale._fp import gamma
-from recurjac_scale.jacobian import JacobianMethod, register_jacobian_method
+from recurjac_scale.jacobian import STATE_KEYS, JacobianMethod, register_jacobian_method
 from recurjac_scale.jacobian.products import tile_matmul
 
 NAME = "toy-interval"
@@ -34,10 +34,13 @@ def interval_step(chain, t, V, priors):
     absV = np.abs(V)
     center = tile_matmul(mid, V, chain.panel, chain.row_tile)
     radius = tile_matmul(rad, absV, chain.panel, chain.row_tile)
-    mag = tile_matmul(np.abs(mid) + rad, absV, chain.panel, chain.row_tile)
+    size = tile_matmul(np.abs(mid) + rad, absV, chain.panel, chain.row_tile)  # dominates every term summed
     g = gamma(V.shape[0] + 8, chain.dtype)
-    w = g * (1.0 + g) * mag + np.finfo(chain.dtype).tiny * (V.shape[0] + 8)
-    return {"lower": center - radius - w, "upper": center + radius + w, "mag": mag}
+    w = g * (1.0 + g) * size + np.finfo(chain.dtype).tiny * (V.shape[0] + 8)
+    # the third state array (not read by this method's steps): carried through |V| as the chain's own methods do
+    key = STATE_KEYS[2]
+    carried = tile_matmul(prev[key] * du, absV, chain.panel, chain.row_tile)
+    return {"lower": center - radius - w, "upper": center + radius + w, key: carried + w}
 
 
 TOY = register_jacobian_method(

@@ -173,6 +173,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+ROUNDING_NOTE_SHARE = 0.01
+"""The CLI notes the rounding share (:attr:`recurjac_scale.jacobian.JacobianBounds.rounding_share`) above this."""
+
+
+def rounding_note(share) -> str:
+    """One line when certified rounding may cost more than :data:`ROUNDING_NOTE_SHARE` of a bound's width, else
+    ``""``."""
+    if share is None or not share > ROUNDING_NOTE_SHARE:
+        return ""
+    return (f"note: certified rounding may cost up to {100.0 * share:.3g}% of a bound's width (rounding_share "
+            f"{share:.3g}); float64 keeps it small")
+
+
 def run(args) -> int:
     from ..jacobian import jacobian_bounds
 
@@ -206,6 +219,7 @@ def run(args) -> int:
         timing_names=np.array(list(timings.keys()), dtype=str),
         timing_values=np.array(list(timings.values()), dtype=np.float64),
         dtype=np.array(str(getattr(res, "dtype", lower.dtype))),
+        rounding_share=np.array(float(getattr(res, "rounding_share", float("nan")))),
     )
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "wb") as fh:
@@ -218,4 +232,7 @@ def run(args) -> int:
             f"(mean width {float(width.mean()) if width.size else 0.0:.4g}, max {float(width.max()) if width.size else 0.0:.4g}) "
             f"in {elapsed:.3f} s -> {out}"
         )
+        note = rounding_note(getattr(res, "rounding_share", None))
+        if note:
+            print(note)
     return 0

@@ -88,4 +88,9 @@ def run(args) -> int:
             f"{res.method}: bounds of shape {res.lower.shape} in {res.seconds:.2f} s; {res.blocks_computed} block(s) "
             f"computed, {res.blocks_reused} reused from the checkpoint{lip} -> {out}"
         )
+        from .bounds import rounding_note
+
+        note = rounding_note(res.rounding_share)
+        if note:
+            print(note)
     return 0

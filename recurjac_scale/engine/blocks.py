@@ -134,6 +134,13 @@ class BoundChain:
         lower, upper = self.method.finish(self.chain, final)
         return lower[:, cols], upper[:, cols]
 
+    def rounding_share(self, final, cols, lower, upper) -> float | None:
+        """The rounding share of the result columns ``cols`` (:func:`recurjac_scale.jacobian.rounding.rounding_share`)
+        from the method's allowance of the finished bounds."""
+        from ..jacobian.rounding import rounding_share
+
+        return rounding_share(lower, upper, self.method.finish_allowance(self.chain, final)[:, cols])
+
     def initial_state(self) -> dict:
         """State 0 (the exact top ``M_0``) for all rows."""
         return top_state(self.chain)

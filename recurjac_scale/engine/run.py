@@ -155,6 +155,13 @@ def _barrier(*deps):
     return None
 
 
+def _max_share(finished) -> float | None:
+    """The largest ``rounding_share`` the finish tasks report (``None`` when none does)."""
+    shares = [v.get("rounding_share") for v in finished if isinstance(v, dict)]
+    shares = [float(x) for x in shares if x is not None]
+    return max(shares) if shares else None
+
+
 def _finish_task(spec, state: str, result: str, job_id: str, j: int, cols, *deps):
     """Column block ``j`` of the ``(m, n_0)`` result from the last step's state."""
     import zarr
@@ -168,10 +175,11 @@ def _finish_task(spec, state: str, result: str, job_id: str, j: int, cols, *deps
     c0, c1 = cols
     with blas_single_thread():
         lo, up = chain.finish(final, slice(c0, c1))
+        share = chain.rounding_share(final, slice(c0, c1), lo, up)
     # the result store is recreated by every run: never cache it
     zarr.open_array(os.path.join(result, "lower"), mode="r+")[:, c0:c1] = lo
     zarr.open_array(os.path.join(result, "upper"), mode="r+")[:, c0:c1] = up
-    return j
+    return {"finish": j, "rounding_share": share}
 
 
 # -- progress --------------------------------------------------------------------------------------------------
@@ -239,6 +247,9 @@ class EngineResult:
         The zarr result store written, if any.
     executor : dict
         Scheduler, workers, threads, dashboard link.
+    rounding_share : float or None
+        The largest share of a bound's width that certified rounding may cost
+        (:func:`recurjac_scale.jacobian.rounding.rounding_share`); ``None`` when the method does not state it.
     """
 
     lower: np.ndarray
@@ -257,6 +268,7 @@ class EngineResult:
     lipschitz: float | None
     output: str | None
     executor: dict
+    rounding_share: float | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -274,6 +286,7 @@ class EngineResult:
             "lipschitz": self.lipschitz,
             "output": self.output,
             "executor": self.executor,
+            "rounding_share": self.rounding_share,
         }
 
 
@@ -542,6 +555,7 @@ def run_plan(
             lipschitz=lip,
             output=str(output) if output is not None else None,
             executor=exinfo,
+            rounding_share=_max_share(values[len(block_keys) :]),
         )
         if output is not None:
             g.attrs.update(

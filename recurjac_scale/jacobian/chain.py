@@ -21,9 +21,8 @@ recursion, ``M_t`` has shape ``(d_t, d_{t+1})`` and ``Σ_t = diag(σ')`` with ce
 Block interface (what the scale engine runs)
 --------------------------------------------
 Per-row *state* of step ``t`` (``s = 0..T``) is a dict of arrays of shape ``(R, d_{t+1})``: ``"lower"``,
-``"upper"`` (certified bounds of ``P_t``) and ``"mag"`` (the magnitude chain
-``|M_0| D(du_1) |M_1| ... D(du_t) |M_t|`` that bounds every partial sum of the recursion, used for the outward
-rounding allowance).  State 0 is exact: :func:`top_state`.  A method (registry
+``"upper"`` (certified bounds of ``P_t``) and ``"allowance"`` (what rounding may have cost them, module
+:mod:`recurjac_scale.jacobian.rounding`).  State 0 is exact: :func:`top_state`.  A method (registry
 :data:`recurjac_scale.jacobian.JACOBIAN_METHODS`) is run as::
 
     chain = method.build_chain(network, layer_bounds)                       # or derivative bounds
@@ -48,20 +47,9 @@ The in-memory driver :func:`recurjac_scale.jacobian.driver.run_chain` is exactly
 
 Rounding
 --------
-Each step widens its bounds outward by ``gamma(N_t) * mag_t`` (+ tiny), ``N_t = 3 Σ_{s<=t} d_s + 4 t + 4``
-(:func:`widening`): every value computed by step ``t`` is a sum of products whose absolute sum is dominated by
-``mag_t`` (induction over the levels: Term I coefficients satisfy ``|Um| <= mag_{t-1}`` and the merged weights
-``|Ŵ| <= |M| D(du) |V|``), with at most ``N_t`` roundings on any path (one GEMM of length ``<= d_s`` per level,
-the sequential Term I / top sum of at most ``Σ d_s`` terms, with sharing across rows one more product of length
-``r_s <= Σ d_s`` per path, and a few scalings and additions per level); Higham (Eq. 3.5, and
-its extension to products) bounds the error by ``γ_{N_t} mag_t``.  :func:`recurjac_scale._fp.gamma` returns twice
-``γ_N``; that factor 2 and the ``(1 + gamma)`` factor cover the rounding of ``mag`` itself and the (widened,
-hence slightly larger than ``mag``) prior bounds used as Term I coefficients.  float32 adds ``4 t + 4`` to ``N_t``
-for the rounding of the weights to float32 (derivative bounds are rounded outward).  Fast-Lip and the F1 finish
-use their local summation length instead (their inputs are certified floats).  Sparse x dense products of pruned
-levels (:meth:`Chain.with_sparse`) sum over a row's stored entries only: a summation length <= the dense one, so
-the same allowances hold.  Products that underflow are not covered by a relative bound once later factors amplify
-them: each recursion step also adds the absolute :func:`underflow_allowance` (negligible at ordinary scales).
+Each step also returns ``"allowance"`` (shape ``(R_blk, c)``): a certified bound of how far its bounds may lie
+from the exact-arithmetic recursion (:mod:`recurjac_scale.jacobian.rounding`, where the argument is written out:
+each level's rounding is weighted by the certified priors of that level, so no magnitude chain is needed).
 """
 
 from __future__ import annotations
@@ -72,7 +60,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-from .._fp import cast_weights, gamma, underflow_unit
+from .._fp import cast_weights
 from ..errors import InputError, ShapeMismatchError
 from .products import (  # noqa: F401  (re-exported: the products were defined here before)
     ROW_TILE,
@@ -95,10 +83,6 @@ __all__ = [
     "LevelMatrix",
     "derivative_bounds_for",
     "top_state",
-    "widening",
-    "underflow_allowance",
-    "widen_outward",
-    "sign_slack",
     "panel_matmul",
     "tile_matmul",
     "level_is_sparse",
@@ -114,7 +98,7 @@ __all__ = [
     "KERNEL_SPARSE_THRESHOLD",
 ]
 
-STATE_KEYS = ("lower", "upper", "mag")
+STATE_KEYS = ("lower", "upper", "allowance")
 """Keys of the per-row state every step returns (each ``(R_blk, c)``)."""
 
 DEFAULT_PANEL = 128
@@ -532,106 +516,6 @@ def _outward(lo, hi, orig, dtype):
 
 
 def top_state(chain: Chain, rows=slice(None)) -> dict:
-    """State 0 (exact) for the given rows: ``lower = upper = M_0[rows]``, ``mag = |M_0[rows]|``."""
+    """State 0 (exact) for the given rows: ``lower = upper = M_0[rows]``, ``allowance = 0``."""
     a = _np(chain.top[rows], chain.dtype)
-    return {"lower": a, "upper": a, "mag": np.abs(a)}
-
-
-def widening(chain: Chain, t: int, mag: np.ndarray, n: int | None = None) -> np.ndarray:
-    """Outward rounding allowance of step ``t``: ``gamma(N) * mag * (1 + gamma) + tiny`` with ``N = N_t``
-    (module docstring) unless a (local) summation length ``n`` is given; :func:`recurjac_scale._fp.gamma` is twice
-    Higham's factor.
-
-    For a step of the recursion (``n`` not given) an underflow allowance :func:`underflow_allowance` is added: a
-    product that underflows is then multiplied by later factors of the chain, which the relative bound
-    ``gamma * mag`` does not see.  A local computation (``n`` given: Fast-Lip, the F1 finish, whose inputs are
-    certified floats used as they are) only loses ``n`` underflows of at most ``tiny`` each."""
-    local = n is not None
-    n = chain.rounding_length(t) if n is None else int(n)
-    g = gamma(n, chain.dtype)
-    tiny = np.finfo(chain.dtype).tiny * n
-    if not local:
-        tiny = tiny + underflow_allowance(chain, t)
-    with np.errstate(over="ignore"):
-        return (g * (1.0 + g)) * mag + tiny
-
-
-def sign_slack(chain: Chain, t: int, mag: np.ndarray) -> np.ndarray:
-    """The slack with which step ``t``'s widened bounds are classed by sign at a later step
-    (:func:`recurjac_scale.kernels.prep_level`): ``2^t`` times the rounding allowance ``w_t`` of step ``t``
-    (:func:`widening`), shape of ``mag`` (``(R, d)``).
-
-    ALGORITHM.md classes a neuron by the sign of its computed (unwidened) bound: a lower bound computed as an
-    exact zero puts it in ``P_j``.  Here the stored bound is ``L = c - w_t``, and ``c`` also holds the outward
-    corrections that ``prep_level`` added at the levels of step ``t`` for neurons classed this way earlier; each
-    is at most ``(du - dl) * slack_{s} * |x| <= slack_s / w_s * w_t`` (the magnitude chain dominates
-    ``mag_s D(du) |x|``), so an oracle-zero bound satisfies ``L >= -(1 + sum_{s<t} 2^s) w_t (1 + u) >= -2^t w_t``.
-    Any slack is sound (``prep_level`` adds the correction for the residual ``max(0, -L)``); this one only decides
-    which neurons are expanded (Term II), as ALGORITHM.md does, up to ties within ``2^t w_t`` of zero."""
-    with np.errstate(over="ignore"):
-        return widening(chain, t, mag) * float(2.0**t)
-
-
-def _abs_sum_bound(m) -> float:
-    """An upper bound of ``max(max row sum, max column sum)`` of ``|m|`` (float64, rounded up)."""
-    if hasattr(m, "panel_rows"):  # a streamed matrix (engine.streaming.StoreMatrix): one row panel at a time
-        n_rows, n_cols = (int(x) for x in m.shape)
-        if n_rows == 0 or n_cols == 0:
-            return 0.0
-        step = max(1, int(m.panel_rows()))
-        rmax, csum = 0.0, np.zeros(n_cols)
-        with np.errstate(over="ignore"):
-            for r0 in range(0, n_rows, step):
-                a = np.abs(np.asarray(m[r0 : min(n_rows, r0 + step), :], dtype=np.float64))
-                rmax = max(rmax, float(a.sum(axis=1).max()))
-                csum += a.sum(axis=0)
-            r = max(rmax, float(csum.max()))
-        return r * (1.0 + gamma(max(n_rows, n_cols)))
-    a = np.abs(_np(m, np.float64))
-    if a.size == 0:
-        return 0.0
-    with np.errstate(over="ignore"):
-        r = max(float(a.sum(axis=1).max()), float(a.sum(axis=0).max()))
-    return r * (1.0 + gamma(max(a.shape)))
-
-
-def underflow_allowance(chain: Chain, t: int) -> float:
-    """Absolute allowance for underflow in step ``t`` of the recursion: ``2 eta Lambda_t N_t^2``.
-
-    ``eta`` (:func:`recurjac_scale._fp.underflow_unit`) bounds the error of one multiplication whose result
-    underflows (additions are exact then).  Every value a step computes is built from products of entries of
-    ``M_0, ..., M_t``, of derivative bounds ``<= du`` and of earlier bounds (which are themselves dominated by
-    such products), so the error of one underflow reaching an output entry is multiplied by at most
-    ``Lambda_t = prod_{s<=t} max(1, ||M_s||) * prod_{s<=t} max(1, max du_s)``, with ``||M||`` the larger of the
-    largest absolute row and column sums (every factor applied after the underflow is a sub-product of the
-    chain; an output entry sums over the neurons of a level with weights whose absolute sum is bounded by those
-    norms).  A path of the recursion has at most ``N_t`` multiplications per level entry and the shared
-    variant's products have length ``<= sum d <= N_t``, so ``N_t^2`` bounds the number of underflows that reach
-    one entry.  Chain-only: computed once per process (:meth:`Chain.memo`).  For a network of ordinary scale
-    this is far below ``gamma * mag`` (e.g. ``1e-280`` on the paper's CIFAR shape); it matters only where
-    partial products fall below the smallest normal number (weights like ``1e-170``).
-    """
-    memo = chain.memo()
-    norms = memo.get("abs_sum_bounds")
-    if norms is None:
-        norms = (_abs_sum_bound(chain.top), *(_abs_sum_bound(m) for m in chain.mats))
-        memo["abs_sum_bounds"] = norms
-    lam = 1.0
-    for s in range(t + 1):
-        lam *= max(1.0, norms[s])
-    for s in range(t):
-        du = chain.du[s]
-        lam *= max(1.0, float(np.max(du)) if du.size else 0.0)
-    n = chain.rounding_length(t)
-    return 2.0 * underflow_unit(chain.dtype) * lam * float(n) * float(n)
-
-
-def widen_outward(lower: np.ndarray, upper: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(lower - w, upper + w)``; a NaN (only possible after an overflow) becomes ``-inf`` / ``+inf``, which keeps
-    the bounds sound."""
-    lo = lower - w
-    hi = upper + w
-    if np.isnan(lo).any() or np.isnan(hi).any():
-        lo = np.where(np.isnan(lo), -np.inf, lo)
-        hi = np.where(np.isnan(hi), np.inf, hi)
-    return lo, hi
+    return {"lower": a, "upper": a, "allowance": np.zeros_like(a)}

@@ -41,7 +41,7 @@ class ChainCost:
         ``priors[t - 1]``: the earlier steps ``s >= 1`` whose state (the task's rows, all columns) a task of step
         ``t`` reads.  Step 0 (``M_0``, exact) is never stored: tasks take its rows from the chain.
     state_keys : tuple of str
-        Arrays of the per-row state (``lower``, ``upper``, ``mag``).
+        Arrays of the per-row state (``lower``, ``upper``, ``allowance``).
     depth : str
         ``"recursive"`` (a step's recursion descends to the top: RecurJac) or ``"interval"`` (one level:
         Fast-Lip); selects the cost model.
@@ -65,7 +65,7 @@ class ChainCost:
     widths: tuple
     live: tuple
     priors: tuple
-    state_keys: tuple = ("lower", "upper", "mag")
+    state_keys: tuple = ("lower", "upper", "allowance")
     depth: str = "recursive"
     panel: int = 128
     level_nnz: tuple = ()
@@ -90,7 +90,7 @@ class ChainCost:
 
     def _panel_entries(self, t: int, live: bool = True) -> float:
         """Multiply-adds per state entry of a product of a row with a column of the panel ``M_t[:, cols]`` (step 1,
-        magnitude chain, Fast-Lip): ``live_t`` dense (dead neurons are not multiplied; ``d_t`` when
+        Fast-Lip): ``live_t`` dense (dead neurons are not multiplied; ``d_t`` when
         ``live=False``), the average stored entries per column (``nnz / d_{t+1}``, counting the dead rows too)
         sparse."""
         nz = self._nnz(t)
@@ -109,13 +109,13 @@ class ChainCost:
         Recursive (ALGORITHM.md, "Cost"; recurjac_scale.jacobian.recurjac): level ``s`` of a row's recursion is
         one GEMM ``M_{s-1}[alive_{s-1}, alive_s] @ X`` for both chains (upper, lower): ``2 * 2 live_{s-1}
         live_s`` per entry, s = t..2; the top is ``2 * 2 live_1``, step 1 the midpoint-radius products (``2 (live_1 +
-        unstable_1)``); the magnitude chain adds ``2 live_t``.  Interval (Fast-Lip): centre, radius and magnitude
-        products, ``3 * 2 live_t``.  ``live=False`` counts every neuron (dense worst case).  Per-row masks (Term I neurons)
+        unstable_1)``).  Interval (Fast-Lip): centre, and radius stacked with the priors' allowance, ``3 * 2
+        live_t``.  ``live=False`` counts every neuron (dense worst case).  Per-row masks (Term I neurons)
         are known only at run time: the estimate counts them as expanded (the work issued is usually far lower,
         but a mostly uncompacted product recomputes its few compacted rows, so it is not a strict bound; padding of
         the GEMM panels is not counted either).
         A level that runs sparse (:attr:`level_nnz`) counts its stored entries instead of ``rows x columns``: its
-        level GEMM ``2 * 2 nnz_live`` (``nnz`` when ``live=False``), its panel products (step 1, magnitude chain,
+        level GEMM ``2 * 2 nnz_live`` (``nnz`` when ``live=False``), its panel products (step 1,
         Fast-Lip) ``nnz / d_{t+1}`` per entry instead of ``d_t``.
 
         A step that shares the stable part across rows (:attr:`shares`, ``live=True``) is counted by that
@@ -127,7 +127,7 @@ class ChainCost:
         if self.depth == "interval":
             return 3.0 * 2.0 * self._panel_entries(t, live)
         if live and block is not None and t >= 2 and self.shares and self.shares[t - 1]:
-            return self._shared_flops_per_entry(t, *block) + 2.0 * self._panel_entries(t)
+            return self._shared_flops_per_entry(t, *block)
         gemm = sum(2.0 * 2.0 * self._entries(s - 1, live=live, d_live=n_live) for s in range(2, t + 1))
         if t == 1 and self._nnz(1) is not None:
             top = 2.0 * 2.0 * self._panel_entries(1)
@@ -135,7 +135,7 @@ class ChainCost:
             top = 2.0 * (n_live[0] + (self._unstable(1) if live else d[0]))
         else:
             top = 2.0 * 2.0 * n_live[0]
-        return gemm + top + 2.0 * self._panel_entries(t, live)
+        return gemm + top
 
     def _shared_flops_per_entry(self, t: int, rows: int, cols: int) -> float:
         """GEMM FLOPs per state entry of step ``t`` run with sharing across rows

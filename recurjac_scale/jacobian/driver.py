@@ -71,7 +71,7 @@ def run_chain(
     lower, upper : ndarray, shape (m, n_0)
         Certified Jacobian bounds (after ``method.finish``).
     states : list of dict
-        ``states[t]`` = the full state of step ``t`` (``"lower"``, ``"upper"``, ``"mag"`` of shape
+        ``states[t]`` = the full state of step ``t`` (``"lower"``, ``"upper"``, ``"allowance"`` of shape
         ``(R, d_{t+1})``); entries no longer needed are ``None`` when ``keep_states`` is false.
     """
     states = run_steps(method, chain, row_block=row_block, col_block=col_block, keep_states=keep_states)

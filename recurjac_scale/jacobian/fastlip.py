@@ -4,7 +4,9 @@ Step ``t``: from the bounds ``[L, U]`` of ``P_{t-1}`` (rows of the block), the h
 derivative interval, ``Z = hull([L, U] · [dl_t, du_t])`` (``0 <= dl <= du``: lower ``L dl`` if ``L >= 0`` else
 ``L du``, upper ``U du`` if ``U >= 0`` else ``U dl``), then the interval product with ``V = M_t[:, cols]`` in
 midpoint-radius form, ``mid(Z) V ± rad(Z) |V|`` (exact for an interval matrix times a point matrix).  Rounding:
-each step widens by ``gamma(d_t + 8) * mag_t`` (its local error; the priors are certified floats).
+each step widens by its local error ``gamma(d_t + 8) max_r max(|zl|, |zu|)[j, r] colsum|V|[k]`` (the priors are
+certified floats; :mod:`recurjac_scale.jacobian.rounding`), and its allowance adds the priors' allowance times
+``du |V|`` (stacked into the radius product).
 
 A pruned level (``Chain.with_sparse``) multiplies by ``V`` sparse x dense (:func:`recurjac_scale.jacobian.chain.
 panel_products`): each entry is a fixed-order sum over the stored entries of a column of ``V`` (at most ``d_t``
@@ -19,8 +21,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .chain import Chain, widen_outward, widening
+from .._fp import gamma
+from .chain import Chain
 from .products import live_neurons, panel_products
+from .rounding import abs_col_sums, local_allowance, row_max, widen_outward
 
 __all__ = ["fastlip_step", "interval_hull"]
 
@@ -49,15 +53,15 @@ def fastlip_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
     V : ndarray, shape (d_t, c)
         Column panel ``M_t[:, cols]``.
     priors : sequence
-        Only ``priors[t - 1]`` (state of step ``t - 1`` for the block's rows: ``"lower"``, ``"upper"``, ``"mag"``,
-        shape ``(R_blk, d_t)``) is read.
+        Only ``priors[t - 1]`` (state of step ``t - 1`` for the block's rows: ``"lower"``, ``"upper"``,
+        ``"allowance"``, shape ``(R_blk, d_t)``) is read.
 
     Returns
     -------
     dict of ndarray, shape (R_blk, c)
-        ``"lower"``, ``"upper"`` (widened outward for rounding) and ``"mag"``.
+        ``"lower"``, ``"upper"`` (widened outward for rounding) and ``"allowance"``.
     """
-    dt = chain.dtype
+    dt = np.dtype(chain.dtype)
     V = np.asarray(V, dtype=dt)
     if V.ndim != 2:
         raise ValueError("fastlip takes a shared column panel V of shape (d_t, c)")
@@ -70,12 +74,18 @@ def fastlip_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
     zl, zu = interval_hull(L[:, live], U[:, live], dl[None, :], du[None, :])
     mid = 0.5 * (zl + zu)
     rad = 0.5 * (zu - zl)
-    # The three products with V (centre, radius, magnitude chain ``mag_{t-1} D(du) |V|``, as magnitude_step):
-    # dense fixed tiles, or sparse x dense for a pruned level (chain.panel_products; <= d_t terms per entry).
-    mag_in = np.asarray(prev["mag"], dtype=dt)[:, live] * du[None, :]
-    center, radius, mag = panel_products(chain, t, V, (mid, False, live), (rad, True, live), (mag_in, True, live))
+    # The products with V (centre; radius and the priors' allowance stacked into one product with |V|): dense
+    # fixed tiles, or sparse x dense for a pruned level (chain.panel_products; <= d_t terms per entry).
+    R = L.shape[0]
+    a_prev = np.asarray(prev["allowance"], dtype=dt)[:, live] * du[None, :]  # moves Z by at most du a
+    center, rad_prop = panel_products(chain, t, V, (mid, False, live), (np.vstack([rad, a_prev]), True, live))
+    radius, prop = rad_prop[:R], rad_prop[R:]
     # Local error only (L, U are certified floats): the hull products, mid/rad, and one GEMM of length d_t, each
-    # term dominated by du |L or U| |V| <= mag_t (up to the earlier widening, covered by the factor 2 in gamma).
-    w = widening(chain, t, mag, n=V.shape[0] + 8 + (0 if chain.dtype == np.float64 else 8))
+    # term |mid| |V| + |rad| |V| = max(|zl|, |zu|) |V| <= max_r max(|zl|, |zu|)[j, r] colsum|V|[k].
+    n = V.shape[0] + 8 + (0 if dt == np.float64 else 8)
+    with np.errstate(over="ignore", invalid="ignore"):
+        zmax = row_max(np.maximum(np.abs(zl), np.abs(zu)))
+        w = local_allowance(chain, n, zmax, abs_col_sums(V, np.dtype(dt)))
+        allowance = 2.0 * w + prop * dt.type(1.0 + 2.0 * gamma(n, dt))
     lower, upper = widen_outward(center - radius, center + radius, w)
-    return {"lower": lower, "upper": upper, "mag": mag}
+    return {"lower": lower, "upper": upper, "allowance": allowance}

@@ -26,8 +26,8 @@ Kernels
 
 Every choice between these variants depends on the chain or on the row alone, never on the blocking, and every
 GEMM runs on fixed-shape panels: the results are bitwise independent of the row and column blocks.  All variants
-compute the same real-number sums (the paper's bound) in different orders; the rounding allowance of
-:func:`recurjac_scale.jacobian.chain.widening` covers all of them.
+compute the same real-number sums (the paper's bound) in different orders; the running rounding allowance of
+:mod:`recurjac_scale.jacobian.rounding` is accumulated alongside in each of them.
 """
 
 from __future__ import annotations
@@ -40,10 +40,22 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import kernels
-from .chain import Chain, LevelMatrix, sign_slack, widen_outward, widening
+from .._fp import gamma
+from .chain import Chain, LevelMatrix
 from .products import live_neurons, panel_matmul, panel_products, tile_matmul, unstable_neurons
+from .rounding import (
+    abs_col_sums,
+    column_abs_sums,
+    kappa,
+    level_coefficients,
+    local_allowance,
+    row_max,
+    sign_slack,
+    step_widening,
+    widen_outward,
+)
 
-__all__ = ["recurjac_step", "magnitude_step"]
+__all__ = ["recurjac_step"]
 
 
 def _alive(du: np.ndarray) -> np.ndarray:
@@ -79,19 +91,6 @@ def _cols(M, idx):
 
 def _contig(M):
     return M if sp.issparse(M) else np.ascontiguousarray(M)
-
-
-def magnitude_step(chain: Chain, t: int, V: np.ndarray, mag_prev: np.ndarray) -> np.ndarray:
-    """``mag_t = mag_{t-1} D(du_t) |V|`` for a block, shape ``(R_blk, c)`` (``V`` shared ``(d_t, c)`` or per row
-    ``(R_blk, d_t, c)``).  A shared panel of a pruned level is multiplied sparse (:func:`panel_products`)."""
-    du = chain.du[t - 1]
-    live = live_neurons(chain, t)  # dead neurons (du = 0) add exact zeros: not multiplied
-    A = _scaled_cols(mag_prev, live, du[live])
-    if V.ndim == 2:
-        return panel_products(chain, t, V, (A, True, live))[0]
-    out = np.empty((V.shape[0], V.shape[2]), dtype=chain.dtype)
-    kernels.perrow_abs_matmul(np.ascontiguousarray(A), np.ascontiguousarray(V[:, live, :]), out)
-    return out
 
 
 def _scaled_cols(A: np.ndarray, cols: np.ndarray, scale: np.ndarray, absolute: bool = False) -> np.ndarray:
@@ -256,8 +255,9 @@ def _rowwise_matmul(M, Xp, subsets, R, c, P, ws=None):
     return out
 
 
-def _level(X, shared, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc):
-    """One level: prepare the merged operand (and Term I into ``acc``), then multiply by ``M``."""
+def _level(X, shared, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc, Cl, Cq, err):
+    """One level: prepare the merged operand (and Term I into ``acc``, the running allowance into ``err``), then
+    multiply by ``M``."""
     K = lo.size
     Xp = np.empty((K, npad), dtype=acc.dtype)
     Xp[:, 2 * R * c :] = 0.0
@@ -266,26 +266,32 @@ def _level(X, shared, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc):
     kernels.prep_level(
         np.ascontiguousarray(X), shared, np.ascontiguousarray(Lp), np.ascontiguousarray(Up), np.ascontiguousarray(Sp),
         np.ascontiguousarray(lo), np.ascontiguousarray(hi), R, c, Xp, acc, in_term1, nnz, kernels.no_add(acc.dtype),
+        np.ascontiguousarray(Cl), np.ascontiguousarray(Cq), err,
     )
     return _level_matmul(_contig(M), Xp, in_term1, nnz, R, c, P)
 
 
-def _first_level(V, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc):
+def _first_level(V, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc, Cl, Cq, err, stable_err):
     """The first level of a step, where the operand ``V`` is shared by every row (sharing across rows).
 
     For a neuron with an exact derivative (``dl == du``) the merged operand is ``du V[r]`` for every row and both
     chains, so ``M[:, stable] D(du) V[stable]`` is computed once (one panel GEMM over the block's ``c`` columns) and
     added to the per-row product over the other neurons.  The split depends on the chain only (not on the
-    blocking), and the shared product of a column does not depend on the other columns.
+    blocking), and the shared product of a column does not depend on the other columns.  ``stable_err(st)``
+    returns the rounding allowance of the shared product (shape ``(R, c)``, added to both chains of ``err``).
     """
     stab = lo == hi
     if not stab.any():
-        return _level(V, True, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc)
+        return _level(V, True, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc, Cl, Cq, err)
     u = np.flatnonzero(~stab)
     st = np.flatnonzero(stab)
+    e_st = stable_err(st)
+    err[0] += e_st
+    err[1] += e_st
     out = None
     if u.size:
-        out = _level(V[u], True, _cols(M, u), Lp[:, u], Up[:, u], Sp[:, u], lo[u], hi[u], R, c, P, npad, acc)
+        out = _level(V[u], True, _cols(M, u), Lp[:, u], Up[:, u], Sp[:, u], lo[u], hi[u], R, c, P, npad, acc,
+                     Cl[:, u], Cq[:, u], err)
     if out is None:
         out = np.zeros((M.shape[0], npad), dtype=acc.dtype)
     Vs = np.zeros((st.size, -(-c // P) * P), dtype=acc.dtype)
@@ -398,7 +404,7 @@ def _streamed(chain: Chain) -> bool:
 
 
 def _iter_shared_factors(chain: Chain, t: int):
-    dt = chain.dtype
+    dt = np.dtype(chain.dtype)
     alive = _alive(chain.du[t - 1])
     G = np.zeros((alive.size, 0), dtype=dt)
     r = 0
@@ -417,9 +423,18 @@ def _iter_shared_factors(chain: Chain, t: int):
             Ms = np.ascontiguousarray(M[:, st] * hi[st][None, :])
             Mu = M[:, u]
         del M
+        # chain-only allowance vectors (rounding module): colw = (colsum|M_{s-1}| du)[st], cG = colw |G[st]|,
+        # gu = colsum |G[u]| (rounded up)
+        colw = np.ascontiguousarray((column_abs_sums(chain, s - 1)[alive[st]] * hi[st]).astype(dt))
+        with np.errstate(over="ignore", invalid="ignore"):
+            aG = np.abs(G)
+            cG = (colw @ aG[st]) * dt.type(1.0 + gamma(st.size, dt))
+            gu = aG[u].sum(axis=0) * dt.type(1.0 + gamma(u.size, dt))
+        del aG
         yield "level", {
             "s": s, "alive": alive, "st": st, "u": u, "lo_u": np.ascontiguousarray(lo[u]),
             "hi_u": np.ascontiguousarray(hi[u]), "Gu": np.ascontiguousarray(G[u]), "Ms": Ms, "r": r,
+            "colw_st": colw, "cG": np.ascontiguousarray(cG), "gu": np.ascontiguousarray(gu),
         }
         G = np.hstack([np.asarray(Ms @ G[st]), Mu])
         del Ms, Mu
@@ -428,8 +443,10 @@ def _iter_shared_factors(chain: Chain, t: int):
     lo, hi = chain.dl[0][alive], chain.du[0][alive]
     st = np.flatnonzero(lo == hi)
     u = np.flatnonzero(lo != hi)
+    with np.errstate(over="ignore", invalid="ignore"):
+        g1 = np.abs(G).sum(axis=0) * dt.type(1.0 + gamma(alive.size, dt))
     yield "top", {
-        "alive": alive, "st": st, "u": u, "hi_st": np.ascontiguousarray(hi[st]), "lo_u": np.ascontiguousarray(lo[u]),
+        "alive": alive, "st": st, "u": u, "g1": np.ascontiguousarray(g1), "hi_st": np.ascontiguousarray(hi[st]), "lo_u": np.ascontiguousarray(lo[u]),
         "hi_u": np.ascontiguousarray(hi[u]), "G_st": np.ascontiguousarray(G[st]), "G_u": np.ascontiguousarray(G[u]),
     }
 
@@ -445,7 +462,7 @@ def shared_row_chunk(R: int, c: int, r_total: int) -> int:
     return int(max(1, min(R, SHARED_TILE_BYTES // max(1, 16 * c * max(1, r_total)))))
 
 
-def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
+def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc, err):
     """Steps ``t >= 2`` with a shared operand, with the stable part shared across the rows of the block.
 
     At level ``s`` the operand of row ``j`` (both chains) is ``X_s = Xsh_s + G_s Z_j``: ``Xsh_s`` (``d_s x c``) and
@@ -453,9 +470,10 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
     merged weights do not depend on the row: ``du X``), and ``Z_j`` (``r_s`` rows) stacks the row's merged operands
     on the unstable neurons of the levels above.  Per row, only the unstable neurons are prepared (signs, Term I) and
     multiplied: ``X_s[u_s] = Xsh_s[u_s] + G_s[u_s] Z_j``, on the row's non-zero factors only
-    (:func:`_shared_matmul`).  In exact arithmetic this is the same sum as the dense recursion; every partial sum
-    is still a sum of products dominated by ``mag_t`` (rounding: ``N_t`` counts the extra ``r_s <= sum d``
-    summation length).  ``G_s`` depends on the chain alone (:func:`_shared_factors`, computed once per process and
+    (:func:`_shared_matmul`).  In exact arithmetic this is the same sum as the dense recursion.  The running
+    allowance (into ``err``, rounding module, "Sharing across rows") adds per level the shared-product and
+    operand errors, bounded by per-row maxima of the prior weights times shared column sums, and the per-row dots
+    with ``|Z|`` once per chunk.  ``G_s`` depends on the chain alone (:func:`_shared_factors`, computed once per process and
     step).  The shared parts ``Xsh_s`` are computed once per block; the per-row part runs on chunks of rows
     (:func:`shared_row_chunk`), ``Z`` filled in place level after level and ``Xsh`` added inside the preparation
     kernels.
@@ -471,14 +489,31 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
     # the level product (columns :c), read into the next level's operand Vs before the next product overwrites it.
     levels = []
     Xsh = None
+    e_sh = np.zeros((R, c), dtype=dt)  # allowance shared by both chains: rows x (shared column sums)
+    Hc = np.zeros((R, r_total), dtype=dt)  # allowance coefficients of |Z| (per-row dots at the end)
     for kind, lvl in _shared_factors(chain, t):
         if Xsh is None:
             Xsh = np.ascontiguousarray(V[lvl["alive"]])  # (K, c)
         if kind == "top":
             top = lvl
             break
-        st = lvl["st"]
-        levels.append((lvl, np.ascontiguousarray(Xsh[lvl["u"]])))
+        st, u, s, r = lvl["st"], lvl["u"], lvl["s"], lvl["r"]
+        cols = lvl["alive"][u]
+        Cl, Cq = level_coefficients(chain, t, s, priors, cols, unstable_only=True)
+        levels.append((lvl, np.ascontiguousarray(Xsh[u]), Cl, Cq))
+        with np.errstate(over="ignore", invalid="ignore"):
+            # stable product and factor of level s - 1: gG q_{s-1} (cX_s + cG_s . |z|)
+            q = row_max(kappa(chain, s - 1, priors[s - 2]))
+            gG = gamma(chain.widths[s - 1] + 3, dt)
+            cX = abs_col_sums(Xsh, dt, st, lvl["colw_st"])
+            e_sh += (dt.type(gG) * q)[:, None] * cX[None, :]
+            Hc[:, :r] += (dt.type(gG) * q)[:, None] * lvl["cG"][None, :]
+            if r:  # unstable operand fl(fl(G[u] z) + Xsh[u]): gamma(r + 2) p_s (|Xsh[u]| + |G[u]| . |z|)
+                p_s = row_max(kappa(chain, s, priors[s - 1], cols))
+                gR = dt.type(gamma(r + 2, dt))
+                xu = abs_col_sums(Xsh, dt, u)
+                e_sh += (gR * p_s)[:, None] * xu[None, :]
+                Hc[:, :r] += (gR * p_s)[:, None] * lvl["gu"][None, :]
         Vs = _workspace((pool, "pass1.Vs"), (st.size, cp), dt)
         Vs[:, :c] = Xsh[st]
         Vs[:, c:] = 0.0
@@ -492,6 +527,14 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
     A_u = np.ascontiguousarray(A[:, alive1[u1]])
     Xsh_u = np.ascontiguousarray(Xsh[u1])
     del B1
+    # Top allowance: gT q_1 (sum_r |Xsh_1[r]| + colsum|G_1| . |z|) for Tsh, H, H z and the unstable operands
+    # (rounding module), and gT kappa_1 |x| per entry of the unstable ones in the kernel.
+    Cl1 = level_coefficients(chain, t, 1, priors, alive1[u1])[0]
+    with np.errstate(over="ignore", invalid="ignore"):
+        q1 = dt.type(gamma(chain.rounding_length(t), dt)) * row_max(kappa(chain, 1, priors[0], alive1))
+        x1 = abs_col_sums(Xsh, dt)
+        e_sh += q1[:, None] * x1[None, :]
+        Hc += q1[:, None] * top["g1"][None, :]
     # Pass 2, per chunk of rows: the per-row factors Z and the accumulation, in the order of the dense recursion.
     Rs = shared_row_chunk(R, c, r_total)
     for j0 in range(0, R, Rs):
@@ -502,7 +545,8 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
         Z[:, 2 * n * c :] = 0.0
         keep = np.zeros((n, r_total), dtype=np.uint8)  # keep[j, i] = 0: Z[i] is structurally zero for row j
         acc_c = np.zeros((2, n, c), dtype=dt)
-        for lvl, xsh_u in levels:
+        err_c = np.zeros((4, n, c), dtype=dt)
+        for lvl, xsh_u, Cl, Cq in levels:
             u, r = lvl["u"], lvl["r"]
             # Per-row operand on the unstable neurons (without Xsh[u], which prep_level adds).
             Xu = _shared_matmul(lvl["Gu"], Z, keep, r, n, c, P, pool)
@@ -510,17 +554,19 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
             prior = priors[lvl["s"] - 1]
             Lp = np.ascontiguousarray(np.asarray(prior["lower"][j0:j1], dtype=dt)[:, cols])
             Up = np.ascontiguousarray(np.asarray(prior["upper"][j0:j1], dtype=dt)[:, cols])
-            Sp = sign_slack(chain, lvl["s"] - 1, np.asarray(prior["mag"][j0:j1], dtype=dt)[:, cols])
+            Sp = sign_slack(np.asarray(prior["allowance"][j0:j1], dtype=dt)[:, cols])
+            Cl_c, Cq_c = np.ascontiguousarray(Cl[j0:j1]), np.ascontiguousarray(Cq[j0:j1])
             in_term1 = np.zeros((n, u.size), dtype=np.uint8)
             nnz = np.zeros(n, np.int64)
             if Xu is None:  # no per-row part (yet): the operand is Xsh[u] for every row and both chains
                 kernels.prep_level(
                     xsh_u, True, Lp, Up, Sp, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz,
-                    kernels.no_add(dt),
+                    kernels.no_add(dt), Cl_c, Cq_c, err_c,
                 )
             else:
                 kernels.prep_level(
-                    Xu, False, Lp, Up, Sp, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz, xsh_u
+                    Xu, False, Lp, Up, Sp, lvl["lo_u"], lvl["hi_u"], n, c, Z[r : r + u.size], acc_c, in_term1, nnz, xsh_u,
+                    Cl_c, Cq_c, err_c,
                 )
             del Xu
             # Term I neurons of a row (and every neuron of a row whose prepared operand vanished) leave exact zeros
@@ -531,8 +577,13 @@ def _shared_levels(chain: Chain, t: int, V, priors, A, R, c, P, acc):
         Xu = _shared_matmul(top["G_u"], Z, keep, r_total, n, c, P, pool)
         if Xu is None:
             Xu = np.zeros((u1.size, npad_c), dtype=dt)
-        kernels.top_level(Xu, A_u[j0:j1], top["lo_u"], top["hi_u"], n, c, acc_c, Xsh_u)
+        kernels.top_level(Xu, A_u[j0:j1], top["lo_u"], top["hi_u"], n, c, acc_c, Xsh_u,
+                          np.ascontiguousarray(Cl1[j0:j1]), err_c)
+        kernels.rowdot_abs_acc(np.ascontiguousarray(Hc[j0:j1]), Z, n, c, err_c, keep)
+        err_c[0] += e_sh[j0:j1]
+        err_c[1] += e_sh[j0:j1]
         acc[:, j0:j1] = acc_c  # acc starts at zero: the same bits as accumulating in place
+        err[:, j0:j1] = err_c
 
 
 GATHER_BYTES = 32 * 2**20
@@ -577,88 +628,130 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
         the last step ``t = T`` of the backward chain: ``V`` of shape ``(R_blk, n_1, 1)``).
     priors : sequence of dict
         ``priors[s]`` for ``s = 0..t-1``: the state of step ``s`` for the block's rows (all columns):
-        ``"lower"``, ``"upper"``, ``"mag"`` of shape ``(R_blk, d_{s+1})``; ``priors[0]`` is :func:`top_state`.
+        ``"lower"``, ``"upper"``, ``"allowance"`` of shape ``(R_blk, d_{s+1})``; ``priors[0]`` is :func:`top_state`.
 
     Returns
     -------
     dict
         ``"lower"``, ``"upper"``: certified bounds, shape ``(R_blk, c)``, widened outward for rounding;
-        ``"mag"``: the magnitude chain (rounding allowance of later steps).
+        ``"allowance"``: what rounding may have cost them (:mod:`recurjac_scale.jacobian.rounding`).
     """
-    dt = chain.dtype
+    dt = np.dtype(chain.dtype)
     V = np.asarray(V, dtype=dt)
     A = np.asarray(priors[0]["upper"], dtype=dt)
     R = A.shape[0]
     perrow = V.ndim == 3
     c = V.shape[-1]
     dl_t, du_t = chain.dl[t - 1], chain.du[t - 1]
-    mag_prev = np.asarray(priors[t - 1]["mag"], dtype=dt)
     if R == 0 or c == 0:
         z = np.zeros((R, c), dtype=dt)
-        return {"lower": z, "upper": z.copy(), "mag": magnitude_step(chain, t, V, mag_prev)}
+        return {"lower": z, "upper": z.copy(), "allowance": z.copy()}
 
     if t == 1 and not perrow:
         # P_0 = M_0 exact: max/min over sigma in [dl, du] of A D(sigma) V = A D(mid) V ± |A| D(rad) |V| (Eq. 10-11),
         # the centre over the live neurons (mid = 0 on dead ones), the radius over the unstable ones (rad = 0 on the
-        # others), with the magnitude chain (as magnitude_step) in the same call, which gathers V[live] once.
-        # (Sparse x dense when level 1 is pruned: fixed-order sums of <= d_1 terms, chain.panel_products.)
+        # others).  (Sparse x dense when level 1 is pruned: fixed-order sums of <= d_1 terms, panel_products.)
         live, unst = live_neurons(chain, t), unstable_neurons(chain, t)
         mid = 0.5 * (dl_t[live] + du_t[live])
         rad = 0.5 * (du_t[unst] - dl_t[unst])
-        center, radius, mag = panel_products(
+        center, radius = panel_products(
             chain, t, V, (_scaled_cols(A, live, mid), False, live), (_scaled_cols(A, unst, rad, True), True, unst),
-            (_scaled_cols(mag_prev, live, du_t[live]), True, live),
         )
-        upper = center + radius
-        lower = center - radius
-    else:
-        mag = magnitude_step(chain, t, V, mag_prev)
-        P = chain.panel
-        ncols = 2 * R * c
-        npad = -(-ncols // P) * P
-        acc = np.zeros((2, R, c), dtype=dt)
-        alive = _alive(du_t)
-        if not perrow and uses_sharing(chain, t):
-            _shared_levels(chain, t, V, priors, A, R, c, P, acc)
-            lower, upper = widen_outward(acc[1], acc[0], widening(chain, t, mag))
-            return {"lower": lower, "upper": upper, "mag": mag}
-        if perrow:
-            X = np.zeros((alive.size, npad), dtype=dt)
-            Xv = np.transpose(V[:, alive, :], (1, 0, 2)).reshape(alive.size, R * c)
-            X[:, : R * c] = Xv
-            X[:, R * c : ncols] = Xv
-            shared = False
-        else:
-            X = np.ascontiguousarray(V[alive])  # shared by every row and both chains at the first level
-            shared = True
-        for s in range(t, 1, -1):
-            # Level s: Y = P_{s-1} is bounded by priors[s-1]; expand into M_{s-1} = chain.mats[s-2].
-            lo, hi = chain.dl[s - 1][alive], chain.du[s - 1][alive]
-            Lp = np.asarray(priors[s - 1]["lower"], dtype=dt)[:, alive]
-            Up = np.asarray(priors[s - 1]["upper"], dtype=dt)[:, alive]
-            Sp = sign_slack(chain, s - 1, np.asarray(priors[s - 1]["mag"], dtype=dt)[:, alive])
-            alive_up = _alive(chain.du[s - 2])
-            M = _level_matrix(chain, s - 2, alive_up, alive, dt)
-            if shared:
-                X = _first_level(X, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc)
-            else:
-                X = _level(X, False, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc)
-            shared = False
-            alive = alive_up
-            if X is None:  # all operands vanished (every neuron of every row in I_j or dead)
-                break
-        if X is not None:
-            kernels.top_level(
-                X,
-                np.ascontiguousarray(A[:, alive]),
-                np.ascontiguousarray(chain.dl[0][alive]),
-                np.ascontiguousarray(chain.du[0][alive]),
-                R,
-                c,
-                acc,
-                kernels.no_add(dt),
-            )
-        upper, lower = acc[0], acc[1]
+        # Local error: terms |A| mid |V| + |A| rad |V| = |A| du |V| <= max_r du |A[j, r]| colsum|V| (rounding module).
+        n = V.shape[0] + 8 + (0 if dt == np.float64 else 8)
+        w = local_allowance(chain, n, row_max(kappa(chain, 1, priors[0])), abs_col_sums(V, dt))
+        lower, upper = widen_outward(center - radius, center + radius, w)
+        return {"lower": lower, "upper": upper, "allowance": 2.0 * w}
 
-    lower, upper = widen_outward(lower, upper, widening(chain, t, mag))
-    return {"lower": lower, "upper": upper, "mag": mag}
+    P = chain.panel
+    ncols = 2 * R * c
+    npad = -(-ncols // P) * P
+    acc = np.zeros((2, R, c), dtype=dt)
+    err = np.zeros((4, R, c), dtype=dt)  # running allowance: rounding per chain, then prior allowances per chain
+    alive = _alive(du_t)
+    if not perrow and uses_sharing(chain, t):
+        _shared_levels(chain, t, V, priors, A, R, c, P, acc, err)
+        return _finish_step(chain, t, acc, err)
+    if perrow:
+        X = np.zeros((alive.size, npad), dtype=dt)
+        Xv = np.transpose(V[:, alive, :], (1, 0, 2)).reshape(alive.size, R * c)
+        X[:, : R * c] = Xv
+        X[:, R * c : ncols] = Xv
+        shared = False
+    else:
+        X = np.ascontiguousarray(V[alive])  # shared by every row and both chains at the first level
+        shared = True
+    for s in range(t, 1, -1):
+        # Level s: Y = P_{s-1} is bounded by priors[s-1]; expand into M_{s-1} = chain.mats[s-2].
+        lo, hi = chain.dl[s - 1][alive], chain.du[s - 1][alive]
+        Lp = np.asarray(priors[s - 1]["lower"], dtype=dt)[:, alive]
+        Up = np.asarray(priors[s - 1]["upper"], dtype=dt)[:, alive]
+        Sp = sign_slack(np.asarray(priors[s - 1]["allowance"], dtype=dt)[:, alive])
+        Cl, Cq = level_coefficients(chain, t, s, priors, alive)
+        alive_up = _alive(chain.du[s - 2])
+        M = _level_matrix(chain, s - 2, alive_up, alive, dt)
+        if shared:
+            X = _first_level(X, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc, Cl, Cq, err,
+                             _stable_error(chain, s, priors, alive, X))
+        elif perrow and s == t and (lo == hi).any():
+            # The stable neurons' allowance as in _first_level (row by row): the same bits as a shared V per row.
+            st = np.flatnonzero(lo == hi)
+            Cl[:, st] = 0.0
+            for j in range(R):
+                e_st = _stable_error(chain, s, [{k: v[j : j + 1] for k, v in p.items()} if p is not None else None
+                                                for p in priors], alive, V[j][alive])(st)
+                err[0, j] += e_st[0]
+                err[1, j] += e_st[0]
+            X = _level(X, False, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc, Cl, Cq, err)
+        else:
+            X = _level(X, False, M, Lp, Up, Sp, lo, hi, R, c, P, npad, acc, Cl, Cq, err)
+        shared = False
+        alive = alive_up
+        if X is None:  # all operands vanished (every neuron of every row in I_j or dead)
+            break
+    if X is not None:
+        kernels.top_level(
+            X,
+            np.ascontiguousarray(A[:, alive]),
+            np.ascontiguousarray(chain.dl[0][alive]),
+            np.ascontiguousarray(chain.du[0][alive]),
+            R,
+            c,
+            acc,
+            kernels.no_add(dt),
+            level_coefficients(chain, t, 1, priors, alive)[0],
+            err,
+        )
+    return _finish_step(chain, t, acc, err)
+
+
+def _stable_error(chain: Chain, s: int, priors, alive: np.ndarray, V: np.ndarray):
+    """The allowance of the shared stable product of :func:`_first_level` at level ``s``: a function of the stable
+    neurons ``st`` (indices into ``alive``) returning ``gG q_{s-1}[j] (colsum_{s-1} du)[st] . |V[st, k]|``, shape
+    ``(R, c)`` (rounding module: the GEMM error of ``M[:, st] D(du) V[st]`` weighted by the priors of level
+    ``s - 1``)."""
+    dt = np.dtype(chain.dtype)
+
+    def err(st):
+        cols = alive[st]
+        colw = (column_abs_sums(chain, s - 1)[cols] * chain.du[s - 1][cols]).astype(dt)
+        with np.errstate(over="ignore", invalid="ignore"):
+            w = abs_col_sums(V, dt, st, colw)  # (c,)
+            q = row_max(kappa(chain, s - 1, priors[s - 2]))
+            g = gamma(chain.widths[s - 1] + 3, dt)
+            return (dt.type(g) * q)[:, None] * w[None, :]
+
+    return err
+
+
+def _finish_step(chain: Chain, t: int, acc: np.ndarray, err: np.ndarray) -> dict:
+    """Widen the step's bounds (``acc[0]`` upper, ``acc[1]`` lower) by their rounding allowance and state the
+    allowance of the result (rounding module: ``2 w_t`` plus the propagated allowance of the priors)."""
+    w_up = step_widening(chain, t, err[0])
+    w_lo = step_widening(chain, t, err[1])
+    lower, upper = widen_outward(acc[1], acc[0], w_lo, w_up)
+    with np.errstate(over="ignore", invalid="ignore"):
+        prop = np.maximum(err[2], err[3]) * (1.0 + gamma(chain.rounding_length(t), chain.dtype))
+        allowance = 2.0 * np.maximum(w_up, w_lo) + prop
+    allowance = np.where(np.isnan(allowance), np.inf, allowance)
+    return {"lower": lower, "upper": upper, "allowance": allowance}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -11,9 +12,10 @@ from .._json import json_float
 __all__ = ["JacobianBounds", "ROUNDING_NOTE"]
 
 ROUNDING_NOTE = (
-    "float BLAS with outward widening: every bound of step t is widened by gamma(N_t) * mag_t, where mag_t = "
-    "|M_0| D(du_1) |M_1| ... D(du_t) |M_t| dominates every partial sum and N_t bounds the roundings on any path "
-    "(recurjac_scale.jacobian.chain); the bounds hold for the exact real-number Jacobian"
+    "float BLAS with a running (a-posteriori) outward widening: each level's rounding error, bounded by gamma(n) "
+    "times the magnitudes actually summed, is weighted by the certified bounds of that level "
+    "(recurjac_scale.jacobian.rounding); the bounds hold for the exact real-number Jacobian, and rounding_share "
+    "is the largest share of a bound's width that certification may cost"
 )
 
 
@@ -44,6 +46,9 @@ class JacobianBounds:
     dtype : str
     rounding : str
         How floating-point rounding is accounted for.
+    allowance : ndarray, shape (m, n_0), optional
+        What certification may cost each bound (:mod:`recurjac_scale.jacobian.rounding`): the bounds lie within
+        it of the exact-arithmetic recursion.  :attr:`rounding_share` summarises it.
     chain, states : optional
         The chain and the per-step states (``states[t]`` dicts of ``(R, d_{t+1})`` arrays), for follow-up
         computations such as Algorithm 2; ``None`` unless kept.  Not part of :meth:`to_dict`.
@@ -62,6 +67,7 @@ class JacobianBounds:
     timings: dict
     dtype: str = "float64"
     rounding: str = ROUNDING_NOTE
+    allowance: object = field(default=None, repr=False, compare=False)
     chain: object = field(default=None, repr=False, compare=False)
     states: object = field(default=None, repr=False, compare=False)
 
@@ -73,6 +79,16 @@ class JacobianBounds:
     def width(self) -> np.ndarray:
         """``upper - lower``, shape (m, n_0)."""
         return self.upper - self.lower
+
+    @property
+    def rounding_share(self) -> float:
+        """``max over entries of allowance / width`` (:func:`recurjac_scale.jacobian.rounding.rounding_share`):
+        the largest share of a bound's width that certified rounding may cost; ``nan`` when not known."""
+        if self.allowance is None:
+            return math.nan
+        from .rounding import rounding_share
+
+        return rounding_share(self.lower, self.upper, self.allowance)
 
     def magnitude(self) -> np.ndarray:
         """``M = max(|lower|, |upper|)`` (Proposition 2), shape (m, n_0)."""
@@ -98,6 +114,7 @@ class JacobianBounds:
             "dtype": self.dtype,
             "rounding": self.rounding,
             "mean_width": float(np.mean(self.width)) if self.lower.size else 0.0,
+            "rounding_share": None if math.isnan(self.rounding_share) else self.rounding_share,
         }
         if arrays:
             d["lower"] = self.lower.tolist()
