@@ -21,7 +21,7 @@ import pytest
 from recurjac_scale.activations import get_activation
 from recurjac_scale.jacobian import get_jacobian_method, run_chain
 from recurjac_scale.jacobian import recurjac as rj
-from recurjac_scale.jacobian.rounding import final_allowance
+from recurjac_scale.jacobian.methods import final_allowance
 from recurjac_scale.network.model import InputSpec, Network
 
 METHODS = ("fastlip", "recurjac-b", "recurjac-f0", "recurjac-f1")

@@ -17,7 +17,6 @@ from .driver import run_chain
 from .methods import get_jacobian_method
 from .prepare import default_layer_bound_method, output_matrix, prepare
 from .result import JacobianBounds
-from .rounding import final_allowance
 from .sparse_policy import sparse_chain
 
 __all__ = ["jacobian_bounds", "output_matrix", "default_layer_bound_method", "derivative_bounds_for"]
@@ -105,7 +104,7 @@ def jacobian_bounds(
         unstable=job.unstable,
         timings={"layer_bounds": job.layer_bounds_seconds, "jacobian": t_jac, "compile": compile_s},
         dtype=dtype.name,
-        allowance=final_allowance(chain, states[-1]),
+        allowance=jm.finish_allowance(chain, states[-1]),
         chain=chain if keep_states else None,
         states=states if keep_states else None,
     )

@@ -25,7 +25,7 @@ from .recurjac import recurjac_step
 
 __all__ = [
     "JacobianMethod", "JACOBIAN_METHODS", "register_jacobian_method", "get_jacobian_method", "finish_chain",
-    "finish_allowance",
+    "finish_allowance", "final_allowance",
 ]
 
 
@@ -99,6 +99,15 @@ def finish_allowance(chain: Chain, state: dict) -> np.ndarray:
         prop = _w1_col_sums(chain)[:, None] * (row_max(a.T) * PROP)[None, :]
         out = 2.0 * w + prop
     return np.ascontiguousarray(out.T)
+
+
+def final_allowance(chain, state: dict) -> np.ndarray:
+    """The allowance of the ``(m, n_0)`` Jacobian bounds from the last state: the last step's for B and F0
+    (transposed for F0), and for F1 the finish's (:func:`recurjac_scale.jacobian.methods.finish_chain`)."""
+    A = np.asarray(state["allowance"], dtype=chain.dtype)
+    if chain.finish_mat is None:
+        return A if chain.direction == "backward" else np.ascontiguousarray(A.T)
+    return finish_allowance(chain, state)
 
 
 @dataclass(frozen=True)
@@ -196,9 +205,7 @@ class JacobianMethod:
 
     def finish_allowance(self, chain: Chain, state: dict) -> np.ndarray:
         """What rounding may have cost the finished bounds, shape ``(m, n_0)``
-        (:func:`recurjac_scale.jacobian.rounding.final_allowance`)."""
-        from .rounding import final_allowance
-
+        (:func:`final_allowance`)."""
         return final_allowance(chain, state)
 
     def cost(self, chain: Chain) -> ChainCost:

@@ -123,7 +123,6 @@ __all__ = [
     "abs_col_sums",
     "level_coefficients",
     "step_widening",
-    "final_allowance",
     "rounding_share",
 ]
 
@@ -327,17 +326,6 @@ def sign_slack(allowance: np.ndarray, dtype=None) -> np.ndarray:
     a = np.asarray(allowance, dtype=dtype)
     with np.errstate(over="ignore"):
         return np.ascontiguousarray(a * a.dtype.type(SLACK))
-
-
-def final_allowance(chain, state: dict) -> np.ndarray:
-    """The allowance of the ``(m, n_0)`` Jacobian bounds from the last state: the last step's for B and F0
-    (transposed for F0), and for F1 the finish's (:func:`recurjac_scale.jacobian.methods.finish_chain`)."""
-    A = np.asarray(state["allowance"], dtype=chain.dtype)
-    if chain.finish_mat is None:
-        return A if chain.direction == "backward" else np.ascontiguousarray(A.T)
-    from .methods import finish_allowance
-
-    return finish_allowance(chain, state)
 
 
 def rounding_share(lower: np.ndarray, upper: np.ndarray, allowance: np.ndarray) -> float:
