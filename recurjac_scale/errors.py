@@ -17,6 +17,9 @@ __all__ = [
     "InputError",
     "OutputExistsError",
     "MissingDependencyError",
+    "ClusterError",
+    "IncompleteRunError",
+    "IntegrityError",
 ]
 
 
@@ -50,6 +53,32 @@ class InputError(RecurJacError):
 
 class OutputExistsError(RecurJacError):
     """An output already exists and overwriting it was not requested."""
+
+
+class ClusterError(RecurJacError):
+    """A dask scheduler that cannot be reached (or does not answer) within the connection timeout."""
+
+
+class IntegrityError(StoreError):
+    """Stored data whose SHA-256 checksum does not match its record: it was damaged or edited, and is not used."""
+
+
+class IncompleteRunError(RecurJacError):
+    """A run stopped before every block was computed (interrupted, or ``max_blocks`` reached).
+
+    Attributes
+    ----------
+    checkpoint : str or None
+        The folder holding the finished blocks (rerun the same command to continue), if it was kept.
+    done, total : int
+        Blocks finished so far, and blocks of the whole job.
+    """
+
+    def __init__(self, message: str, *, checkpoint=None, done: int = 0, total: int = 0):
+        super().__init__(message)
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.done = int(done)
+        self.total = int(total)
 
 
 class MissingDependencyError(RecurJacError, ImportError):

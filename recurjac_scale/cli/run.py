@@ -75,6 +75,7 @@ def run(args) -> int:
             progress=not args.quiet,
             log=log,
             max_blocks=args.max_blocks,
+            connect_timeout=args.connect_timeout,
         )
     except RuntimeError as exc:
         if args.max_blocks is not None and "max_blocks" in str(exc):

@@ -351,6 +351,7 @@ def run_plan(
     log=None,
     max_blocks: int | None = None,
     durable: bool = True,
+    connect_timeout: float | None = None,
 ) -> EngineResult:
     """Execute a plan.
 
@@ -361,7 +362,9 @@ def run_plan(
         ``synchronous``, ``threads`` (default), ``processes``, ``distributed`` or a cluster address
         ``tcp://host:port`` (see :func:`recurjac_scale.engine.schedulers.open_executor`).
     workers, threads_per_worker, memory_limit : optional
-        Worker processes / threads; ``workers`` without a scheduler starts a LocalCluster on 127.0.0.1.
+        Worker processes / threads; ``workers`` without a scheduler starts a LocalCluster on 127.0.0.1, whose
+        workers get ``memory_limit`` (default: the plan's budget over the nanny's terminate fraction,
+        :func:`~recurjac_scale.engine.memory.local_memory_limit`).
     client : distributed.Client, optional
         Run on this client.
     executor : Executor, optional
@@ -390,6 +393,8 @@ def run_plan(
     durable : bool
         ``fsync`` each block's data and record before moving on (survives a machine crash, not only a killed
         process); about 5 ms per file here, negligible against real tasks.
+    connect_timeout : float, optional
+        Seconds to wait for a scheduler given by address (:func:`~recurjac_scale.engine.schedulers.connect`).
 
     Returns
     -------
@@ -486,6 +491,10 @@ def run_plan(
         if executor is not None:
             ex_cm = contextlib.nullcontext(executor)
         else:
+            if memory_limit is None and plan.memory_budget:
+                from .memory import local_memory_limit
+
+                memory_limit = local_memory_limit(plan.memory_budget)
             ex_cm = open_executor(
                 scheduler,
                 workers=workers,
@@ -493,6 +502,7 @@ def run_plan(
                 memory_limit=memory_limit,
                 dashboard=dashboard and progress,
                 client=client,
+                connect_timeout=connect_timeout,
             )
         with ex_cm as ex:
             if ex.dashboard_link:
