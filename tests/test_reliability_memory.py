@@ -196,3 +196,45 @@ def test_remote_cluster_budget_is_the_workers_memory_limit(store, capsys):
     frac = dask.config.get("distributed.worker.memory.terminate")
     assert plan["memory_budget"] == int(2**30 * frac)
     assert "memory_limit" in plan["budget_source"]
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_measured_worker_rss_within_the_plan(tmp_path):
+    """A job the plan puts at >= 2 GB per worker (F0, 784-1024-1024-1024-10, blocks 784 x 1024, one worker of 2
+    threads): the worker process's resident memory, sampled every 20 ms with psutil, never exceeds the plan's
+    prediction by more than 20 %."""
+    from recurjac_scale.network.store import save_network
+
+    rng = np.random.default_rng(0)
+    net = random_network([784, 1024, 1024, 1024, 10], "relu", rng, domain=(0.0, 1.0))
+    save_network(net, tmp_path / "m.zarr")
+    np.save(tmp_path / "x.npy", rng.uniform(0.0, 1.0, size=784))
+    base = [sys.executable, "-m", "recurjac_scale.cli"]
+    job = [str(tmp_path / "m.zarr"), "--input", str(tmp_path / "x.npy"), "--eps", "1e-3", "--method", "recurjac-f0",
+           "--layer-bounds", "ibp", "--row-block", "784", "--col-block", "1024", "--workers", "1",
+           "--threads-per-worker", "2", "--memory-budget", "3GiB"]
+    plan = json.loads(subprocess.run(base + ["plan", *job, "--json"], capture_output=True, text=True, check=True,
+                                     timeout=300).stdout)
+    predicted = plan["peak_worker_bytes"]
+    assert predicted >= 2e9
+    proc = subprocess.Popen(base + ["run", *job, "-o", str(tmp_path / "r.zarr"), "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    peak: dict[int, int] = {}
+    cli = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            for c in cli.children(recursive=True):
+                try:
+                    peak[c.pid] = max(peak.get(c.pid, 0), c.memory_info().rss)
+                except psutil.Error:
+                    pass
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err
+    worker_peak = max(peak.values())
+    print(f"\npredicted {predicted / 2**30:.3f} GiB per worker, measured worker RSS peak {worker_peak / 2**30:.3f} GiB "
+          f"({worker_peak / predicted:.2f} x)")
+    assert worker_peak <= 1.2 * predicted

@@ -64,7 +64,7 @@ def make_plan(args, net, *, scheduler: str | None = None):
     check_eps([args.eps])
     method = check_jacobian_method(args.method)
     lb = check_layer_bounds(args.layer_bounds)
-    x = select_input(load_inputs(args.input, net), args.index, args.input)
+    x = select_input(load_inputs(args.input, net, clip=getattr(args, "clip", False)), args.index, args.input)
     kind, addr = parse_scheduler(scheduler, args.workers)
     n_workers = 1
     if kind == "threads":
