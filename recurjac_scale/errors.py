@@ -63,8 +63,10 @@ class IntegrityError(StoreError):
     """Stored data whose SHA-256 checksum does not match its record: it was damaged or edited, and is not used."""
 
 
-class IncompleteRunError(RecurJacError):
-    """A run stopped before every block was computed (interrupted, or ``max_blocks`` reached).
+class IncompleteRunError(RecurJacError, RuntimeError):
+    """A run stopped before every block was computed (``max_blocks`` reached, an I/O error such as a full disk, or
+    an interruption: then the ``KeyboardInterrupt`` carries one as its ``incomplete`` attribute).  No result is
+    presented; the finished blocks stay in the checkpoint and a rerun of the same job continues from them.
 
     Attributes
     ----------

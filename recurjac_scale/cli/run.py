@@ -16,6 +16,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..errors import IncompleteRunError
 from ._common import check_output, load_model
 from .plan import add_engine_arguments, make_plan
 
@@ -77,11 +78,15 @@ def run(args) -> int:
             max_blocks=args.max_blocks,
             connect_timeout=args.connect_timeout,
         )
-    except RuntimeError as exc:
+    except IncompleteRunError as exc:
         if args.max_blocks is not None and "max_blocks" in str(exc):
             log(f"stopped: {exc}")
             return 3
         raise
+    except KeyboardInterrupt as exc:
+        why = getattr(exc, "incomplete", None) or "interrupted"
+        print(f"recurjac-scale run: {why}", file=sys.stderr, flush=True)
+        return 130
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     elif not args.quiet:

@@ -38,13 +38,13 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import OutputExistsError, StoreError
+from ..errors import IncompleteRunError, OutputExistsError, StoreError
 from .checkpoint import Checkpoint
+from .result_store import RESULT_FORMAT, array_sha256
 from .schedulers import blas_single_thread, open_executor
 
 __all__ = ["EngineResult", "run_plan", "RESULT_FORMAT"]
 
-RESULT_FORMAT = "recurjac-scale-jacobian-bounds"
 
 _ARRAYS: dict[str, Any] = {}
 _ARRAYS_LOCK = threading.Lock()
@@ -115,7 +115,7 @@ def _block_task(spec, state: str, ckpt: str, job_id: str, durable: bool, t: int,
     holding its result died): its chunks are never rewritten while later tasks may be reading them."""
     ck = Checkpoint(Path(ckpt), job_id)
     rec = ck.read_record(t, rb, cb)
-    if rec is not None:
+    if rec is not None and ck.check_record(rec) is None:
         return {**rec, "seconds": 0.0, "reused": True}
     t_start = time.perf_counter()
     chain = spec.chain()
@@ -388,8 +388,9 @@ def run_plan(
     log : callable, optional
         ``log(str)`` for status lines (the CLI passes a printer to stderr); default silent.
     max_blocks : int, optional
-        Compute at most this many blocks, then stop (for measuring a fraction of a job; raises ``RuntimeError``
-        afterwards so no partial result is mistaken for a complete one, unless all blocks were done).
+        Compute at most this many blocks, then stop (for measuring a fraction of a job; raises
+        :class:`~recurjac_scale.errors.IncompleteRunError` (a ``RuntimeError``) afterwards so no partial result is
+        mistaken for a complete one, unless all blocks were done).
     durable : bool
         ``fsync`` each block's data and record before moving on (survives a machine crash, not only a killed
         process); about 5 ms per file here, negligible against real tasks.
@@ -427,7 +428,7 @@ def run_plan(
             # the scheduler): write it once as a model store next to the state; workers read it from there.
             spec = _spill_network(spec, ctx, ckpt.path / "model.zarr")
         _create_state(state, plan, spec)
-        done = ckpt.finished()
+        done = ckpt.verified(log)
         R = plan.n_rows
         rb_, cb_ = plan.row_block, plan.col_block
         spec_key = f"rj-spec-{plan.job_id[:16]}"
@@ -530,9 +531,10 @@ def run_plan(
             task_times[(v["step"], v["rb"], v["cb"])] = v["seconds"]
             step_seconds[v["step"]] += v["seconds"]
         if not complete:
-            raise RuntimeError(
+            raise IncompleteRunError(
                 f"stopped after {len(block_keys)} block(s) (max_blocks); {total - reused - len(block_keys)} remain; "
-                "rerun with the same checkpoint to continue"
+                "rerun with the same checkpoint to continue",
+                checkpoint=ckpt.path if given_ckpt else None, done=reused + len(block_keys), total=total,
             )
         import zarr
 
@@ -575,6 +577,7 @@ def run_plan(
                         "network": ctx.describe(),
                         "rounding": ctx.rounding,
                         "complete": True,
+                        "sha256": {"lower": array_sha256(lower), "upper": array_sha256(upper)},
                     }
                 )
             )
@@ -583,10 +586,34 @@ def run_plan(
             os.replace(tmp_out, output)
         success = True
         return res
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: say what is kept (the CLI prints it and exits 130); the interrupt itself goes on
+        exc.incomplete = _incomplete(plan, ckpt, given_ckpt, "interrupted")
+        raise
+    except OSError as exc:
+        # a full disk, a folder made read-only, a vanished mount: the records written so far are consistent
+        if not given_ckpt:
+            raise
+        raise _incomplete(plan, ckpt, given_ckpt, f"failed ({type(exc).__name__}: {exc})") from exc
     finally:
         # A checkpoint folder that was given survives a failure (that is its purpose); a temporary one does not.
         if (success and not keep_checkpoint) or (not success and not given_ckpt):
             ckpt.remove()
+
+
+def _incomplete(plan, ckpt, kept: bool, what: str) -> IncompleteRunError:
+    total = sum(s.n_tasks for s in plan.steps)
+    if not kept:
+        return IncompleteRunError(f"{what}; no checkpoint was kept: a rerun starts over", total=total)
+    try:
+        done = len(ckpt.finished())
+    except OSError:
+        done = 0
+    return IncompleteRunError(
+        f"{what}: {done} of {total} block(s) are finished and kept in {ckpt.path}; no result was written; rerun "
+        "the same command to continue",
+        checkpoint=ckpt.path, done=done, total=total,
+    )
 
 
 SPILL_BYTES = 16 * 2**20
