@@ -18,6 +18,9 @@ __all__ = [
     "InputError",
     "OutputExistsError",
     "MissingDependencyError",
+    "ClusterError",
+    "IncompleteRunError",
+    "IntegrityError",
 ]
 
 
@@ -53,9 +56,32 @@ class OutputExistsError(RecurJacError):
     """An output already exists and overwriting it was not requested."""
 
 
+class ClusterError(RecurJacError):
+    """A dask scheduler that cannot be reached (or does not answer) within the connection timeout."""
+
+
+class IntegrityError(StoreError):
+    """Stored data whose SHA-256 checksum does not match its record: it was damaged or edited, and is not used."""
+
+
 class IncompleteRunError(RecurJacError, RuntimeError):
-    """A run stopped before every block was computed (``max_blocks``): no result exists yet; rerunning with the same
-    checkpoint continues it.  (Also a ``RuntimeError``, as it was before it had its own class.)"""
+    """A run stopped before every block was computed (``max_blocks`` reached, an I/O error such as a full disk, or
+    an interruption: then the ``KeyboardInterrupt`` carries one as its ``incomplete`` attribute).  No result is
+    presented; the finished blocks stay in the checkpoint and a rerun of the same job continues from them.
+
+    Attributes
+    ----------
+    checkpoint : str or None
+        The folder holding the finished blocks (rerun the same command to continue), if it was kept.
+    done, total : int
+        Blocks finished so far, and blocks of the whole job.
+    """
+
+    def __init__(self, message: str, *, checkpoint=None, done: int = 0, total: int = 0):
+        super().__init__(message)
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.done = int(done)
+        self.total = int(total)
 
 
 class MissingDependencyError(RecurJacError, ImportError):

@@ -22,7 +22,17 @@ __all__ = [
     "hill_climb",
     "neuron_attack_points",
     "jacobian_attack_points",
+    "networks",
+    "norms",
+    "radii",
+    "chunkings",
+    "activation_names",
+    "PROPERTY_ACTIVATIONS",
 ]
+
+PROPERTY_ACTIVATIONS = ("relu", "leaky_relu", "hard_sigmoid", "elu", "softplus", "sigmoid", "tanh", "arctan")
+"""The activations the property strategies draw from: every registered one satisfying Assumption 2, except the
+identity (a linear layer)."""
 
 
 def random_network(
@@ -250,3 +260,72 @@ def assert_tasks_within_plan_memory(plan, max_rows: int, max_cols: int) -> None:
         finally:
             tracemalloc.stop()
         assert peak <= sp.task_peak_bytes - sp.task_state_bytes, (t, peak, sp.task_peak_bytes)
+
+
+# -- hypothesis strategies (hypothesis is a test dependency: imported when a strategy is built) ---------------
+def activation_names(names: Sequence[str] = PROPERTY_ACTIVATIONS):
+    """Strategy: an activation name (and its parameters) as ``(name, params)``; ``leaky_relu`` draws its slope in
+    [0, 1]."""
+    from hypothesis import strategies as st
+
+    def with_params(name):
+        if name == "leaky_relu":
+            return st.tuples(st.just(name), st.fixed_dictionaries({"alpha": st.floats(0.0, 1.0)}))
+        return st.just((name, {}))
+
+    return st.sampled_from(list(names)).flatmap(with_params)
+
+
+def networks(
+    *,
+    min_depth: int = 1,
+    max_depth: int = 4,
+    min_width: int = 1,
+    max_width: int = 8,
+    activations: Sequence[str] = PROPERTY_ACTIVATIONS,
+    domain: bool | None = None,
+):
+    """Strategy: a random :class:`Network` (:func:`random_network`) with ``min_depth..max_depth`` hidden layers of
+    ``min_width..max_width`` neurons, inputs and outputs of 1..max_width, one drawn activation, bias scale in
+    {0, 0.1, 1}, and an input domain [-1, 1] (``domain=None``: drawn).  Shrinks towards small shallow ReLU
+    networks."""
+    from hypothesis import strategies as st
+
+    @st.composite
+    def build(draw):
+        depth = draw(st.integers(min_depth, max_depth))
+        widths = [draw(st.integers(1, max_width))]
+        widths += [draw(st.integers(min_width, max_width)) for _ in range(depth)]
+        widths.append(draw(st.integers(1, max_width)))
+        name, params = draw(activation_names(activations))
+        bias = draw(st.sampled_from([0.1, 0.0, 1.0]))
+        dom = draw(st.booleans()) if domain is None else domain
+        seed = draw(st.integers(0, 2**32 - 1))
+        return random_network(widths, name, np.random.default_rng(seed), bias_scale=bias,
+                              domain=(-1.0, 1.0) if dom else None, **params)
+
+    return build()
+
+
+def norms():
+    """Strategy: an input norm p in {1, 2, inf}."""
+    from hypothesis import strategies as st
+
+    return st.sampled_from([math.inf, 1.0, 2.0])
+
+
+def radii(*, max_eps: float = 1.0, zero: bool = True):
+    """Strategy: a radius: 0 (when ``zero``), or log-uniform in [1e-6, max_eps] (from "all stable" to "many
+    unstable" neurons)."""
+    from hypothesis import strategies as st
+
+    pos = st.floats(-6.0, math.log10(max_eps)).map(lambda e: float(10.0**e))
+    return st.one_of(st.just(0.0), pos) if zero else pos
+
+
+def chunkings(max_block: int = 6):
+    """Strategy: ``(row_block, col_block)`` for the engine or the in-memory driver; ``None`` lets the code choose."""
+    from hypothesis import strategies as st
+
+    size = st.one_of(st.none(), st.integers(1, max_block))
+    return st.tuples(size, size)

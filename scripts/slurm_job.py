@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--memory-budget", default=None,
                     help="per-worker budget for the plan's block sizes (default: job memory / cores)")
     ap.add_argument("--wait-timeout", type=float, default=1800, help="seconds to wait for the first worker")
+    ap.add_argument("--tls-ca-file", default=None, metavar="PEM",
+                    help="enable dask TLS for a shared cluster: the certificate authority (with --tls-cert, --tls-key)")
+    ap.add_argument("--tls-cert", default=None, metavar="PEM", help="certificate of scheduler, workers and client")
+    ap.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     ap.add_argument("--dry-run", action="store_true", help="print the job script and the plan; submit nothing")
     ap.add_argument("--local-test", type=int, default=None, metavar="N",
                     help="no SLURM: run the same job on a local cluster of N workers (to try the script out)")
@@ -83,8 +87,28 @@ def _outputs(s):
     return int(s)
 
 
+def security_from_args(args):
+    """A ``distributed.security.Security`` requiring TLS for every connection (scheduler, workers, client), from
+    ``--tls-ca-file/--tls-cert/--tls-key``; ``None`` without them."""
+    given = [args.tls_ca_file, args.tls_cert, args.tls_key]
+    if not any(given):
+        return None
+    if not all(given):
+        raise SystemExit("slurm_job.py: error: TLS needs all of --tls-ca-file, --tls-cert and --tls-key")
+    from distributed.security import Security
+
+    return Security(
+        tls_ca_file=args.tls_ca_file,
+        tls_client_cert=args.tls_cert, tls_client_key=args.tls_key,
+        tls_scheduler_cert=args.tls_cert, tls_scheduler_key=args.tls_key,
+        tls_worker_cert=args.tls_cert, tls_worker_key=args.tls_key,
+        require_encryption=True,
+    )
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    security = security_from_args(args)
     from recurjac_scale.cli._common import load_inputs
     from recurjac_scale.cluster import slurm_cluster, slurm_cluster_kwargs, slurm_job_script
     from recurjac_scale.engine.plan import parse_bytes, plan_jacobian
@@ -93,6 +117,8 @@ def main(argv=None) -> int:
     slurm = dict(queue=args.queue, account=args.account, cores=args.cores, memory=args.memory,
                  walltime=args.walltime, job_extra_directives=args.job_extra, prologue=args.prologue,
                  interface=args.interface, local_directory=args.local_directory, log_directory=args.log_directory)
+    if security is not None:
+        slurm["security"] = security  # dask-jobqueue: TLS scheduler, workers started with the same certificates
     slurm_cluster_kwargs(**slurm)  # validate before anything starts
     budget = args.memory_budget or int(parse_bytes(args.memory) * 0.6 / args.cores)
 

@@ -8,6 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:  # hypothesis profiles (tests/test_properties.py): HYPOTHESIS_PROFILE=ci|dev|nightly
+    from hypothesis import HealthCheck, settings
+
+    _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    # ci: derandomised and fast (the default when the CI variable is set); dev: random, a few more examples;
+    # nightly: 50x ci's examples, excluded from CI, for the soundness sweep (benchmarks/RESULTS.md)
+    settings.register_profile("ci", max_examples=12, derandomize=True, database=None, **_common)
+    settings.register_profile("dev", max_examples=25, **_common)
+    settings.register_profile("nightly", max_examples=600, **_common)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
+except ImportError:  # pragma: no cover - hypothesis is a test dependency
+    pass
+
 
 def _find_shared() -> Path | None:
     env = os.environ.get("RECURJAC_SHARED")

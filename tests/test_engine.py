@@ -263,9 +263,9 @@ def test_resume_recomputes_no_finished_block(tmp_path, small, reference, method)
     _same(res2, reference[method])
 
 
-def test_resume_uses_the_recorded_data(tmp_path, small):
-    """A recorded block is really reused: tampering with its stored data shows up in the result (so the test
-    above cannot pass by recomputing everything)."""
+def test_resume_checks_the_recorded_data(tmp_path, small, reference):
+    """Recorded data is never trusted blindly: a value tampered with in a recorded block no longer matches the
+    block's SHA-256 checksum, so that block (and only it) is recomputed and the result is the true one."""
     import zarr
 
     net, x0 = small
@@ -276,7 +276,8 @@ def test_resume_uses_the_recorded_data(tmp_path, small):
     a = zarr.open_array(str(ck / "state.zarr" / f"step-{T:03d}" / "upper"), mode="r+")
     a[0, 0] = 1e6
     res = plan.compute(checkpoint=ck)
-    assert res.blocks_computed == 0 and res.upper[0, 0] == 1e6
+    assert res.blocks_computed == 1 and res.blocks_reused == res.blocks_total - 1
+    _same(res, reference["recurjac-b"])
 
 
 def test_missing_record_means_recompute(tmp_path, small, reference):

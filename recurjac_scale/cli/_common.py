@@ -10,7 +10,15 @@ import numpy as np
 
 from ..errors import InputError, OutputExistsError
 
-__all__ = ["add_model_argument", "add_output_arguments", "check_output", "load_inputs", "load_model", "positive_int"]
+__all__ = [
+    "add_clip_argument",
+    "add_model_argument",
+    "add_output_arguments",
+    "check_output",
+    "load_inputs",
+    "load_model",
+    "positive_int",
+]
 
 
 def add_model_argument(parser) -> None:
@@ -55,10 +63,25 @@ def load_model(name: str):
     return open_network(name)
 
 
-def load_inputs(path: str, network) -> np.ndarray:
+def add_clip_argument(parser) -> None:
+    parser.add_argument(
+        "--clip", action="store_true",
+        help="clip inputs outside the model's declared input domain into it (default: refuse them)",
+    )
+
+
+def load_inputs(path: str, network, clip: bool = False) -> np.ndarray:
     """Read ``.npy`` inputs: one input ``(n_0,)`` / input shape, or a batch; returns ``(batch, n_0)`` float64,
-    validated against the network's input shape and domain.  ``'default'`` names the five test digits bundled
-    with the default model."""
+    validated against the network's input shape and domain (``clip``: coordinates outside the domain are moved
+    onto it instead of refused).  ``'default'`` names the five test digits bundled with the default model.
+
+    Raises
+    ------
+    InputError
+        Missing or unreadable file, an empty batch, values outside the domain (without ``clip``);
+        :class:`~recurjac_scale.errors.ShapeMismatchError` / :class:`~recurjac_scale.errors.NonFiniteError` for
+        a wrong shape or NaN / inf values.
+    """
     if path == "default":
         from ..network.default import default_inputs_path
 
@@ -70,4 +93,10 @@ def load_inputs(path: str, network) -> np.ndarray:
         x = np.load(p, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise InputError(f"cannot read input file {path!r} as .npy: {exc}") from None
-    return network.input_spec.check(x)
+    spec = network.input_spec
+    if x.ndim >= 1 and x.shape[0] == 0:
+        raise InputError(f"input file {path!r} holds no inputs (shape {x.shape}); give at least one input")
+    if clip and spec.has_domain:
+        x = spec.check(x, atol=np.inf)  # shape and finiteness only
+        x = np.clip(x, spec.domain_lower, spec.domain_upper)
+    return spec.check(x)

@@ -15,7 +15,7 @@ import time
 import numpy as np
 
 from ..errors import InputError
-from ._common import add_model_argument, add_output_arguments, check_output, load_inputs, load_model
+from ._common import add_clip_argument, add_model_argument, add_output_arguments, check_output, load_inputs, load_model
 
 __all__ = [
     "register",
@@ -134,6 +134,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_argument(parser)
     parser.add_argument("--input", required=True, metavar="X.npy", help="input(s) in raw units, shape (n_0,) or (batch, n_0), as .npy; 'default' for the default model's test digits")
     parser.add_argument("--index", type=int, default=None, metavar="I", help="which input of a batch (default: the only one)")
+    add_clip_argument(parser)
     parser.add_argument("--norm", choices=NORM_CHOICES, default="inf", help="input norm p of the region (default inf)")
     parser.add_argument(
         "--method", default=DEFAULT_METHOD, metavar="M",
@@ -194,7 +195,7 @@ def run(args) -> int:
     method = check_jacobian_method(args.method)
     lb = check_layer_bounds(args.layer_bounds)
     net = load_model(args.model)
-    x = select_input(load_inputs(args.input, net), args.index, args.input)
+    x = select_input(load_inputs(args.input, net, clip=getattr(args, "clip", False)), args.index, args.input)
     C = selection_matrix(args.outputs, net.n_outputs)
     t0 = time.perf_counter()
     res = jacobian_bounds(

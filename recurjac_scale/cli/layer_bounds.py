@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from ._common import add_model_argument, add_output_arguments, check_output, load_inputs, load_model
+from ._common import add_clip_argument, add_model_argument, add_output_arguments, check_output, load_inputs, load_model
 from .bounds import NORM_CHOICES, check_eps, parse_eps, select_input
 
 __all__ = ["register", "run"]
@@ -37,6 +37,7 @@ def register(subparsers) -> None:
     add_model_argument(p)
     p.add_argument("--input", required=True, metavar="X.npy", help="input in raw units, shape (n_0,) or (batch, n_0), as .npy; 'default' for the default model's test digits")
     p.add_argument("--index", type=int, default=None, metavar="I", help="which input of a batch (required for a batch)")
+    add_clip_argument(p)
     p.add_argument("--eps", type=parse_eps, required=True, metavar="E", help="radius of the region (>= 0, or inf)")
     p.add_argument("--norm", choices=NORM_CHOICES, default="inf", help="input norm p of the region (default inf)")
     p.add_argument("--method", choices=METHOD_CHOICES, default="crown", help="bound method (default crown)")
@@ -54,7 +55,7 @@ def run(args) -> int:
     check_eps([args.eps])
     out = check_output(args.output, args.overwrite)
     net = load_model(args.model)
-    x = select_input(load_inputs(args.input, net), args.index, args.input)
+    x = select_input(load_inputs(args.input, net, clip=getattr(args, "clip", False)), args.index, args.input)
     t0 = time.perf_counter()
     res = layer_bounds(
         net, x, args.eps, p=args.norm, method=args.method, block_rows=args.block_rows, dtype=np.dtype(args.dtype)

@@ -46,6 +46,10 @@ def parse_eps_grid(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"invalid --eps-grid {text!r}: a log grid needs finite START > 0 and END > 0 (use --eps 0 for eps = 0)"
         )
+    if start > end:
+        raise argparse.ArgumentTypeError(
+            f"invalid --eps-grid {text!r}: START = {start:g} > END = {end:g}; accepted: START <= END"
+        )
     return [float(v) for v in np.geomspace(start, end, n)]
 
 
@@ -91,7 +95,7 @@ def run(args) -> int:
     method = check_jacobian_method(args.method)
     lb = check_layer_bounds(args.layer_bounds)
     net = load_model(args.model)
-    x = select_input(load_inputs(args.input, net), args.index, args.input)
+    x = select_input(load_inputs(args.input, net, clip=getattr(args, "clip", False)), args.index, args.input)
     res = lipschitz(
         net, x, eps, p=args.norm, method=method, layer_bounds=lb, outputs=args.outputs,
         algorithm2=not args.no_algorithm2, sparse_threshold=args.sparse_threshold,

@@ -39,6 +39,21 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes (starts a local dask cluster on 127.0.0.1 unless --scheduler says otherwise)")
     p.add_argument("--threads-per-worker", type=positive_int, default=None, metavar="N",
                    help="threads per worker (threads scheduler: the pool size, default the CPU count)")
+    p.add_argument("--connect-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="how long to wait for a scheduler given by address (default 30)")
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return v
 
 
 def make_plan(args, net, *, scheduler: str | None = None):
@@ -49,17 +64,19 @@ def make_plan(args, net, *, scheduler: str | None = None):
     check_eps([args.eps])
     method = check_jacobian_method(args.method)
     lb = check_layer_bounds(args.layer_bounds)
-    x = select_input(load_inputs(args.input, net), args.index, args.input)
-    kind, _addr = parse_scheduler(scheduler, args.workers)
+    x = select_input(load_inputs(args.input, net, clip=getattr(args, "clip", False)), args.index, args.input)
+    kind, addr = parse_scheduler(scheduler, args.workers)
+    n_workers = 1
     if kind == "threads":
         tpw = args.threads_per_worker or os.cpu_count() or 1
         total = tpw
     elif kind == "distributed":
         tpw = args.threads_per_worker or 1
-        total = tpw * (args.workers or 1)
+        n_workers = args.workers or 1
+        total = tpw * n_workers
     elif kind == "processes":
         tpw = 1
-        total = args.workers or os.cpu_count() or 1
+        total = n_workers = args.workers or os.cpu_count() or 1
     else:
         tpw = total = 1
     # Give the engine the store's path, so that workers read the weights from the store themselves.
@@ -69,6 +86,27 @@ def make_plan(args, net, *, scheduler: str | None = None):
         source = default_model_path()
     else:
         source = args.model
+    client = None
+    if addr:
+        # a running cluster: size the plan for its workers (memory_limit, measured RSS, threads)
+        from ..engine.schedulers import connect
+
+        client = connect(addr, getattr(args, "connect_timeout", None))
+    try:
+        return _plan(args, source, x, method, lb, tpw, total, n_workers, client)
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _plan(args, source, x, method, lb, tpw, total, n_workers, client):
+    from ..engine import plan_jacobian
+
+    if client is not None:
+        ws = client.scheduler_info(n_workers=-1).get("workers", {})
+        if ws:
+            tpw = args.threads_per_worker or max(int(w.get("nthreads", 1)) for w in ws.values())
+            total = sum(int(w.get("nthreads", 1)) for w in ws.values())
     return plan_jacobian(
         source,
         x,
@@ -84,6 +122,8 @@ def make_plan(args, net, *, scheduler: str | None = None):
         total_threads=total,
         stream_weights=args.stream_weights,
         sparse_threshold=args.sparse_threshold,
+        client=client,
+        n_workers=n_workers,
     )
 
 

@@ -76,10 +76,17 @@ def run(args) -> int:
             progress=not args.quiet,
             log=log,
             max_blocks=args.max_blocks,
+            connect_timeout=args.connect_timeout,
         )
     except IncompleteRunError as exc:
-        log(f"stopped: {exc}")
-        return 3
+        if args.max_blocks is not None and "max_blocks" in str(exc):
+            log(f"stopped: {exc}")
+            return 3
+        raise
+    except KeyboardInterrupt as exc:
+        why = getattr(exc, "incomplete", None) or "interrupted"
+        print(f"recurjac-scale run: {why}", file=sys.stderr, flush=True)
+        return 130
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     elif not args.quiet:

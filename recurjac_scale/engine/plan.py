@@ -201,6 +201,9 @@ class Plan:
     cache_bytes : int
         The most the per-process caches of a worker can hold (:func:`cache_bytes`), counted in
         ``peak_worker_bytes``.
+    budget_source : str
+        Where ``memory_budget`` comes from: ``"given"``, the cluster's worker limit, or the machine's available
+        memory (:func:`recurjac_scale.engine.memory.default_memory_budget`).
     """
 
     method: str
@@ -229,6 +232,7 @@ class Plan:
     worker_baseline_bytes: int = WORKER_BASELINE_BYTES
     baseline_source: str = "constant"
     cache_bytes: int = 0
+    budget_source: str = "given"
     context: Any = field(default=None, repr=False, compare=False)
 
     def compute(self, **kwargs):
@@ -280,7 +284,8 @@ class Plan:
             f"caches {format_bytes(self.cache_bytes)} + "
             f"held weights {format_bytes(held)} + {self.threads_per_worker} thread(s) x peak task "
             f"{format_bytes(task_peak)} = {format_bytes(self.peak_worker_bytes)}"
-            + (f" (budget {format_bytes(self.memory_budget)})" if self.memory_budget else " (no budget given)")
+            + (f" (budget {format_bytes(self.memory_budget)}, {self.budget_source})" if self.memory_budget
+               else " (no budget)")
         )
         lines.append(
             f"planning in the client: {self.layer_bounds_seconds:.1f} s (network read and layer bounds "
@@ -433,6 +438,7 @@ def plan_jacobian(
     stream_weights: bool | None = None,
     sparse_threshold="auto",
     client=None,
+    n_workers: int | None = None,
 ) -> Plan:
     """Plan a blockwise Jacobian-bound job.
 
@@ -475,6 +481,11 @@ def plan_jacobian(
         The cluster the plan is for: the worker baseline becomes the largest of :data:`WORKER_BASELINE_BYTES` and
         the workers' current RSS, and without ``memory_budget`` the budget is the workers' ``memory_limit`` times
         the nanny's terminate fraction (:func:`measure_workers`).  Planning itself runs here, in the client.
+    n_workers : int, optional
+        Worker processes on this machine sharing its memory (default ``ceil(total_threads / threads_per_worker)``).
+        Without ``memory_budget`` and ``client`` the budget per worker is the machine's available memory times
+        :data:`~recurjac_scale.engine.memory.SAFETY_FRACTION` divided among them; a job whose smallest blocks do
+        not fit is refused (:class:`~recurjac_scale.errors.InputError` saying how much memory it needs).
 
     Returns
     -------
@@ -483,13 +494,21 @@ def plan_jacobian(
     from ..layer_bounds.base import parse_norm
 
     budget = parse_bytes(memory_budget)
+    budget_source = "given"
     baseline, baseline_source = WORKER_BASELINE_BYTES, "constant"
     if client is not None:
         facts = measure_workers(client)
         if facts["rss"] > baseline:
             baseline, baseline_source = int(facts["rss"]), "measured"
-        if budget is None:
+        if budget is None and facts["budget"] is not None:
             budget = facts["budget"]
+            budget_source = "default: the cluster workers' memory_limit x the nanny's terminate fraction"
+    if budget is None and client is None:
+        from .memory import default_memory_budget
+
+        tpw_ = max(1, int(threads_per_worker))
+        nw = n_workers if n_workers is not None else -(-int(total_threads or tpw_) // tpw_)
+        budget, budget_source = default_memory_budget(nw)
     t0 = time.perf_counter()
     ctx = prepare_job(network, x0, eps, parse_norm(p), method, layer_bounds, outputs, sparse_threshold)
     lb_seconds = time.perf_counter() - t0
@@ -520,17 +539,22 @@ def plan_jacobian(
         from .streaming import store_tile_bytes
 
         tile = store_tile_bytes(ctx.store_path)
-    rb, cb = choose_blocks(
-        shape,
-        row_block=row_block,
-        col_block=col_block,
-        memory_budget=budget,
-        threads_per_worker=tpw,
-        total_threads=int(total_threads or tpw),
-        stream=ctx.stream,
-        baseline=baseline + caches,
-        tile_bytes=tile,
-    )
+    try:
+        rb, cb = choose_blocks(
+            shape,
+            row_block=row_block,
+            col_block=col_block,
+            memory_budget=budget,
+            threads_per_worker=tpw,
+            total_threads=int(total_threads or tpw),
+            stream=ctx.stream,
+            baseline=baseline + caches,
+            tile_bytes=tile,
+        )
+    except InputError as exc:
+        if budget_source == "given":
+            raise
+        raise InputError(f"{exc} (budget {budget_source})") from None
     steps = []
     R = shape.n_rows
     for t in range(1, shape.n_steps + 1):
@@ -589,5 +613,6 @@ def plan_jacobian(
         worker_baseline_bytes=int(baseline),
         baseline_source=baseline_source,
         cache_bytes=int(caches),
+        budget_source=budget_source,
         context=ctx,
     )

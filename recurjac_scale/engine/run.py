@@ -40,11 +40,11 @@ import numpy as np
 from .._json import json_float, json_safe
 from ..errors import IncompleteRunError, OutputExistsError, StoreError
 from .checkpoint import Checkpoint
+from .result_store import RESULT_FORMAT, array_sha256
 from .schedulers import blas_single_thread, open_executor
 
 __all__ = ["EngineResult", "run_plan", "RESULT_FORMAT"]
 
-RESULT_FORMAT = "recurjac-scale-jacobian-bounds"
 
 _ARRAYS: dict[str, Any] = {}
 _ARRAYS_LOCK = threading.Lock()
@@ -115,7 +115,7 @@ def _block_task(spec, state: str, ckpt: str, job_id: str, durable: bool, t: int,
     holding its result died): its chunks are never rewritten while later tasks may be reading them."""
     ck = Checkpoint(Path(ckpt), job_id)
     rec = ck.read_record(t, rb, cb)
-    if rec is not None:
+    if rec is not None and ck.check_record(rec) is None:
         return {**rec, "seconds": 0.0, "reused": True}
     t_start = time.perf_counter()
     chain = spec.chain()
@@ -352,6 +352,7 @@ def run_plan(
     log=None,
     max_blocks: int | None = None,
     durable: bool = True,
+    connect_timeout: float | None = None,
 ) -> EngineResult:
     """Execute a plan.
 
@@ -362,7 +363,9 @@ def run_plan(
         ``synchronous``, ``threads`` (default), ``processes``, ``distributed`` or a cluster address
         ``tcp://host:port`` (see :func:`recurjac_scale.engine.schedulers.open_executor`).
     workers, threads_per_worker, memory_limit : optional
-        Worker processes / threads; ``workers`` without a scheduler starts a LocalCluster on 127.0.0.1.
+        Worker processes / threads; ``workers`` without a scheduler starts a LocalCluster on 127.0.0.1, whose
+        workers get ``memory_limit`` (default: the plan's budget over the nanny's terminate fraction,
+        :func:`~recurjac_scale.engine.memory.local_memory_limit`).
     client : distributed.Client, optional
         Run on this client.
     executor : Executor, optional
@@ -387,11 +390,13 @@ def run_plan(
         ``log(str)`` for status lines (the CLI passes a printer to stderr); default silent.
     max_blocks : int, optional
         Compute at most this many blocks, then stop (for measuring a fraction of a job; raises
-        :class:`~recurjac_scale.errors.IncompleteRunError`
-        afterwards so no partial result is mistaken for a complete one, unless all blocks were done).
+        :class:`~recurjac_scale.errors.IncompleteRunError` (a ``RuntimeError``) afterwards so no partial result is
+        mistaken for a complete one, unless all blocks were done).
     durable : bool
         ``fsync`` each block's data and record before moving on (survives a machine crash, not only a killed
         process); about 5 ms per file here, negligible against real tasks.
+    connect_timeout : float, optional
+        Seconds to wait for a scheduler given by address (:func:`~recurjac_scale.engine.schedulers.connect`).
 
     Returns
     -------
@@ -424,7 +429,7 @@ def run_plan(
             # the scheduler): write it once as a model store next to the state; workers read it from there.
             spec = _spill_network(spec, ctx, ckpt.path / "model.zarr")
         _create_state(state, plan, spec)
-        done = ckpt.finished()
+        done = ckpt.verified(log)
         R = plan.n_rows
         rb_, cb_ = plan.row_block, plan.col_block
         spec_key = f"rj-spec-{plan.job_id[:16]}"
@@ -488,6 +493,10 @@ def run_plan(
         if executor is not None:
             ex_cm = contextlib.nullcontext(executor)
         else:
+            if memory_limit is None and plan.memory_budget:
+                from .memory import local_memory_limit
+
+                memory_limit = local_memory_limit(plan.memory_budget)
             ex_cm = open_executor(
                 scheduler,
                 workers=workers,
@@ -495,6 +504,7 @@ def run_plan(
                 memory_limit=memory_limit,
                 dashboard=dashboard and progress,
                 client=client,
+                connect_timeout=connect_timeout,
             )
         with ex_cm as ex:
             if ex.dashboard_link:
@@ -524,7 +534,8 @@ def run_plan(
         if not complete:
             raise IncompleteRunError(
                 f"stopped after {len(block_keys)} block(s) (max_blocks); {total - reused - len(block_keys)} remain; "
-                "rerun with the same checkpoint to continue"
+                "rerun with the same checkpoint to continue",
+                checkpoint=ckpt.path if given_ckpt else None, done=reused + len(block_keys), total=total,
             )
         import zarr
 
@@ -568,6 +579,7 @@ def run_plan(
                         "network": ctx.describe(),
                         "rounding": ctx.rounding,
                         "complete": True,
+                        "sha256": {"lower": array_sha256(lower), "upper": array_sha256(upper)},
                     }
                 )
             )
@@ -576,10 +588,34 @@ def run_plan(
             os.replace(tmp_out, output)
         success = True
         return res
+    except KeyboardInterrupt as exc:
+        # Ctrl-C: say what is kept (the CLI prints it and exits 130); the interrupt itself goes on
+        exc.incomplete = _incomplete(plan, ckpt, given_ckpt, "interrupted")
+        raise
+    except OSError as exc:
+        # a full disk, a folder made read-only, a vanished mount: the records written so far are consistent
+        if not given_ckpt:
+            raise
+        raise _incomplete(plan, ckpt, given_ckpt, f"failed ({type(exc).__name__}: {exc})") from exc
     finally:
         # A checkpoint folder that was given survives a failure (that is its purpose); a temporary one does not.
         if (success and not keep_checkpoint) or (not success and not given_ckpt):
             ckpt.remove()
+
+
+def _incomplete(plan, ckpt, kept: bool, what: str) -> IncompleteRunError:
+    total = sum(s.n_tasks for s in plan.steps)
+    if not kept:
+        return IncompleteRunError(f"{what}; no checkpoint was kept: a rerun starts over", total=total)
+    try:
+        done = len(ckpt.finished())
+    except OSError:
+        done = 0
+    return IncompleteRunError(
+        f"{what}: {done} of {total} block(s) are finished and kept in {ckpt.path}; no result was written; rerun "
+        "the same command to continue",
+        checkpoint=ckpt.path, done=done, total=total,
+    )
 
 
 SPILL_BYTES = 16 * 2**20

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from ..cluster import THREAD_ENV, _environ
-from ..errors import InputError
+from ..errors import ClusterError, InputError
 
 __all__ = [
     "SCHEDULERS",
@@ -30,7 +30,42 @@ __all__ = [
     "blas_single_thread",
     "WORKER_ENV",
     "parse_scheduler",
+    "connect",
+    "CONNECT_TIMEOUT",
 ]
+
+CONNECT_TIMEOUT = 30.0
+"""Seconds to wait for a scheduler given by address to answer (``--connect-timeout``)."""
+
+
+def connect(address: str, timeout: float | None = None):
+    """A ``distributed.Client`` connected to ``address``.
+
+    Raises
+    ------
+    ClusterError
+        When the scheduler does not answer within ``timeout`` seconds (default :data:`CONNECT_TIMEOUT`), refuses
+        the connection, or answers with something that is not the dask protocol.
+    """
+    import asyncio
+
+    from distributed import Client
+
+    timeout = CONNECT_TIMEOUT if timeout is None else float(timeout)
+    if not (timeout > 0):
+        raise InputError(f"connect timeout {timeout!r}: give a positive number of seconds")
+    try:
+        # Client(timeout=...) bounds the TCP connect only: an endpoint that accepts and then stays silent makes
+        # it wait forever.  Ask the scheduler who it is first, under a hard deadline.
+        asyncio.run(asyncio.wait_for(_identity(address, timeout), timeout))
+        return Client(address, timeout=timeout, set_as_default=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is reported the same way
+        # (an endpoint that answers with something else than dask's protocol can surface as MemoryError too)
+        raise ClusterError(
+            f"no dask scheduler answered at {address!r} within {timeout:g} s ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); check the address and that the scheduler "
+            "runs, or raise --connect-timeout"
+        ) from None
 
 WORKER_ENV = dict(THREAD_ENV)
 """Environment of worker processes started by the engine: one thread per BLAS / numba / OpenMP pool."""
@@ -40,6 +75,21 @@ _limit_depth = 0
 _limit_restore = None
 _controller = None
 _controller_modules = -1
+
+
+async def _identity(address: str, timeout: float) -> dict:
+    """The scheduler's answer to the ``identity`` request (raises on no answer or a non-dask endpoint)."""
+    from distributed.comm import connect as comm_connect
+
+    comm = await comm_connect(address, timeout=timeout)
+    try:
+        await comm.write({"op": "identity"})
+        reply = await comm.read()
+    finally:
+        comm.abort()
+    if not isinstance(reply, dict) or reply.get("type") != "Scheduler":
+        raise OSError(f"the endpoint is not a dask scheduler (answered {str(reply)[:60]!r})")
+    return reply
 
 
 def _blas_controller():
@@ -94,6 +144,8 @@ class Executor:
     client : distributed.Client or None
     dashboard_link : str or None
     address : str or None
+    memory_limit : int or None
+        Smallest ``memory_limit`` of the cluster's workers (bytes), if any.
     """
 
     kind: str
@@ -102,6 +154,7 @@ class Executor:
     client: Any = None
     dashboard_link: str | None = None
     address: str | None = None
+    memory_limit: int | None = None
     _get: Callable | None = field(default=None, repr=False)
 
     @property
@@ -139,6 +192,7 @@ class Executor:
             "threads_per_worker": self.threads_per_worker,
             "address": self.address,
             "dashboard": self.dashboard_link,
+            "memory_limit": self.memory_limit,
         }
 
 
@@ -180,11 +234,11 @@ def _processes(n_workers, threads, memory_limit) -> Iterator[Executor]:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _distributed(address, n_workers, threads, memory_limit, dashboard) -> Iterator[Executor]:
+def _distributed(address, n_workers, threads, memory_limit, dashboard, timeout=None) -> Iterator[Executor]:
     from distributed import Client, LocalCluster
 
     if address:
-        with Client(address) as client:
+        with connect(address, timeout) as client:
             info = client.scheduler_info()
             workers = info.get("workers", {})
             nthreads = [w.get("nthreads", 1) for w in workers.values()] or [1]
@@ -195,13 +249,17 @@ def _distributed(address, n_workers, threads, memory_limit, dashboard) -> Iterat
                 client=client,
                 dashboard_link=_dashboard(client),
                 address=address,
+                memory_limit=_min_limit(workers),
             )
         return
     n = n_workers or 1
     tpw = threads or 1
-    kw: dict[str, Any] = {}
-    if memory_limit:
-        kw["memory_limit"] = int(memory_limit)
+    if not memory_limit:
+        # never dask's "auto" (the machine's total memory per worker): what is available now, with a margin
+        from .memory import default_memory_budget, local_memory_limit
+
+        memory_limit = local_memory_limit(default_memory_budget(n)[0])
+    kw: dict[str, Any] = {"memory_limit": int(memory_limit)}
     with LocalCluster(
         n_workers=n,
         threads_per_worker=tpw,
@@ -219,7 +277,13 @@ def _distributed(address, n_workers, threads, memory_limit, dashboard) -> Iterat
             client=client,
             dashboard_link=_dashboard(client) if dashboard else None,
             address=cluster.scheduler_address,
+            memory_limit=_min_limit(client.scheduler_info(n_workers=-1).get("workers", {})),
         )
+
+
+def _min_limit(workers: dict) -> int | None:
+    limits = [int(w["memory_limit"]) for w in workers.values() if w.get("memory_limit")]
+    return min(limits) if limits else None
 
 
 def _dashboard(client) -> str | None:
@@ -276,6 +340,7 @@ def open_executor(
     memory_limit: int | None = None,
     dashboard: bool = True,
     client=None,
+    connect_timeout: float | None = None,
 ) -> Iterator[Executor]:
     """Context manager giving an :class:`Executor`.
 
@@ -288,11 +353,15 @@ def open_executor(
     threads_per_worker : int, optional
         Threads per worker (``threads``: pool size, default the CPU count; LocalCluster default 1).
     memory_limit : int, optional
-        Bytes per LocalCluster worker.
+        Bytes per LocalCluster worker (default: :func:`~recurjac_scale.engine.memory.local_memory_limit` of the
+        machine's default budget, :func:`~recurjac_scale.engine.memory.default_memory_budget`).
     dashboard : bool
         Start the dashboard of a LocalCluster (on 127.0.0.1, a free port).
     client : distributed.Client, optional
         Use this client (any ``scheduler`` value is ignored).
+    connect_timeout : float, optional
+        Seconds to wait for a scheduler given by address (default :data:`CONNECT_TIMEOUT`); then
+        :class:`~recurjac_scale.errors.ClusterError`.
     """
     if client is not None:
         info = client.scheduler_info()
@@ -308,7 +377,7 @@ def open_executor(
         return
     kind, address = parse_scheduler(scheduler, workers)
     if kind == "distributed":
-        gen = _distributed(address, workers, threads_per_worker, memory_limit, dashboard)
+        gen = _distributed(address, workers, threads_per_worker, memory_limit, dashboard, connect_timeout)
     else:
         gen = SCHEDULERS[kind](workers, threads_per_worker, memory_limit)
     with contextlib.contextmanager(lambda: gen)() as ex:

@@ -108,8 +108,13 @@ class InputSpec:
                 f"input of shape {x.shape} does not match the network's input shape {self.shape} (n_0 = {n0}); "
                 f"give ({n0},), {self.shape} or a batch of either"
             )
-        if not np.isfinite(x).all():
-            raise NonFiniteError("input contains NaN or infinite values")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            b, k = np.argwhere(bad)[0]
+            raise NonFiniteError(
+                f"input {b} coordinate {k} is {x[b, k]}; accepted: finite numbers ({int(bad.sum())} non-finite "
+                "value(s) in all)"
+            )
         if self.has_domain:
             out = (x < self.domain_lower - atol) | (x > self.domain_upper + atol)
             if out.any():
@@ -279,6 +284,11 @@ class Network:
         for k, (w, b) in enumerate(zip(self.weights, self.biases)):
             if getattr(w, "ndim", None) != 2:
                 raise ShapeMismatchError(f"layer {k}: weight must be 2-D (out, in), got shape {tuple(w.shape)}")
+            if 0 in tuple(w.shape):
+                raise ShapeMismatchError(
+                    f"layer {k}: weight of shape {tuple(w.shape)} has a zero-width side; accepted: at least one "
+                    "neuron per layer and one input"
+                )
             if w.shape[1] != prev:
                 raise ShapeMismatchError(
                     f"layer {k}: weight of shape {tuple(w.shape)} expects {w.shape[1]} inputs but the previous "

@@ -640,6 +640,42 @@ def _dask_name(path: Path, k: int, name: str, arr) -> str:
     return f"recurjac-store-{name}-{k}-" + tokenize(str(path.resolve()), k, name, stamp, arr.shape, arr.chunks)
 
 
+class _CheckedArray:
+    """A zarr array whose reads raise :class:`StoreError` naming the store, the array and the selection when a
+    chunk cannot be decoded (damaged, truncated, checksum mismatch) or cannot be read (permissions), instead of the
+    codec's own exception."""
+
+    def __init__(self, array, path: Path, key: str):
+        self.array, self.path, self.key = array, path, key
+        self.shape, self.dtype, self.ndim, self.chunks = array.shape, array.dtype, array.ndim, array.chunks
+
+    def __getitem__(self, sel):
+        try:
+            return self.array[sel]
+        except Exception as exc:  # noqa: BLE001 - any failure to read stored data is reported the same way
+            hint = ("no read permission: ask for access or copy the store" if isinstance(exc, PermissionError)
+                    else "the store is damaged: re-import or copy the model again")
+            raise StoreError(
+                f"{str(self.path)!r}: array {self.key!r} {_format_selection(sel)} cannot be read "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no detail'}); {hint}"
+            ) from None
+
+
+def _format_selection(sel) -> str:
+    sel = sel if isinstance(sel, tuple) else (sel,)
+    parts = [f"{s.start or 0}:{s.stop}" if isinstance(s, slice) else str(s) for s in sel]
+    return "[" + ", ".join(parts) + "]"
+
+
+def _checked_dask(a, path: Path, key: str, name: str):
+    import dask.array as da
+
+    return da.from_array(
+        _CheckedArray(a, path, key), chunks=a.chunks, name=name, fancy=False,
+        meta=np.empty((0,) * a.ndim, dtype=a.dtype),
+    )
+
+
 def open_network(path: str | os.PathLike) -> Network:
     """Open a model store lazily.
 
@@ -680,8 +716,8 @@ def open_network(path: str | os.PathLike) -> Network:
                 )
             )
         else:
-            weights.append(da.from_zarr(w, chunks=w.chunks, name=_dask_name(path, k, "weight", w)))
-        biases.append(da.from_zarr(b, chunks=b.chunks, name=_dask_name(path, k, "bias", b)))
+            weights.append(_checked_dask(w, path, f"layers/{k}/weight", _dask_name(path, k, "weight", w)))
+        biases.append(_checked_dask(b, path, f"layers/{k}/bias", _dask_name(path, k, "bias", b)))
     try:
         return Network(
             weights,

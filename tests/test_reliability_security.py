@@ -1,0 +1,94 @@
+"""Security (issue "Reliability"): no pickles in checkpoints or results, the local scheduler on loopback only,
+paths from user-given files confined to the output folder, a dask Security object accepted by the SLURM script."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recurjac_scale.engine import plan_jacobian
+from recurjac_scale.errors import InputError
+from recurjac_scale.paths import resolve_inside
+from recurjac_scale.testing import random_network
+
+PICKLE_HEADERS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def test_checkpoints_and_results_hold_no_pickles(tmp_path):
+    rng = np.random.default_rng(0)
+    net = random_network([6, 9, 7, 3], "relu", rng, domain=(0.0, 1.0))
+    x0 = rng.uniform(0.2, 0.8, 6)
+    plan = plan_jacobian(net, x0, 0.05, math.inf, "recurjac-b", layer_bounds="ibp", row_block=2, col_block=3,
+                         memory_budget="1GiB")
+    ck, out = tmp_path / "ck", tmp_path / "r.zarr"
+    plan.compute(checkpoint=ck, output=out, scheduler="synchronous", durable=False)
+    files = [p for d in (ck, out) for p in d.rglob("*") if p.is_file()]
+    assert files
+    for f in files:
+        data = f.read_bytes()
+        assert not data.startswith(PICKLE_HEADERS), f"{f} looks like a pickle"
+        assert b"pickle" not in data.lower() and b"numpy.core.multiarray" not in data
+        if f.suffix == ".json":
+            json.loads(data)  # records and metadata are plain JSON
+    codecs = {c.get("name") for f in files if f.name == "zarr.json"
+              for c in json.loads(f.read_text()).get("codecs", []) or []}
+    assert not {n for n in codecs if n and "pickle" in n}
+
+
+@pytest.mark.cluster
+def test_local_cluster_started_by_the_engine_binds_loopback():
+    import psutil
+
+    from recurjac_scale.engine.schedulers import open_executor
+
+    with open_executor("distributed", workers=1, dashboard=False) as ex:
+        assert ex.address.startswith("tcp://127.0.0.1:")
+        info = ex.client.scheduler_info()
+        assert all(a.startswith("tcp://127.0.0.1:") for a in info["workers"])
+        pids = [os.getpid(), *ex.client.run(os.getpid).values()]
+        ips = {c.laddr.ip for p in pids for c in psutil.Process(p).net_connections(kind="inet")
+               if c.status == psutil.CONN_LISTEN}
+        assert ips == {"127.0.0.1"}
+
+
+def test_resolve_inside(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    assert resolve_inside(out, "a/b.npz") == (out / "a" / "b.npz").resolve()
+    for bad in ("../x.npz", "a/../../x", "/etc/passwd"):
+        with pytest.raises(InputError, match="leaves the folder|is absolute"):
+            resolve_inside(out, bad)
+    (out / "link").symlink_to(tmp_path)
+    with pytest.raises(InputError, match="leaves the folder"):
+        resolve_inside(out, "link/escape.npz")
+
+
+def test_slurm_script_builds_a_tls_security_object(tmp_path):
+    import importlib.util
+
+    pytest.importorskip("dask_jobqueue")
+    from distributed.security import Security
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "slurm_job.py"
+    spec = importlib.util.spec_from_file_location("slurm_job", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name in ("ca.pem", "cert.pem", "key.pem"):
+        (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
+    base = ["m.zarr", "--input", "x.npy", "--eps", "0.1", "--checkpoint", "ck", "-o", "r.zarr"]
+    args = mod._parser().parse_args([*base, "--tls-ca-file", str(tmp_path / "ca.pem"), "--tls-cert",
+                                     str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")])
+    sec = mod.security_from_args(args)
+    assert isinstance(sec, Security) and sec.require_encryption
+    assert sec.tls_ca_file == str(tmp_path / "ca.pem") and sec.tls_worker_cert == str(tmp_path / "cert.pem")
+    from recurjac_scale.cluster import slurm_cluster_kwargs
+
+    assert slurm_cluster_kwargs(cores=2, security=sec)["security"] is sec
+    assert mod.security_from_args(mod._parser().parse_args(base)) is None
+    with pytest.raises(SystemExit):
+        mod.security_from_args(mod._parser().parse_args([*base, "--tls-ca-file", str(tmp_path / "ca.pem")]))
