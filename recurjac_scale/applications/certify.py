@@ -63,6 +63,7 @@ __all__ = [
     "margin_bound_radius",
     "LocalConstants",
     "register_target",
+    "check_target",
 ]
 
 SHRINK = 1e-12
@@ -134,6 +135,17 @@ def resolve_targets(target, logits: np.ndarray, c: int, *, seed: int = 0, index:
     if not 0 <= j < n:
         raise InputError(f"target class {j} is out of range; accepted: 0..{n - 1}")
     return j
+
+
+def check_target(target, n_outputs: int) -> str:
+    """Validate a target given by name or class index (before any work); returns it normalised."""
+    t = str(target).strip()
+    if t.isdigit():
+        if not 0 <= int(t) < n_outputs:
+            raise InputError(f"target class {t} is out of range; accepted: 0..{n_outputs - 1}")
+        return t
+    resolve_targets(t, np.zeros(n_outputs), 0)
+    return t
 
 
 # -- the integral bound ---------------------------------------------------------------------------------------
