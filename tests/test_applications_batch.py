@@ -206,3 +206,39 @@ def test_cli_certify_and_landscape_and_lipschitz_batch(tmp_path, capsys):
                  "--method", "fastlip,recurjac-b", "--outputs", "3", "--json", str(tmp_path / "s.jsonl"), "--quiet"]) == 0
     r = _records(tmp_path / "s.jsonl")[0]
     assert set(r["lipschitz"]) == {"fastlip", "recurjac-b"} and len(r["eps_grid"]) == 3
+
+
+def _slurm_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("slurm_job", REPO / "scripts" / "slurm_job.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_slurm_recipe_certify_dry_run(capsys):
+    pytest.importorskip("dask_jobqueue")
+    mod = _slurm_script()
+    rc = mod.main(["certify", "default", "--inputs", "default", "--json", "c.jsonl", "--queue", "compute",
+                   "--cores", "2", "--memory", "4GiB", "--dry-run"])
+    assert rc == 0
+    cap = capsys.readouterr()
+    assert "#SBATCH -p compute" in cap.out
+    assert "recurjac-scale certify default --inputs default --json c.jsonl --scheduler tcp://" in cap.err
+    assert mod.main(["certify", "default", "--inputs", "default"]) == 2  # --json is required
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_slurm_recipe_certify_local_test(tmp_path):
+    """The recipe's --local-test path: the certify batch on a 2-worker local cluster equals a synchronous run."""
+    mod = _slurm_script()
+    x = _inputs(4)
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "c.jsonl"
+    rc = mod.main(["certify", "default", "--inputs", str(tmp_path / "x.npy"), "--method", "fastlip",
+                   "--layer-bounds", "ibp", "--no-margin-bound", "--json", str(out), "--quiet", "--local-test", "2"])
+    assert rc == 0
+    ref = run_batch(_job(x), None, scheduler="synchronous")
+    assert [_strip(r) for r in _records(out)] == [_strip(r) for r in ref.records]

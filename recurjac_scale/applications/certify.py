@@ -23,10 +23,11 @@ Two searches use this:
 
 - ``search="grid"`` (default): the constants are computed once per (input, target) on a set of radii that is
   reused for every candidate ``R``.  First a geometric grid ``R_cap · 2^-i`` (``R_cap = g(x0) / ||∇g(x0)||_q``, an
-  upper bound of any radius this integral certificate can give, because ``L(t) >= L*(t) >= ||∇g(x0)||_q``), then
-  greedy bisection: each new radius halves the grid interval below the current radius where ``E`` overestimates
-  most (width times the rise of the constant).  Cost: ``budget`` Lipschitz evaluations (20 by default), each new
-  radius can only raise the certified radius.
+  upper bound of any radius this integral certificate can give, because ``L(t) >= L*(t) >= ||∇g(x0)||_q``),
+  descending until a grid radius lies at or below the radius certified so far; then greedy bisection: each new
+  radius halves the grid interval below the current radius where ``E`` overestimates most (width times the rise
+  of the constant).  Cost: ``budget`` Lipschitz evaluations (20 by default); each new radius can only raise the
+  certified radius.
 - ``search="paper"``: the procedure of the authors' code: a probe at ``R`` is the Theorem 2 sum over ``n`` equal
   intervals with right end points (``n`` full recomputations of layer and Jacobian bounds); ``R`` is multiplied by
   10 while probes succeed and divided by 10 while they fail, then bisected with ``s`` probes; the largest success
@@ -249,15 +250,20 @@ def _register_search(name):
 
 
 @_register_search("grid")
-def _grid_search(lc: LocalConstants, g0, r_cap, *, geometric=6, budget=20, grad_norm=None, **_):
-    """Geometric grid ``r_cap 2^-i`` (``i < geometric``), then greedy bisection up to ``budget`` evaluations:
-    each new radius halves the grid interval below the current radius where the stand-in step function most
-    overestimates (interval width times the rise of the constant across it; ``grad_norm`` is the value at 0)."""
+def _grid_search(lc: LocalConstants, g0, r_cap, *, geometric=8, budget=20, grad_norm=None, **_):
+    """Geometric descent ``r_cap 2^-i`` until a radius at or below the current certified radius has been
+    evaluated (at most ``geometric`` points), then greedy bisection up to ``budget`` evaluations: each new radius
+    halves the grid interval below the current radius where the stand-in step function most overestimates
+    (interval width times the rise of the constant across it; ``grad_norm``, the exact gradient norm, is the value
+    at 0)."""
     if not r_cap > 0:
         return 0.0
+    R = 0.0
     for r in r_cap * 2.0 ** -np.arange(int(geometric)):
         lc(r)
-    R = lc.radius(g0)
+        R = lc.radius(g0)
+        if r <= R:
+            break
     l0 = np.zeros(len(g0)) if grad_norm is None else np.asarray(grad_norm, dtype=np.float64)
     while lc.evaluations < int(budget):
         rs = sorted(r for r in lc.cache if r > 0)
@@ -265,11 +271,10 @@ def _grid_search(lc: LocalConstants, g0, r_cap, *, geometric=6, budget=20, grad_
         env = np.minimum.accumulate(Ls[::-1], axis=0)[::-1]
         best, best_area, prev, prev_e = None, 0.0, 0.0, l0
         for r, e in zip(rs, env):
-            width = min(r, R) - prev if prev < R else 0.0
-            if r > R and prev >= R:
+            if prev >= R:
                 break
             rise = float(np.max(np.where(np.isfinite(e), e - prev_e, 1e300)))
-            area = max(width, 0.0) * max(rise, 0.0) if r <= R else (R - prev) * max(rise, 0.0)
+            area = (min(r, R) - prev) * max(rise, 0.0)
             if area > best_area:
                 best, best_area = 0.5 * (prev + r), area
             prev, prev_e = r, e
