@@ -81,11 +81,19 @@ def cluster_batch(job, warm, workers: int):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shared", type=Path, required=True, help="folder with nets/ and data/eran/")
+    ap.add_argument("--shared", type=Path, default=None, help="folder with nets/ and data/eran/ (required unless --report)")
     ap.add_argument("--images", type=int, default=100)
     ap.add_argument("--paper-images", type=int, default=10)
     ap.add_argument("--skip-cluster", action="store_true")
+    ap.add_argument("--report", action="store_true", help="rewrite the section from the saved raw results only")
     args = ap.parse_args(argv)
+    if args.report:
+        o = json.loads((HERE / "results" / "raw" / "certify_table1.json").read_text())
+        (HERE / "results" / "applications_table1.md").write_text(report(o))
+        print(report(o))
+        return 0
+    if args.shared is None:
+        ap.error("--shared is required")
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(1)
@@ -147,7 +155,7 @@ def report(o: dict) -> str:
     rb = o["recurjac_b"]["records"]
     fl = {r["key"]: r for r in o["fastlip"]["records"]}
     lines = [
-        "## Applications: certified robustness radii, Table 1 (auto_LiRPA MNIST MLP, l-inf)",
+        "### Certified robustness radii, Table 1 (auto_LiRPA MNIST MLP, l-inf)",
         "",
         f"Measured {o['date']} on {o['machine']} ({o['cpus']} cores), load average {o['load_average_start'][0]:.1f} "
         f"at the start and {o['load_average_end'][0]:.1f} at the end: the machine was shared with other jobs, so "

@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     except ImportError:
         pass
     lines = [
-        "## Applications: landscape radius R* vs depth (Figure 2)",
+        "### Landscape radius R* vs depth (Figure 2)",
         "",
         f"Measured {out['date']}. Leaky-ReLU (alpha 0.3) MLPs of width 20 and 2-10 layers trained on sklearn digits "
         f"({args.epochs} epochs, seed 0); R* of the predicted logit, median over the first {args.inputs} held-out "

@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     raw.mkdir(parents=True, exist_ok=True)
     (raw / "figure3_lipschitz.json").write_text(json.dumps(out, indent=1) + "\n")
     lines = [
-        "## Applications: local Lipschitz constant vs eps (Figure 3)",
+        "### Local Lipschitz constant vs eps (Figure 3)",
         "",
         f"Measured {out['date']}. 64-50-50-50-10 networks trained on sklearn digits (30 epochs, seed 0), one held-out "
         f"digit, its predicted logit, l-inf balls, {args.points} radii from 1e-4 to 1, CROWN layer bounds "
