@@ -242,3 +242,29 @@ def test_slurm_recipe_certify_local_test(tmp_path):
     assert rc == 0
     ref = run_batch(_job(x), None, scheduler="synchronous")
     assert [_strip(r) for r in _records(out)] == [_strip(r) for r in ref.records]
+
+
+def test_cli_box_regions_vnnlib_and_npy(tmp_path):
+    """--vnnlib and --box-lower/--box-upper give the same record; it equals certify on the box network."""
+    from recurjac_scale.applications import certify
+    from recurjac_scale.applications.inputs import box_network
+    from recurjac_scale.network.store import open_network
+
+    x0 = default_inputs()[0]
+    lo, hi = np.clip(x0 - 0.02, 0, 1), np.clip(x0 + 0.03, 0, 1)
+    lines = ["; box around a digit"] + [f"(declare-const X_{i} Real)" for i in range(64)]
+    lines += [f"(assert (>= X_{i} {float(lo[i])!r}))\n(assert (<= X_{i} {float(hi[i])!r}))" for i in range(64)]
+    lines += ["(declare-const Y_0 Real)", "(assert (<= Y_0 0.0))"]
+    (tmp_path / "p.vnnlib").write_text("\n".join(lines) + "\n")
+    np.save(tmp_path / "lo.npy", lo)
+    np.save(tmp_path / "hi.npy", hi)
+    common = ["certify", "default", "--method", "fastlip", "--layer-bounds", "ibp", "--no-margin-bound", "--quiet"]
+    assert main(common + ["--vnnlib", str(tmp_path / "p.vnnlib"), "--json", str(tmp_path / "a.jsonl")]) == 0
+    assert main(common + ["--box-lower", str(tmp_path / "lo.npy"), "--box-upper", str(tmp_path / "hi.npy"),
+                          "--json", str(tmp_path / "b.jsonl")]) == 0
+    a, b = _records(tmp_path / "a.jsonl")[0], _records(tmp_path / "b.jsonl")[0]
+    assert _strip(a) == _strip(b)
+    net_u, u0 = box_network(open_network(default_model_path()).materialize(), lo, hi)
+    ref = certify(net_u, u0, None, "runnerup", "inf", method="fastlip", layer_bounds="ibp", margin_bound=False)
+    assert a["radius"] == ref.radius and a["target"] == ref.target
+    assert main(common + ["--vnnlib", str(tmp_path / "p.vnnlib"), "--norm", "2"]) == 1  # boxes need p = inf

@@ -28,7 +28,7 @@ def register(subparsers) -> None:
         ),
     )
     add_model_argument(p)
-    add_input_arguments(p)
+    add_input_arguments(p, required=False)
     p.add_argument("--norm", choices=("1", "2", "inf"), default="inf", help="input norm p (default inf)")
     p.add_argument("--target", default="runnerup", metavar="T[,T...]",
                    help="runnerup (default), random (seeded), least, untargeted, or a class index; several "
