@@ -268,3 +268,18 @@ def test_cli_box_regions_vnnlib_and_npy(tmp_path):
     ref = certify(net_u, u0, None, "runnerup", "inf", method="fastlip", layer_bounds="ibp", margin_bound=False)
     assert a["radius"] == ref.radius and a["target"] == ref.target
     assert main(common + ["--vnnlib", str(tmp_path / "p.vnnlib"), "--norm", "2"]) == 1  # boxes need p = inf
+
+
+@pytest.mark.slow
+def test_cli_plots(tmp_path):
+    """--plot writes a PNG for each command (matplotlib is an optional extra)."""
+    pytest.importorskip("matplotlib")
+    np.save(tmp_path / "x.npy", _inputs(2))
+    x = str(tmp_path / "x.npy")
+    fast = ["--method", "fastlip", "--layer-bounds", "ibp", "--quiet"]
+    assert main(["certify", "default", "--inputs", x, *fast, "--plot", str(tmp_path / "c.png")]) == 0
+    assert main(["landscape", "default", "--inputs", x, *fast, "--plot", str(tmp_path / "l.png")]) == 0
+    assert main(["lipschitz", "default", "--inputs", x, "--eps-grid", "1e-3:1e-1:3", "--outputs", "0", *fast,
+                 "--plot", str(tmp_path / "s.png")]) == 0
+    for name in ("c.png", "l.png", "s.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
