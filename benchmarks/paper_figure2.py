@@ -51,14 +51,16 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         for p in (2, "inf"):
             vals = [landscape_radius(net, x, None, p).r_star for x in data.x_test[: args.inputs]]
-            row[f"r_star_{p}"] = [v if math.isfinite(v) else "inf" for v in vals]
+            row[f"r_star_{p}"] = vals
         row["time_s"] = time.perf_counter() - t0
         out["rows"].append(row)
         print(depth, rep["test_accuracy"], statistics.median(row["r_star_2"]), statistics.median(row["r_star_inf"]),
               flush=True)
     raw = HERE / "results" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    (raw / "figure2_landscape.json").write_text(json.dumps(out, indent=1) + "\n")
+    enc = {**out, "rows": [{k: ([x if math.isfinite(x) else "inf" for x in v] if k.startswith("r_star") else v)
+                            for k, v in r.items()} for r in out["rows"]]}
+    (raw / "figure2_landscape.json").write_text(json.dumps(enc, indent=1) + "\n")
     med = {p: [statistics.median(r[f"r_star_{p}"]) for r in out["rows"]] for p in (2, "inf")}
     try:
         from recurjac_scale.applications.plots import plot_r_star_vs_depth
