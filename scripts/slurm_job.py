@@ -19,6 +19,13 @@ Example::
 
 A killed run (walltime, node failure, Ctrl-C) is resumed by running the same command again: the finished blocks
 recorded in ``--checkpoint`` are not recomputed.
+
+Batch certification (``recurjac-scale certify`` on the SLURM workers): the first argument ``certify``, then the
+certify command's own arguments (``recurjac-scale certify --help``) and the SLURM options above; ``--json`` (on a
+shared file system) is required, and rerunning the same command resumes from it::
+
+    python scripts/slurm_job.py certify MODEL.zarr --inputs mnist_test.csv --scale 255 --target runnerup,least \
+        --json /shared/rj/certify.jsonl --queue compute --cores 8 --memory 32GiB --jobs 4
 """
 
 from __future__ import annotations
@@ -106,7 +113,56 @@ def security_from_args(args):
     )
 
 
+def _slurm_parser() -> argparse.ArgumentParser:
+    """The SLURM options of :func:`_parser` alone (for ``certify``)."""
+    full = _parser()
+    ap = argparse.ArgumentParser(description="certify on SLURM workers", add_help=False)
+    keep = {"--jobs", "--queue", "--account", "--cores", "--memory", "--walltime", "--job-extra", "--prologue",
+            "--interface", "--local-directory", "--log-directory", "--wait-timeout", "--dry-run", "--local-test"}
+    for act in full._actions:
+        if act.option_strings and act.option_strings[0] in keep:
+            ap._add_action(act)
+    return ap
+
+
+def certify_main(argv) -> int:
+    """``certify``: the batch command on the cluster's workers (``--scheduler`` set to the cluster's address)."""
+    from recurjac_scale.cli import main as cli_main
+    from recurjac_scale.cluster import slurm_cluster, slurm_cluster_kwargs, slurm_job_script
+
+    args, rest = _slurm_parser().parse_known_args(argv)
+    if "--json" not in rest:
+        print("slurm_job.py certify: error: --json OUT (on a shared file system) is required", file=sys.stderr)
+        return 2
+    if any(a in ("--scheduler", "--workers") for a in rest):
+        print("slurm_job.py certify: error: --scheduler / --workers are set by this script", file=sys.stderr)
+        return 2
+    slurm = dict(queue=args.queue, account=args.account, cores=args.cores, memory=args.memory,
+                 walltime=args.walltime, job_extra_directives=args.job_extra, prologue=args.prologue,
+                 interface=args.interface, local_directory=args.local_directory, log_directory=args.log_directory)
+    slurm_cluster_kwargs(**slurm)
+    if args.dry_run:
+        print(slurm_job_script(**slurm))
+        print("recurjac-scale certify " + " ".join(rest) + " --scheduler tcp://SCHEDULER:8786", file=sys.stderr)
+        return 0
+    if args.local_test:
+        return cli_main(["certify", *rest, "--workers", str(args.local_test)])
+    from distributed import Client
+
+    with slurm_cluster(**slurm) as cluster:
+        cluster.scale(jobs=args.jobs)
+        print(f"scheduler {cluster.scheduler_address}; submitted {args.jobs} job(s)", file=sys.stderr, flush=True)
+        with Client(cluster) as client:
+            client.wait_for_workers(1, timeout=args.wait_timeout)
+            rc = cli_main(["certify", *rest, "--scheduler", cluster.scheduler_address])
+        cluster.scale(0)
+    return rc
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "certify":
+        return certify_main(argv[1:])
     args = _parser().parse_args(argv)
     security = security_from_args(args)
     from recurjac_scale.cli._common import load_inputs

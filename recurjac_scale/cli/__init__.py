@@ -23,6 +23,8 @@ COMMAND_MODULES = (
     "layer_bounds",
     "bounds",
     "lipschitz",
+    "certify",
+    "landscape",
     "plan",
     "run",
 )

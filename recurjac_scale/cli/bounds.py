@@ -130,10 +130,10 @@ def parse_sparse_threshold(text: str):
     return v
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, *, input_required: bool = True, index_type=int) -> None:
     add_model_argument(parser)
-    parser.add_argument("--input", required=True, metavar="X.npy", help="input(s) in raw units, shape (n_0,) or (batch, n_0), as .npy; 'default' for the default model's test digits")
-    parser.add_argument("--index", type=int, default=None, metavar="I", help="which input of a batch (default: the only one)")
+    parser.add_argument("--input", required=input_required, metavar="X.npy", help="input(s) in raw units, shape (n_0,) or (batch, n_0), as .npy; 'default' for the default model's test digits")
+    parser.add_argument("--index", type=index_type, default=None, metavar="I", help="which input of a batch (default: the only one)")
     add_clip_argument(parser)
     parser.add_argument("--norm", choices=NORM_CHOICES, default="inf", help="input norm p of the region (default inf)")
     parser.add_argument(

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from ._batch import add_input_arguments, add_run_arguments, execute, load_job_inputs, model_source, print_summary
 from ._common import check_output, load_inputs, load_model
 from .bounds import (
     add_common_arguments,
@@ -63,15 +64,15 @@ def register(subparsers) -> None:
             "Algorithm 2 for p = inf; never larger than the naive product of operator norms."
         ),
     )
-    add_common_arguments(p)
+    add_common_arguments(p, input_required=False, index_type=str)
+    add_input_arguments(p, required=False, box=False, index=False)
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--eps", type=parse_eps_list, metavar="E[,E...]", help="radii (>= 0; 'inf' for global)")
     g.add_argument("--eps-grid", type=parse_eps_grid, metavar="START:END:N", help="N log-spaced radii")
     g.add_argument("--global", dest="global_", action="store_true", help="the global constant (eps = inf)")
     p.add_argument("--no-algorithm2", action="store_true", help="skip Algorithm 2 (p = inf)")
-    p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    p.add_argument("--quiet", action="store_true", help="do not print the table")
+    p.add_argument("--no-global", action="store_true", help="--inputs: skip the global constant (eps = inf) per method")
+    add_run_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -87,10 +88,22 @@ def format_table(result) -> str:
 
 
 def run(args) -> int:
+    from ..errors import InputError
     from ..lipschitz import lipschitz
 
     eps = [math.inf] if args.global_ else (args.eps if args.eps is not None else args.eps_grid)
     check_eps(eps)
+    if (args.input is None) == (args.inputs is None):
+        raise InputError("give exactly one of --input X.npy (one input, with --index I) and --inputs X (a batch)")
+    if args.inputs is not None:
+        return run_batch(args, eps)
+    if args.plot:
+        raise InputError("--plot needs a batch (--inputs)")
+    if args.index is not None:
+        try:
+            args.index = int(args.index)
+        except ValueError:
+            raise InputError(f"--index {args.index!r} with --input must be one integer (use --inputs for a selection)") from None
     out = check_output(args.json, args.overwrite) if args.json else None
     method = check_jacobian_method(args.method)
     lb = check_layer_bounds(args.layer_bounds)
@@ -114,3 +127,33 @@ def run(args) -> int:
         tmp.write_text(json.dumps(d, indent=2) + "\n")
         tmp.replace(out)
     return 0
+
+
+def run_batch(args, eps) -> int:
+    """``--inputs``: a Lipschitz sweep per input (every method of the comma-separated ``--method``), as a batch
+    job with one record per input."""
+    from ..applications.batch import BatchJob
+    from ..layer_bounds.base import parse_norm
+
+    p = parse_norm(args.norm)
+    methods = tuple(check_jacobian_method(m) for m in str(args.method).split(",") if m.strip())
+    lb = check_layer_bounds(args.layer_bounds)
+    net = load_model(args.model)
+    args.select = args.index
+    x, labels, indices, _boxes, desc = load_job_inputs(args, net, p)
+    outputs = args.outputs if not isinstance(args.outputs, tuple) else list(args.outputs)
+    opts = dict(p=p, eps=list(eps), methods=list(methods), layer_bounds=lb, outputs=outputs,
+                include_global=not args.no_global and not args.global_)
+    desc.update(model=model_source(args.model))
+    job = BatchJob("lipschitz", model_source(args.model), x, labels, indices, (None,), opts, None, desc)
+    res = execute(args, job)
+    if not args.quiet:
+        print_summary(res)
+    if args.plot:
+        from ..applications.plots import plot_lipschitz
+
+        first = next((r for r in res.records if not r.get("failed")), None)
+        if first is not None:
+            plot_lipschitz(first["eps_grid"], first["lipschitz"], first["naive"], args.plot,
+                           title=f"input {first['index']}, p = {first['p']}")
+    return 0 if res.summary["failed"] == 0 else 1

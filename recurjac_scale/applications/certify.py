@@ -1,0 +1,561 @@
+"""Certified robustness radii (Zhang et al. 2019, Lemma 1 and Theorem 2) and the layer-bound margin certificate.
+
+For an input ``x0`` of class ``c`` (its true label when given, else the prediction) and a target ``j``, let
+``g = f_c - f_j``.  Along the segment from ``x0`` to any ``x`` of ``B_p[x0, R] ∩ D`` (``D`` convex and ``x0 ∈ D``,
+so the point at distance ``t`` lies in ``B_p[x0, t] ∩ D``), ``|d/dt g| <= ||∇g||_q <= L(t)``, where ``L(t)`` is a
+certified local Lipschitz constant of ``g`` over ``B_p[x0, t] ∩ D`` (:func:`recurjac_scale.lipschitz`).  Hence
+(Theorem 2) ``g(x) >= g(x0) - ∫_0^{||x - x0||} L(t) dt`` and every ``R`` with ``∫_0^R L(t) dt < g(x0)`` is a
+certified radius: no ``x`` in the ball has ``f_j(x) >= f_c(x)``.
+
+The integral from above: the **sound stand-in argument**
+--------------------------------------------------------
+Let ``L*(t)`` be the exact sup of ``||∇g||_q`` over ``B_p[x0, t] ∩ D``.  ``L*`` is non-decreasing in ``t`` (the
+regions nest), and every computed constant satisfies ``L(r) >= L*(r)``.  So for any set of evaluated radii
+``r_1 < ... < r_k`` and any ``t <= r_i``: ``L*(t) <= L*(r_i) <= L(r_i)``.  The step function
+``E(t) = min_{r_i >= t} L(r_i)`` is therefore ``>= L*(t)`` everywhere on ``(0, r_k]`` -- any evaluated radius at or
+above ``t`` is a sound stand-in, and the smallest such value is the best -- and ``∫_0^R E(t) dt`` (exact, piecewise
+linear in ``R``) bounds the integral from above.  This holds whether or not the computed ``L(r)`` is itself
+monotone (layer bounds of nested regions need not be).  Adding radii only lowers ``E``, so a larger set never
+gives a smaller radius.  ``g(x0)`` itself is taken from certified output bounds at ``eps = 0`` (a lower bound of the
+exact margin), and the radius returned is shrunk by a relative ``1e-12`` against the rounding of the sum.
+
+Two searches use this:
+
+- ``search="grid"`` (default): the constants are computed once per (input, target) on a set of radii that is
+  reused for every candidate ``R``.  First a geometric grid ``R_cap · 2^-i`` (``R_cap = g(x0) / ||∇g(x0)||_q``, an
+  upper bound of any radius this integral certificate can give, because ``L(t) >= L*(t) >= ||∇g(x0)||_q``),
+  descending until a grid radius lies at or below the radius certified so far; then greedy bisection: each new
+  radius halves the grid interval below the current radius where ``E`` overestimates most (width times the rise
+  of the constant).  Cost: ``budget`` Lipschitz evaluations (20 by default); each new radius can only raise the
+  certified radius.
+- ``search="paper"``: the procedure of the authors' code: a probe at ``R`` is the Theorem 2 sum over ``n`` equal
+  intervals with right end points (``n`` full recomputations of layer and Jacobian bounds); ``R`` is multiplied by
+  10 while probes succeed and divided by 10 while they fail, then bisected with ``s`` probes; the largest success
+  is returned.  Cost ``n (s + bracketing)`` evaluations (about 250 with ``n = s = 15``).
+
+Every probe of the paper's search is also a valid grid for the stand-in argument, and conversely the grid
+search's set can hold the paper's probe radii; the default is *not* guaranteed larger for every input, which
+the benchmark measures (``benchmarks/bench_certify.py``).
+
+The margin-bound certificate reported beside it: the largest ``eps`` (bracketed by doubling, then ``s`` bisection
+steps) at which the layer-bound method's (CROWN / Fast-Lin / IBP) lower bound of ``g`` over ``B_p[x0, eps] ∩ D``
+is positive.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..network.model import Network
+
+__all__ = [
+    "CertifyResult",
+    "TARGETS",
+    "SEARCHES",
+    "certify",
+    "resolve_targets",
+    "integral_radius",
+    "margin_bound_radius",
+    "LocalConstants",
+    "register_target",
+    "check_target",
+]
+
+SHRINK = 1e-12
+
+
+# -- targets --------------------------------------------------------------------------------------------------
+
+TargetFn = Callable[[np.ndarray, int, np.random.Generator], "int | None"]
+TARGETS: dict[str, TargetFn] = {}
+"""Registry: target kind -> ``fn(logits (n_H,), c, rng) -> j`` (``None``: untargeted, all ``j != c``)."""
+
+
+def register_target(name: str):
+    def deco(fn: TargetFn) -> TargetFn:
+        TARGETS[name] = fn
+        return fn
+
+    return deco
+
+
+@register_target("runnerup")
+def _runnerup(logits, c, rng):
+    z = np.array(logits, dtype=np.float64)
+    z[c] = -np.inf
+    return int(np.argmax(z))
+
+
+@register_target("least")
+def _least(logits, c, rng):
+    z = np.array(logits, dtype=np.float64)
+    z[c] = np.inf
+    return int(np.argmin(z))
+
+
+@register_target("random")
+def _random(logits, c, rng):
+    others = [k for k in range(len(logits)) if k != c]
+    return int(others[int(rng.integers(len(others)))])
+
+
+@register_target("untargeted")
+def _untargeted(logits, c, rng):
+    return None
+
+
+def resolve_targets(target, logits: np.ndarray, c: int, *, seed: int = 0, index: int = 0) -> int | None:
+    """The target class ``j`` of one input: a kind in :data:`TARGETS` or a class index.
+
+    ``random`` draws from a generator seeded by ``(seed, index)``, so a record does not depend on the order in
+    which a batch computes its items.  Returns ``None`` for ``untargeted``.
+
+    Raises
+    ------
+    InputError
+        Unknown kind, or a class index out of range or equal to ``c``.
+    """
+    n = len(logits)
+    key = str(target).strip().lower().replace("-", "").replace("_", "")
+    key = {"runnerup": "runnerup", "runner": "runnerup", "leastlikely": "least"}.get(key, key)
+    if key in TARGETS:
+        rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 7]))
+        return TARGETS[key](logits, c, rng)
+    try:
+        j = int(str(target))
+    except ValueError:
+        raise InputError(
+            f"unknown target {target!r}; accepted: {', '.join(sorted(TARGETS))} or a class index 0..{n - 1}"
+        ) from None
+    if not 0 <= j < n:
+        raise InputError(f"target class {j} is out of range; accepted: 0..{n - 1}")
+    return j
+
+
+def check_target(target, n_outputs: int) -> str:
+    """Validate a target given by name or class index (before any work); returns it normalised."""
+    t = str(target).strip()
+    if t.isdigit():
+        if not 0 <= int(t) < n_outputs:
+            raise InputError(f"target class {t} is out of range; accepted: 0..{n_outputs - 1}")
+        return t
+    resolve_targets(t, np.zeros(n_outputs), 0)
+    return t
+
+
+# -- the integral bound ---------------------------------------------------------------------------------------
+
+
+def integral_radius(radii, constants, g0: float) -> float:
+    """Largest ``R`` with ``∫_0^R E(t) dt < g0``, ``E(t) = min_{r_i >= t} L_i`` (see the module docstring).
+
+    Parameters
+    ----------
+    radii : array_like, shape (k,)
+        Evaluated radii ``> 0`` (any order).
+    constants : array_like, shape (k,)
+        Certified local constants ``L_i`` over ``B_p[x0, r_i] ∩ D`` (``inf`` allowed).
+    g0 : float
+        Certified lower bound of ``g(x0)``.
+
+    Returns
+    -------
+    float
+        A certified radius (``0`` when ``g0 <= 0``); at most ``max(radii)``.
+    """
+    r = np.asarray(radii, dtype=np.float64)
+    L = np.asarray(constants, dtype=np.float64)
+    if not g0 > 0 or r.size == 0:
+        return 0.0
+    order = np.argsort(r, kind="stable")
+    r, L = r[order], L[order]
+    env = np.minimum.accumulate(L[::-1])[::-1]
+    acc, prev = 0.0, 0.0
+    for ri, ei in zip(r, env):
+        if ri <= prev:
+            continue
+        seg = (ri - prev) * ei
+        if acc + seg >= g0:
+            if not math.isfinite(ei):
+                return prev * (1.0 - SHRINK)
+            return (prev + (g0 - acc) / ei) * (1.0 - SHRINK)
+        acc += seg
+        prev = ri
+    return prev * (1.0 - SHRINK)
+
+
+@dataclass
+class LocalConstants:
+    """Certified local constants of the rows of ``C f`` (margins ``f_c - f_j``), cached per radius.
+
+    Calling it with a radius returns the per-row constants, shape ``(m,)``: the better of Proposition 2 /
+    Algorithm 2 per row (``LipschitzPoint.row_norms``) and the naive global constant of that row.
+    """
+
+    network: Network
+    x0: np.ndarray
+    C: np.ndarray
+    p: float
+    method: str
+    layer_bounds: str | None
+    cache: dict = field(default_factory=dict)
+    evaluations: int = 0
+
+    def __post_init__(self):
+        from ..lipschitz import naive_constant
+
+        self.naive = np.array([naive_constant(self.network.with_outputs(self.C[i : i + 1]), self.p)
+                               for i in range(self.C.shape[0])])
+
+    def __call__(self, r: float) -> np.ndarray:
+        from ..lipschitz import lipschitz
+
+        r = float(r)
+        if r not in self.cache:
+            res = lipschitz(self.network, self.x0, r, self.p, method=self.method, layer_bounds=self.layer_bounds,
+                            outputs=self.C)
+            rows = np.asarray(res.points[0].row_norms, dtype=np.float64)
+            self.cache[r] = np.minimum(rows, self.naive)
+            self.evaluations += 1
+        return self.cache[r]
+
+    def radius(self, g0: np.ndarray) -> float:
+        """Certified radius from every evaluated radius: the smallest over rows of :func:`integral_radius`."""
+        rs = sorted(r for r in self.cache if r > 0)
+        if not rs:
+            return 0.0
+        Ls = np.array([self.cache[r] for r in rs])
+        return min(integral_radius(rs, Ls[:, i], float(g0[i])) for i in range(len(g0)))
+
+
+# -- searches -------------------------------------------------------------------------------------------------
+
+SearchFn = Callable[..., float]
+SEARCHES: dict[str, SearchFn] = {}
+"""Registry: search name -> ``fn(lc: LocalConstants, g0 (m,), r_cap, **options) -> radius``."""
+
+
+def _register_search(name):
+    def deco(fn):
+        SEARCHES[name] = fn
+        return fn
+
+    return deco
+
+
+@_register_search("grid")
+def _grid_search(lc: LocalConstants, g0, r_cap, *, geometric=8, budget=20, grad_norm=None, **_):
+    """Geometric descent ``r_cap 2^-i`` until a radius at or below the current certified radius has been
+    evaluated (at most ``geometric`` points), then greedy bisection up to ``budget`` evaluations: each new radius
+    halves the grid interval below the current radius where the stand-in step function most overestimates
+    (interval width times the rise of the constant across it; ``grad_norm``, the exact gradient norm, is the value
+    at 0)."""
+    if not r_cap > 0:
+        return 0.0
+    R = 0.0
+    for r in r_cap * 2.0 ** -np.arange(int(geometric)):
+        lc(r)
+        R = lc.radius(g0)
+        if r <= R:
+            break
+    l0 = np.zeros(len(g0)) if grad_norm is None else np.asarray(grad_norm, dtype=np.float64)
+    while lc.evaluations < int(budget):
+        rs = sorted(r for r in lc.cache if r > 0)
+        Ls = np.array([lc.cache[r] for r in rs])
+        env = np.minimum.accumulate(Ls[::-1], axis=0)[::-1]
+        best, best_area, prev, prev_e = None, 0.0, 0.0, l0
+        for r, e in zip(rs, env):
+            if prev >= R:
+                break
+            rise = float(np.max(np.where(np.isfinite(e), e - prev_e, 1e300)))
+            area = (min(r, R) - prev) * max(rise, 0.0)
+            if area > best_area:
+                best, best_area = 0.5 * (prev + r), area
+            prev, prev_e = r, e
+        if best is None or best in lc.cache:
+            break
+        lc(best)
+        R = lc.radius(g0)
+    return R
+
+
+def _paper_probe(lc: LocalConstants, g0, R: float, n: int) -> bool:
+    total = np.zeros(len(g0))
+    for i in range(1, n + 1):
+        total = total + lc(R * i / n) * (R / n)
+    return bool(np.all(total * (1.0 + 4 * n * 2.0**-53) < g0))
+
+
+@_register_search("paper")
+def _paper_search(lc: LocalConstants, g0, r_cap, *, n=15, steps=15, eps0=0.01, **_):
+    """The authors' procedure (ALGORITHM.md, "Robustness search"); each probe is a fresh set of ``n``
+    evaluations (its cache entries are not reused across probes, as in the reference)."""
+
+    def probe(R):
+        lc.cache.clear()
+        return _paper_probe(lc, g0, R, int(n))
+
+    R = float(eps0)
+    best = 0.0
+    ok = probe(R)
+    lo = hi = None
+    for _ in range(8):  # bracket: x10 while succeeding, /10 while failing
+        if ok:
+            best = max(best, R)
+            lo = R
+            if hi is not None:
+                break
+            R *= 10.0
+        else:
+            hi = R
+            if lo is not None:
+                break
+            R /= 10.0
+        ok = probe(R)
+    if ok:
+        best = max(best, R)
+        lo = R if lo is None or R > lo else lo
+    if lo is None:
+        lo = 0.0
+    if hi is None:
+        return best
+    for _ in range(int(steps)):
+        mid = 0.5 * (lo + hi)
+        if probe(mid):
+            best = max(best, mid)
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+# -- margin bound ---------------------------------------------------------------------------------------------
+
+
+def margin_bound_radius(network: Network, x0, C: np.ndarray, p=math.inf, method: str = "crown", *,
+                        steps: int = 15, r0: float = 0.01) -> float:
+    """Largest ``eps`` found with the layer-bound method's certified lower bound of every row of ``C f`` over
+    ``B_p[x0, eps] ∩ D`` positive: doubling (or halving) from ``r0``, then ``steps`` bisection steps."""
+    from ..layer_bounds import layer_bounds
+
+    netc = network.with_outputs(C)
+
+    def ok(eps):
+        lb = layer_bounds(netc, x0, eps, p, method=method)
+        return bool(np.all(lb.lower[-1] > 0))
+
+    if not ok(0.0):
+        return 0.0
+    lo, hi, r = 0.0, None, float(r0)
+    for _ in range(40):
+        if ok(r):
+            lo = r
+            r *= 2.0
+        else:
+            hi = r
+            break
+    if hi is None:
+        return lo
+    for _ in range(int(steps)):
+        mid = 0.5 * (lo + hi)
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# -- the entry point ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CertifyResult:
+    """A certified robustness radius for one (input, target).
+
+    Attributes
+    ----------
+    label, prediction : int
+        ``c`` (the true label, or the prediction when no label was given) and the predicted class.
+    target : int or None
+        ``j`` (``None``: untargeted, the minimum over ``j != c``).
+    radius : float
+        Certified: no ``x`` in ``B_p[x0, radius] ∩ D`` has ``f_j(x) >= f_c(x)`` (0 when misclassified).
+    margin_bound_radius : float or None
+        The same from the layer-bound method's output bounds alone (``None`` if not computed).
+    margin : float
+        Certified lower bound of ``g(x0) = f_c(x0) - f_j(x0)`` (the smallest over ``j`` when untargeted).
+    misclassified : bool
+    evaluations : int
+        Number of local-constant evaluations (layer + Jacobian bounds) spent.
+    radii, constants : tuple
+        Every evaluated radius and its constant (the smallest over rows) -- the eps grid of the record.
+    time_s, margin_bound_time_s : float
+    method, layer_bounds, p, search : str / float
+    """
+
+    label: int
+    prediction: int
+    target: int | None
+    radius: float
+    margin_bound_radius: float | None
+    margin: float
+    misclassified: bool
+    evaluations: int
+    radii: tuple
+    constants: tuple
+    time_s: float
+    margin_bound_time_s: float
+    method: str
+    layer_bounds: str
+    p: float
+    search: str
+
+    def to_dict(self) -> dict:
+        from ..lipschitz import format_norm
+
+        return {
+            "label": self.label,
+            "prediction": self.prediction,
+            "target": self.target,
+            "radius": self.radius,
+            "margin_bound_radius": self.margin_bound_radius,
+            "margin": self.margin,
+            "misclassified": self.misclassified,
+            "evaluations": self.evaluations,
+            "eps_grid": list(self.radii),
+            "lipschitz": [v if math.isfinite(v) else "inf" for v in self.constants],
+            "time_s": self.time_s,
+            "margin_bound_time_s": self.margin_bound_time_s,
+            "method": self.method,
+            "layer_bounds": self.layer_bounds,
+            "p": format_norm(self.p),
+            "search": self.search,
+        }
+
+
+def _margin_rows(n_out: int, c: int, j: int | None) -> np.ndarray:
+    js = [k for k in range(n_out) if k != c] if j is None else [j]
+    C = np.zeros((len(js), n_out))
+    C[:, c] = 1.0
+    C[np.arange(len(js)), js] = -1.0
+    return C
+
+
+def certify(
+    network: Network,
+    x0,
+    label: int | None = None,
+    target="runnerup",
+    p=math.inf,
+    *,
+    method: str = "recurjac-b",
+    layer_bounds: str | None = None,
+    search: str = "grid",
+    margin_bound: bool = True,
+    seed: int = 0,
+    index: int = 0,
+    n: int = 15,
+    steps: int = 15,
+    budget: int = 20,
+) -> CertifyResult:
+    """Certified robustness radius of ``x0`` against ``target`` (Theorem 2), and the margin-bound radius.
+
+    Parameters
+    ----------
+    network : Network
+    x0 : array_like, shape (n_0,)
+        Input, raw units, inside the model's domain.
+    label : int, optional
+        True label ``c``; default the prediction.  A misclassified input gets radius 0.
+    target : str or int
+        ``runnerup``, ``random`` (seeded by ``(seed, index)``), ``least``, ``untargeted`` or a class index.
+    p : {1, 2, inf}
+    method : str
+        Jacobian bound method (:data:`recurjac_scale.JACOBIAN_METHODS`).
+    layer_bounds : str, optional
+        Pre-activation bound method (default ``crown``); also used for the margin-bound certificate.
+    search : {"grid", "paper"}
+        See the module docstring.
+    margin_bound : bool
+        Also compute the layer-bound margin certificate.
+    n, steps : int
+        Intervals and bisection steps of ``search="paper"`` (and bisection steps of the margin bound).
+    budget : int
+        Local-constant evaluations of ``search="grid"``.
+
+    Returns
+    -------
+    CertifyResult
+    """
+    from ..jacobian import get_jacobian_method
+    from ..layer_bounds import layer_bounds as compute_layer_bounds
+    from ..layer_bounds.base import dual_norm, parse_norm
+
+    t0 = time.perf_counter()
+    p = parse_norm(p)
+    net = network.materialize() if network.is_lazy else network
+    x = net.input_spec.check(x0)[0]
+    method = get_jacobian_method(method).name
+    lb_name = "crown" if layer_bounds is None else str(layer_bounds).strip().lower()
+    skey = str(search).strip().lower()
+    if skey not in SEARCHES:
+        raise InputError(f"unknown search {search!r}; accepted: {', '.join(sorted(SEARCHES))}")
+    logits = net.forward(x)
+    pred = int(np.argmax(logits))
+    if label is not None:
+        c = int(label)
+        if not 0 <= c < net.n_outputs:
+            raise InputError(f"label {label!r} is out of range; accepted: 0..{net.n_outputs - 1}")
+    else:
+        c = pred
+    j = resolve_targets(target, logits, c, seed=seed, index=index)
+    if j is not None and j == c:
+        raise InputError(f"target class {j} equals the input's class c = {c}; choose another target")
+    C = _margin_rows(net.n_outputs, c, j)
+    # g(x0) from certified output bounds at eps = 0 (lower bound of the exact margins)
+    g0 = np.asarray(compute_layer_bounds(net.with_outputs(C), x, 0.0, p, method="ibp").lower[-1], dtype=np.float64)
+    misclassified = pred != c or not bool(np.all(g0 > 0))
+    radius, evals, radii, consts = 0.0, 0, (), ()
+    mb, t_mb = (0.0 if margin_bound else None), 0.0
+    if not misclassified:
+        J = net.jacobian(x)
+        grads = C @ J
+        q = dual_norm(p)
+        gnorm = np.linalg.norm(grads, ord=q, axis=1)
+        r_cap = float(np.min(np.where(gnorm > 0, g0 / np.maximum(gnorm, 1e-300), np.inf)))
+        if not math.isfinite(r_cap):
+            r_cap = 1.0
+        lc = LocalConstants(net, x, C, p, method, lb_name)
+        radius = float(SEARCHES[skey](lc, g0, r_cap, n=n, steps=steps, budget=budget, grad_norm=gnorm))
+        evals = lc.evaluations
+        rs = sorted(lc.cache)
+        radii = tuple(float(r) for r in rs)
+        consts = tuple(float(np.max(lc.cache[r])) for r in rs)
+        if margin_bound:
+            tm = time.perf_counter()
+            mb = margin_bound_radius(net, x, C, p, lb_name, steps=steps, r0=max(radius, 1e-4))
+            t_mb = time.perf_counter() - tm
+    return CertifyResult(
+        label=c,
+        prediction=pred,
+        target=j,
+        radius=radius,
+        margin_bound_radius=mb,
+        margin=float(np.min(g0)),
+        misclassified=bool(misclassified),
+        evaluations=int(evals),
+        radii=radii,
+        constants=consts,
+        time_s=time.perf_counter() - t0 - t_mb,
+        margin_bound_time_s=t_mb,
+        method=method,
+        layer_bounds=lb_name,
+        p=p,
+        search=skey,
+    )

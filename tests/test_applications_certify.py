@@ -1,0 +1,193 @@
+"""Certified robustness radii (recurjac_scale.applications.certify) against a real PGD attack and sampling, on the
+real auto_LiRPA MNIST MLP with ERAN's images and on small digits models; the integral bound by hand; the default
+search against the authors' search; box regions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from recurjac_scale.applications import attack_radius, certify, integral_radius, pgd_attack
+from recurjac_scale.applications.inputs import box_network
+from recurjac_scale.network.default import default_inputs, default_model_path
+from recurjac_scale.network.store import open_network
+from test_real_networks import load_mnist_fc, load_mnist_images
+
+
+@pytest.fixture(scope="module")
+def mnist(shared_dir):
+    net = load_mnist_fc(shared_dir)
+    X, y = load_mnist_images(shared_dir, 6)
+    return net, X, y
+
+
+@pytest.fixture(scope="module")
+def digits_net():
+    return open_network(default_model_path()).materialize()
+
+
+def _margin(net, x, c, j):
+    out = net.forward(np.atleast_2d(x))
+    if j is None:
+        other = out.copy()
+        other[:, c] = -np.inf
+        return out[:, c] - other.max(axis=1)
+    return out[:, c] - out[:, j]
+
+
+def _samples(x0, R, p, lo, hi, rng, n=400):
+    """Points of B_p[x0, R] ∩ [lo, hi]: random, and (l-inf) the sign vertices of the ball."""
+    d = x0.shape[0]
+    if p == math.inf:
+        pts = x0 + R * rng.choice([-1.0, 1.0], size=(n, d))
+        pts = np.concatenate([pts, x0 + rng.uniform(-R, R, size=(n, d))])
+    else:
+        g = rng.normal(size=(2 * n, d))
+        g *= (R / np.linalg.norm(g, axis=1))[:, None]
+        pts = x0 + g
+    return np.clip(pts, lo, hi)
+
+
+# -- the integral bound by hand ---------------------------------------------------------------------------
+
+
+def test_integral_radius_by_hand():
+    # E = 1 on (0, 1], 3 on (1, 2]: integral 1 + 3 (R - 1) = 2.5 at R = 1.5
+    assert integral_radius([1.0, 2.0], [1.0, 3.0], 2.5) == pytest.approx(1.5, rel=1e-11)
+    assert integral_radius([1.0, 2.0], [1.0, 3.0], 2.5) < 1.5
+    # a smaller constant at a larger radius is a sound stand-in for the smaller radius: E = 3 on (0, 2]
+    assert integral_radius([2.0, 1.0], [3.0, 5.0], 2.5) == pytest.approx(2.5 / 3.0, rel=1e-11)
+    # certified up to the last radius and no further (nothing is known beyond it)
+    assert integral_radius([1.0], [1.0], 10.0) == pytest.approx(1.0, rel=1e-11)
+    assert integral_radius([1.0], [1.0], -1.0) == 0.0
+    assert integral_radius([1.0, 2.0], [math.inf, 1.0], 0.5) == pytest.approx(0.5, rel=1e-11)
+
+
+# -- soundness against the attack on the real MNIST network -----------------------------------------------
+
+
+@pytest.mark.parametrize("p", ["inf", 2])
+def test_mnist_certified_radius_below_attack(mnist, p):
+    """Certified radius <= the distance of every adversarial example PGD finds; PGD succeeds within 5x of it."""
+    net, X, y = mnist
+    pn = math.inf if p == "inf" else 2.0
+    eps_max = 0.3 if p == "inf" else 5.0
+    close = 0
+    for i in range(3):
+        res = certify(net, X[i], int(y[i]), "runnerup", p)
+        assert not res.misclassified and res.radius > 0
+        assert res.margin_bound_radius is not None and res.margin_bound_radius > 0
+        att = attack_radius(net, X[i], int(y[i]), p, target=res.target, eps_max=eps_max, search_steps=10,
+                            steps=60, restarts=3, seed=i)
+        assert att.success
+        assert _margin(net, att.x_adv, res.label, res.target)[0] < 0  # a real adversarial example
+        assert res.radius <= att.distance
+        assert res.margin_bound_radius <= att.distance
+        close += att.distance <= 5.0 * res.radius
+    assert close >= 1  # the attack gets within 5x of the certificate on some inputs
+
+
+def test_mnist_sampling_at_certified_radius(mnist, rng):
+    """g > 0 at the vertices and random points of the certified l-inf ball; an attack confined to it fails."""
+    net, X, y = mnist
+    for i in (0, 3):
+        for target in ("runnerup", "untargeted"):
+            res = certify(net, X[i], int(y[i]), target, "inf", margin_bound=False)
+            pts = _samples(X[i], res.radius, math.inf, 0.0, 1.0, rng)
+            assert (_margin(net, pts, res.label, res.target) > 0).all()
+            att = pgd_attack(net, X[i], res.label, res.radius, "inf", target=res.target, steps=100, restarts=4)
+            assert not att.success
+
+
+def test_untargeted_is_min_over_targets(mnist):
+    net, X, y = mnist
+    u = certify(net, X[1], int(y[1]), "untargeted", "inf", margin_bound=False)
+    per = [certify(net, X[1], int(y[1]), j, "inf", margin_bound=False).radius for j in range(10) if j != y[1]]
+    # untargeted uses the same kind of grid on every row at once; it cannot exceed the smallest target radius
+    # by more than its grid resolution, and it must not exceed the true minimal distance (checked above)
+    assert u.target is None
+    assert u.radius <= min(per) * 1.05
+    assert u.radius >= min(per) * 0.5
+
+
+def _default_vs_paper(net, X, y, images):
+    for i in images:
+        d = certify(net, X[i], int(y[i]), "runnerup", "inf", margin_bound=False)
+        pp = certify(net, X[i], int(y[i]), "runnerup", "inf", margin_bound=False, search="paper")
+        assert d.radius >= pp.radius
+        assert d.evaluations * 10 <= pp.evaluations
+
+
+def test_default_search_not_below_paper_search(mnist):
+    """The default (one grid of radii reused for every candidate) certifies at least the radius of the
+    authors' search (n = 15 intervals, 15-step binary search), with a tenth of the evaluations or fewer."""
+    _default_vs_paper(*mnist, images=(0,))
+
+
+@pytest.mark.slow
+def test_default_search_not_below_paper_search_all(mnist):
+    _default_vs_paper(*mnist, images=range(6))
+
+
+def test_misclassified_reported_with_radius_zero(digits_net):
+    x = default_inputs()
+    pred = int(np.argmax(digits_net.forward(x[0])))
+    wrong = (pred + 1) % 10
+    res = certify(digits_net, x[0], wrong, "runnerup", "inf")
+    assert res.misclassified and res.radius == 0.0 and res.prediction == pred and res.label == wrong
+
+
+def test_digits_model_l2_and_fastlip(digits_net, rng):
+    """A trained digits model: Fast-Lip <= RecurJac-B radius is not required, but both must be below the attack."""
+    x = default_inputs()
+    for i in range(2):
+        c = int(np.argmax(digits_net.forward(x[i])))
+        for method in ("fastlip", "recurjac-b"):
+            res = certify(digits_net, x[i], None, "least", 2, method=method, margin_bound=False)
+            att = attack_radius(digits_net, x[i], c, 2, target=res.target, eps_max=8.0, search_steps=8, steps=60,
+                                restarts=3)
+            assert att.success and res.radius <= att.distance
+            pts = _samples(x[i], res.radius, 2.0, 0.0, 1.0, rng, n=200)
+            assert (_margin(digits_net, pts, c, res.target) > 0).all()
+
+
+def test_random_target_seeded(digits_net):
+    x = default_inputs()
+    a = certify(digits_net, x[1], None, "random", "inf", seed=3, index=7, margin_bound=False)
+    b = certify(digits_net, x[1], None, "random", "inf", seed=3, index=7, margin_bound=False)
+    assert a.target == b.target and a.radius == b.radius
+    targets = {certify(digits_net, x[1], None, "random", "inf", seed=s, index=7, margin_bound=False).target
+               for s in range(6)}
+    assert len(targets) > 1
+
+
+def test_box_region_equals_scaled_ball(digits_net):
+    """A box x0 ± e inside the domain is the l-inf ball of radius e: the certified box scale times e equals the
+    ball radius."""
+    x0 = default_inputs()[2]
+    e = 0.01
+    lo, hi = x0 - e, x0 + e
+    inside = (lo >= 0) & (hi <= 1)
+    x0 = np.where(inside, x0, 0.5)  # keep every coordinate's box inside [0, 1]
+    net_u, u0 = box_network(digits_net, x0 - e, x0 + e)
+    ru = certify(net_u, u0, None, "runnerup", "inf", margin_bound=False)
+    rx = certify(digits_net, x0, None, "runnerup", "inf", margin_bound=False)
+    assert ru.target == rx.target
+    assert ru.radius * e == pytest.approx(rx.radius, rel=1e-6)
+
+
+def test_box_region_sampling(digits_net, rng):
+    """An asymmetric box clipped by the domain: every sampled point of the certified scaled box keeps the class."""
+    x0 = default_inputs()[3]
+    w = rng.uniform(0.0, 0.05, size=x0.shape)
+    w[:10] = 0.0  # fixed coordinates
+    lo, hi = np.clip(x0 - w, 0, 1), np.clip(x0 + 2 * w, 0, 1)
+    net_u, u0 = box_network(digits_net, lo, hi)
+    res = certify(net_u, u0, None, "runnerup", "inf", margin_bound=False)
+    assert res.radius > 0
+    c0, w0 = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    u = rng.choice([-1.0, 1.0], size=(500, x0.size)) * res.radius
+    pts = np.clip(c0 + w0 * u, 0, 1)
+    assert (_margin(digits_net, pts, res.label, res.target) > 0).all()
