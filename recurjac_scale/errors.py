@@ -15,6 +15,7 @@ __all__ = [
     "ModelFormatError",
     "StoreError",
     "InputError",
+    "EmptyRegionError",
     "OutputExistsError",
     "MissingDependencyError",
 ]
@@ -46,6 +47,11 @@ class StoreError(RecurJacError):
 
 class InputError(RecurJacError):
     """A bad argument value: negative eps, unknown norm, an input outside the declared domain, and the like."""
+
+
+class EmptyRegionError(InputError):
+    """Known bounds given for a region (``clip=``) contradict each other: the region is empty (for example a
+    branch-and-bound part whose split constraints cannot all hold)."""
 
 
 class OutputExistsError(RecurJacError):

@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "lipschitz",
     "plan",
     "run",
+    "bab",
 )
 
 
