@@ -499,7 +499,9 @@ def exact_lipschitz(
         n_sign = 2 * n0
 
     assert B.used == n_var
-    cons = [LinearConstraint(np.vstack(B.rows), -np.inf, np.asarray(B.rhs))]
+    cons = []
+    if B.rows:
+        cons.append(LinearConstraint(np.vstack(B.rows), -np.inf, np.asarray(B.rhs)))
     if B.eq_rows:
         cons.append(LinearConstraint(np.vstack(B.eq_rows), np.asarray(B.eq_rhs), np.asarray(B.eq_rhs)))
     options = {"presolve": bool(presolve), "mip_rel_gap": float(mip_rel_gap)}

@@ -223,11 +223,16 @@ def _bound_parts_json(prob: BabProblem, text: str) -> list:
 
 
 def _run_round(ex, prob: BabProblem, chunks: list[list]) -> list[list]:
-    dsk = {"bab-problem": prob}
+    """Bound the parts of every chunk, one task per chunk.  Keys are unique per round (a distributed scheduler
+    keeps results by key: a repeated key would return an earlier round's parts)."""
+    import uuid
+
+    tag = uuid.uuid4().hex
+    dsk = {f"bab-problem-{tag}": prob}
     keys = []
     for i, chunk in enumerate(chunks):
-        key = ("bab-parts", i)
-        dsk[key] = (_bound_parts_json, "bab-problem", json.dumps(chunk))
+        key = (f"bab-parts-{tag}", i)
+        dsk[key] = (_bound_parts_json, f"bab-problem-{tag}", json.dumps(chunk))
         keys.append(key)
     return ex.run(dsk, keys)
 
@@ -390,7 +395,9 @@ def bab_lipschitz(
             return
         st = {
             "fingerprint": fp,
-            "frontier": [e for _, _, e in frontier] + ([dive[1]] if dive is not None else []),
+            # in the heap's order (bound, then insertion), so a resumed run pops the same parts first
+            "frontier": [e for _, _, e in sorted(frontier, key=lambda it: it[:2])]
+            + ([dive[1]] if dive is not None else []),
             "closed_upper": _enc(closed_upper),
             "lower": _enc(lower),
             "lower_x": [float(v) for v in lower_x],
