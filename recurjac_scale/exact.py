@@ -27,9 +27,14 @@ Forward pass (exact for binary ``δ``; Tjeng et al. 2019):
 Backward pass (gradient gated by the same ``δ``): ``g_{H-1} = w`` (the output row), and for k = H-1 .. 1
 
 - ``r_k = σ'_k ⊙ g_k`` (``∂f/∂z_k``): stable neurons ``r = g`` or ``alpha g``; unstable ones
-  ``r = alpha g + (1 - alpha) y`` with ``y = δ g`` linearised exactly (binary ``δ``) from certified bounds
-  ``gl <= g <= gu`` of ``g = ∂f/∂h_k`` over S (RecurJac-B's bounds, intersected with interval propagation):
-  ``gl δ <= y <= gu δ``, ``g - gu (1 - δ) <= y <= g - gl (1 - δ)``;
+  ``r = alpha g + (1 - alpha) y`` with ``y = δ g`` linearised exactly (binary ``δ``):
+
+  - last hidden layer: ``g = w`` is constant, ``y = w δ``;
+  - the layer before: ``g_j = c_j + sum_m C_jm δ_m`` is affine in the last layer's binaries, so
+    ``y_j = c_j δ_j + sum_m C_jm p_jm`` with ``p_jm = δ_j δ_m`` (``p <= δ_j``, ``p <= δ_m``,
+    ``p >= δ_j + δ_m - 1``, ``p >= 0``): exact, and a much tighter LP relaxation than big-M on ``g``;
+  - earlier layers: big-M from certified bounds ``gl <= g <= gu`` of ``g = ∂f/∂h_k`` over S (RecurJac-B's
+    bounds, intersected with interval propagation): ``gl δ <= y <= gu δ``, ``g - gu (1 - δ) <= y <= g - gl (1 - δ)``;
 - ``g_{k-1} = W(k-1)^T r_k``; the gradient is ``v = W(0)^T r_1`` (length n_0), again linear expressions.
 
 Objective ``||v||_q``:
@@ -194,7 +199,7 @@ class ExactResult:
     ----------
     value : float
         ``||∇f_δ||_q`` of the optimal pattern, recomputed in float64 (equals ``L*`` when ``optimal`` and
-        ``validated``).
+        ``validated``); NaN when the time limit came before any solution (``mip_bound`` still bounds ``L*``).
     optimal : bool
         HiGHS proved optimality (within ``mip_rel_gap``); false after a time limit (``value`` is then the best
         pattern found, a lower bound when validated, and ``mip_bound`` an upper bound).
@@ -413,7 +418,11 @@ def exact_lipschitz(
     vl, vu = _widen(*gb[0])
     mixed = np.flatnonzero((vl < 0) & (vu > 0))
     n_obj = len(mixed) * 2 if q == 1.0 else 1 + 2 * n0
-    n_var = n0 + (2 * n0 if p == 1.0 else 0) + 3 * n_u + n_obj
+    # y variables for every hidden layer but the last (there r = (alpha + (1 - alpha) δ) w is linear in δ); the
+    # layer before it multiplies δ by g, an affine function of the last layer's δ: pairwise products instead
+    n_pairs = len(unstable[H - 3]) * len(unstable[H - 2]) if H >= 3 else 0
+    n_y = sum(len(unstable[k]) for k in range(H - 3)) if H >= 3 else 0
+    n_var = n0 + (2 * n0 if p == 1.0 else 0) + 2 * n_u + n_y + n_pairs + n_obj
     B = _Builder(n_var)
 
     xi = B.var(n0, lo_x, hi_x)
@@ -455,7 +464,27 @@ def exact_lipschitz(
         a = alphas[k - 1]
         d_stable = np.where(lb.lower[k - 1] >= 0, 1.0, a)
         Rc, rc = d_stable[:, None] * Gc, d_stable * gc
-        if len(U):
+        if len(U) and k == H - 1:
+            # g = w is constant: r_j = (alpha + (1 - alpha) δ_j) w_j
+            Rc[U] = a * Gc[U] + (1.0 - a) * gc[U, None] * B.unit(deltas[k - 1])
+            rc[U] = a * gc[U]
+        elif len(U) and k == H - 2:
+            # g_j = gc_j + sum_m c_jm δ_m (m: unstable neurons of layer k + 1): y_j = δ_j g_j
+            # = gc_j δ_j + sum_m c_jm p_jm with p_jm = δ_j δ_m (exact linearisation of a product of binaries)
+            Dm = deltas[k]
+            C = Gc[:, Dm]
+            pi = B.var(len(U) * len(Dm), 0.0, 1.0).reshape(len(U), len(Dm))
+            Ed, Em, Ep = B.unit(deltas[k - 1]), B.unit(Dm), B.unit(pi.ravel())
+            for r, j in enumerate(U):
+                for m in range(len(Dm)):
+                    e = Ep[r * len(Dm) + m]
+                    B.le(e - Ed[r], 0.0)
+                    B.le(e - Em[m], 0.0)
+                    B.le(-e + Ed[r] + Em[m], 1.0)
+                Y = gc[j] * Ed[r] + C[j] @ Ep[r * len(Dm):(r + 1) * len(Dm)]
+                Rc[j] = a * Gc[j] + (1.0 - a) * Y
+                rc[j] = a * gc[j]
+        elif len(U):
             gl, gu = _widen(*gb[k])
             yi = B.var(len(U), np.minimum(gl[U], 0.0), np.maximum(gu[U], 0.0))
             Ey, Ed = B.unit(yi), B.unit(deltas[k - 1])
@@ -508,7 +537,16 @@ def exact_lipschitz(
     if time_limit is not None:
         options["time_limit"] = float(time_limit)
     res = milp(-obj, integrality=B.integ, bounds=Bounds(B.lb, B.ub), constraints=cons, options=options)
+    bound = getattr(res, "mip_dual_bound", None)
+    mip_bound = float(-bound + obj_c) if bound is not None and np.isfinite(bound) else math.inf
     if res.x is None:
+        if res.status == 1:  # time / iteration limit before any solution: report the dual bound only
+            return ExactResult(
+                value=math.nan, optimal=False, status=str(res.message), mip_objective=math.nan, mip_bound=mip_bound,
+                gap=math.nan, validated=False, interior_margin=math.nan, attained=math.nan, x=region.x0.copy(),
+                pattern=(), p=p, q=q, eps=region.eps, n_unstable=n_u, n_binaries=n_u + n_sign,
+                time_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
+            )
         raise InputError(f"the activation-pattern MIP found no solution: {res.message}")
     sol = res.x
     pattern = []
@@ -525,8 +563,6 @@ def exact_lipschitz(
         attained = float(np.linalg.norm(net1.jacobian(x_int)[0], ord=q))
         validated = abs(attained - value) <= 1e-9 * max(value, 1e-300)
     mip_obj = float(-res.fun + obj_c)
-    bound = getattr(res, "mip_dual_bound", None)
-    mip_bound = float(-bound + obj_c) if bound is not None and np.isfinite(bound) else math.inf
     gap = getattr(res, "mip_gap", None)
     return ExactResult(
         value=value,
