@@ -63,6 +63,8 @@ class BabProblem:
         ``"neuron"`` or ``"input"`` (resolved from ``"auto"``).
     alphas : tuple of float or None
         Negative-side slopes of the hidden layers (ReLU family), else ``None``.
+    layer_bound_options : tuple of (name, value)
+        Options of the layer-bound method (e.g. ``(("never_looser_than_fastlin", False),)`` for crown).
     branching : str
         Which unstable neuron to split: ``"score"`` (largest interval contribution ``(du - dl) |∂f/∂h_j|
         ||∂z_j/∂x||_1`` over all layers) or ``"layer"`` (the same score within the earliest layer that has one).
@@ -80,6 +82,7 @@ class BabProblem:
     split: str
     alphas: tuple | None
     branching: str = "score"
+    layer_bound_options: tuple = ()
 
 
 def root_part() -> dict:
@@ -240,7 +243,8 @@ def bound_part(prob: BabProblem, part: dict) -> dict:
     net, xc, r = _part_geometry(prob, part)
     clip, phases = _clip_and_phases(prob, part)
     try:
-        lb = layer_bounds(net, xc, r, prob.p, method=prob.layer_bound_method, clip=clip)
+        lb = layer_bounds(net, xc, r, prob.p, method=prob.layer_bound_method, clip=clip,
+                          **dict(prob.layer_bound_options))
     except EmptyRegionError:
         return {"bound": None, "branch": None, "lower": -math.inf, "x": None, "status": "empty"}
     lb = replace(lb, phases=phases)

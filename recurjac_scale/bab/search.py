@@ -155,6 +155,7 @@ def _fingerprint(prob: BabProblem) -> str:
             h.update(np.ascontiguousarray(v, np.float64).tobytes())
     h.update(np.ascontiguousarray(prob.x0, np.float64).tobytes())
     h.update(json.dumps([_enc(prob.eps), _enc(prob.p), prob.method, prob.layer_bound_method, prob.split, prob.branching,
+                         [list(kv) for kv in prob.layer_bound_options],
                          [a.to_spec() for a in prob.network.activations]], sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -246,6 +247,7 @@ def bab_lipschitz(
     outputs=0,
     method: str = "recurjac-b",
     layer_bounds: str = "crown",
+    layer_bound_options: dict | None = None,
     split: str = "auto",
     branching: str = "score",
     time_budget: float = 60.0,
@@ -281,6 +283,8 @@ def bab_lipschitz(
         Jacobian method bounding each part (default ``recurjac-b``; ``recurjac-f0`` is tighter and slower).
     layer_bounds : str
         Pre-activation bound method for the parts (default ``crown``).
+    layer_bound_options : dict, optional
+        Its options (e.g. ``{"never_looser_than_fastlin": False}``: crown without its Fast-Lin pass, faster).
     split : {"auto", "neuron", "input"}
         ``auto``: neuron splits for relu / leaky_relu networks, input splits otherwise.
     branching : {"score", "layer"}
@@ -346,11 +350,12 @@ def bab_lipschitz(
         raise InputError("branch-and-bound needs a bounded region: finite eps, or a bounded input domain")
     alphas = relu_alphas(net1)
     split = _resolve_split(split, alphas, p)
-    root_lb = compute_layer_bounds(net1, region.x0, region.eps, p, method=lbm)
+    lb_opts = tuple(sorted((layer_bound_options or {}).items()))
+    root_lb = compute_layer_bounds(net1, region.x0, region.eps, p, method=lbm, **dict(lb_opts))
     prob = BabProblem(
         network=net1, x0=region.x0, eps=region.eps, p=p, q=q, method=method, layer_bound_method=lbm,
         root_lower=tuple(root_lb.lower), root_upper=tuple(root_lb.upper), split=split, alphas=alphas,
-        branching=_check_branching(branching),
+        branching=_check_branching(branching), layer_bound_options=lb_opts,
     )
     fp = _fingerprint(prob)
     ck = Path(checkpoint) if checkpoint is not None else None
