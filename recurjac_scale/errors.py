@@ -16,6 +16,7 @@ __all__ = [
     "StoreError",
     "IncompleteRunError",
     "InputError",
+    "EmptyRegionError",
     "OutputExistsError",
     "MissingDependencyError",
     "ClusterError",
@@ -50,6 +51,11 @@ class StoreError(RecurJacError):
 
 class InputError(RecurJacError):
     """A bad argument value: negative eps, unknown norm, an input outside the declared domain, and the like."""
+
+
+class EmptyRegionError(InputError):
+    """Known bounds given for a region (``clip=``) contradict each other: the region is empty (for example a
+    branch-and-bound part whose split constraints cannot all hold)."""
 
 
 class OutputExistsError(RecurJacError):

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "landscape",
     "plan",
     "run",
+    "bab",
 )
 
 

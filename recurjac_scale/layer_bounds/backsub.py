@@ -47,7 +47,7 @@ from .._fp import TINY, cast_weights, gamma, underflow_unit
 from ..activations import Activation
 from ..errors import InputError
 from ..network.model import Network
-from .base import Region
+from .base import Region, apply_clip
 from .fused import affine_gamma, block_bounds
 from .ibp import affine_interval, first_layer_bounds
 from ..relaxations import value_bounds
@@ -315,6 +315,7 @@ def backsubstitute(
     intersect_ibp: bool = True,
     independent: Sequence[RelaxFn] = (),
     fused: bool = True,
+    clip=None,
 ) -> tuple[list, list]:
     """Layer-by-layer bounds by back-substituting linear relaxations (CROWN / Fast-Lin).
 
@@ -364,7 +365,7 @@ def backsubstitute(
     acts = network.layer_activations
     lo, hi = region.box
     xmax = np.maximum(np.abs(lo), np.abs(hi))
-    l, u = first_layer_bounds(ws[0], bs[0], region)
+    l, u = apply_clip(clip, 0, *first_layer_bounds(ws[0], bs[0], region))
     main = _State([relax] if callable(relax) else relax, l, u, xmax)
     others = [_State([r], l, u, xmax) for r in independent]
     states = (main, *others)
@@ -379,12 +380,14 @@ def backsubstitute(
                 il, iu = affine_interval(ws[t], bs[t], hl, hu)
                 results[i] = (np.maximum(results[i][0], il), np.minimum(results[i][1], iu))
         for st, (lo_t, up_t) in zip(others, results[1:]):
+            lo_t, up_t = apply_clip(clip, t, lo_t, up_t)
             st.lowers.append(lo_t)
             st.uppers.append(up_t)
         lo_t, up_t = results[0]
         for lo_o, up_o in results[1:]:
             lo_t = np.maximum(lo_t, lo_o)
             up_t = np.minimum(up_t, up_o)
+        lo_t, up_t = apply_clip(clip, t, lo_t, up_t)
         main.lowers.append(lo_t)
         main.uppers.append(up_t)
     return main.lowers, main.uppers

@@ -23,6 +23,8 @@ __all__ = [
     "dual_norm",
     "count_unstable",
     "ROUNDING_NOTES",
+    "apply_clip",
+    "apply_phases",
 ]
 
 _NORMS = {"1": 1.0, "l1": 1.0, "2": 2.0, "l2": 2.0, "inf": math.inf, "linf": math.inf, "infinity": math.inf}
@@ -91,6 +93,51 @@ def count_unstable(act, lower: np.ndarray, upper: np.ndarray) -> int:
     for k in kinks:
         mask |= (lower < k) & (k < upper)
     return int(np.count_nonzero(mask))
+
+
+def apply_clip(clip, k: int, lower: np.ndarray, upper: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Layer ``k``'s bounds intersected with the known bounds ``clip[k] = (lower, upper)`` (``clip`` may be
+    ``None``, or hold ``None`` for a layer).
+
+    Raises
+    ------
+    EmptyRegionError
+        If the intersection is empty for some neuron (the region is empty).
+    """
+    if clip is None or k >= len(clip) or clip[k] is None:
+        return lower, upper
+    cl, cu = (np.asarray(v, dtype=np.float64) for v in clip[k])
+    if cl.shape != lower.shape or cu.shape != upper.shape:
+        raise InputError(f"clip bounds of layer {k} have shape {cl.shape}; need {lower.shape}")
+    lo, hi = np.maximum(lower, cl), np.minimum(upper, cu)
+    if (lo > hi).any():
+        from ..errors import EmptyRegionError
+
+        j = int(np.argmax(lo > hi))
+        raise EmptyRegionError(f"layer {k} neuron {j}: bounds [{lo[j]}, {hi[j]}] are empty; the region is empty")
+    return lo, hi
+
+
+def apply_phases(act, dl: np.ndarray, du: np.ndarray, phase) -> tuple[np.ndarray, np.ndarray]:
+    """Derivative bounds of a ReLU-family layer on a region restricted by split constraints: ``phase[j] = +1``
+    (the region has ``z_j >= 0``: derivative 1), ``-1`` (``z_j <= 0``: derivative ``alpha``), 0 (unchanged).
+
+    At ``z_j = 0`` only one one-sided derivative is kept; the two branches of a split together keep both, which is
+    what a bound of the Lipschitz constant over their union needs (branch-and-bound, :mod:`recurjac_scale.bab`).
+    """
+    if phase is None:
+        return dl, du
+    ph = np.asarray(phase)
+    if not ph.any():
+        return dl, du
+    from ..activations import LeakyReLU
+
+    if not isinstance(act, LeakyReLU):
+        raise InputError(f"split constraints (phases) need a relu / leaky_relu layer, got {act}")
+    a = float(act.alpha)
+    dl = np.where(ph > 0, 1.0, np.where(ph < 0, a, dl))
+    du = np.where(ph > 0, 1.0, np.where(ph < 0, a, du))
+    return dl, du
 
 
 @dataclass(frozen=True)
@@ -168,6 +215,10 @@ class LayerBounds:
         curvature changes or, for elu/softplus, around which they bend most); 0 for identity layers.
     rounding : str
         How floating-point rounding is accounted for.
+    phases : tuple of ndarray or None
+        Split constraints of a region restricted by branch-and-bound: per layer an int8 array, ``+1`` where the
+        region has ``z >= 0``, ``-1`` where it has ``z <= 0``, 0 elsewhere (:func:`apply_phases`; ReLU family
+        only).  ``None``: no constraint.
     """
 
     lower: tuple
@@ -176,10 +227,17 @@ class LayerBounds:
     region: Region
     unstable: tuple = ()
     rounding: str = ROUNDING_NOTES["ibp"]
+    phases: tuple | None = None
 
     def derivative_bounds(self, network: Network) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per layer, ``(dl, du)`` with ``dl <= sigma_k'(z) <= du`` on the bounds (Zhang et al. 2019, Eq. 6-8)."""
-        return [act.derivative_bounds(l, u) for act, l, u in zip(network.layer_activations, self.lower, self.upper)]
+        """Per layer, ``(dl, du)`` with ``dl <= sigma_k'(z) <= du`` on the bounds (Zhang et al. 2019, Eq. 6-8),
+        with the split constraints :attr:`phases` applied."""
+        out = []
+        for k, (act, l, u) in enumerate(zip(network.layer_activations, self.lower, self.upper)):
+            dl, du = act.derivative_bounds(l, u)
+            ph = self.phases[k] if self.phases is not None and k < len(self.phases) else None
+            out.append(apply_phases(act, dl, du, ph))
+        return out
 
     def to_dict(self) -> dict:
         return {

@@ -35,6 +35,7 @@ def crown(
     intersect_ibp: bool = True,
     never_looser_than_fastlin: bool = True,
     fused: bool = True,
+    clip=None,
 ) -> tuple[list, list]:
     """CROWN bounds of every pre-activation over ``B_p[x0, eps] ∩ D`` (Zhang et al. 2018, Theorem 3.2).
 
@@ -77,6 +78,9 @@ def crown(
         coefficients per relaxation step, upper and lower chains stacked into one GEMM, one shared chain for
         linear relaxations).  ``False`` runs the plain numpy chains, one per bound and pass, as before (kept as
         the reference the fused engine is tested against); the two agree up to the order of summation.
+    clip : sequence of (lower, upper) or None
+        Known bounds of the layers over the region (see :func:`~recurjac_scale.layer_bounds.backsub.
+        backsubstitute`).
 
     Returns
     -------
@@ -103,4 +107,5 @@ def crown(
         intersect_ibp=intersect_ibp,
         independent=independent,
         fused=fused,
+        clip=clip,
     )

@@ -35,6 +35,7 @@ def fastlin(
     dtype=np.float64,
     intersect_ibp: bool = True,
     fused: bool = True,
+    clip=None,
 ) -> tuple[list, list]:
     """Fast-Lin bounds of every pre-activation over ``B_p[x0, eps] ∩ D`` (Weng et al. 2018, Theorem 3.5).
 
@@ -42,7 +43,8 @@ def fastlin(
     certified rounding); only the relaxation differs.  Fast-Lin's lines are parallel, so with finite bounds one
     back-substitution chain serves both the upper and the lower bound (``fused``, see
     :mod:`recurjac_scale.layer_bounds.fused`); ``fused=False`` runs the plain numpy chains (same bounds up to the
-    order of summation, twice the GEMMs).
+    order of summation, twice the GEMMs).  ``clip``: known bounds of the layers over the region (see
+    :func:`~recurjac_scale.layer_bounds.backsub.backsubstitute`).
 
     Raises
     ------
@@ -54,5 +56,5 @@ def fastlin(
         fastlin_relaxation(act, np.zeros(1), np.zeros(1))  # raises for unsupported activations
     return backsubstitute(
         network, region, fastlin_relaxation, block_rows=block_rows, dtype=dtype, intersect_ibp=intersect_ibp,
-        fused=fused,
+        fused=fused, clip=clip,
     )

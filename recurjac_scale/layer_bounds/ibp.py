@@ -8,7 +8,7 @@ import numpy as np
 
 from .._fp import TINY, gamma
 from ..network.model import Network
-from .base import Region, register_layer_bound_method
+from .base import Region, apply_clip, register_layer_bound_method
 from ..relaxations import value_bounds
 
 __all__ = ["ibp", "first_layer_bounds", "affine_interval"]
@@ -71,12 +71,15 @@ def first_layer_bounds(w: np.ndarray, b: np.ndarray, region: Region) -> tuple[np
 
 
 @register_layer_bound_method("ibp")
-def ibp(network: Network, region: Region, *, block_rows: int | None = None, dtype=np.float64) -> tuple[list, list]:
+def ibp(
+    network: Network, region: Region, *, block_rows: int | None = None, dtype=np.float64, clip=None
+) -> tuple[list, list]:
     """Interval bound propagation: first layer from the dual norm of each weight row, then interval arithmetic
     through every monotone activation (activation values widened by their evaluation error).
 
     ``block_rows`` and ``dtype`` are accepted for a uniform interface; IBP needs only matrix-vector products and
-    always runs in float64.
+    always runs in float64.  ``clip``: known bounds of the layers over the region, intersected with each layer
+    before the next (see :func:`~recurjac_scale.layer_bounds.backsub.backsubstitute`).
 
     Returns
     -------
@@ -85,13 +88,13 @@ def ibp(network: Network, region: Region, *, block_rows: int | None = None, dtyp
     lowers, uppers = [], []
     ws = [np.asarray(w, dtype=np.float64) for w in network.weights]
     bs = [np.asarray(b, dtype=np.float64) for b in network.biases]
-    l, u = first_layer_bounds(ws[0], bs[0], region)
+    l, u = apply_clip(clip, 0, *first_layer_bounds(ws[0], bs[0], region))
     lowers.append(l)
     uppers.append(u)
     for k in range(1, network.n_layers):
         act = network.layer_activations[k - 1]
         hl, hu = value_bounds(act.value, l, u)  # sigma is nondecreasing (Assumption 2); widened for rounding
-        l, u = affine_interval(ws[k], bs[k], hl, hu)
+        l, u = apply_clip(clip, k, *affine_interval(ws[k], bs[k], hl, hu))
         lowers.append(l)
         uppers.append(u)
     return lowers, uppers

@@ -1,0 +1,324 @@
+"""Parts of a branch-and-bound search: what a part is, how one is bounded (a pure function run in dask tasks) and
+how it is split.
+
+A part is a sub-region of ``S = B_p[x0, eps] ∩ D``, written as a JSON-able dict:
+
+- ``lo``, ``hi``: an input box (lists of n_0 floats) for input splits (``p = inf`` only), or ``None`` for all of S;
+- ``splits``: a list of ``[k, j, s]``: hidden layer ``k`` (0-based), neuron ``j``, ``s = +1`` for the constraint
+  ``z_j >= 0`` or ``-1`` for ``z_j <= 0`` (ReLU family only).
+
+The two children of a neuron split cover the parent (``z_j >= 0`` or ``z_j <= 0``); those of an input split are the
+two halves of the box.  So the maximum over the parts of a frontier of any valid bound of the local Lipschitz
+constant on each part is a valid bound for S.
+
+Bounding a part (:func:`bound_part`), everything certified as in the rest of the package:
+
+1. pre-activation bounds of the part: the chosen layer-bound method (``crown`` by default) over the part's box,
+   with every layer intersected with the root's certified bounds and the split constraints (``clip``: ``[l, u]``
+   becomes ``[max(l, 0), u]`` or ``[l, min(u, 0)]``), so the later layers are bounded on the constrained part;
+   an empty intersection proves the part empty (:class:`~recurjac_scale.errors.EmptyRegionError`);
+2. the split neurons' derivatives fixed to the branch's value (``LayerBounds.phases``);
+3. :func:`recurjac_scale.lipschitz.lipschitz` with the chosen Jacobian method on those bounds.
+
+A ReLU-family part without unstable neurons has one activation pattern: its bound is the gradient norm of that
+pattern, and it is *closed* (not split further).  If the pattern's region misses S, a Farkas certificate from an LP
+(checked in outward-rounded arithmetic, :func:`certified_empty`) removes it.  Points found in parts (their centre,
+an interior point of a closed part's pattern) are lower-bound candidates: exact gradient norms at points of S.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .._fp import gamma
+from ..activations import LeakyReLU
+from ..errors import EmptyRegionError, InputError
+from ..layer_bounds.base import LayerBounds, Region
+from ..network.model import Network
+
+__all__ = ["BabProblem", "bound_part", "bound_parts", "split_part", "certified_empty", "root_part", "SPLIT_MODES"]
+
+SPLIT_MODES = ("auto", "neuron", "input")
+
+
+@dataclass(frozen=True)
+class BabProblem:
+    """What every task needs (picklable; shipped to the workers once per round or scattered once).
+
+    Attributes
+    ----------
+    network : Network
+        In-memory float64 network with one output row (the output selection folded in).
+    x0 : ndarray, shape (n_0,)
+    eps, p, q : float
+    method : str
+        Jacobian method bounding each part.
+    layer_bound_method : str
+    root_lower, root_upper : tuple of ndarray
+        Certified pre-activation bounds of every layer over S.
+    split : str
+        ``"neuron"`` or ``"input"`` (resolved from ``"auto"``).
+    alphas : tuple of float or None
+        Negative-side slopes of the hidden layers (ReLU family), else ``None``.
+    layer_bound_options : tuple of (name, value)
+        Options of the layer-bound method (e.g. ``(("never_looser_than_fastlin", False),)`` for crown).
+    branching : str
+        Which unstable neuron to split: ``"score"`` (largest interval contribution ``(du - dl) |∂f/∂h_j|
+        ||∂z_j/∂x||_1`` over all layers) or ``"layer"`` (the same score within the earliest layer that has one).
+    """
+
+    network: Network
+    x0: np.ndarray
+    eps: float
+    p: float
+    q: float
+    method: str
+    layer_bound_method: str
+    root_lower: tuple
+    root_upper: tuple
+    split: str
+    alphas: tuple | None
+    branching: str = "score"
+    layer_bound_options: tuple = ()
+
+
+def root_part() -> dict:
+    return {"lo": None, "hi": None, "splits": [], "depth": 0}
+
+
+def _part_geometry(prob: BabProblem, part: dict) -> tuple[Network, np.ndarray, float]:
+    """The network (with the part's box as input domain), centre and radius describing the part's box."""
+    if part.get("lo") is None:
+        return prob.network, prob.x0, prob.eps
+    lo, hi = np.asarray(part["lo"], np.float64), np.asarray(part["hi"], np.float64)
+    xc = 0.5 * lo + 0.5 * hi
+    r = float(max((hi - xc).max(), (xc - lo).max(), 0.0))
+    r = float(np.nextafter(r * (1.0 + 4 * np.finfo(float).eps), np.inf))  # [xc - r, xc + r] contains the box
+    spec = replace(prob.network.input_spec, domain_lower=lo, domain_upper=hi)
+    return prob.network._replace(input_spec=spec), xc, r
+
+
+def _clip_and_phases(prob: BabProblem, part: dict):
+    lows = [np.array(v, np.float64) for v in prob.root_lower]
+    ups = [np.array(v, np.float64) for v in prob.root_upper]
+    phases = [np.zeros(v.shape[0], np.int8) for v in lows]
+    for k, j, s in part["splits"]:
+        if s > 0:
+            lows[k][j] = max(lows[k][j], 0.0)
+            phases[k][j] = 1
+        else:
+            ups[k][j] = min(ups[k][j], 0.0)
+            phases[k][j] = -1
+    return list(zip(lows, ups)), tuple(phases)
+
+
+def _magnitudes(prob: BabProblem, lb: LayerBounds, dbs) -> tuple[list, list]:
+    """Interval magnitudes per hidden layer k: ``f_k >= ||∂z_k/∂x||_1`` (rows) and ``b_k >= |∂f/∂h_k|``."""
+    ws = prob.network.weights
+    H = len(ws)
+    f = [None] * (H - 1)
+    v = np.abs(ws[0]).sum(axis=1)
+    for k in range(H - 1):
+        f[k] = v
+        if k + 1 < H - 1:
+            v = np.abs(ws[k + 1]) @ (dbs[k][1] * v)
+    b = [None] * (H - 1)
+    g = np.abs(ws[-1][0])
+    for k in range(H - 2, -1, -1):
+        b[k] = g
+        g = np.abs(ws[k]).T @ (dbs[k][1] * g)
+    return f, b
+
+
+def _choose_neuron(prob: BabProblem, lb: LayerBounds, phases, dbs):
+    f, b = _magnitudes(prob, lb, dbs)
+    best, arg = -1.0, None
+    for k in range(len(prob.network.weights) - 1):
+        l, u = lb.lower[k], lb.upper[k]
+        free = (l < 0) & (u > 0) & (phases[k] == 0)
+        if not free.any():
+            continue
+        score = np.where(free, (dbs[k][1] - dbs[k][0]) * f[k] * b[k], -1.0)
+        j = int(np.argmax(score))
+        if score[j] > best:
+            best, arg = float(score[j]), (k, j)
+        if prob.branching == "layer":
+            break
+    return arg
+
+
+def _choose_input(prob: BabProblem, part: dict, dbs, lo: np.ndarray, hi: np.ndarray):
+    ws = prob.network.weights
+    g = np.abs(ws[-1][0])
+    for k in range(len(ws) - 2, -1, -1):
+        g = np.abs(ws[k]).T @ (dbs[k][1] * g)
+    score = (hi - lo) * g
+    i = int(np.argmax(score))
+    return i if hi[i] > lo[i] and score[i] > 0 else None
+
+
+def certified_empty(network: Network, region_lo: np.ndarray, region_hi: np.ndarray, pattern, duals) -> bool:
+    """Whether the dual vector ``duals`` (one per hidden neuron, >= 0, e.g. from an LP) proves that no ``x`` of the
+    box has the activation pattern ``pattern`` (closed: ``z_j >= 0`` where 1, ``z_j <= 0`` where 0).
+
+    Farkas: every such x satisfies ``sum_j y_j (-s_j) z_j(x) <= 0`` (``s = 2 δ - 1``), i.e. ``a·x + β <= 0`` with
+    ``a = -sum_j y_j s_j ∂z_j/∂x``; if ``min_{x in box} a·x + β`` exceeds the rounding error of computing ``a``,
+    ``β`` and the affine maps ``z_j`` of the pattern, the box holds no such point.  The error allowance uses the
+    magnitude chain of the pattern's affine maps and :func:`recurjac_scale._fp.gamma` of the total length."""
+    from ..exact import pattern_affine
+
+    ws = [np.asarray(w, np.float64) for w in network.weights]
+    bs = [np.asarray(b_, np.float64) for b_ in network.biases]
+    aff = pattern_affine(network, pattern)
+    n0 = ws[0].shape[1]
+    xmag = np.maximum(np.abs(region_lo), np.abs(region_hi))
+    # magnitude chain: |A_k| xmag + |c_k| is dominated by M_k
+    mag = np.abs(ws[0]) @ xmag + np.abs(bs[0])
+    mags = [mag]
+    for k in range(1, len(aff)):
+        mag = np.abs(ws[k]) @ mag + np.abs(bs[k])
+        mags.append(mag)
+    length = sum(w.shape[1] for w in ws) + 2 * len(ws) + n0
+    a = np.zeros(n0)
+    beta = 0.0
+    err = 0.0
+    for (A, c), d, y, m in zip(aff, pattern, duals, mags):
+        y = np.maximum(np.asarray(y, np.float64), 0.0)
+        s = np.where(np.asarray(d) > 0, 1.0, -1.0)
+        a -= (y * s) @ A
+        beta -= float((y * s) @ c)
+        err += float(y @ m)
+    lo_term = np.minimum(a * region_lo, a * region_hi)
+    total = float(lo_term.sum()) + beta
+    allowance = gamma(length) * (err + float(np.abs(a) @ xmag) + abs(beta)) * 4.0 + 1e-300
+    return total > allowance
+
+
+def _closed_pattern_check(prob: BabProblem, net: Network, xc, r, lb: LayerBounds, phases):
+    """For a part with one activation pattern: (empty?, interior point or None)."""
+    from scipy.optimize import linprog
+
+    from ..exact import pattern_affine
+
+    pattern = [np.where(phases[k] != 0, phases[k] > 0, lb.lower[k] >= 0).astype(np.int8)
+               for k in range(len(net.weights) - 1)]
+    region = Region.of(net, xc, r, prob.p)
+    lo, hi = region.box
+    rows, rhs, sizes = [], [], []
+    for (A, c), d in zip(pattern_affine(net, pattern), pattern):
+        s = np.where(d > 0, -1.0, 1.0)
+        nrm = np.maximum(np.linalg.norm(A, axis=1), 1e-300)
+        rows.append(np.hstack([s[:, None] * A / nrm[:, None], np.ones((A.shape[0], 1))]))
+        rhs.append(-(s * c) / nrm)
+        sizes.append((A.shape[0], nrm))
+    A_ub, b_ub = np.vstack(rows), np.concatenate(rhs)
+    n0 = lo.shape[0]
+    cost = np.zeros(n0 + 1)
+    cost[-1] = -1.0
+    res = linprog(cost, A_ub=A_ub, b_ub=b_ub, bounds=[*zip(lo, hi), (-1.0, 1.0)], method="highs")
+    if res.status != 0:
+        return False, None
+    tau = float(res.x[-1])
+    if tau < 0:
+        marg = -np.asarray(res.ineqlin.marginals, np.float64)  # >= 0 for <= rows of a minimisation
+        duals, off = [], 0
+        for n, nrm in sizes:
+            duals.append(marg[off:off + n] / nrm)
+            off += n
+        return certified_empty(net, lo, hi, pattern, duals), None
+    # only a point of the closed region of the pattern in S; still a valid point of S
+    return False, np.clip(res.x[:n0], lo, hi)
+
+
+def bound_part(prob: BabProblem, part: dict) -> dict:
+    """Bound one part (module docstring).  Returns a dict: ``bound`` (a certified upper bound of ``||∇f||_q`` on
+    the part, or ``None`` if the part is proved empty), ``branch`` (``["neuron", k, j]``, ``["input", i]`` or
+    ``None`` for a closed part), ``lower`` / ``x`` (the best exact gradient norm at a point of S found here)."""
+    from ..layer_bounds import layer_bounds
+    from ..lipschitz import lipschitz
+
+    net, xc, r = _part_geometry(prob, part)
+    clip, phases = _clip_and_phases(prob, part)
+    try:
+        lb = layer_bounds(net, xc, r, prob.p, method=prob.layer_bound_method, clip=clip,
+                          **dict(prob.layer_bound_options))
+    except EmptyRegionError:
+        return {"bound": None, "branch": None, "lower": -math.inf, "x": None, "status": "empty"}
+    lb = replace(lb, phases=phases)
+    res = lipschitz(net, xc, r, prob.p, method=prob.method, layer_bounds=lb, outputs=0)
+    bound = float(res.points[0].lipschitz)
+    dbs = lb.derivative_bounds(net)
+    cands = [np.asarray(xc, np.float64)]
+    branch = None
+    status = "open"
+    if prob.alphas is not None and prob.split == "neuron":
+        ch = _choose_neuron(prob, lb, phases, dbs)
+        if ch is not None:
+            branch = ["neuron", int(ch[0]), int(ch[1])]
+        else:
+            status = "closed"
+            empty, x_int = _closed_pattern_check(prob, net, xc, r, lb, phases)
+            if empty:
+                return {"bound": None, "branch": None, "lower": -math.inf, "x": None, "status": "empty"}
+            if x_int is not None:
+                from ..testing import project
+
+                cands.append(project(Region.of(prob.network, prob.x0, prob.eps, prob.p), x_int)[0])
+    elif prob.split == "input":
+        lo, hi = Region.of(net, xc, r, prob.p).box
+        i = _choose_input(prob, part, dbs, lo, hi)
+        if i is not None and (hi[i] - lo[i]) > 1e-12 * max(1.0, prob.eps):
+            branch = ["input", i]
+        else:
+            status = "closed"
+    X = np.vstack(cands)
+    norms = np.linalg.norm(prob.network.jacobian(X)[:, 0, :], ord=prob.q, axis=1)
+    best = int(np.argmax(norms))
+    return {"bound": bound, "branch": branch, "lower": float(norms[best]), "x": X[best].tolist(), "status": status}
+
+
+def bound_parts(prob: BabProblem, parts: list) -> list:
+    """:func:`bound_part` for a list of parts (one dask task), with one BLAS thread."""
+    from ..engine.schedulers import blas_single_thread
+
+    with blas_single_thread():
+        return [bound_part(prob, part) for part in parts]
+
+
+def split_part(prob: BabProblem, part: dict, branch) -> list[dict]:
+    """The two children of ``part`` for ``branch`` (``["neuron", k, j]`` or ``["input", i]``)."""
+    kind = branch[0]
+    d = int(part.get("depth", 0)) + 1
+    if kind == "neuron":
+        k, j = int(branch[1]), int(branch[2])
+        return [
+            {"lo": part["lo"], "hi": part["hi"], "splits": [*part["splits"], [k, j, s]], "depth": d} for s in (1, -1)
+        ]
+    if kind == "input":
+        i = int(branch[1])
+        if part.get("lo") is None:
+            reg = Region.of(prob.network, prob.x0, prob.eps, prob.p)
+            lo, hi = (v.copy() for v in reg.box)
+        else:
+            lo, hi = np.asarray(part["lo"], np.float64), np.asarray(part["hi"], np.float64)
+        mid = 0.5 * lo[i] + 0.5 * hi[i]
+        lo2, hi1 = lo.copy(), hi.copy()
+        hi1[i] = mid
+        lo2[i] = mid
+        return [
+            {"lo": lo.tolist(), "hi": hi1.tolist(), "splits": list(part["splits"]), "depth": d},
+            {"lo": lo2.tolist(), "hi": hi.tolist(), "splits": list(part["splits"]), "depth": d},
+        ]
+    raise InputError(f"unknown branch {branch!r}")  # pragma: no cover
+
+
+def relu_alphas(network: Network) -> tuple | None:
+    """Hidden-layer ``alpha`` values when every hidden layer is relu / leaky_relu (and no output activation)."""
+    if not network.output_activation.is_identity:
+        return None
+    if all(isinstance(a, LeakyReLU) for a in network.activations):
+        return tuple(float(a.alpha) for a in network.activations)
+    return None

@@ -1,0 +1,207 @@
+"""Branch-and-bound for the local Lipschitz constant (recurjac_scale.bab): sound against the exact MIP value,
+converging to it, resuming from checkpoints, the same on threads and on a LocalCluster; the split machinery
+(clipped layer bounds, fixed derivatives, certified empty patterns); bad input; the command line."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from recurjac_scale import lipschitz
+from recurjac_scale.bab import bab_lipschitz
+from recurjac_scale.bab.parts import certified_empty
+from recurjac_scale.cli import main
+from recurjac_scale.errors import EmptyRegionError, InputError, StoreError
+from recurjac_scale.exact import exact_lipschitz
+from recurjac_scale.layer_bounds import Region, layer_bounds
+from recurjac_scale.network.model import Network
+from recurjac_scale.testing import random_network, sample_region
+
+SMALL = [
+    ((4, 8, 6, 3), "relu", 0.3, {}),
+    ((5, 8, 3), "relu", 0.4, {}),
+    ((3, 5, 5, 2), "leaky_relu", 0.4, {"alpha": 0.2}),
+    pytest.param((4, 6, 6, 2), "leaky_relu", 0.4, {"alpha": 0.2}, marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("widths,act,eps,kw", SMALL)
+def test_bab_brackets_and_reaches_the_exact_value(widths, act, eps, kw, rng):
+    net = random_network(widths, act, rng=rng, **kw)
+    x0 = rng.uniform(0, 1, widths[0])
+    ex = exact_lipschitz(net, x0, eps, "inf", outputs=1)
+    assert ex.optimal and ex.validated
+    res = bab_lipschitz(net, x0, eps, "inf", outputs=1, time_budget=20, gap=1e-9, scheduler="synchronous")
+    assert res.lower <= ex.value * (1 + 1e-12)
+    assert res.upper >= ex.value * (1 - 1e-12)
+    # the search ends with every part closed or proved empty: the upper bound is the exact value (up to the
+    # outward rounding of the closed parts' bounds), or the gap closed at the attained value
+    assert res.status in ("exhausted", "gap")
+    assert res.upper == pytest.approx(ex.value, rel=1e-9)
+    # the upper bound only tightens, from the Jacobian method's bound on the whole region
+    ups = [h[1] for h in res.history]
+    assert all(b <= a for a, b in zip(ups, ups[1:]))
+    assert res.root_upper == pytest.approx(lipschitz(net, x0, eps, "inf", outputs=1).points[0].lipschitz, rel=1e-12)
+    assert res.root_upper > ex.value * 1.01  # a case where the search has something to do
+
+
+def test_bab_upper_never_below_exact_during_the_search(rng):
+    net = random_network((6, 10, 10, 3), "relu", rng=rng)
+    x0 = rng.uniform(0, 1, 6)
+    ex = exact_lipschitz(net, x0, 0.3, "inf", outputs=0)
+    assert ex.optimal
+    res = bab_lipschitz(net, x0, 0.3, "inf", outputs=0, time_budget=30, gap=0.0, max_rounds=5, parts_per_task=2,
+                        scheduler="synchronous")
+    assert min(h[1] for h in res.history) >= ex.value * (1 - 1e-12)
+    assert all(h[2] <= ex.value * (1 + 1e-12) for h in res.history)
+    assert res.upper < res.root_upper
+
+
+def test_bab_input_splits_smooth_network(rng):
+    """tanh: input splits (p = inf); sound against sampled gradients and tighter than the root bound."""
+    net = random_network((2, 8, 8, 2), "tanh", rng=rng)
+    x0 = rng.uniform(0, 1, 2)
+    res = bab_lipschitz(net, x0, 0.5, "inf", outputs=0, time_budget=30, gap=0.0, max_rounds=6,
+                        scheduler="synchronous")
+    assert res.split == "input"
+    X = sample_region(Region.of(net, x0, 0.5, "inf"), 4000, rng)
+    sampled = float(np.abs(net.jacobian(X)[:, 0, :]).sum(axis=1).max())
+    assert res.lower <= res.upper
+    assert res.upper >= sampled
+    assert res.upper < 0.9 * res.root_upper
+
+
+def _problem(rng):
+    net = random_network((5, 10, 8, 3), "relu", rng=rng)
+    x0 = rng.uniform(0, 1, 5)
+    return net, x0
+
+
+def test_bab_resumes_from_checkpoint(tmp_path, rng):
+    net, x0 = _problem(rng)
+    kw = dict(outputs=2, time_budget=60, gap=0.0, parts_per_task=2, scheduler="synchronous", dives=False)
+    straight = bab_lipschitz(net, x0, 0.4, "inf", max_rounds=6, **kw)
+    ck = tmp_path / "bab.json"
+    first = bab_lipschitz(net, x0, 0.4, "inf", max_rounds=3, checkpoint=ck, **kw)
+    assert ck.exists() and not first.resumed
+    doc = json.loads(ck.read_text())
+    assert doc["format"] == "recurjac-scale-bab-checkpoint" and len(doc["state"]["frontier"]) == first.n_frontier
+    second = bab_lipschitz(net, x0, 0.4, "inf", max_rounds=3, checkpoint=ck, **kw)
+    assert second.resumed
+    assert second.rounds == straight.rounds == 6
+    assert second.n_bounded == straight.n_bounded
+    assert second.n_frontier == straight.n_frontier
+    assert second.upper == straight.upper
+    assert second.upper <= first.upper
+    # a corrupted checkpoint and one of another problem are refused
+    bad = doc.copy()
+    bad["state"] = dict(doc["state"], lower=doc["state"]["lower"] * 2)
+    ck.write_text(json.dumps(bad))
+    with pytest.raises(StoreError, match="checksum"):
+        bab_lipschitz(net, x0, 0.4, "inf", max_rounds=1, checkpoint=ck, **kw)
+    ck.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="another problem"):
+        bab_lipschitz(net, x0, 0.3, "inf", max_rounds=1, checkpoint=ck, **kw)
+
+
+@pytest.mark.cluster
+def test_bab_same_result_on_threads_and_local_cluster(rng):
+    net, x0 = _problem(rng)
+    kw = dict(outputs=1, time_budget=120, gap=0.0, parts_per_task=3, max_rounds=3)
+    a = bab_lipschitz(net, x0, 0.4, "inf", scheduler="threads", **kw)
+    b = bab_lipschitz(net, x0, 0.4, "inf", scheduler="distributed", workers=2, **kw)
+    assert b.scheduler["scheduler"] == "distributed" and b.scheduler["n_workers"] == 2
+    assert (a.upper, a.lower, a.n_bounded, a.n_frontier) == (b.upper, b.lower, b.n_bounded, b.n_frontier)
+
+
+# -- the split machinery ----------------------------------------------------------------------------------------
+
+
+def test_clipped_layer_bounds_hold_on_the_constrained_region(rng):
+    net = random_network((4, 8, 8, 3), "relu", rng=rng)
+    x0 = rng.uniform(0, 1, 4)
+    lb = layer_bounds(net, x0, 0.5, "inf")
+    j = int(np.argmax(np.minimum(-lb.lower[0], lb.upper[0])))  # an unstable first-layer neuron
+    assert lb.lower[0][j] < 0 < lb.upper[0][j]
+    X = sample_region(Region.of(net, x0, 0.5, "inf"), 20000, rng)
+    zs = net.pre_activations(X)
+    for sign in (1, -1):
+        clip = [(l.copy(), u.copy()) for l, u in zip(lb.lower, lb.upper)]
+        if sign > 0:
+            clip[0][0][j] = 0.0
+        else:
+            clip[0][1][j] = 0.0
+        for method in ("crown", "fastlin", "ibp"):
+            sub = layer_bounds(net, x0, 0.5, "inf", method=method, clip=clip)
+            keep = sign * zs[0][:, j] >= 0
+            assert keep.sum() > 100
+            for k, z in enumerate(zs):
+                assert np.all(z[keep] >= sub.lower[k] - 1e-12) and np.all(z[keep] <= sub.upper[k] + 1e-12)
+            assert np.all(sub.upper[1] - sub.lower[1] <= lb.upper[1] - lb.lower[1] + 1e-12)
+    clip = [(l.copy(), u.copy()) for l, u in zip(lb.lower, lb.upper)]
+    clip[0][0][j] = lb.upper[0][j] + 1.0
+    with pytest.raises(EmptyRegionError):
+        layer_bounds(net, x0, 0.5, "inf", clip=clip)
+
+
+def test_certified_empty():
+    """z1 = x, z2 = x - 1 on x in [0, 0.5]: the pattern z2 >= 0 is empty; z1 >= 0, z2 <= 0 is not."""
+    net = Network([np.array([[1.0], [1.0]]), np.array([[1.0, 1.0]])], [np.array([0.0, -1.0]), np.zeros(1)], ["relu"])
+    lo, hi = np.array([0.0]), np.array([0.5])
+    assert certified_empty(net, lo, hi, [np.array([1, 1])], [np.array([0.0, 1.0])])
+    assert not certified_empty(net, lo, hi, [np.array([1, 0])], [np.array([1.0, 1.0])])
+    assert not certified_empty(net, lo, hi, [np.array([1, 0])], [np.array([0.0, 1.0])])
+    # z2 = x - 0.5: at x = 0.5 the pattern z2 >= 0 holds (closed region), no certificate may say otherwise
+    net2 = Network([np.array([[1.0], [1.0]]), np.array([[1.0, 1.0]])], [np.array([0.0, -0.5]), np.zeros(1)], ["relu"])
+    assert not certified_empty(net2, lo, hi, [np.array([1, 1])], [np.array([0.0, 1.0])])
+
+
+# -- bad input and the command line --------------------------------------------------------------------------
+
+
+def test_bab_bad_input(rng):
+    net = random_network((3, 5, 2), "relu", rng=rng)
+    x0 = np.full(3, 0.5)
+    for kw, match in (
+        ({"time_budget": 0}, "time_budget"),
+        ({"time_budget": -1}, "time_budget"),
+        ({"gap": -0.1}, "gap"),
+        ({"outputs": "all"}, "one output row"),
+        ({"split": "coordinates"}, "split"),
+        ({"branching": "random"}, "branching"),
+        ({"method": "nope"}, "nope"),
+    ):
+        with pytest.raises(InputError, match=match):
+            bab_lipschitz(net, x0, 0.1, "inf", **{"outputs": 0, **kw})
+    with pytest.raises(InputError, match="p=inf"):
+        bab_lipschitz(net, x0, 0.1, 2, outputs=0, split="input")
+    with pytest.raises(InputError, match="relu"):
+        bab_lipschitz(random_network((3, 5, 2), "tanh", rng=rng), x0, 0.1, "inf", outputs=0, split="neuron")
+    with pytest.raises(InputError, match="bounded region"):
+        bab_lipschitz(net, x0, math.inf, "inf", outputs=0)
+
+
+def test_cli_bab(tmp_path, rng, capsys):
+    from recurjac_scale.network.store import save_network
+
+    net = random_network((3, 5, 4, 3), "relu", rng=rng)
+    model = tmp_path / "m.zarr"
+    save_network(net, model)
+    x = tmp_path / "x.npy"
+    np.save(x, rng.uniform(0, 1, 3))
+    out = tmp_path / "r.json"
+    args = ["bab", str(model), "--input", str(x), "--eps", "0.3", "--outputs", "1", "--time-budget", "3",
+            "--gap", "0", "--scheduler", "synchronous", "--exact", "--json", str(out)]
+    assert main(args) == 0
+    d = json.loads(out.read_text())
+    assert d["exact"]["optimal"] and d["lower"] <= d["exact"]["value"] * (1 + 1e-12) <= d["upper"] * (1 + 1e-12)
+    assert "upper" in capsys.readouterr().out
+    assert main(args) == 1  # the JSON exists: refused without --overwrite
+    assert "already exists" in capsys.readouterr().err
+    assert main(args[:-2] + ["--eps", "-1"]) == 1
+    with pytest.raises(SystemExit) as e:
+        main(["bab", str(model), "--input", str(x), "--eps", "0.1", "--time-budget", "0"])
+    assert e.value.code == 2
