@@ -4,9 +4,9 @@ Step ``t``: from the bounds ``[L, U]`` of ``P_{t-1}`` (rows of the block), the h
 derivative interval, ``Z = hull([L, U] · [dl_t, du_t])`` (``0 <= dl <= du``: lower ``L dl`` if ``L >= 0`` else
 ``L du``, upper ``U du`` if ``U >= 0`` else ``U dl``), then the interval product with ``V = M_t[:, cols]`` in
 midpoint-radius form, ``mid(Z) V ± rad(Z) |V|`` (exact for an interval matrix times a point matrix).  Rounding:
-each step widens by its local error ``gamma(d_t + 8) max_r max(|zl|, |zu|)[j, r] colsum|V|[k]`` (the priors are
-certified floats; :mod:`recurjac_scale.jacobian.rounding`), and its allowance adds the priors' allowance times
-``du |V|`` (stacked into the radius product).
+each step widens by its local error ``gamma(d_t + 8) max(|zl|, |zu|) |V|`` (the priors are certified floats;
+:mod:`recurjac_scale.jacobian.rounding`), and its allowance adds the priors' allowance times ``du |V|`` (both
+stacked into the radius product).
 
 A pruned level (``Chain.with_sparse``) multiplies by ``V`` sparse x dense (:func:`recurjac_scale.jacobian.chain.
 panel_products`): each entry is a fixed-order sum over the stored entries of a column of ``V`` (at most ``d_t``
@@ -24,7 +24,7 @@ import numpy as np
 from .._fp import gamma
 from .chain import Chain
 from .products import live_neurons, panel_products
-from .rounding import abs_col_sums, local_allowance, row_max, widen_outward
+from .rounding import widen_outward, widening
 
 __all__ = ["fastlip_step", "interval_hull"]
 
@@ -74,18 +74,19 @@ def fastlip_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
     zl, zu = interval_hull(L[:, live], U[:, live], dl[None, :], du[None, :])
     mid = 0.5 * (zl + zu)
     rad = 0.5 * (zu - zl)
-    # The products with V (centre; radius and the priors' allowance stacked into one product with |V|): dense
-    # fixed tiles, or sparse x dense for a pruned level (chain.panel_products; <= d_t terms per entry).
+    # The products with V: the centre, and in one product with |V| the radius, the local magnitude max(|zl|, |zu|)
+    # and the priors' allowance (which moves Z by at most du a): dense fixed tiles, or sparse x dense for a pruned
+    # level (chain.panel_products; <= d_t terms per entry).
     R = L.shape[0]
-    a_prev = np.asarray(prev["allowance"], dtype=dt)[:, live] * du[None, :]  # moves Z by at most du a
-    center, rad_prop = panel_products(chain, t, V, (mid, False, live), (np.vstack([rad, a_prev]), True, live))
-    radius, prop = rad_prop[:R], rad_prop[R:]
+    a_prev = np.asarray(prev["allowance"], dtype=dt)[:, live] * du[None, :]
+    zmax = np.maximum(np.abs(zl), np.abs(zu))
+    center, stacked = panel_products(chain, t, V, (mid, False, live), (np.vstack([rad, zmax, a_prev]), True, live))
+    radius, mag, prop = stacked[:R], stacked[R : 2 * R], stacked[2 * R :]
     # Local error only (L, U are certified floats): the hull products, mid/rad, and one GEMM of length d_t, each
-    # term |mid| |V| + |rad| |V| = max(|zl|, |zu|) |V| <= max_r max(|zl|, |zu|)[j, r] colsum|V|[k].
+    # term |mid| |V| + |rad| |V| = max(|zl|, |zu|) |V|.
     n = V.shape[0] + 8 + (0 if dt == np.float64 else 8)
+    w = widening(chain, t, mag, n=n)
     with np.errstate(over="ignore", invalid="ignore"):
-        zmax = row_max(np.maximum(np.abs(zl), np.abs(zu)))
-        w = local_allowance(chain, n, zmax, abs_col_sums(V, np.dtype(dt)))
         allowance = 2.0 * w + prop * dt.type(1.0 + 2.0 * gamma(n, dt))
     lower, upper = widen_outward(center - radius, center + radius, w)
     return {"lower": lower, "upper": upper, "allowance": allowance}

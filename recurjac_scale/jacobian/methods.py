@@ -12,13 +12,14 @@ from typing import Callable
 
 import numpy as np
 
+from .._fp import gamma
 from .._registry import Registry
 from ..layer_bounds.base import LayerBounds
 from .chain import DEFAULT_PANEL, STATE_KEYS, Chain, top_state
 from .cost import ChainCost, chain_cost
 from .derivative_bounds import derivative_bounds_for
 from .products import finish_products
-from .rounding import PROP, local_allowance, row_max, widen_outward
+from .rounding import widen_outward, widening
 from .sparse_policy import with_sparse_levels
 from .fastlip import fastlip_step, interval_hull
 from .recurjac import recurjac_step
@@ -34,10 +35,10 @@ def finish_chain(chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
 
     Backward: identity.  Forward: transpose.  F1 (``chain.finish_mat`` set): ``Y = ∂f/∂h(1) = P_Tᵀ``; per neuron
     ``r`` of layer 1 the hull of ``[L, U]·[dl_r, du_r]``, then the interval product with ``W(1)`` in
-    midpoint-radius form, widened outward by its local error ``gamma(n_1 + 16) colsum|W(1)| max_r du_r
-    max(|L|, |U|)[r, i]`` (:func:`finish_allowance`, :mod:`recurjac_scale.jacobian.rounding`).  With a pruned
-    first layer (:attr:`Chain.sparse_finish`) the two products run as CSR ``W(1)ᵀ`` x dense: at most ``n_1`` terms per entry (the same allowance), bitwise independent of the
-    blocking.
+    midpoint-radius form, widened outward by its local error ``gamma(n_1 + 16) |W(1)ᵀ| max(|zl|, |zu|)``
+    (:func:`finish_allowance`, :mod:`recurjac_scale.jacobian.rounding`).  With a pruned first layer
+    (:attr:`Chain.sparse_finish`) the products run as CSR ``W(1)ᵀ`` x dense: at most ``n_1`` terms per entry (the
+    same allowance), bitwise independent of the blocking.
 
     Returns
     -------
@@ -49,56 +50,43 @@ def finish_chain(chain: Chain, state: dict) -> tuple[np.ndarray, np.ndarray]:
         if chain.direction == "backward":
             return L, U
         return np.ascontiguousarray(L.T), np.ascontiguousarray(U.T)
+    lower, upper, _ = _finish(chain, L, U, None)
+    return lower, upper
+
+
+def _finish(chain: Chain, L: np.ndarray, U: np.ndarray, A):
+    """The F1 finish: ``(lower, upper, allowance)``, each ``(m, n_0)`` (allowance ``None`` when ``A`` is)."""
     # W(1): (n_1, n_0).  Dead neurons of layer 1 (du = 0) have the hull [0, 0]: only the live ones are multiplied.
     live = np.flatnonzero(chain.finish_du > 0)
     dl, du = chain.finish_dl[live], chain.finish_du[live]
     zl, zu = interval_hull(L[live], U[live], dl[:, None], du[:, None])  # (live, m): bounds of sigma'_r Y[:, r]^T
     mid = 0.5 * (zl + zu)
     rad = 0.5 * (zu - zl)
-    # (n_0, m) each: W(1)ᵀ mid, |W(1)ᵀ| rad; dense fixed tiles, or CSR W(1)ᵀ x dense for a pruned first layer
-    # (chain.finish_products: fixed-order sums of <= n_1 terms, same allowance).
-    center, radius = finish_products(chain, (mid, False), (rad, True), keep=live)
-    w = _finish_local(chain, zl, zu)
+    m = L.shape[1]
+    # (n_0, m) each: W(1)ᵀ mid, and in one product |W(1)ᵀ| [rad, max(|zl|, |zu|), du a]; dense fixed tiles, or CSR
+    # W(1)ᵀ x dense for a pruned first layer (chain.finish_products: fixed-order sums of <= n_1 terms).
+    right = [rad, np.maximum(np.abs(zl), np.abs(zu))]
+    if A is not None:
+        right.append(np.asarray(A, dtype=chain.dtype)[live] * du[:, None])
+    center, stacked = finish_products(chain, (mid, False), (np.hstack(right), True), keep=live)
+    radius, mag = stacked[:, :m], stacked[:, m : 2 * m]
+    # Local error only (L, U are certified floats): hull products, mid/rad, one GEMM of length n_1.
+    n = int(chain.finish_mat.shape[0]) + 16 + (0 if chain.dtype == np.float64 else 8)
+    w = widening(chain, 0, mag, n=n)
     lower, upper = widen_outward(center - radius, center + radius, w)
-    return np.ascontiguousarray(lower.T), np.ascontiguousarray(upper.T)
-
-
-def _finish_local(chain: Chain, zl: np.ndarray, zu: np.ndarray) -> np.ndarray:
-    """Local error of the F1 finish, shape ``(n_0, m)``: terms ``|W(1)ᵀ| (|mid| + |rad|) <= colsum|W(1)|[k]
-    max_r max(|zl|, |zu|)[r, i]`` of one product of length ``n_1`` (plus the hull products and mid / rad)."""
-    n_1 = int(chain.finish_mat.shape[0])
-    n = n_1 + 16 + (0 if chain.dtype == np.float64 else 8)
-    with np.errstate(over="ignore", invalid="ignore"):
-        zmax = row_max(np.maximum(np.abs(zl), np.abs(zu)).T)  # (m,)
-    return local_allowance(chain, n, _w1_col_sums(chain), zmax)
-
-
-def _w1_col_sums(chain: Chain) -> np.ndarray:
-    """``colsum |W(1)|`` (shape ``(n_0,)``, rounded up), kept in the chain's memo."""
-    memo = chain.memo()
-    if "w1_col_sums" not in memo:
-        from .rounding import abs_col_sums
-
-        W1 = chain.finish_mat
-        W1 = W1.compute() if hasattr(W1, "compute") and not isinstance(W1, np.ndarray) else W1
-        memo["w1_col_sums"] = abs_col_sums(np.asarray(W1, dtype=chain.dtype), np.dtype(chain.dtype))
-    return memo["w1_col_sums"]
+    allowance = None
+    if A is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            allowance = np.ascontiguousarray((2.0 * w + stacked[:, 2 * m :] * (1.0 + 2.0 * gamma(n, chain.dtype))).T)
+    return np.ascontiguousarray(lower.T), np.ascontiguousarray(upper.T), allowance
 
 
 def finish_allowance(chain: Chain, state: dict) -> np.ndarray:
     """The allowance of the F1 finish, shape ``(m, n_0)``: twice its local widening plus the last state's
-    allowance carried through the hull (``<= du a``) and ``|W(1)ᵀ|`` (rank-one bound, as the local error)."""
+    allowance carried through the hull (``<= du a``) and ``|W(1)ᵀ|``."""
     L = np.asarray(state["lower"], dtype=chain.dtype)
     U = np.asarray(state["upper"], dtype=chain.dtype)
-    live = np.flatnonzero(chain.finish_du > 0)
-    dl, du = chain.finish_dl[live], chain.finish_du[live]
-    zl, zu = interval_hull(L[live], U[live], dl[:, None], du[:, None])
-    w = _finish_local(chain, zl, zu)
-    a = np.asarray(state["allowance"], dtype=chain.dtype)[live] * du[:, None]  # (live, m)
-    with np.errstate(over="ignore", invalid="ignore"):
-        prop = _w1_col_sums(chain)[:, None] * (row_max(a.T) * PROP)[None, :]
-        out = 2.0 * w + prop
-    return np.ascontiguousarray(out.T)
+    return _finish(chain, L, U, state["allowance"])[2]
 
 
 def final_allowance(chain, state: dict) -> np.ndarray:

@@ -48,11 +48,11 @@ from .rounding import (
     column_abs_sums,
     kappa,
     level_coefficients,
-    local_allowance,
     row_max,
     sign_slack,
     step_widening,
     widen_outward,
+    widening,
 )
 
 __all__ = ["recurjac_step"]
@@ -654,12 +654,13 @@ def recurjac_step(chain: Chain, t: int, V: np.ndarray, priors) -> dict:
         live, unst = live_neurons(chain, t), unstable_neurons(chain, t)
         mid = 0.5 * (dl_t[live] + du_t[live])
         rad = 0.5 * (du_t[unst] - dl_t[unst])
-        center, radius = panel_products(
+        center, radius, mag = panel_products(
             chain, t, V, (_scaled_cols(A, live, mid), False, live), (_scaled_cols(A, unst, rad, True), True, unst),
+            (_scaled_cols(A, live, du_t[live], True), True, live),
         )
-        # Local error: terms |A| mid |V| + |A| rad |V| = |A| du |V| <= max_r du |A[j, r]| colsum|V| (rounding module).
+        # Local error: terms |A| mid |V| + |A| rad |V| = |A| D(du) |V| (rounding module), one product of length d_1.
         n = V.shape[0] + 8 + (0 if dt == np.float64 else 8)
-        w = local_allowance(chain, n, row_max(kappa(chain, 1, priors[0])), abs_col_sums(V, dt))
+        w = widening(chain, t, mag, n=n)
         lower, upper = widen_outward(center - radius, center + radius, w)
         return {"lower": lower, "upper": upper, "allowance": 2.0 * w}
 

@@ -65,8 +65,9 @@ preparation kernel as in the dense case.  The top (``Y = M_0[j]`` exact) adds th
 with ``|z|`` are summed once at the end (:func:`recurjac_scale.kernels.rowdot_abs_acc`).
 
 *Step 1, Fast-Lip and the F1 finish* use only their local error: their inputs are certified floats used as they
-are.  A product ``mid(Z) V + rad(Z) |V|`` of length ``n`` errs by at most ``gamma(n + 8) max(|zl|, |zu|) |V|``,
-bounded by ``max_r max(|zl|, |zu|)[j, r] colsum|V|[k]`` (a rank-one bound: no magnitude GEMM).
+are.  A product ``mid(Z) V + rad(Z) |V|`` of length ``n`` errs by at most ``gamma(n + 8) max(|zl|, |zu|) |V|``
+(step 1: ``|M_0| D(du) |V|``), computed in the same product with ``|V|`` as the radius (stacked operands), as is
+the propagated allowance ``(du a_{t-1}) |V|``.
 
 *float32.*  The chain's matrices are the weights rounded to float32: ``|W - M| <= u |M|`` (normal range; the
 weights are checked to fit, :func:`recurjac_scale._fp.cast_weights`).  In the argument above ``M_{s-1} xp`` is
@@ -93,7 +94,8 @@ So, when the classes agree, the step is within::
 
 of the exact recursion (accumulated per chain in the same kernels, both chains' maximum stored).  Only the
 unstable neurons (``dl < du``) read a prior bound, so ``a_t`` compounds only through them, where the widths are
-large.  Fast-Lip: ``a_t = 2 w_t + max_r du a_{t-1}[j, r] colsum|V|``; the F1 finish alike.
+large.  Fast-Lip: ``a_t = 2 w_t + (du a_{t-1}) |V|`` (the hull moves by at most ``du`` times a prior's change, and
+so do its midpoint and radius together); the F1 finish alike with ``|W(1)ᵀ|``.
 
 *Sign slack* (:func:`sign_slack`).  ALGORITHM.md classes a neuron by the sign of the exact bound.  A stored lower
 bound ``L`` is within ``a`` of the exact one, so an exact bound ``>= 0`` gives ``L >= -a``: the kernels class
@@ -114,7 +116,6 @@ __all__ = [
     "SLACK",
     "PROP",
     "widening",
-    "local_allowance",
     "underflow_allowance",
     "widen_outward",
     "sign_slack",
@@ -145,16 +146,6 @@ def widening(chain, t: int, mag: np.ndarray, n: int | None = None) -> np.ndarray
         tiny = tiny + underflow_allowance(chain, t)
     with np.errstate(over="ignore", invalid="ignore"):
         return (g * (1.0 + g)) * mag + tiny
-
-
-def local_allowance(chain, n: int, row_mag: np.ndarray, col_abs: np.ndarray) -> np.ndarray:
-    """Local allowance ``gamma(n) (1 + gamma) row_mag[:, None] * col_abs[None, :] + n tiny`` of a product of length
-    ``n`` whose row ``j`` has terms ``|z_jr| |V_rk| <= row_mag[j] |V_rk|`` (``col_abs = colsum |V|``, rounded up):
-    step 1, Fast-Lip, the F1 finish (module docstring).  Shape ``(R, c)``."""
-    row = np.asarray(row_mag, dtype=chain.dtype)[:, None]
-    col = np.asarray(col_abs, dtype=chain.dtype)[None, :]
-    with np.errstate(over="ignore", invalid="ignore"):
-        return widening(chain, 0, row * col, n=n)
 
 
 def abs_col_sums(V: np.ndarray, dtype, rows=None, weights=None) -> np.ndarray:
