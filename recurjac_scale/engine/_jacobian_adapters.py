@@ -15,6 +15,7 @@ import numpy as np
 from ..jacobian.chain import STATE_KEYS, top_state
 from ..jacobian.driver import run_chain
 from ..jacobian.methods import JACOBIAN_METHODS, JacobianMethod, get_jacobian_method
+from ..errors import InputError
 from .blocks import BLOCK_METHODS, ChainShape, register_block_method
 
 __all__ = ["JacobianAdapter", "adapter_for"]
@@ -120,10 +121,14 @@ def _sparse_bytes(chain) -> int:
 def adapter_for(name: str) -> JacobianAdapter:
     """The adapter of a method of :data:`JACOBIAN_METHODS` (aliases accepted), registered under its name."""
     method = get_jacobian_method(name)
+    if method.run is not None:
+        raise InputError(f"Jacobian method {method.name!r} runs in memory only (jacobian_bounds); the engine accepts: "
+                         + ", ".join(sorted(n for n, m in JACOBIAN_METHODS.items() if m.run is None)))
     if method.name not in BLOCK_METHODS:
         register_block_method(method.name, JacobianAdapter(method))
     return BLOCK_METHODS[method.name]
 
 
-for _name in list(JACOBIAN_METHODS):
-    adapter_for(_name)
+for _name, _m in list(JACOBIAN_METHODS.items()):
+    if _m.run is None:  # whole-method runners (linear-jacobian) are in memory only
+        adapter_for(_name)

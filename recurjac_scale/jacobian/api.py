@@ -130,7 +130,9 @@ def jacobian_bounds(
     p : {1, 2, inf}
         Input norm.
     method : str
-        ``recurjac-b`` (default), ``recurjac-f0``, ``recurjac-f1`` or ``fastlip`` (:data:`JACOBIAN_METHODS`).
+        ``recurjac-b`` (default), ``recurjac-f0``, ``recurjac-f1``, ``fastlip`` or ``linear-jacobian`` (linear
+        bound propagation through the gradient graph, :mod:`recurjac_scale.jacobian.linear`; in memory only)
+        (:data:`JACOBIAN_METHODS`).
     layer_bounds : str, LayerBounds or None
         Pre-activation bound method (``crown``, ``fastlin``, ``ibp``; ``None``: ``crown`` when registered, else
         the best registered), or precomputed :class:`LayerBounds` of the network with the outputs folded in (only
@@ -181,9 +183,17 @@ def jacobian_bounds(
     db = derivative_bounds_for(netC, lb)
     compile_s = kernels.ensure_compiled(dtype)
     t1 = time.perf_counter()
-    chain = jm.build_chain(netC, db, dtype=dtype, panel=panel)
-    chain = sparse_chain(chain, sparse_threshold, stored_sparse_layers(network))
-    lower, upper, states = run_chain(jm, chain, row_block=row_block, col_block=col_block, keep_states=keep_states)
+    timings = {}
+    if jm.run is not None:  # a whole-method runner (linear-jacobian), in memory
+        lower, upper, chain, states, info = jm.run(
+            netC, region, lb, db, dtype=dtype, panel=panel, sparse_threshold=sparse_threshold,
+            stored_sparse=stored_sparse_layers(network),
+        )
+        timings = {k: v for k, v in info.items() if k.endswith("_s")}
+    else:
+        chain = jm.build_chain(netC, db, dtype=dtype, panel=panel)
+        chain = sparse_chain(chain, sparse_threshold, stored_sparse_layers(network))
+        lower, upper, states = run_chain(jm, chain, row_block=row_block, col_block=col_block, keep_states=keep_states)
     t_jac = time.perf_counter() - t1
     unstable = tuple(int(np.count_nonzero(dl < du)) for dl, du in db)
     return JacobianBounds(
@@ -197,7 +207,7 @@ def jacobian_bounds(
         outputs=C,
         layer_bounds=lb,
         unstable=unstable,
-        timings={"layer_bounds": t_lb, "jacobian": t_jac, "compile": compile_s},
+        timings={"layer_bounds": t_lb, "jacobian": t_jac, "compile": compile_s, **timings},
         dtype=dtype.name,
         chain=chain if keep_states else None,
         states=states if keep_states else None,

@@ -75,6 +75,11 @@ class JacobianMethod:
         ``True`` when step ``t`` reads the states of every earlier step ``0..t-1`` (RecurJac), ``False`` when it
         reads only step ``t - 1`` (Fast-Lip).
     description : str
+    run : callable, optional
+        A method that is not a chain of block steps (``linear-jacobian``): ``run(netc, region, layer_bounds,
+        derivative_bounds, *, dtype, panel, sparse_threshold, stored_sparse) -> (lower, upper, chain, states,
+        info)``, in memory only; :func:`recurjac_scale.jacobian.jacobian_bounds` calls it instead of the chain
+        loop, and the engine does not offer it.
     """
 
     name: str
@@ -83,6 +88,7 @@ class JacobianMethod:
     step: Callable
     uses_all_priors: bool
     description: str = ""
+    run: Callable | None = None
 
     def build_chain(self, network, bounds, *, dtype=np.float64, panel: int = DEFAULT_PANEL) -> Chain:
         """The chain of this method for a network whose output selection is folded in (module :mod:`.chain`).

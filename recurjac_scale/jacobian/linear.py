@@ -1,0 +1,522 @@
+"""Jacobian bounds by linear bound propagation through the gradient graph (``linear-jacobian``).
+
+The idea of Shi, Wang, Zhang, Kolter & Hsieh (NeurIPS 2022), on this package's certified building blocks.  With
+the output selection folded in (``z(k) = W[k] h(k-1) + b[k]``, ``h(k) = sigma_k(z(k))``, ``h(-1) = x``, ``k =
+0..H-1``) the gradient of output row ``i`` is computed by
+
+    g(H-2) = W[H-1][i, :]  (exact),     y(k) = g(k) ⊙ a(k),  a(k) = sigma_k'(z(k)),     g(k-1) = y(k) W[k],
+
+and the Jacobian entry is ``J[i, j] = y(0) · W[0][:, j]``.  For a linear objective ``Lam · y(0)`` (a Jacobian entry,
+its negation, or a combination of entries) an upper bound over the region ``S`` is built in two passes:
+
+1. *Gradient graph, upward* (``k = 0 .. H-2``).  Each product ``y_r = a_r g_r`` with ``a_r`` in ``[dl_r, du_r]``
+   (the certified derivative bounds) and ``g_r`` in ``[gl_r, gu_r]`` (RecurJac-B's certified bounds of
+   ``∂f_i/∂h(k)``, its states ``0 .. T-1``) is replaced by a McCormick plane chosen by the sign of its coefficient
+   (upper planes ``du g + gl a - du gl``, ``dl g + gu a - dl gu``; lower planes ``dl g + gl a - dl gl``,
+   ``du g + gu a - du gu``; the plane that is tighter at the centre's own ``(sigma'(z0), g0)``).  The coefficient
+   on ``g(k)`` flows exactly through ``W[k+1]`` to ``y(k+1)``; the coefficient ``mu`` on ``a(k)`` becomes a
+   coefficient on ``z(k)`` through certified lines of ``sigma'`` (:mod:`.derivative_lines`).  At the top,
+   ``g(H-2)`` is exact and becomes a constant.
+2. *Network, downward* (``k = H-2 .. 0``).  The collected coefficients ``nu(k)`` on every ``z(k)`` form one
+   linear function of the pre-activations, which is back-substituted CROWN-style through the network (CROWN's
+   certified relaxations of ``sigma`` on the same layer bounds, :func:`recurjac_scale.layer_bounds.crown.
+   crown_relaxation`), so the activation patterns of all layers stay correlated through ``x``, and concretised
+   over ``B_p[x0, eps] ∩ D`` with the dual norm.
+
+Every entry is intersected with RecurJac-B's bounds on the same layer bounds, so it is never looser; at
+``eps = 0`` the layer bounds are points and the result is RecurJac's (exact up to rounding).  Rows (outputs) and
+objectives are independent; the objectives of a row run as one block of GEMMs (:data:`OBJECTIVE_BLOCK` columns).
+
+Rounding
+--------
+All arithmetic is float64 (float32 weights are converted exactly).  The coefficient matrices are taken as exact
+for whatever values they hold (as in :mod:`recurjac_scale.layer_bounds.backsub`); each step's rounding changes
+the value of the linear form by at most a matrix-vector product of the absolute coefficients with a magnitude
+vector of the variable they multiply, which is added to the bound:
+
+- McCormick step at layer ``k``: ``gamma(d_k + 16) |Lam| ymax(k)``, ``ymax = du max(|gl|, |gu|)`` (each of the
+  three products per neuron and the constant's sum);
+- ``sigma'`` lines: ``gamma(d_k + 8) |mu| (max|s| zmax + max|t|)``;
+- gradient step ``Lam' = kappa W[k+1]^T``: ``gamma(d_k + 2) |kappa| (|W[k+1]|^T ymax(k+1))``;
+- back-substitution: as :mod:`recurjac_scale.layer_bounds.backsub` (affine ``gamma(n + 2) |Gam| (|W| hmax +
+  |b|)``, relaxation ``gamma(n + 2) |Gam| (|a| zmax + |b|)``, the addition of ``nu`` ``4 u |Gam| zmax``,
+  concretisation);
+- the running constant: ``gamma(4 H + 8)`` times the sum of the absolute values of its terms.
+
+:func:`recurjac_scale._fp.gamma` is twice Higham's factor, which covers the rounding of the allowances
+themselves.  The total is reported (``allowance``: the largest allowance relative to the width of its entry).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._fp import TINY, gamma
+from ..layer_bounds.backsub import _concretise_upper
+from ..layer_bounds.crown import crown_relaxation
+from ..layer_bounds.relaxations import value_bounds
+from .derivative_lines import derivative_lines
+
+__all__ = [
+    "LinearContext", "linear_context", "row_bounds", "bound_objectives", "entry_bounds", "run_linear_jacobian",
+    "row_l1_upper", "OBJECTIVE_BLOCK",
+]
+
+SLOPE_VARIANTS = ("centre", "area")
+"""Slope choices of the lines of ``sigma'`` (:func:`derivative_lines`) that are each propagated; every entry takes
+the tightest (each is certified, so their intersection is)."""
+
+OBJECTIVE_BLOCK = 256
+"""Jacobian columns per block of objectives (``2 x`` this many objectives: upper and lower bounds)."""
+
+_U = np.finfo(np.float64).eps / 2
+
+
+@dataclass
+class LinearContext:
+    """Everything the propagation needs for one network, region and set of layer bounds (all float64).
+
+    Attributes
+    ----------
+    W, b : list of ndarray
+        ``W[k]`` of shape ``(d_k, d_{k-1})`` (``d_{-1} = n_0``), ``b[k]`` of shape ``(d_k,)``, ``k = 0..H-1``.
+    dl, du : list of ndarray
+        Derivative bounds of the hidden layers ``k = 0..H-2``.
+    s_low, t_low, s_up, t_up : list of ndarray
+        Certified lines of ``sigma_k'`` on the layer bounds (:func:`derivative_lines`).
+    a_low, b_low, a_up, b_up : list of ndarray
+        CROWN's certified lines of ``sigma_k`` (back-substitution).
+    zmax, hmax : list of ndarray
+        Bounds of ``|z(k)|`` and ``|h(k)|``.
+    a0 : list of ndarray
+        ``sigma_k'(z0(k))`` at the centre (steers the choice of McCormick planes).
+    region : Region
+    """
+
+    W: list
+    b: list
+    absW: list
+    dl: list
+    du: list
+    s_low: list
+    t_low: list
+    s_up: list
+    t_up: list
+    a_low: list
+    b_low: list
+    a_up: list
+    b_up: list
+    relax_err_up: list
+    relax_err_low: list
+    zmax: list
+    hmax: list
+    xmax: np.ndarray
+    a0: list
+    region: object
+
+    @property
+    def H(self) -> int:
+        return len(self.W)
+
+
+def _safe_mul(a, v):
+    with np.errstate(invalid="ignore"):
+        return np.where(a == 0, 0.0, a * v)
+
+
+def linear_context(netc, region, layer_bounds, derivative_bounds, slopes: str = "centre") -> LinearContext | None:
+    """Build the :class:`LinearContext`, or ``None`` when a hidden layer's bounds are not finite (``eps = inf``
+    without a domain: the method then returns RecurJac's bounds).
+
+    Parameters
+    ----------
+    netc : Network
+        Output selection folded in (identity output activation).
+    region : Region
+    layer_bounds : LayerBounds
+        Certified pre-activation bounds of ``netc`` over ``region``.
+    derivative_bounds : list of (dl, du)
+        :func:`recurjac_scale.jacobian.derivative_bounds_for` of the same bounds.
+    slopes : str
+        Slope choice of the lines of ``sigma'`` (:func:`derivative_lines` ``mode``).
+    """
+    H = netc.n_layers
+    W = [np.asarray(w, dtype=np.float64) for w in netc.weights]
+    b = [np.asarray(v, dtype=np.float64) for v in netc.biases]
+    acts = list(netc.activations)
+    lows = [np.asarray(v, np.float64) for v in layer_bounds.lower[: H - 1]]
+    ups = [np.asarray(v, np.float64) for v in layer_bounds.upper[: H - 1]]
+    if not all(np.isfinite(v).all() for v in lows + ups):
+        return None
+    box_lo, box_hi = region.box
+    if not (np.isfinite(box_lo).all() and np.isfinite(box_hi).all()):
+        return None
+    # centre's pre-activations, clipped into the certified bounds (heuristics only)
+    zs = netc.pre_activations(region.x0[None, :])
+    ctx = LinearContext(
+        W=W, b=b, absW=[np.abs(w) for w in W], dl=[], du=[], s_low=[], t_low=[], s_up=[], t_up=[], a_low=[],
+        b_low=[], a_up=[], b_up=[], relax_err_up=[], relax_err_low=[], zmax=[], hmax=[],
+        xmax=np.maximum(np.abs(box_lo), np.abs(box_hi)), a0=[], region=region,
+    )
+    for k in range(H - 1):
+        act, l, u = acts[k], lows[k], ups[k]
+        dl, du = (np.asarray(v, np.float64) for v in derivative_bounds[k])
+        z0 = np.clip(np.asarray(zs[k][0], np.float64), l, u)
+        sl, tl, su, tu = derivative_lines(act, l, u, dl, du, z0, slopes)
+        al, bl, au, bu = crown_relaxation(act, l, u)
+        zmax = np.maximum(np.abs(l), np.abs(u))
+        hl, hu = value_bounds(act.value, l, u)
+        ctx.dl.append(dl)
+        ctx.du.append(du)
+        ctx.s_low.append(sl)
+        ctx.t_low.append(tl)
+        ctx.s_up.append(su)
+        ctx.t_up.append(tu)
+        ctx.a_low.append(np.asarray(al, np.float64))
+        ctx.b_low.append(np.asarray(bl, np.float64))
+        ctx.a_up.append(np.asarray(au, np.float64))
+        ctx.b_up.append(np.asarray(bu, np.float64))
+        ctx.relax_err_up.append(_safe_mul(np.abs(au), zmax) + np.abs(bu))
+        ctx.relax_err_low.append(_safe_mul(np.abs(al), zmax) + np.abs(bl))
+        ctx.zmax.append(zmax)
+        ctx.hmax.append(np.maximum(np.abs(hl), np.abs(hu)))
+        ctx.a0.append(np.clip(act.derivative(z0), dl, du))
+    return ctx
+
+
+@dataclass
+class RowBounds:
+    """Per output row: RecurJac's certified bounds ``gl(k) <= ∂f_i/∂h(k) <= gu(k)`` (``k = 0..H-2``) and the
+    McCormick plane coefficients chosen for them."""
+
+    gl: list
+    gu: list
+    ymax: list
+    up: list  # per k: (coef_g, coef_a, const) of the upper plane
+    lo: list  # per k: lower plane
+    v: list  # per k < H-2: |W[k+1]|^T ymax(k+1)
+    top: np.ndarray  # W[H-1][i]
+
+
+def row_bounds(ctx: LinearContext, i: int, gl: list, gu: list, g0: list) -> RowBounds:
+    """Plane choice for output row ``i`` from the gradient bounds and the gradient ``g0`` at the centre."""
+    H = ctx.H
+    up, lo, ymax = [], [], []
+    for k in range(H - 1):
+        dl, du, a0 = ctx.dl[k], ctx.du[k], ctx.a0[k]
+        l, u = gl[k], gu[k]
+        g = np.clip(g0[k], l, u)
+        # upper planes: P1 = du g + l a - du l (exact on a = du or g = l), P2 = dl g + u a - dl u.  Choice: the
+        # plane with the smaller maximum over the box; on ties (the sign of g is known) the one that keeps g with
+        # RecurJac's choice of derivative (du for g >= 0, dl for g <= 0), else the smaller gap at the centre.
+        centre_up = (du - a0) * (g - l) <= (a0 - dl) * (u - g)
+        m1 = np.maximum(du * u, dl * u) + np.maximum(l * dl, l * du) - du * l
+        m2 = np.maximum(dl * u, dl * l) + np.maximum(u * dl, u * du) - dl * u
+        tie = np.abs(m1 - m2) <= 1e-12 * (np.abs(m1) + np.abs(m2))
+        p1 = np.where(tie, np.where(l >= 0, True, np.where(u <= 0, False, centre_up)), m1 < m2)
+        up.append((np.where(p1, du, dl), np.where(p1, l, u), -np.where(p1, du * l, dl * u)))
+        # lower planes: L1 = dl g + l a - dl l, L2 = du g + u a - du u (larger minimum over the box first; ties:
+        # dl for g >= 0, du for g <= 0)
+        centre_lo = (a0 - dl) * (g - l) <= (du - a0) * (u - g)
+        n1 = np.minimum(dl * l, dl * u) + np.minimum(l * dl, l * du) - dl * l
+        n2 = np.minimum(du * l, du * u) + np.minimum(u * dl, u * du) - du * u
+        tie = np.abs(n1 - n2) <= 1e-12 * (np.abs(n1) + np.abs(n2))
+        l1 = np.where(tie, np.where(l >= 0, True, np.where(u <= 0, False, centre_lo)), n1 > n2)
+        lo.append((np.where(l1, dl, du), np.where(l1, l, u), -np.where(l1, dl * l, du * u)))
+        ymax.append(du * np.maximum(np.abs(l), np.abs(u)) * (1.0 + 4 * _U))
+    v = [ctx.absW[k + 1].T @ ymax[k + 1] * (1.0 + gamma(ctx.W[k + 1].shape[0])) for k in range(H - 2)]
+    return RowBounds(gl=gl, gu=gu, ymax=ymax, up=up, lo=lo, v=v, top=ctx.W[H - 1][i])
+
+
+def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray) -> np.ndarray:
+    """Certified upper bounds of ``Lam[q] · y(0)`` over the region, for every objective ``q``.
+
+    Parameters
+    ----------
+    ctx : LinearContext
+    rb : RowBounds
+        The output row's gradient bounds and planes.
+    Lam : ndarray, shape (K, d_0)
+        Objectives (coefficients on ``y(0) = ∂f_i/∂z(0)``), taken as exact.
+
+    Returns
+    -------
+    ndarray, shape (K,)
+        ``max_{x in S} Lam[q] · y(0)(x) <=`` the value (rounding included).
+    """
+    H = ctx.H
+    K = Lam.shape[0]
+    const = np.zeros(K)
+    cabs = np.zeros(K)
+    err = np.zeros(K)
+    nus = []
+    # -- pass 1: up the gradient graph --------------------------------------------------------------------------
+    for k in range(H - 1):
+        d = Lam.shape[1]
+        Lp = np.maximum(Lam, 0.0)
+        Ln = np.minimum(Lam, 0.0)
+        cgU, caU, ccU = rb.up[k]
+        cgL, caL, ccL = rb.lo[k]
+        kappa = Lp * cgU + Ln * cgL
+        mu = Lp * caU + Ln * caL
+        term = Lp @ ccU + Ln @ ccL
+        const += term
+        cabs += np.abs(term)
+        absL = np.abs(Lam)
+        err += gamma(d + 16) * (absL @ rb.ymax[k])
+        del Lp, Ln, absL
+        # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
+        mp = np.maximum(mu, 0.0)
+        mn = np.minimum(mu, 0.0)
+        nu = mp * ctx.s_up[k] + mn * ctx.s_low[k]
+        term = mp @ ctx.t_up[k] + mn @ ctx.t_low[k]
+        const += term
+        cabs += np.abs(term)
+        smax = np.maximum(np.abs(ctx.s_up[k]), np.abs(ctx.s_low[k]))
+        tmax = np.maximum(np.abs(ctx.t_up[k]), np.abs(ctx.t_low[k]))
+        err += gamma(d + 8) * (np.abs(mu) @ (smax * ctx.zmax[k] + tmax))
+        del mp, mn, mu
+        nus.append(nu)
+        if k < H - 2:
+            Lam = kappa @ ctx.W[k + 1].T  # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1)
+            err += gamma(d + 2) * (np.abs(kappa) @ rb.v[k])
+        else:
+            term = kappa @ rb.top
+            const += term
+            cabs += np.abs(term)
+            err += gamma(d + 2) * (np.abs(kappa) @ np.abs(rb.top))
+        del kappa
+    # -- pass 2: down the network -------------------------------------------------------------------------------
+    Gam = nus[H - 2]
+    for k in range(H - 2, 0, -1):
+        n = ctx.W[k].shape[1]
+        absG = np.abs(Gam)
+        term = Gam @ ctx.b[k]
+        const += term
+        cabs += np.abs(term)
+        err += gamma(max(n, ctx.W[k].shape[0]) + 2) * (absG @ (ctx.absW[k] @ ctx.hmax[k - 1] + np.abs(ctx.b[k])))
+        Gh = Gam @ ctx.W[k]  # (K, d_{k-1})
+        del absG
+        Gp = np.maximum(Gh, 0.0)
+        Gn = np.minimum(Gh, 0.0)
+        term = Gp @ ctx.b_up[k - 1] + Gn @ ctx.b_low[k - 1]
+        const += term
+        cabs += np.abs(term)
+        err += gamma(n + 2) * (Gp @ ctx.relax_err_up[k - 1] - Gn @ ctx.relax_err_low[k - 1])
+        Gam = Gp * ctx.a_up[k - 1] + Gn * ctx.a_low[k - 1] + nus[k - 1]
+        err += 4 * _U * (np.abs(Gam) @ ctx.zmax[k - 1])
+        del Gp, Gn, Gh
+    absG = np.abs(Gam)
+    term = Gam @ ctx.b[0]
+    const += term
+    cabs += np.abs(term)
+    n0 = ctx.W[0].shape[1]
+    err += gamma(max(n0, ctx.W[0].shape[0]) + 2) * (absG @ (ctx.absW[0] @ ctx.xmax + np.abs(ctx.b[0])))
+    Gx = Gam @ ctx.W[0]
+    lo, hi = ctx.region.box
+    sup = _concretise_upper(Gx, ctx.region, lo, hi, gamma(n0 + 2))
+    total = const + sup
+    err += gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY
+    with np.errstate(invalid="ignore"):
+        out = total + err
+    return np.where(np.isnan(out), np.inf, out)
+
+
+def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int = OBJECTIVE_BLOCK):
+    """Bounds of every Jacobian entry, intersected with RecurJac-B's.
+
+    Parameters
+    ----------
+    ctx : LinearContext
+    states : list of dict
+        RecurJac-B's states ``0..T`` (``states[t]["lower"/"upper"]`` of shape ``(m, d_{H-2-t})``).
+    rj_lower, rj_upper : ndarray, shape (m, n_0)
+        RecurJac-B's Jacobian bounds.
+
+    Returns
+    -------
+    lower, upper : ndarray, shape (m, n_0)
+    allowance : float
+        Largest rounding allowance relative to the width of its entry.
+    rows : list of RowBounds
+    """
+    H = ctx.H
+    m, n0 = rj_lower.shape
+    g0 = centre_gradients_ctx(ctx)
+    lower = np.array(rj_lower, dtype=np.float64, copy=True)
+    upper = np.array(rj_upper, dtype=np.float64, copy=True)
+    W0T = np.ascontiguousarray(ctx.W[0].T)  # (n0, d_0)
+    rows = []
+    for i in range(m):
+        gl = [np.asarray(states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
+        gu = [np.asarray(states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
+        rb = row_bounds(ctx, i, gl, gu, g0[i])
+        rows.append(rb)
+        for j0 in range(0, n0, block):
+            j1 = min(n0, j0 + block)
+            Lam = np.concatenate([W0T[j0:j1], -W0T[j0:j1]], axis=0)
+            ub = bound_objectives(ctx, rb, Lam)
+            nb = j1 - j0
+            upper[i, j0:j1] = np.minimum(upper[i, j0:j1], ub[:nb])
+            lower[i, j0:j1] = np.maximum(lower[i, j0:j1], -ub[nb:])
+    return lower, upper, rows
+
+
+def centre_gradients_ctx(ctx: LinearContext) -> list:
+    """:func:`centre_gradients` from the context's weights and centre derivatives (``a0``)."""
+    H = ctx.H
+    W = ctx.W
+    G = [None] * (H - 1)
+    g = W[H - 1]
+    for k in range(H - 2, -1, -1):
+        G[k] = g
+        if k > 0:
+            g = (g * ctx.a0[k][None, :]) @ W[k]
+    return [[G[k][i] for k in range(H - 1)] for i in range(W[H - 1].shape[0])]
+
+
+def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=np.float64, panel=None,
+                        sparse_threshold=None, stored_sparse=()):
+    """The whole ``linear-jacobian`` method in memory: RecurJac-B (its states are the gradient bounds), then the
+    propagation of every entry's objectives (:func:`entry_bounds`).
+
+    Returns
+    -------
+    lower, upper : ndarray, shape (m, n_0)
+    chain, states
+        RecurJac-B's chain and states (for follow-up computations).
+    info : dict
+        ``recurjac_s``, ``linear_s`` (seconds), ``allowance`` (largest rounding allowance relative to its entry's
+        width), ``linear`` (whether the propagation ran: not for unbounded regions or networks without hidden
+        layers).
+    """
+    from .chain import DEFAULT_PANEL, sparse_chain
+    from .driver import run_chain
+    from .methods import get_jacobian_method
+
+    jm = get_jacobian_method("recurjac-b")
+    t0 = time.perf_counter()
+    chain = jm.build_chain(netc, derivative_bounds, dtype=dtype, panel=DEFAULT_PANEL if panel is None else panel)
+    chain = sparse_chain(chain, sparse_threshold, stored_sparse)
+    rj_lower, rj_upper, states = run_chain(jm, chain, keep_states=True)
+    t1 = time.perf_counter()
+    info = {"recurjac_s": t1 - t0, "linear_s": 0.0, "linear": False}
+    if netc.n_layers < 2:
+        return rj_lower, rj_upper, chain, states, info
+    lower, upper = rj_lower, rj_upper
+    for slopes in SLOPE_VARIANTS:
+        ctx = linear_context(netc, region, layer_bounds, derivative_bounds, slopes)
+        if ctx is None:
+            return rj_lower, rj_upper, chain, states, info
+        lower, upper, _ = entry_bounds(ctx, states, lower, upper)
+    info.update(linear_s=time.perf_counter() - t1, linear=True)
+    if rj_lower.dtype != np.float64:
+        lower, upper = _cast_outward(lower, upper, rj_lower.dtype)
+    return lower, upper, chain, states, info
+
+
+def _cast_outward(lower, upper, dtype):
+    """float64 bounds as ``dtype`` bounds (lower rounded down, upper up)."""
+    lo = lower.astype(dtype)
+    hi = upper.astype(dtype)
+    lo = np.where(lo.astype(np.float64) > lower, np.nextafter(lo, np.asarray(-np.inf, dtype)), lo)
+    hi = np.where(hi.astype(np.float64) < upper, np.nextafter(hi, np.asarray(np.inf, dtype)), hi)
+    return lo, hi
+
+
+def row_l1_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.ndarray) -> float:
+    """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_1`` for one output row from one objective.
+
+    Each ``|J_j|`` is bounded above on its certified interval ``[l_j, u_j]`` by its chord
+    ``alpha_j J_j + beta_j`` (``alpha = (u + l) / (u - l)``, ``beta = -2 u l / (u - l)``; ``alpha = sign`` when
+    the sign is known), so ``||J[i, :]||_1 <= y(0) · (W[0] alpha) + sum beta``, one linear objective bounded by
+    :func:`bound_objectives`: the entries stay correlated, unlike the sum of per-entry maxima.  Rounding: the
+    chord coefficients and ``W[0] alpha`` are computed in float64 and their errors bounded as in the module
+    docstring.
+
+    Parameters
+    ----------
+    lower, upper : ndarray, shape (n_0,)
+        Certified bounds of the row's Jacobian entries.
+    """
+    l = np.asarray(lower, np.float64)
+    u = np.asarray(upper, np.float64)
+    M = np.maximum(np.abs(l), np.abs(u))
+    w = u - l
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = np.where(l >= 0, 1.0, np.where(u <= 0, -1.0, (u + l) / np.where(w > 0, w, 1.0)))
+        beta = np.where((l < 0) & (u > 0), -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
+    alpha = np.clip(alpha, -1.0, 1.0)
+    beta = np.maximum(beta, 0.0)
+    if not (np.isfinite(alpha).all() and np.isfinite(beta).all() and np.isfinite(M).all()):
+        return math.inf
+    # |J| <= alpha J + beta + c_err on [l, u] for the computed alpha, beta (a few roundings each)
+    c_err = 16 * _U * (np.abs(alpha) * M + beta)
+    n0 = l.size
+    lam = ctx.W[0] @ alpha  # (d_0,)
+    lam_err = gamma(n0 + 2) * ((ctx.absW[0] @ np.abs(alpha)) @ rb.ymax[0])
+    ub = float(bound_objectives(ctx, rb, lam[None, :])[0])
+    rest = float(np.sum(beta + c_err)) * (1.0 + gamma(n0 + 2))
+    s = ub + rest + lam_err
+    return s + gamma(4) * (abs(ub) + rest + lam_err) + TINY
+
+
+# -- registration ------------------------------------------------------------------------------------------------
+
+def _register():
+    from ..lipschitz import register_algorithm2
+    from .methods import JacobianMethod, register_jacobian_method
+    from .recurjac import recurjac_step
+
+    register_jacobian_method(
+        JacobianMethod(
+            "linear-jacobian", "backward", 0, recurjac_step, True,
+            "linear bound propagation through the gradient graph (Shi et al. 2022 idea) on RecurJac-B's gradient "
+            "bounds, intersected with RecurJac-B; in memory only",
+            run=run_linear_jacobian,
+        )
+    )
+
+    @register_algorithm2("linear-jacobian")
+    def _algorithm2_linear(network, jac, signs):
+        """Row l1 bounds for ``p = inf`` (:func:`row_l1_upper`), returned in Algorithm 2's form.
+
+        :func:`recurjac_scale.lipschitz.algorithm2_row_l1` reports ``max(ys, 0) + rest`` with ``rest`` the sum of
+        ``M`` over the entries of unknown sign (rounded up as it does).  Returning ``ys = bound - rest`` (rounded
+        up) makes that report at least ``bound`` = :func:`row_l1_upper`, which bounds the row's l1 norm; each ``ys``
+        is also at most the plain directional value ``upper(J s)`` is not needed, since the chord bound already
+        dominates it (the chord objective is ``J s`` plus chords on the unknown-sign entries)."""
+        from ..jacobian import derivative_bounds_for
+        from ..layer_bounds.base import Region
+        from ..lipschitz import bound_magnitude
+
+        netc = network.with_outputs(jac.outputs)
+        region = Region.of(netc, jac.x0, jac.eps, jac.p)
+        db = derivative_bounds_for(netc, jac.layer_bounds)
+        states = jac.states
+        lower = np.asarray(jac.lower, np.float64)
+        upper = np.asarray(jac.upper, np.float64)
+        M = bound_magnitude(lower, upper)
+        n = M.shape[1]
+        rest = np.where(signs == 0, M, 0.0).sum(axis=1) * (1.0 + gamma(n))
+        total = M.sum(axis=1) * (1.0 + gamma(n))  # the plain sum (always valid)
+        for slopes in SLOPE_VARIANTS:
+            ctx = linear_context(netc, region, jac.layer_bounds, db, slopes) if netc.n_layers >= 2 else None
+            if ctx is None or states is None:
+                break
+            g0 = centre_gradients_ctx(ctx)
+            H = ctx.H
+            for i in range(M.shape[0]):
+                gl = [np.asarray(states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
+                gu = [np.asarray(states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
+                rb = row_bounds(ctx, i, gl, gu, g0[i])
+                total[i] = min(total[i], row_l1_upper(ctx, rb, lower[i], upper[i]))
+        ys = total - rest
+        return ys + gamma(2) * (np.abs(total) + rest) + TINY
+
+
+_register()
