@@ -66,7 +66,7 @@ __all__ = [
     "row_l1_upper", "OBJECTIVE_BLOCK",
 ]
 
-SLOPE_VARIANTS = ("centre", "area")
+SLOPE_VARIANTS = ("centre", "area", "constant")
 """Slope choices of the lines of ``sigma'`` (:func:`derivative_lines`) that are each propagated; every entry takes
 the tightest (each is certified, so their intersection is)."""
 
@@ -86,8 +86,9 @@ class LinearContext:
         ``W[k]`` of shape ``(d_k, d_{k-1})`` (``d_{-1} = n_0``), ``b[k]`` of shape ``(d_k,)``, ``k = 0..H-1``.
     dl, du : list of ndarray
         Derivative bounds of the hidden layers ``k = 0..H-2``.
-    s_low, t_low, s_up, t_up : list of ndarray
-        Certified lines of ``sigma_k'`` on the layer bounds (:func:`derivative_lines`).
+    variants : dict
+        Slope choice -> ``(s_low, t_low, s_up, t_up)``, lists of ``(d_k,)`` arrays: certified lines of ``sigma_k'``
+        on the layer bounds (:func:`derivative_lines`).
     a_low, b_low, a_up, b_up : list of ndarray
         CROWN's certified lines of ``sigma_k`` (back-substitution).
     zmax, hmax : list of ndarray
@@ -102,10 +103,7 @@ class LinearContext:
     absW: list
     dl: list
     du: list
-    s_low: list
-    t_low: list
-    s_up: list
-    t_up: list
+    variants: dict
     a_low: list
     b_low: list
     a_up: list
@@ -128,7 +126,7 @@ def _safe_mul(a, v):
         return np.where(a == 0, 0.0, a * v)
 
 
-def linear_context(netc, region, layer_bounds, derivative_bounds, slopes: str = "centre") -> LinearContext | None:
+def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_VARIANTS) -> LinearContext | None:
     """Build the :class:`LinearContext`, or ``None`` when a hidden layer's bounds are not finite (``eps = inf``
     without a domain: the method then returns RecurJac's bounds).
 
@@ -141,8 +139,9 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes: str = 
         Certified pre-activation bounds of ``netc`` over ``region``.
     derivative_bounds : list of (dl, du)
         :func:`recurjac_scale.jacobian.derivative_bounds_for` of the same bounds.
-    slopes : str
-        Slope choice of the lines of ``sigma'`` (:func:`derivative_lines` ``mode``).
+    slopes : sequence of str
+        Slope choices of the lines of ``sigma'`` (:func:`derivative_lines` ``mode``), one set of lines each
+        (:attr:`LinearContext.variants`).
     """
     H = netc.n_layers
     W = [np.asarray(w, dtype=np.float64) for w in netc.weights]
@@ -158,7 +157,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes: str = 
     # centre's pre-activations, clipped into the certified bounds (heuristics only)
     zs = netc.pre_activations(region.x0[None, :])
     ctx = LinearContext(
-        W=W, b=b, absW=[np.abs(w) for w in W], dl=[], du=[], s_low=[], t_low=[], s_up=[], t_up=[], a_low=[],
+        W=W, b=b, absW=[np.abs(w) for w in W], dl=[], du=[], variants={}, a_low=[],
         b_low=[], a_up=[], b_up=[], relax_err_up=[], relax_err_low=[], zmax=[], hmax=[],
         xmax=np.maximum(np.abs(box_lo), np.abs(box_hi)), a0=[], region=region,
     )
@@ -166,16 +165,15 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes: str = 
         act, l, u = acts[k], lows[k], ups[k]
         dl, du = (np.asarray(v, np.float64) for v in derivative_bounds[k])
         z0 = np.clip(np.asarray(zs[k][0], np.float64), l, u)
-        sl, tl, su, tu = derivative_lines(act, l, u, dl, du, z0, slopes)
+        for v in slopes:
+            ctx.variants.setdefault(v, ([], [], [], []))
+            for lst, arr in zip(ctx.variants[v], derivative_lines(act, l, u, dl, du, z0, v)):
+                lst.append(arr)
         al, bl, au, bu = crown_relaxation(act, l, u)
         zmax = np.maximum(np.abs(l), np.abs(u))
         hl, hu = value_bounds(act.value, l, u)
         ctx.dl.append(dl)
         ctx.du.append(du)
-        ctx.s_low.append(sl)
-        ctx.t_low.append(tl)
-        ctx.s_up.append(su)
-        ctx.t_up.append(tu)
         ctx.a_low.append(np.asarray(al, np.float64))
         ctx.b_low.append(np.asarray(bl, np.float64))
         ctx.a_up.append(np.asarray(au, np.float64))
@@ -200,48 +198,128 @@ class RowBounds:
     lo: list  # per k: lower plane
     v: list  # per k < H-2: |W[k+1]|^T ymax(k+1)
     top: np.ndarray  # W[H-1][i]
+    g0: list = None  # the gradient at the centre (heuristics)
+    planes: str = "auto"
 
 
-def row_bounds(ctx: LinearContext, i: int, gl: list, gu: list, g0: list) -> RowBounds:
-    """Plane choice for output row ``i`` from the gradient bounds and the gradient ``g0`` at the centre."""
+def _chord_planes(dl, du, l, u):
+    """Planes of ``y = a g`` that ignore ``a``: ``min(dl g, du g) <= y <= max(dl g, du g)`` relaxed by the chords
+    of these convex / concave functions of ``g`` on ``[l, u]``; returns ``(s_up, c_up, s_low, c_low)`` with
+    ``s_low g + c_low <= a g <= s_up g + c_up`` for every ``a`` in ``[dl, du]``, ``g`` in ``[l, u]`` (the constants
+    are the extremes of ``a g - s g`` over the four vertices, where a bilinear function attains them, pushed
+    outward by the rounding of their evaluation)."""
+    w = u - l
+    ok = w > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s_up = np.where(ok, (du * u - dl * l) / np.where(ok, w, 1.0), du)
+        s_low = np.where(ok, (dl * u - du * l) / np.where(ok, w, 1.0), dl)
+    gmax = np.maximum(np.abs(l), np.abs(u))
+    vals_up = [a * g - s_up * g for a in (dl, du) for g in (l, u)]
+    vals_low = [a * g - s_low * g for a in (dl, du) for g in (l, u)]
+    c_up = np.maximum.reduce(vals_up) + 8 * _U * (du + np.abs(s_up)) * gmax
+    c_low = np.minimum.reduce(vals_low) - 8 * _U * (du + np.abs(s_low)) * gmax
+    return s_up, c_up, s_low, c_low
+
+
+PLANES = ("auto", "mccormick")
+"""Plane choices of :func:`row_bounds`."""
+
+
+def layer_planes(ctx: LinearContext, k: int, l: np.ndarray, u: np.ndarray, g0: np.ndarray, planes: str = "auto"):
+    """The planes of layer ``k`` for gradient bounds ``l <= ∂f_i/∂h(k) <= u`` (see :func:`row_bounds`): returns
+    ``(upper, lower, ymax)``, each plane a tuple ``(coef_g, coef_a, const)`` of ``(d_k,)`` arrays and ``ymax`` a
+    bound of ``|y(k)|``."""
+    if planes not in PLANES:
+        raise ValueError(f"planes={planes!r}; accepted: {', '.join(PLANES)}")
+    dl, du, a0 = ctx.dl[k], ctx.du[k], ctx.a0[k]
+    g = np.clip(g0, l, u)
+    centre_up = (du - a0) * (g - l) <= (a0 - dl) * (u - g)
+    m1 = np.maximum(du * u, dl * u) + np.maximum(l * dl, l * du) - du * l
+    m2 = np.maximum(dl * u, dl * l) + np.maximum(u * dl, u * du) - dl * u
+    tie = np.abs(m1 - m2) <= 1e-12 * (np.abs(m1) + np.abs(m2))
+    p1 = np.where(tie, np.where(l >= 0, True, np.where(u <= 0, False, centre_up)), m1 < m2)
+    cg, ca, cc = np.where(p1, du, dl), np.where(p1, l, u), -np.where(p1, du * l, dl * u)
+    centre_lo = (a0 - dl) * (g - l) <= (du - a0) * (u - g)
+    n1 = np.minimum(dl * l, dl * u) + np.minimum(l * dl, l * du) - dl * l
+    n2 = np.minimum(du * l, du * u) + np.minimum(u * dl, u * du) - du * u
+    tie = np.abs(n1 - n2) <= 1e-12 * (np.abs(n1) + np.abs(n2))
+    l1 = np.where(tie, np.where(l >= 0, True, np.where(u <= 0, False, centre_lo)), n1 > n2)
+    dg, da, dc = np.where(l1, dl, du), np.where(l1, l, u), -np.where(l1, dl * l, du * u)
+    if planes == "auto":
+        straddle = (l < 0) & (u > 0) & (dl < du)
+        s_up, c_up, s_low, c_low = _chord_planes(dl, du, l, u)
+        cg, ca, cc = np.where(straddle, s_up, cg), np.where(straddle, 0.0, ca), np.where(straddle, c_up, cc)
+        dg, da, dc = np.where(straddle, s_low, dg), np.where(straddle, 0.0, da), np.where(straddle, c_low, dc)
+    ymax = du * np.maximum(np.abs(l), np.abs(u)) * (1.0 + 4 * _U)
+    return (cg, ca, cc), (dg, da, dc), ymax
+
+
+def _v(ctx: LinearContext, ymax_next: np.ndarray, k: int) -> np.ndarray:
+    """``|W[k+1]|^T ymax(k+1)`` rounded up: the magnitude of ``g(k)`` products (gradient-step allowance)."""
+    return ctx.absW[k + 1].T @ ymax_next * (1.0 + gamma(ctx.W[k + 1].shape[0] + 2))
+
+
+def row_bounds(ctx: LinearContext, i: int, gl: list, gu: list, g0: list, planes: str = "auto") -> RowBounds:
+    """Plane choice for output row ``i`` from the gradient bounds and the gradient ``g0`` at the centre.
+
+    Per neuron and side, one of the McCormick planes of ``y = a g`` (upper: ``P1 = du g + gl a - du gl``, exact on
+    ``a = du`` or ``g = gl``; ``P2 = dl g + gu a - dl gu``; lower: ``L1 = dl g + gl a - dl gl``, ``L2 = du g + gu a -
+    du gu``) or, with ``planes="auto"`` where ``g`` may take both signs, the chord plane of :func:`_chord_planes`
+    (linear in ``g`` alone: RecurJac's interval value for the neuron, with ``g`` kept correlated).  A McCormick
+    plane is chosen by its maximum (minimum) over the box; on ties (``g`` of known sign) the one that keeps ``g``
+    with RecurJac's choice of derivative (``du`` for ``g >= 0`` upper, ...), else by the gap at the centre's
+    ``(sigma'(z0), g0)``.  Each choice is a valid plane (only tightness depends on it).
+    """
     H = ctx.H
     up, lo, ymax = [], [], []
     for k in range(H - 1):
-        dl, du, a0 = ctx.dl[k], ctx.du[k], ctx.a0[k]
-        l, u = gl[k], gu[k]
-        g = np.clip(g0[k], l, u)
-        # upper planes: P1 = du g + l a - du l (exact on a = du or g = l), P2 = dl g + u a - dl u.  Choice: the
-        # plane with the smaller maximum over the box; on ties (the sign of g is known) the one that keeps g with
-        # RecurJac's choice of derivative (du for g >= 0, dl for g <= 0), else the smaller gap at the centre.
-        centre_up = (du - a0) * (g - l) <= (a0 - dl) * (u - g)
-        m1 = np.maximum(du * u, dl * u) + np.maximum(l * dl, l * du) - du * l
-        m2 = np.maximum(dl * u, dl * l) + np.maximum(u * dl, u * du) - dl * u
-        tie = np.abs(m1 - m2) <= 1e-12 * (np.abs(m1) + np.abs(m2))
-        p1 = np.where(tie, np.where(l >= 0, True, np.where(u <= 0, False, centre_up)), m1 < m2)
-        up.append((np.where(p1, du, dl), np.where(p1, l, u), -np.where(p1, du * l, dl * u)))
-        # lower planes: L1 = dl g + l a - dl l, L2 = du g + u a - du u (larger minimum over the box first; ties:
-        # dl for g >= 0, du for g <= 0)
-        centre_lo = (a0 - dl) * (g - l) <= (du - a0) * (u - g)
-        n1 = np.minimum(dl * l, dl * u) + np.minimum(l * dl, l * du) - dl * l
-        n2 = np.minimum(du * l, du * u) + np.minimum(u * dl, u * du) - du * u
-        tie = np.abs(n1 - n2) <= 1e-12 * (np.abs(n1) + np.abs(n2))
-        l1 = np.where(tie, np.where(l >= 0, True, np.where(u <= 0, False, centre_lo)), n1 > n2)
-        lo.append((np.where(l1, dl, du), np.where(l1, l, u), -np.where(l1, dl * l, du * u)))
-        ymax.append(du * np.maximum(np.abs(l), np.abs(u)) * (1.0 + 4 * _U))
-    v = [ctx.absW[k + 1].T @ ymax[k + 1] * (1.0 + gamma(ctx.W[k + 1].shape[0])) for k in range(H - 2)]
-    return RowBounds(gl=gl, gu=gu, ymax=ymax, up=up, lo=lo, v=v, top=ctx.W[H - 1][i])
+        p_up, p_lo, ym = layer_planes(ctx, k, gl[k], gu[k], g0[k], planes)
+        up.append(p_up)
+        lo.append(p_lo)
+        ymax.append(ym)
+    v = [_v(ctx, ymax[k + 1], k) for k in range(H - 2)]
+    return RowBounds(gl=list(gl), gu=list(gu), ymax=ymax, up=up, lo=lo, v=v, top=ctx.W[H - 1][i], g0=list(g0),
+                     planes=planes)
 
 
-def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray) -> np.ndarray:
-    """Certified upper bounds of ``Lam[q] · y(0)`` over the region, for every objective ``q``.
+def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256) -> None:
+    """Tighten the row's gradient bounds ``gl(k), gu(k)`` in place, top down (``k = H-3 .. 0``), by bounding each
+    ``g_r(k) = y(k+1) · W[k+1][:, r]`` with :func:`bound_objectives` started at layer ``k + 1`` (on the bounds of
+    the layers above, already tightened), intersected with the current (RecurJac) bounds; the planes of layer
+    ``k`` are then rebuilt.  Every bound stays certified."""
+    for k in range(ctx.H - 3, -1, -1):
+        WT = np.ascontiguousarray(ctx.W[k + 1].T)  # (d_k, d_{k+1}): row r is W[k+1][:, r]
+        d = WT.shape[0]
+        lo_new = rb.gl[k].copy()
+        up_new = rb.gu[k].copy()
+        for r0 in range(0, d, block):
+            r1 = min(d, r0 + block)
+            Lam = np.concatenate([WT[r0:r1], -WT[r0:r1]], axis=0)
+            ub = np.minimum.reduce([bound_objectives(ctx, rb, Lam, k + 1, v) for v in ctx.variants])
+            nb = r1 - r0
+            up_new[r0:r1] = np.minimum(up_new[r0:r1], ub[:nb])
+            lo_new[r0:r1] = np.maximum(lo_new[r0:r1], -ub[nb:])
+        rb.gl[k], rb.gu[k] = lo_new, up_new
+        rb.up[k], rb.lo[k], rb.ymax[k] = layer_planes(ctx, k, lo_new, up_new, rb.g0[k], rb.planes)
+        if k >= 1:
+            rb.v[k - 1] = _v(ctx, rb.ymax[k], k - 1)
+
+
+def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: int = 0, slopes: str | None = None
+                     ) -> np.ndarray:
+    """Certified upper bounds of ``Lam[q] · y(start)`` over the region, for every objective ``q``.
 
     Parameters
     ----------
     ctx : LinearContext
     rb : RowBounds
         The output row's gradient bounds and planes.
-    Lam : ndarray, shape (K, d_0)
-        Objectives (coefficients on ``y(0) = ∂f_i/∂z(0)``), taken as exact.
+    Lam : ndarray, shape (K, d_start)
+        Objectives (coefficients on ``y(start) = ∂f_i/∂z(start)``), taken as exact.
+    start : int
+        The layer of the objectives' variable (0 for Jacobian entries; ``k + 1`` for the bounds of ``g(k)``).
+    slopes : str, optional
+        Which lines of ``sigma'`` (a key of :attr:`LinearContext.variants`; default the first).
 
     Returns
     -------
@@ -250,12 +328,13 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray) -> np.n
     """
     H = ctx.H
     K = Lam.shape[0]
+    S_low, T_low, S_up, T_up = ctx.variants[next(iter(ctx.variants)) if slopes is None else slopes]
     const = np.zeros(K)
     cabs = np.zeros(K)
     err = np.zeros(K)
-    nus = []
+    nus = [None] * (H - 1)
     # -- pass 1: up the gradient graph --------------------------------------------------------------------------
-    for k in range(H - 1):
+    for k in range(start, H - 1):
         d = Lam.shape[1]
         Lp = np.maximum(Lam, 0.0)
         Ln = np.minimum(Lam, 0.0)
@@ -272,15 +351,15 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray) -> np.n
         # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
         mp = np.maximum(mu, 0.0)
         mn = np.minimum(mu, 0.0)
-        nu = mp * ctx.s_up[k] + mn * ctx.s_low[k]
-        term = mp @ ctx.t_up[k] + mn @ ctx.t_low[k]
+        nu = mp * S_up[k] + mn * S_low[k]
+        term = mp @ T_up[k] + mn @ T_low[k]
         const += term
         cabs += np.abs(term)
-        smax = np.maximum(np.abs(ctx.s_up[k]), np.abs(ctx.s_low[k]))
-        tmax = np.maximum(np.abs(ctx.t_up[k]), np.abs(ctx.t_low[k]))
+        smax = np.maximum(np.abs(S_up[k]), np.abs(S_low[k]))
+        tmax = np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
         err += gamma(d + 8) * (np.abs(mu) @ (smax * ctx.zmax[k] + tmax))
         del mp, mn, mu
-        nus.append(nu)
+        nus[k] = nu
         if k < H - 2:
             Lam = kappa @ ctx.W[k + 1].T  # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1)
             err += gamma(d + 2) * (np.abs(kappa) @ rb.v[k])
@@ -307,7 +386,9 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray) -> np.n
         const += term
         cabs += np.abs(term)
         err += gamma(n + 2) * (Gp @ ctx.relax_err_up[k - 1] - Gn @ ctx.relax_err_low[k - 1])
-        Gam = Gp * ctx.a_up[k - 1] + Gn * ctx.a_low[k - 1] + nus[k - 1]
+        Gam = Gp * ctx.a_up[k - 1] + Gn * ctx.a_low[k - 1]
+        if nus[k - 1] is not None:
+            Gam += nus[k - 1]
         err += 4 * _U * (np.abs(Gam) @ ctx.zmax[k - 1])
         del Gp, Gn, Gh
     absG = np.abs(Gam)
@@ -326,7 +407,8 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray) -> np.n
     return np.where(np.isnan(out), np.inf, out)
 
 
-def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int = OBJECTIVE_BLOCK):
+def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int = OBJECTIVE_BLOCK,
+                 tighten: bool = True, planes: str = "auto"):
     """Bounds of every Jacobian entry, intersected with RecurJac-B's.
 
     Parameters
@@ -336,6 +418,10 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
         RecurJac-B's states ``0..T`` (``states[t]["lower"/"upper"]`` of shape ``(m, d_{H-2-t})``).
     rj_lower, rj_upper : ndarray, shape (m, n_0)
         RecurJac-B's Jacobian bounds.
+    tighten : bool
+        Tighten the gradient bounds of the hidden layers first (:func:`tighten_gradient_bounds`).
+    planes : str
+        :func:`row_bounds`.
 
     Returns
     -------
@@ -354,12 +440,14 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
     for i in range(m):
         gl = [np.asarray(states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
         gu = [np.asarray(states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
-        rb = row_bounds(ctx, i, gl, gu, g0[i])
+        rb = row_bounds(ctx, i, gl, gu, g0[i], planes)
+        if tighten:
+            tighten_gradient_bounds(ctx, rb, block)
         rows.append(rb)
         for j0 in range(0, n0, block):
             j1 = min(n0, j0 + block)
             Lam = np.concatenate([W0T[j0:j1], -W0T[j0:j1]], axis=0)
-            ub = bound_objectives(ctx, rb, Lam)
+            ub = np.minimum.reduce([bound_objectives(ctx, rb, Lam, 0, v) for v in ctx.variants])
             nb = j1 - j0
             upper[i, j0:j1] = np.minimum(upper[i, j0:j1], ub[:nb])
             lower[i, j0:j1] = np.maximum(lower[i, j0:j1], -ub[nb:])
@@ -407,12 +495,10 @@ def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=
     info = {"recurjac_s": t1 - t0, "linear_s": 0.0, "linear": False}
     if netc.n_layers < 2:
         return rj_lower, rj_upper, chain, states, info
-    lower, upper = rj_lower, rj_upper
-    for slopes in SLOPE_VARIANTS:
-        ctx = linear_context(netc, region, layer_bounds, derivative_bounds, slopes)
-        if ctx is None:
-            return rj_lower, rj_upper, chain, states, info
-        lower, upper, _ = entry_bounds(ctx, states, lower, upper)
+    ctx = linear_context(netc, region, layer_bounds, derivative_bounds)
+    if ctx is None:
+        return rj_lower, rj_upper, chain, states, info
+    lower, upper, _ = entry_bounds(ctx, states, rj_lower, rj_upper)
     info.update(linear_s=time.perf_counter() - t1, linear=True)
     if rj_lower.dtype != np.float64:
         lower, upper = _cast_outward(lower, upper, rj_lower.dtype)
@@ -428,7 +514,7 @@ def _cast_outward(lower, upper, dtype):
     return lo, hi
 
 
-def row_l1_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.ndarray) -> float:
+def row_l1_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.ndarray, slopes=None) -> float:
     """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_1`` for one output row from one objective.
 
     Each ``|J_j|`` is bounded above on its certified interval ``[l_j, u_j]`` by its chord
@@ -459,7 +545,7 @@ def row_l1_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np
     n0 = l.size
     lam = ctx.W[0] @ alpha  # (d_0,)
     lam_err = gamma(n0 + 2) * ((ctx.absW[0] @ np.abs(alpha)) @ rb.ymax[0])
-    ub = float(bound_objectives(ctx, rb, lam[None, :])[0])
+    ub = float(bound_objectives(ctx, rb, lam[None, :], 0, slopes)[0])
     rest = float(np.sum(beta + c_err)) * (1.0 + gamma(n0 + 2))
     s = ub + rest + lam_err
     return s + gamma(4) * (abs(ub) + rest + lam_err) + TINY
@@ -504,17 +590,17 @@ def _register():
         n = M.shape[1]
         rest = np.where(signs == 0, M, 0.0).sum(axis=1) * (1.0 + gamma(n))
         total = M.sum(axis=1) * (1.0 + gamma(n))  # the plain sum (always valid)
-        for slopes in SLOPE_VARIANTS:
-            ctx = linear_context(netc, region, jac.layer_bounds, db, slopes) if netc.n_layers >= 2 else None
-            if ctx is None or states is None:
-                break
+        ctx = linear_context(netc, region, jac.layer_bounds, db) if netc.n_layers >= 2 else None
+        if ctx is not None and states is not None:
             g0 = centre_gradients_ctx(ctx)
             H = ctx.H
             for i in range(M.shape[0]):
                 gl = [np.asarray(states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
                 gu = [np.asarray(states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
                 rb = row_bounds(ctx, i, gl, gu, g0[i])
-                total[i] = min(total[i], row_l1_upper(ctx, rb, lower[i], upper[i]))
+                tighten_gradient_bounds(ctx, rb)
+                for v in ctx.variants:
+                    total[i] = min(total[i], row_l1_upper(ctx, rb, lower[i], upper[i], v))
         ys = total - rest
         return ys + gamma(2) * (np.abs(total) + rest) + TINY
 
