@@ -196,3 +196,32 @@ def test_api_cli_and_engine_registration(tmp_path, rng, capsys):
 
     with pytest.raises(InputError, match="in memory only"):
         adapter_for("linear-jacobian")
+
+
+@pytest.mark.parametrize("planes", ["auto", "mccormick"])
+def test_product_planes_hold_at_every_vertex(planes, rng):
+    """The planes of ``y = a g`` chosen by ``layer_planes`` hold at the four vertices of the box (a bilinear
+    function minus a plane attains its extremes there), for gradient boxes of every sign pattern."""
+    from recurjac_scale.jacobian import linear as lin
+
+    net = _net("relu", {}, rng, widths=(5, 40, 3))
+    x0 = rng.uniform(-0.5, 0.5, size=5)
+    jb = jacobian_bounds(net, x0, 0.3, math.inf, method="recurjac-b")
+    netc = net.with_outputs(np.eye(3))
+    ctx = lin.linear_context(netc, Region.of(netc, x0, 0.3, math.inf), jb.layer_bounds,
+                             derivative_bounds_for(netc, jb.layer_bounds))
+    d = 40
+    assert np.count_nonzero(ctx.dl[0] < ctx.du[0]) > 5
+    for _ in range(20):
+        l = rng.normal(0, 1, d) - rng.exponential(1, d) * rng.integers(0, 2, d)
+        u = l + rng.exponential(1, d) * rng.integers(0, 2, d)
+        g0 = rng.uniform(l, u)
+        up, lo, ymax = lin.layer_planes(ctx, 0, l, u, g0, planes)
+        for a in (ctx.dl[0], ctx.du[0]):
+            for g in (l, u):
+                y = a * g
+                tol = 4 * np.finfo(float).eps * ymax  # a plane exact at a vertex, evaluated in floats (the
+                # propagation's allowance covers this evaluation error)
+                assert (up[0] * g + up[1] * a + up[2] >= y - tol).all()
+                assert (lo[0] * g + lo[1] * a + lo[2] <= y + tol).all()
+                assert (np.abs(y) <= ymax).all()
