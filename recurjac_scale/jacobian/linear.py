@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +64,7 @@ from .derivative_lines import derivative_lines
 
 __all__ = [
     "LinearContext", "linear_context", "row_bounds", "bound_objectives", "entry_bounds", "run_linear_jacobian",
-    "row_l1_upper", "OBJECTIVE_BLOCK",
+    "row_norm_upper", "row_norms", "OBJECTIVE_BLOCK",
 ]
 
 SLOPE_VARIANTS = ("centre", "area", "constant")
@@ -370,6 +371,9 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
             err += gamma(d + 2) * (np.abs(kappa) @ np.abs(rb.top))
         del kappa
     # -- pass 2: down the network -------------------------------------------------------------------------------
+    if all(nu is None or not nu.any() for nu in nus):  # no coefficient on any z (constant lines): nothing to do
+        err += gamma(4 * H + 8) * cabs + TINY
+        return np.where(np.isnan(const + err), np.inf, const + err)
     Gam = nus[H - 2]
     for k in range(H - 2, 0, -1):
         n = ctx.W[k].shape[1]
@@ -498,11 +502,30 @@ def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=
     ctx = linear_context(netc, region, layer_bounds, derivative_bounds)
     if ctx is None:
         return rj_lower, rj_upper, chain, states, info
-    lower, upper, _ = entry_bounds(ctx, states, rj_lower, rj_upper)
+    lower, upper, rows = entry_bounds(ctx, states, rj_lower, rj_upper)
+    q = region.q
+    own = row_norms(ctx, rows, lower, upper, q)
     info.update(linear_s=time.perf_counter() - t1, linear=True)
     if rj_lower.dtype != np.float64:
         lower, upper = _cast_outward(lower, upper, rj_lower.dtype)
+    if own is not None:
+        _remember(lower, (q, own))
     return lower, upper, chain, states, info
+
+
+_ROW_NORMS: dict = {}
+"""``id(lower array of a result) -> (weakref, (q, row norm bounds))``: the chord row norms (:func:`row_norms`)
+computed with the Jacobian bounds, for the Lipschitz constant of the same result (dropped with the array)."""
+
+
+def _remember(arr: np.ndarray, value: np.ndarray) -> None:
+    key = id(arr)
+    _ROW_NORMS[key] = (weakref.ref(arr, lambda _r, key=key: _ROW_NORMS.pop(key, None)), value)
+
+
+def _recall(arr) -> np.ndarray | None:
+    hit = _ROW_NORMS.get(id(arr))
+    return hit[1] if hit is not None and hit[0]() is arr else None
 
 
 def _cast_outward(lower, upper, dtype):
@@ -514,47 +537,67 @@ def _cast_outward(lower, upper, dtype):
     return lo, hi
 
 
-def row_l1_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.ndarray, slopes=None) -> float:
-    """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_1`` for one output row from one objective.
+def row_norm_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.ndarray, q: float,
+                   slopes=None) -> float:
+    """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_q`` for one output row from one linear objective
+    (``q`` = 1 or 2).
 
-    Each ``|J_j|`` is bounded above on its certified interval ``[l_j, u_j]`` by its chord
-    ``alpha_j J_j + beta_j`` (``alpha = (u + l) / (u - l)``, ``beta = -2 u l / (u - l)``; ``alpha = sign`` when
-    the sign is known), so ``||J[i, :]||_1 <= y(0) · (W[0] alpha) + sum beta``, one linear objective bounded by
-    :func:`bound_objectives`: the entries stay correlated, unlike the sum of per-entry maxima.  Rounding: the
-    chord coefficients and ``W[0] alpha`` are computed in float64 and their errors bounded as in the module
-    docstring.
+    ``q = 1``: each ``|J_j|`` is bounded above on its certified interval ``[l_j, u_j]`` by its chord
+    ``alpha_j J_j + beta_j`` (``alpha = (u + l) / (u - l)``, ``beta = -2 u l / (u - l)``; ``alpha = sign`` where the
+    sign is known).  ``q = 2``: ``J_j^2 <= (l_j + u_j) J_j - l_j u_j``.  The sum is ``y(0) · (W[0] alpha) + sum
+    beta``, one objective bounded by :func:`bound_objectives`: the entries stay correlated, unlike the sum of
+    per-entry maxima.  Rounding: ``|J_j|`` (or ``J_j^2``) exceeds the computed chord by at most
+    ``16 u (|alpha| M_j + |beta_j|)``, ``W[0] alpha`` errs by at most ``gamma(n_0 + 2) |W[0]| |alpha|`` (times
+    ``ymax(0)``), and the final sums and the square root are rounded up.
 
     Parameters
     ----------
     lower, upper : ndarray, shape (n_0,)
         Certified bounds of the row's Jacobian entries.
+    q : {1, 2}
     """
     l = np.asarray(lower, np.float64)
     u = np.asarray(upper, np.float64)
     M = np.maximum(np.abs(l), np.abs(u))
-    w = u - l
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = np.where(l >= 0, 1.0, np.where(u <= 0, -1.0, (u + l) / np.where(w > 0, w, 1.0)))
-        beta = np.where((l < 0) & (u > 0), -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
-    alpha = np.clip(alpha, -1.0, 1.0)
-    beta = np.maximum(beta, 0.0)
+    if q == 1.0:
+        w = u - l
+        with np.errstate(divide="ignore", invalid="ignore"):
+            alpha = np.where(l >= 0, 1.0, np.where(u <= 0, -1.0, (u + l) / np.where(w > 0, w, 1.0)))
+            beta = np.where((l < 0) & (u > 0), -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
+        alpha = np.clip(alpha, -1.0, 1.0)
+        beta = np.maximum(beta, 0.0)
+    elif q == 2.0:
+        alpha = l + u
+        beta = -(l * u)
+    else:
+        raise ValueError(f"q={q!r}; accepted: 1, 2")
     if not (np.isfinite(alpha).all() and np.isfinite(beta).all() and np.isfinite(M).all()):
         return math.inf
-    # |J| <= alpha J + beta + c_err on [l, u] for the computed alpha, beta (a few roundings each)
-    c_err = 16 * _U * (np.abs(alpha) * M + beta)
+    c_err = 16 * _U * (np.abs(alpha) * M + np.abs(beta))
     n0 = l.size
     lam = ctx.W[0] @ alpha  # (d_0,)
     lam_err = gamma(n0 + 2) * ((ctx.absW[0] @ np.abs(alpha)) @ rb.ymax[0])
     ub = float(bound_objectives(ctx, rb, lam[None, :], 0, slopes)[0])
-    rest = float(np.sum(beta + c_err)) * (1.0 + gamma(n0 + 2))
-    s = ub + rest + lam_err
-    return s + gamma(4) * (abs(ub) + rest + lam_err) + TINY
+    rest = float(np.sum(beta + c_err)) + gamma(n0 + 2) * float(np.sum(np.abs(beta) + c_err))
+    total = ub + rest + lam_err
+    total = total + gamma(4) * (abs(ub) + abs(rest) + lam_err) + TINY
+    if q == 2.0:
+        return math.sqrt(max(total, 0.0)) * (1.0 + 4 * _U) + TINY
+    return total
+
+
+def row_norms(ctx: LinearContext, rows: list, lower: np.ndarray, upper: np.ndarray, q: float) -> np.ndarray | None:
+    """Per output row, the smallest :func:`row_norm_upper` over the slope variants (``None`` unless q is 1 or 2)."""
+    if q not in (1.0, 2.0):
+        return None
+    return np.array([min(row_norm_upper(ctx, rb, lower[i], upper[i], q, v) for v in ctx.variants)
+                     for i, rb in enumerate(rows)])
 
 
 # -- registration ------------------------------------------------------------------------------------------------
 
 def _register():
-    from ..lipschitz import register_algorithm2
+    from ..lipschitz import register_row_norms
     from .methods import JacobianMethod, register_jacobian_method
     from .recurjac import recurjac_step
 
@@ -567,42 +610,36 @@ def _register():
         )
     )
 
-    @register_algorithm2("linear-jacobian")
-    def _algorithm2_linear(network, jac, signs):
-        """Row l1 bounds for ``p = inf`` (:func:`row_l1_upper`), returned in Algorithm 2's form.
-
-        :func:`recurjac_scale.lipschitz.algorithm2_row_l1` reports ``max(ys, 0) + rest`` with ``rest`` the sum of
-        ``M`` over the entries of unknown sign (rounded up as it does).  Returning ``ys = bound - rest`` (rounded
-        up) makes that report at least ``bound`` = :func:`row_l1_upper`, which bounds the row's l1 norm; each ``ys``
-        is also at most the plain directional value ``upper(J s)`` is not needed, since the chord bound already
-        dominates it (the chord objective is ``J s`` plus chords on the unknown-sign entries)."""
+    @register_row_norms("linear-jacobian")
+    def _row_norms_linear(network, jac, q):
+        """Row norm bounds for ``q`` in {1, 2} (:func:`row_norms`): those computed with the Jacobian bounds by
+        :func:`run_linear_jacobian` when ``q`` matches, else computed here from the result (RecurJac-B's states
+        are kept on it)."""
         from ..jacobian import derivative_bounds_for
         from ..layer_bounds.base import Region
-        from ..lipschitz import bound_magnitude
 
+        if q not in (1.0, 2.0):
+            return None
+        known = _recall(jac.lower)
+        if known is not None and known[0] == q:
+            return known[1]
         netc = network.with_outputs(jac.outputs)
+        if netc.n_layers < 2 or jac.states is None:
+            return None
         region = Region.of(netc, jac.x0, jac.eps, jac.p)
-        db = derivative_bounds_for(netc, jac.layer_bounds)
-        states = jac.states
-        lower = np.asarray(jac.lower, np.float64)
-        upper = np.asarray(jac.upper, np.float64)
-        M = bound_magnitude(lower, upper)
-        n = M.shape[1]
-        rest = np.where(signs == 0, M, 0.0).sum(axis=1) * (1.0 + gamma(n))
-        total = M.sum(axis=1) * (1.0 + gamma(n))  # the plain sum (always valid)
-        ctx = linear_context(netc, region, jac.layer_bounds, db) if netc.n_layers >= 2 else None
-        if ctx is not None and states is not None:
-            g0 = centre_gradients_ctx(ctx)
-            H = ctx.H
-            for i in range(M.shape[0]):
-                gl = [np.asarray(states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
-                gu = [np.asarray(states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
-                rb = row_bounds(ctx, i, gl, gu, g0[i])
-                tighten_gradient_bounds(ctx, rb)
-                for v in ctx.variants:
-                    total[i] = min(total[i], row_l1_upper(ctx, rb, lower[i], upper[i], v))
-        ys = total - rest
-        return ys + gamma(2) * (np.abs(total) + rest) + TINY
+        ctx = linear_context(netc, region, jac.layer_bounds, derivative_bounds_for(netc, jac.layer_bounds))
+        if ctx is None:
+            return None
+        g0 = centre_gradients_ctx(ctx)
+        H = ctx.H
+        rows = []
+        for i in range(jac.lower.shape[0]):
+            gl = [np.asarray(jac.states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
+            gu = [np.asarray(jac.states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
+            rb = row_bounds(ctx, i, gl, gu, g0[i])
+            tighten_gradient_bounds(ctx, rb)
+            rows.append(rb)
+        return row_norms(ctx, rows, np.asarray(jac.lower, np.float64), np.asarray(jac.upper, np.float64), q)
 
 
 _register()
