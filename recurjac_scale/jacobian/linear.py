@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._fp import TINY, gamma
+from .._fp import TINY, gamma, underflow_unit
 from ..layer_bounds.backsub import _concretise_upper
 from ..layer_bounds.crown import crown_relaxation
 from ..layer_bounds.relaxations import value_bounds
@@ -201,6 +201,7 @@ class RowBounds:
     top: np.ndarray  # W[H-1][i]
     g0: list = None  # the gradient at the centre (heuristics)
     planes: str = "auto"
+    under: float = 0.0  # underflow allowance of one objective (:func:`_underflow`)
 
 
 def _chord_planes(dl, du, l, u):
@@ -279,8 +280,42 @@ def row_bounds(ctx: LinearContext, i: int, gl: list, gu: list, g0: list, planes:
         lo.append(p_lo)
         ymax.append(ym)
     v = [_v(ctx, ymax[k + 1], k) for k in range(H - 2)]
-    return RowBounds(gl=list(gl), gu=list(gu), ymax=ymax, up=up, lo=lo, v=v, top=ctx.W[H - 1][i], g0=list(g0),
-                     planes=planes)
+    rb = RowBounds(gl=list(gl), gu=list(gu), ymax=ymax, up=up, lo=lo, v=v, top=ctx.W[H - 1][i], g0=list(g0),
+                   planes=planes)
+    rb.under = _underflow(ctx, rb)
+    return rb
+
+
+def _underflow(ctx: LinearContext, rb: RowBounds) -> float:
+    """Absolute allowance for underflow in one objective's propagation (any start layer).
+
+    A multiplication whose result underflows errs by at most ``eta`` (:func:`recurjac_scale._fp.underflow_unit`)
+    whatever its operands (additions are exact then), and the relative allowances do not see it.  As for the
+    other errors, each computed coefficient is taken as exact and its error charged once against the magnitude
+    of the variable it multiplies: per layer, the McCormick products (``eta (gmax + du + 1)`` per neuron), the
+    lines of ``sigma'`` (``eta (zmax + 1)``), the gradient GEMM (``eta d_k`` per entry of ``Lam'``, times
+    ``ymax(k+1)``), and in the network pass the affine GEMMs (``eta d_k`` per entry, times ``hmax``), the
+    relaxations (``2 eta (zmax + 1)``) and the concretisation (``eta d_0`` per entry, times ``|x|max``, and the
+    ball terms).  Far below the relative allowances for networks of ordinary scale; it matters when partial
+    products fall below the smallest normal number (weights like ``1e-170``)."""
+    eta = underflow_unit(np.float64)
+    H = ctx.H
+    tot = 0.0
+    with np.errstate(over="ignore", invalid="ignore"):
+        for k in range(H - 1):
+            d = ctx.dl[k].size
+            gmax = np.maximum(np.abs(rb.gl[k]), np.abs(rb.gu[k]))
+            tot += float(np.sum(gmax + ctx.du[k] + 1.0)) + float(np.sum(ctx.zmax[k] + 1.0))
+            nxt = float(np.sum(rb.ymax[k + 1])) if k < H - 2 else float(np.sum(np.abs(rb.top)))
+            tot += d * nxt + d
+            # network pass through layer k (affine into h(k-1) or x) and its relaxation
+            prev = float(np.sum(ctx.hmax[k - 1])) if k >= 1 else float(np.sum(ctx.xmax))
+            tot += d * prev + d + 2.0 * float(np.sum(ctx.zmax[k] + 1.0))
+        n0 = ctx.W[0].shape[1]
+        reg = ctx.region
+        tot += 2.0 * n0 * (float(np.sum(ctx.xmax)) + (reg.eps if math.isfinite(reg.eps) else 0.0) + 1.0)
+        out = 2.0 * eta * tot
+    return math.inf if math.isnan(out) else out
 
 
 def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256) -> None:
@@ -372,7 +407,7 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
         del kappa
     # -- pass 2: down the network -------------------------------------------------------------------------------
     if all(nu is None or not nu.any() for nu in nus):  # no coefficient on any z (constant lines): nothing to do
-        err += gamma(4 * H + 8) * cabs + TINY
+        err += gamma(4 * H + 8) * cabs + TINY + rb.under
         return np.where(np.isnan(const + err), np.inf, const + err)
     Gam = nus[H - 2]
     for k in range(H - 2, 0, -1):
@@ -405,7 +440,7 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
     lo, hi = ctx.region.box
     sup = _concretise_upper(Gx, ctx.region, lo, hi, gamma(n0 + 2))
     total = const + sup
-    err += gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY
+    err += gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY + rb.under
     with np.errstate(invalid="ignore"):
         out = total + err
     return np.where(np.isnan(out), np.inf, out)
@@ -499,12 +534,14 @@ def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=
     info = {"recurjac_s": t1 - t0, "linear_s": 0.0, "linear": False}
     if netc.n_layers < 2:
         return rj_lower, rj_upper, chain, states, info
-    ctx = linear_context(netc, region, layer_bounds, derivative_bounds)
-    if ctx is None:
-        return rj_lower, rj_upper, chain, states, info
-    lower, upper, rows = entry_bounds(ctx, states, rj_lower, rj_upper)
-    q = region.q
-    own = row_norms(ctx, rows, lower, upper, q)
+    # overflow makes values infinite (bound_objectives turns NaN into +inf): sound, and intersected with RecurJac
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        ctx = linear_context(netc, region, layer_bounds, derivative_bounds)
+        if ctx is None:
+            return rj_lower, rj_upper, chain, states, info
+        lower, upper, rows = entry_bounds(ctx, states, rj_lower, rj_upper)
+        q = region.q
+        own = row_norms(ctx, rows, lower, upper, q)
     info.update(linear_s=time.perf_counter() - t1, linear=True)
     if rj_lower.dtype != np.float64:
         lower, upper = _cast_outward(lower, upper, rj_lower.dtype)
@@ -627,19 +664,20 @@ def _register():
         if netc.n_layers < 2 or jac.states is None:
             return None
         region = Region.of(netc, jac.x0, jac.eps, jac.p)
-        ctx = linear_context(netc, region, jac.layer_bounds, derivative_bounds_for(netc, jac.layer_bounds))
-        if ctx is None:
-            return None
-        g0 = centre_gradients_ctx(ctx)
-        H = ctx.H
-        rows = []
-        for i in range(jac.lower.shape[0]):
-            gl = [np.asarray(jac.states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
-            gu = [np.asarray(jac.states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
-            rb = row_bounds(ctx, i, gl, gu, g0[i])
-            tighten_gradient_bounds(ctx, rb)
-            rows.append(rb)
-        return row_norms(ctx, rows, np.asarray(jac.lower, np.float64), np.asarray(jac.upper, np.float64), q)
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            ctx = linear_context(netc, region, jac.layer_bounds, derivative_bounds_for(netc, jac.layer_bounds))
+            if ctx is None:
+                return None
+            g0 = centre_gradients_ctx(ctx)
+            H = ctx.H
+            rows = []
+            for i in range(jac.lower.shape[0]):
+                gl = [np.asarray(jac.states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
+                gu = [np.asarray(jac.states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
+                rb = row_bounds(ctx, i, gl, gu, g0[i])
+                tighten_gradient_bounds(ctx, rb)
+                rows.append(rb)
+            return row_norms(ctx, rows, np.asarray(jac.lower, np.float64), np.asarray(jac.upper, np.float64), q)
 
 
 _register()
