@@ -225,3 +225,25 @@ def test_product_planes_hold_at_every_vertex(planes, rng):
                 assert (up[0] * g + up[1] * a + up[2] >= y - tol).all()
                 assert (lo[0] * g + lo[1] * a + lo[2] <= y + tol).all()
                 assert (np.abs(y) <= ymax).all()
+
+
+@pytest.mark.parametrize("p", [2.0, math.inf], ids=["p2", "pinf"])
+def test_optimised_row_norms_are_sound_and_no_looser(p, rng):
+    """The optimised row norms (torch steers the relaxation parameters, the certified numpy propagation evaluates
+    them) bound the sampled and attacked gradient norms and are at most the plain ones."""
+    pytest.importorskip("torch")
+    from recurjac_scale.jacobian.linear_opt import optimised_row_norms
+
+    net = random_network((8, 12, 12, 4), "leaky_relu", rng, alpha=0.1)
+    x0 = rng.uniform(0, 1, 8)
+    eps = EPS[p] / 2
+    jl = jacobian_bounds(net, x0, eps, p, method="linear-jacobian", outputs=1)
+    opt = optimised_row_norms(net, jl, seconds=5.0, steps=15)
+    plain = lipschitz(net, x0, eps, p, method="linear-jacobian", outputs=1).points[0].lipschitz
+    region = Region.of(net, x0, eps, p)
+    X = np.vstack([sample_region(region, 4000, rng), jacobian_attack_points(net, region, rng, entries=4, steps=20)])
+    q = {2.0: 2.0, math.inf: 1.0}[p]
+    sampled = np.linalg.norm(net.jacobian(X)[:, 1, :], ord=q, axis=1).max()
+    assert sampled <= opt[0] <= plain
+    with pytest.raises(InputError, match="linear-jacobian result"):
+        optimised_row_norms(net, jacobian_bounds(net, x0, eps, p, outputs=1))

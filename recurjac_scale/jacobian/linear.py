@@ -64,7 +64,7 @@ from .derivative_lines import derivative_lines
 
 __all__ = [
     "LinearContext", "linear_context", "row_bounds", "bound_objectives", "entry_bounds", "run_linear_jacobian",
-    "row_norm_upper", "row_norms", "OBJECTIVE_BLOCK",
+    "row_norm_upper", "row_norms", "result_rows", "OBJECTIVE_BLOCK",
 ]
 
 SLOPE_VARIANTS = ("centre", "area", "constant")
@@ -94,6 +94,8 @@ class LinearContext:
         CROWN's certified lines of ``sigma_k`` (back-substitution).
     zmax, hmax : list of ndarray
         Bounds of ``|z(k)|`` and ``|h(k)|``.
+    bounds : list of (ndarray, ndarray)
+        The pre-activation bounds ``(l, u)`` of the hidden layers.
     a0 : list of ndarray
         ``sigma_k'(z0(k))`` at the centre (steers the choice of McCormick planes).
     region : Region
@@ -116,6 +118,7 @@ class LinearContext:
     xmax: np.ndarray
     a0: list
     region: object
+    bounds: list = None
 
     @property
     def H(self) -> int:
@@ -160,7 +163,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
     ctx = LinearContext(
         W=W, b=b, absW=[np.abs(w) for w in W], dl=[], du=[], variants={}, a_low=[],
         b_low=[], a_up=[], b_up=[], relax_err_up=[], relax_err_low=[], zmax=[], hmax=[],
-        xmax=np.maximum(np.abs(box_lo), np.abs(box_hi)), a0=[], region=region,
+        xmax=np.maximum(np.abs(box_lo), np.abs(box_hi)), a0=[], region=region, bounds=list(zip(lows, ups)),
     )
     for k in range(H - 1):
         act, l, u = acts[k], lows[k], ups[k]
@@ -507,9 +510,11 @@ def centre_gradients_ctx(ctx: LinearContext) -> list:
 
 
 def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=np.float64, panel=None,
-                        sparse_threshold=None, stored_sparse=()):
+                        sparse_threshold=None, stored_sparse=(), optimise_seconds: float = 0.0):
     """The whole ``linear-jacobian`` method in memory: RecurJac-B (its states are the gradient bounds), then the
-    propagation of every entry's objectives (:func:`entry_bounds`).
+    propagation of every entry's objectives (:func:`entry_bounds`), then the row norm bounds for the region's
+    dual norm (:func:`row_norms`; optimised for ``optimise_seconds`` per row when positive,
+    :func:`recurjac_scale.jacobian.linear_opt.optimise_row_norm`), kept for the Lipschitz constant.
 
     Returns
     -------
@@ -542,6 +547,14 @@ def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=
         lower, upper, rows = entry_bounds(ctx, states, rj_lower, rj_upper)
         q = region.q
         own = row_norms(ctx, rows, lower, upper, q)
+        if own is not None and optimise_seconds > 0:
+            from .linear_opt import optimise_row_norm
+
+            t2 = time.perf_counter()
+            own = np.array([min(own[i], optimise_row_norm(ctx, rb, lower[i], upper[i], q, netc.activations,
+                                                           seconds=optimise_seconds))
+                            for i, rb in enumerate(rows)])
+            info["optimise_s"] = time.perf_counter() - t2
     info.update(linear_s=time.perf_counter() - t1, linear=True)
     if rj_lower.dtype != np.float64:
         lower, upper = _cast_outward(lower, upper, rj_lower.dtype)
@@ -575,7 +588,7 @@ def _cast_outward(lower, upper, dtype):
 
 
 def row_norm_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.ndarray, q: float,
-                   slopes=None) -> float:
+                   slopes=None, alpha=None) -> float:
     """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_q`` for one output row from one linear objective
     (``q`` = 1 or 2).
 
@@ -592,11 +605,23 @@ def row_norm_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: 
     lower, upper : ndarray, shape (n_0,)
         Certified bounds of the row's Jacobian entries.
     q : {1, 2}
+    alpha : ndarray, shape (n_0,), optional
+        Other slopes (``q = 1``: clipped into ``[-1, 1]``): ``beta`` is then the maximum of ``|J| - alpha J``
+        (``J^2 - alpha J``), a convex function, over the two end points.
     """
     l = np.asarray(lower, np.float64)
     u = np.asarray(upper, np.float64)
     M = np.maximum(np.abs(l), np.abs(u))
-    if q == 1.0:
+    if alpha is not None:
+        alpha = np.asarray(alpha, np.float64)
+        if q == 1.0:
+            alpha = np.clip(alpha, -1.0, 1.0)
+            beta = np.maximum(np.abs(l) - alpha * l, np.abs(u) - alpha * u)
+        elif q == 2.0:
+            beta = np.maximum(l * l - alpha * l, u * u - alpha * u)
+        else:
+            raise ValueError(f"q={q!r}; accepted: 1, 2")
+    elif q == 1.0:
         w = u - l
         with np.errstate(divide="ignore", invalid="ignore"):
             alpha = np.where(l >= 0, 1.0, np.where(u <= 0, -1.0, (u + l) / np.where(w > 0, w, 1.0)))
@@ -646,38 +671,49 @@ def _register():
             run=run_linear_jacobian,
         )
     )
-
     @register_row_norms("linear-jacobian")
     def _row_norms_linear(network, jac, q):
         """Row norm bounds for ``q`` in {1, 2} (:func:`row_norms`): those computed with the Jacobian bounds by
         :func:`run_linear_jacobian` when ``q`` matches, else computed here from the result (RecurJac-B's states
         are kept on it)."""
-        from ..jacobian import derivative_bounds_for
-        from ..layer_bounds.base import Region
-
         if q not in (1.0, 2.0):
             return None
         known = _recall(jac.lower)
         if known is not None and known[0] == q:
             return known[1]
-        netc = network.with_outputs(jac.outputs)
-        if netc.n_layers < 2 or jac.states is None:
+        found = result_rows(network, jac)
+        if found is None:
             return None
-        region = Region.of(netc, jac.x0, jac.eps, jac.p)
+        ctx, rows = found
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            ctx = linear_context(netc, region, jac.layer_bounds, derivative_bounds_for(netc, jac.layer_bounds))
-            if ctx is None:
-                return None
-            g0 = centre_gradients_ctx(ctx)
-            H = ctx.H
-            rows = []
-            for i in range(jac.lower.shape[0]):
-                gl = [np.asarray(jac.states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
-                gu = [np.asarray(jac.states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
-                rb = row_bounds(ctx, i, gl, gu, g0[i])
-                tighten_gradient_bounds(ctx, rb)
-                rows.append(rb)
             return row_norms(ctx, rows, np.asarray(jac.lower, np.float64), np.asarray(jac.upper, np.float64), q)
+
+
+def result_rows(network, jac):
+    """``(ctx, rows)`` of a ``linear-jacobian`` result (:class:`LinearContext` and the tightened
+    :class:`RowBounds` per output row, rebuilt from the layer bounds and RecurJac-B's states kept on it), or ``None``
+    when the propagation does not apply (no hidden layer, unbounded region, states not kept)."""
+    from ..layer_bounds.base import Region
+    from .chain import derivative_bounds_for
+
+    netc = network.with_outputs(jac.outputs)
+    if netc.n_layers < 2 or jac.states is None:
+        return None
+    region = Region.of(netc, jac.x0, jac.eps, jac.p)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        ctx = linear_context(netc, region, jac.layer_bounds, derivative_bounds_for(netc, jac.layer_bounds))
+        if ctx is None:
+            return None
+        g0 = centre_gradients_ctx(ctx)
+        H = ctx.H
+        rows = []
+        for i in range(jac.lower.shape[0]):
+            gl = [np.asarray(jac.states[H - 2 - k]["lower"][i], np.float64) for k in range(H - 1)]
+            gu = [np.asarray(jac.states[H - 2 - k]["upper"][i], np.float64) for k in range(H - 1)]
+            rb = row_bounds(ctx, i, gl, gu, g0[i])
+            tighten_gradient_bounds(ctx, rb)
+            rows.append(rb)
+    return ctx, rows
 
 
 _register()
