@@ -157,9 +157,9 @@ def table(rows):
         a = r["auto_lirpa"]
         lj, op = r["linear-jacobian"]["value"], r["linear-jacobian (opt)"]["value"]
         best = min(r["recurjac-b"]["value"], r["recurjac-f0"]["value"])
+        ratios = f"{lj / a:.4f} | {op / a:.4f}" if a else "- | -"
         L.append(f"| {r['name']} | {r['eps']} | {fmt(r['sampled'])} | {fmt(a)} | {fmt(r['recurjac-b']['value'])} | "
-                 f"{fmt(r['recurjac-f0']['value'])} | {fmt(lj)} | {fmt(op)} | "
-                 f"{lj / a:.4f} | {op / a:.4f} | {lj / best:.3f} |" if a else f"- | - | {lj / best:.3f} |")
+                 f"{fmt(r['recurjac-f0']['value'])} | {fmt(lj)} | {fmt(op)} | {ratios} | {lj / best:.3f} |")
     L += ["", "Time (median wall / CPU seconds, whole computation) and peak traced memory (MiB):", "",
           "| network | eps | " + " | ".join(METHODS) + " | linear / B (CPU) |",
           "|---|---|" + "---|" * len(METHODS) + "---|"]

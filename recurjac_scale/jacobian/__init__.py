@@ -3,7 +3,7 @@
 Methods (one registry, :data:`JACOBIAN_METHODS`): ``fastlip`` (Weng et al. 2018a), ``recurjac-b`` (Algorithm 1,
 backward), ``recurjac-f0`` (forward on the transposed chain), ``recurjac-f1`` (forward from ``h(1)`` plus one
 interval product), ``linear-jacobian`` (linear bound propagation through the gradient graph,
-:mod:`.linear`; in memory only).  Entry point: :func:`jacobian_bounds`.  The block interface the scale engine runs is
+:mod:`.linear`, :mod:`.linear_method`; in memory only).  Entry point: :func:`jacobian_bounds`.  The block interface the scale engine runs is
 documented in :mod:`recurjac_scale.jacobian.chain`.
 """
 
@@ -13,7 +13,7 @@ from .driver import auto_blocks, iter_blocks, run_chain
 from .fastlip import fastlip_step
 from .methods import JACOBIAN_METHODS, JacobianMethod, finish_chain, get_jacobian_method, register_jacobian_method
 from .recurjac import recurjac_step
-from . import linear  # registers linear-jacobian (noqa: E402)
+from . import linear_method  # noqa: F401  (registers linear-jacobian)
 from .result import JacobianBounds
 
 __all__ = [

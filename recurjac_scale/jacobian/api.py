@@ -183,13 +183,15 @@ def jacobian_bounds(
     db = derivative_bounds_for(netC, lb)
     compile_s = kernels.ensure_compiled(dtype)
     t1 = time.perf_counter()
-    timings = {}
+    timings, extra = {}, {}
     if jm.run is not None:  # a whole-method runner (linear-jacobian), in memory
         lower, upper, chain, states, info = jm.run(
             netC, region, lb, db, dtype=dtype, panel=panel, sparse_threshold=sparse_threshold,
             stored_sparse=stored_sparse_layers(network),
         )
-        timings = {k: v for k, v in info.items() if k.endswith("_s")}
+        timings = {k: float(v) for k, v in info.items() if k.endswith("_s")}
+        if "rounding" in info:
+            extra["rounding"] = info["rounding"]
     else:
         chain = jm.build_chain(netC, db, dtype=dtype, panel=panel)
         chain = sparse_chain(chain, sparse_threshold, stored_sparse_layers(network))
@@ -211,4 +213,5 @@ def jacobian_bounds(
         dtype=dtype.name,
         chain=chain if keep_states else None,
         states=states if keep_states else None,
+        **extra,
     )
