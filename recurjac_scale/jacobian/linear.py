@@ -94,6 +94,8 @@ class LinearContext:
         Bounds of ``|z(k)|`` and ``|h(k)|``.
     bounds : list of (ndarray, ndarray)
         The pre-activation bounds ``(l, u)`` of the hidden layers.
+    compact : dict
+        The weights restricted to the neurons whose terms can be non-zero (:func:`_compact`).
     a0 : list of ndarray
         ``sigma_k'(z0(k))`` at the centre (steers the choice of McCormick planes).
     region : Region
@@ -117,6 +119,7 @@ class LinearContext:
     a0: list
     region: object
     bounds: list = None
+    compact: dict = None
 
     @property
     def H(self) -> int:
@@ -185,7 +188,30 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         ctx.zmax.append(zmax)
         ctx.hmax.append(np.maximum(np.abs(hl), np.abs(hu)))
         ctx.a0.append(np.clip(act.derivative(z0), dl, du))
+    ctx.compact = _compact(ctx)
     return ctx
+
+
+def _compact(ctx: LinearContext) -> dict:
+    """Index sets and weight blocks that skip exact zeros in the GEMMs of :func:`bound_objectives`.
+
+    - ``live[k]``: neurons with ``du > 0``; elsewhere ``y(k) = 0`` and every plane has ``coef_g = 0`` (``dl <= du =
+      0``), so the gradient step only needs ``W[k+1][live(k+1)][:, live(k)]`` (the coefficients on the dead ``y(k+1)``
+      add exact zeros: ``ymax = 0`` and constant lines ``0``);
+    - ``act[k]``: neurons whose coefficient in the network pass can be non-zero (a slope of ``sigma`` or ``du > 0``);
+    - ``kept[k]``: neurons whose relaxation of ``sigma`` is not the zero line (dead ReLUs are): the affine step of
+      the network pass only needs ``W[k][act(k)][:, kept(k-1)]``.
+    Dropping terms that are exact zeros leaves every real-number sum unchanged and the summations shorter, so the
+    rounding allowances still hold."""
+    H = ctx.H
+    live = [np.flatnonzero(du > 0) for du in ctx.du]
+    act = [np.flatnonzero((au != 0) | (al != 0) | (du > 0)) for au, al, du in zip(ctx.a_up, ctx.a_low, ctx.du)]
+    kept = [np.flatnonzero((au != 0) | (al != 0) | (bu != 0) | (bl != 0))
+            for au, al, bu, bl in zip(ctx.a_up, ctx.a_low, ctx.b_up, ctx.b_low)]
+    grad = [np.ascontiguousarray(ctx.W[k + 1][np.ix_(live[k + 1], live[k])].T) for k in range(H - 2)]
+    net = [None] + [np.ascontiguousarray(ctx.W[k][np.ix_(act[k], kept[k - 1])]) for k in range(1, H - 1)]
+    first = np.ascontiguousarray(ctx.W[0][act[0], :])
+    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first}
 
 
 @dataclass
@@ -400,7 +426,10 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
         del mp, mn, mu
         nus[k] = nu
         if k < H - 2:
-            Lam = kappa @ ctx.W[k + 1].T  # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1)
+            # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1), on the live neurons only
+            cp = ctx.compact
+            Lam = np.zeros((K, ctx.W[k + 1].shape[0]))
+            Lam[:, cp["live"][k + 1]] = kappa[:, cp["live"][k]] @ cp["grad"][k]
             err += gamma(d + 2) * (np.abs(kappa) @ rb.v[k])
         else:
             term = kappa @ rb.top
@@ -422,7 +451,9 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
         const += term
         cabs += np.abs(term)
         err += gamma(max(n, ctx.W[k].shape[0]) + 2) * (absG @ (ctx.absW[k] @ ctx.hmax[k - 1] + np.abs(ctx.b[k])))
-        Gh = Gam @ ctx.W[k]  # (K, d_{k-1})
+        cp = ctx.compact
+        Gh = np.zeros((K, ctx.W[k].shape[1]))  # (K, d_{k-1}); zero where the relaxation of sigma is the zero line
+        Gh[:, cp["kept"][k - 1]] = Gam[:, cp["act"][k]] @ cp["net"][k]
         del absG
         Gp = np.maximum(Gh, 0.0)
         Gn = np.minimum(Gh, 0.0)
@@ -441,7 +472,7 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
     cabs += np.abs(term)
     n0 = ctx.W[0].shape[1]
     err += gamma(max(n0, ctx.W[0].shape[0]) + 2) * (absG @ (ctx.absW[0] @ ctx.xmax + np.abs(ctx.b[0])))
-    Gx = Gam @ ctx.W[0]
+    Gx = Gam[:, ctx.compact["act"][0]] @ ctx.compact["first"]
     lo, hi = ctx.region.box
     sup = _concretise_upper(Gx, ctx.region, lo, hi, gamma(n0 + 2))
     total = const + sup
