@@ -63,6 +63,8 @@ __all__ = [
     "algorithm2_row_l1",
     "ALGORITHM2_METHODS",
     "register_algorithm2",
+    "ROW_NORM_METHODS",
+    "register_row_norms",
     "format_norm",
 ]
 
@@ -266,6 +268,26 @@ def register_algorithm2(*names: str):
     return deco
 
 
+RowNormFn = Callable[..., "np.ndarray | None"]
+ROW_NORM_METHODS: dict[str, RowNormFn] = {}
+"""Registry: Jacobian method name -> ``fn(network, jac, q) -> ndarray (m,) or None``: the method's own certified
+upper bounds of ``max_{x in S} ||J[j, :](x)||_q`` per row (e.g. ``linear-jacobian`` bounds ``sum_k |J[j, k]|`` by
+one linear objective through the chords of ``|.|``), or ``None`` for a norm it does not treat.  Each row takes the
+smaller of this and Proposition 2's; the constant of one row (or, for ``p = inf``, the max over rows, which bounds
+the induced inf->inf norm) is the candidate ``"rows"``."""
+
+
+def register_row_norms(*names: str):
+    """Decorator registering a row-norm bound (:data:`ROW_NORM_METHODS`) for the named Jacobian methods."""
+
+    def deco(fn: RowNormFn) -> RowNormFn:
+        for name in names:
+            ROW_NORM_METHODS[name] = fn
+        return fn
+
+    return deco
+
+
 def _interval_directional_upper(lower: np.ndarray, upper: np.ndarray, signs: np.ndarray) -> np.ndarray:
     """``sum_k max(L s, U s)``: the interval bound of ``J[j, :]·s_j`` (no tighter than the plain dual norm; used
     when there is no hidden layer, where ``L = U = J`` and it is exact)."""
@@ -361,7 +383,8 @@ class LipschitzPoint:
     lipschitz : float
         The reported certified constant: the smallest of ``prop2``, ``algorithm2`` and the naive global constant.
     source : str
-        Which candidate won: ``"prop2"``, ``"algorithm2"`` or ``"naive"``.
+        Which candidate won: ``"prop2"``, ``"algorithm2"``, ``"naive"`` or ``"rows"`` (the method's own row norm
+        bounds, :data:`ROW_NORM_METHODS`).
     prop2 : float
         Proposition 2: the dual norm of ``M`` (one row) or its induced ``p -> p`` norm (several rows).
     algorithm2 : float or None
@@ -598,8 +621,15 @@ def lipschitz(
             t_a2 = time.perf_counter() - ta
         tn = time.perf_counter()
         prop2, alg2, rows = lipschitz_from_bounds(jac.lower, jac.upper, p, upper_ys=upper_ys, signs=signs)
-        t_norm = time.perf_counter() - tn
         cands = {"prop2": prop2, "naive": naive}
+        rn_fn = ROW_NORM_METHODS.get(method_key)
+        own = rn_fn(net, jac, dual_norm(p)) if rn_fn is not None else None
+        if own is not None:
+            own = np.asarray(own, dtype=np.float64).reshape(-1)
+            rows = np.minimum(rows, own)
+            if own.size == 1 or p == math.inf:
+                cands["rows"] = float(own.max()) if own.size else 0.0
+        t_norm = time.perf_counter() - tn
         if alg2 is not None:
             cands["algorithm2"] = alg2
         source = min(cands, key=lambda k: (cands[k], k != "algorithm2", k == "naive"))

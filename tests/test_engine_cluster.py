@@ -20,7 +20,7 @@ from recurjac_scale.testing import random_network
 
 pytestmark = pytest.mark.cluster
 
-METHODS = sorted(JACOBIAN_METHODS)
+METHODS = sorted(n for n, m in JACOBIAN_METHODS.items() if m.run is None)  # the engine's methods
 
 
 @pytest.fixture(scope="module")

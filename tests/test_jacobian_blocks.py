@@ -396,7 +396,7 @@ def test_panel_products_skip_dead_and_stable_neurons(method, rng, monkeypatch):
     monkeypatch.setattr(ch, "tile_matmul", recording)
     lower, upper, states = run_chain(jm, chain)
     assert inner, "the panel products must have run"
-    allowed = set(live) | ({unst[0]} if method.startswith("recurjac") else set())
+    allowed = set(live) | ({unst[0]} if jm.step is rj.recurjac_step else set())  # (linear-jacobian: RecurJac-B)
     assert set(inner) <= allowed, (sorted(set(inner)), live, unst)
     assert not set(inner) & (set(widths) - allowed), "a product ran over every neuron of a level with dead ones"
     if forward:

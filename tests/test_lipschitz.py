@@ -99,7 +99,7 @@ def test_lipschitz_bounds_sampled_and_attacked_gradients(act, p, rng):
                 assert pt.lipschitz <= min(pt.prop2, res.naive_global)
                 assert res.naive_global >= pt.lipschitz
             # Algorithm 2 only for the RecurJac methods and p = inf
-            has_a2 = p == math.inf and method != "fastlip"
+            has_a2 = p == math.inf and method in ALGORITHM2_METHODS
             assert all((pt.algorithm2 is not None) == has_a2 for pt in res.points)
 
 

@@ -55,7 +55,7 @@ def test_every_registry_is_a_registry_and_names_the_accepted_entries():
         assert isinstance(reg, Registry) and len(reg) > 0
         for name in reg:
             assert reg.lookup(name) is reg[name]
-    with pytest.raises(InputError, match="accepted: fastlip, recurjac-b"):
+    with pytest.raises(InputError, match="accepted: fastlip, linear-jacobian, recurjac-b"):
         get_jacobian_method("recurjac-x")
     with pytest.raises(InputError, match="accepted: .*crown"):
         get_layer_bound_method("zonotope")

@@ -138,7 +138,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, input_required: boo
     parser.add_argument("--norm", choices=NORM_CHOICES, default="inf", help="input norm p of the region (default inf)")
     parser.add_argument(
         "--method", default=DEFAULT_METHOD, metavar="M",
-        help="Jacobian bound method: fastlip, recurjac-b, recurjac-f0, recurjac-f1 (default recurjac-b)",
+        help="Jacobian bound method: fastlip, recurjac-b, recurjac-f0, recurjac-f1, linear-jacobian "
+        "(default recurjac-b)",
     )
     parser.add_argument(
         "--layer-bounds", default=None, metavar="B",

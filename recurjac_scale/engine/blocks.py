@@ -24,9 +24,10 @@ import numpy as np
 
 from ..jacobian.chain import Chain, top_state
 from ..jacobian.cost import ChainCost
-from ..jacobian.methods import JacobianMethod, get_jacobian_method
+from ..jacobian.methods import JACOBIAN_METHODS, JacobianMethod, get_jacobian_method
 from ..jacobian.prepare import Job, prepare
 from ..jacobian.sparse_policy import sparse_chain, with_sparse_levels
+from ..errors import InputError
 from ..network.model import Network
 
 __all__ = ["BoundChain", "JobContext", "WorkerSpec", "prepare_job"]
@@ -291,6 +292,11 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None, sp
         store_path = str(Path(network).resolve())
         network = open_network(store_path)
     jm = get_jacobian_method(method)
+    if jm.run is not None:  # a whole-method runner (linear-jacobian): not a chain of block steps
+        raise InputError(
+            f"Jacobian method {jm.name!r} runs in memory only (recurjac-scale bounds, jacobian_bounds); the engine "
+            "accepts: " + ", ".join(sorted(n for n, m in JACOBIAN_METHODS.items() if m.run is None))
+        )
     job = prepare(network, x0, eps, p, outputs, layer_bounds)
     chain = sparse_chain(jm.build_chain(job.network, job.derivative_bounds), sparse_threshold, job.sparse_layers)
     sparse_levels = tuple(chain.sparse_levels())

@@ -52,7 +52,9 @@ def jacobian_bounds(
     p : {1, 2, inf}
         Input norm.
     method : str
-        ``recurjac-b`` (default), ``recurjac-f0``, ``recurjac-f1`` or ``fastlip`` (:data:`JACOBIAN_METHODS`).
+        ``recurjac-b`` (default), ``recurjac-f0``, ``recurjac-f1``, ``fastlip`` or ``linear-jacobian`` (linear
+        bound propagation through the gradient graph, :mod:`recurjac_scale.jacobian.linear`; in memory only)
+        (:data:`JACOBIAN_METHODS`).
     layer_bounds : str, LayerBounds or None
         Pre-activation bound method (``crown``, ``fastlin``, ``ibp``; ``None``: ``crown`` when registered, else
         the best registered), or precomputed :class:`LayerBounds` of the network with the outputs folded in (only
@@ -87,9 +89,21 @@ def jacobian_bounds(
     db = job.derivative_bounds
     compile_s = kernels.ensure_compiled(dtype)
     t1 = time.perf_counter()
-    chain = jm.build_chain(job.network, db, dtype=dtype, panel=panel)
-    chain = sparse_chain(chain, sparse_threshold, job.sparse_layers)
-    lower, upper, states = run_chain(jm, chain, row_block=row_block, col_block=col_block, keep_states=keep_states)
+    timings, extra = {}, {}
+    if jm.run is not None:  # a whole-method runner (linear-jacobian), in memory only
+        lower, upper, chain, states, info = jm.run(
+            job.network, job.region, job.layer_bounds, db, dtype=dtype, panel=panel,
+            sparse_threshold=sparse_threshold, stored_sparse=job.sparse_layers,
+        )
+        timings = {k: float(v) for k, v in info.items() if k.endswith("_s")}
+        if "rounding" in info:
+            extra["rounding"] = info["rounding"]
+        allowance = None  # its own allowances are relative to the entries it tightened (info["allowance"])
+    else:
+        chain = jm.build_chain(job.network, db, dtype=dtype, panel=panel)
+        chain = sparse_chain(chain, sparse_threshold, job.sparse_layers)
+        lower, upper, states = run_chain(jm, chain, row_block=row_block, col_block=col_block, keep_states=keep_states)
+        allowance = jm.finish_allowance(chain, states[-1])
     t_jac = time.perf_counter() - t1
     return JacobianBounds(
         lower=lower,
@@ -102,9 +116,10 @@ def jacobian_bounds(
         outputs=job.outputs,
         layer_bounds=job.layer_bounds,
         unstable=job.unstable,
-        timings={"layer_bounds": job.layer_bounds_seconds, "jacobian": t_jac, "compile": compile_s},
+        timings={"layer_bounds": job.layer_bounds_seconds, "jacobian": t_jac, "compile": compile_s, **timings},
         dtype=dtype.name,
-        allowance=jm.finish_allowance(chain, states[-1]),
+        allowance=allowance,
         chain=chain if keep_states else None,
         states=states if keep_states else None,
+        **extra,
     )

@@ -140,6 +140,11 @@ class JacobianMethod:
     cost_model : {"", "recursive", "interval"}
         The kernel family :meth:`cost` counts (:func:`.cost.chain_cost`); empty: ``"recursive"`` when
         ``uses_all_priors``, else ``"interval"``.
+    run : callable, optional
+        A method that is not a chain of block steps (``linear-jacobian``): ``run(netc, region, layer_bounds,
+        derivative_bounds, *, dtype, panel, sparse_threshold, stored_sparse) -> (lower, upper, chain, states,
+        info)``, in memory only; :func:`recurjac_scale.jacobian.jacobian_bounds` calls it instead of the chain
+        loop, and the engine does not offer it.
     """
 
     name: str
@@ -149,6 +154,7 @@ class JacobianMethod:
     uses_all_priors: bool
     description: str = ""
     cost_model: str = ""
+    run: Callable | None = None
 
     def build_chain(
         self, network, bounds, *, dtype=np.float64, panel: int = DEFAULT_PANEL, sparse_levels: tuple = ()
