@@ -14,7 +14,9 @@ A checkpoint folder holds
 
 A rerun of the same job reads the records and skips every finished block whose record and chunk files still match
 their checksums (:meth:`Checkpoint.verified`); a block with a damaged or hand-edited record or chunk is recomputed,
-never trusted.
+never trusted.  The file names a record holds are resolved inside the checkpoint folder
+(:func:`recurjac_scale.paths.resolve_inside`): an absolute name, ``..`` or a symlink leading out makes the record
+damaged, and the file is never read.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from typing import Iterable
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import InputError, StoreError
+from ..paths import resolve_inside
 
 __all__ = ["Checkpoint", "job_hash", "CHECKPOINT_FORMAT"]
 
@@ -240,9 +243,10 @@ class Checkpoint:
         if not isinstance(sums, dict) or not sums:
             return "the record holds no data checksums"
         for rel, digest in sums.items():
-            f = (self.path / rel).resolve()
-            if not f.is_relative_to(self.path.resolve()):
-                return f"the record names a file outside the checkpoint ({rel!r})"
+            try:
+                f = resolve_inside(self.path, rel)
+            except InputError as exc:
+                return f"the record names a file outside the checkpoint: {exc}"
             try:
                 if _sha256_file(f) != digest:
                     return f"{rel} does not match its checksum"

@@ -16,6 +16,9 @@ Read from the file:
 
 Keras activation names map to the package's (``linear`` -> identity, ``hard_sigmoid`` -> ``0.2 x + 0.5``
 clipped, ...); ``softmax`` (not element-wise), ``selu``, ``softsign`` and the like are refused.
+
+Only the file itself is read: a weight reached through an HDF5 external link, or a dataset with external or virtual
+storage (data in other files, named inside this one), raises :class:`InputError` before the other file is opened.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ...activations import Activation, get_activation
-from ...errors import ModelFormatError, UnsupportedActivationError, require
+from ...errors import InputError, ModelFormatError, UnsupportedActivationError, require
 from ..model import Network
 from . import register_importer
 from ._common import as_float_array, build_network, provenance, push_activation, reading
@@ -64,6 +67,7 @@ def import_keras_h5(path: Path) -> Network:
         with h5py.File(path, "r") as f:
             cfg = _model_config(f)
             layers = _layer_list(cfg)
+            _check_local(f, "model_weights")
             if "model_weights" not in f:
                 raise ModelFormatError("no 'model_weights' group (is it a model.save file?)")
             weights, biases, acts, input_shape = _walk(layers, f["model_weights"])
@@ -130,6 +134,7 @@ def _keras_activation(name: str, where: str) -> Activation:
 
 
 def _layer_weights(group, lname: str, where: str) -> dict:
+    _check_local(group, lname)
     if lname not in group:
         raise ModelFormatError(f"{where}: no weights group 'model_weights/{lname}'")
     g = group[lname]
@@ -139,11 +144,35 @@ def _layer_weights(group, lname: str, where: str) -> dict:
     out = {}
     for n in np.atleast_1d(names).tolist():
         n = n.decode("utf-8") if isinstance(n, bytes) else str(n)
+        _check_local(g, n)
         if n not in g:
             raise ModelFormatError(f"{where}: weight dataset {n!r} listed in weight_names is missing")
         short = n.rsplit("/", 1)[-1].split(":")[0]
-        out[short] = as_float_array(g[n][()], f"{where} {n}")
+        ds = g[n]
+        if getattr(ds, "is_virtual", False) or getattr(ds, "external", None):
+            raise InputError(
+                f"{where}: weight dataset {n!r} keeps its data in other files (external or virtual storage); "
+                f"accepted: data inside {Path(g.file.filename).name!r}"
+            )
+        out[short] = as_float_array(ds[()], f"{where} {n}")
     return out
+
+
+def _check_local(group, name: str) -> None:
+    """Refuse an HDF5 external link on the way from ``group`` to ``name`` (checked before it is followed)."""
+    import h5py
+
+    node = group
+    for part in [q for q in name.split("/") if q]:
+        link = node.get(part, getlink=True)  # the link itself: nothing is followed
+        if link is None:
+            return
+        if isinstance(link, h5py.ExternalLink):
+            raise InputError(
+                f"{node.name}/{part} is an external link to {link.filename!r}; accepted: data inside "
+                f"{Path(group.file.filename).name!r}"
+            )
+        node = node[part]
 
 
 def _walk(layers: list, wgroup) -> tuple[list, list, list, tuple | None]:

@@ -32,6 +32,10 @@ the graph) is refused.  The input shape of the network is the graph input's shap
 Anything else raises :class:`ModelFormatError` naming the node, its op type and its position in ``graph.node``;
 activations whose derivative can be negative (``Gelu``, ``Mish``, ``Sin``, ...) raise
 :class:`UnsupportedActivationError` citing Assumption 2 of Zhang et al. (2019).
+
+Tensors stored as external data are read only from files inside the model file's folder: a ``location`` that is
+absolute, climbs out with ``..`` or goes through a symlink leading out raises :class:`InputError` before any file
+is opened (:func:`recurjac_scale.paths.resolve_inside`).
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ import numpy as np
 
 from ...activations import REJECTED_ACTIVATIONS, Activation, get_activation
 from ...errors import ModelFormatError, UnsupportedActivationError, require
+from ...paths import resolve_inside
 from ..model import Network
 from . import register_importer
 from ._common import as_float_array, build_network, provenance, reading
@@ -94,13 +99,36 @@ def import_onnx(path: Path) -> Network:
         constants whose shapes do not fit.
     UnsupportedActivationError
         An activation outside Assumption 2 of Zhang et al. (2019), or parameters out of range.
+    InputError
+        An external-data location outside the model file's folder.
     MissingDependencyError
         onnx is not installed (extra ``onnx``).
     """
     onnx = require("onnx", "onnx")
     with reading(path, "an ONNX model"):
-        model = onnx.load(str(path))
+        model = onnx.load(str(path), load_external_data=False)
+        base = Path(path).resolve().parent
+        external = [t for t in _all_tensors(model.graph) if t.data_location == onnx.TensorProto.EXTERNAL]
+        for t in external:
+            location = {e.key: e.value for e in t.external_data}.get("location", "")
+            resolve_inside(base, location)  # InputError for an absolute path, ``..`` or a symlink leading out
+        if external:
+            onnx.external_data_helper.load_external_data_for_model(model, str(base))
         return _Builder(model, onnx).build(path)
+
+
+def _all_tensors(graph):
+    """Every tensor of a graph: initializers and node attributes (``t``, ``tensors``), subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            if a.HasField("g"):
+                yield from _all_tensors(a.g)
+            for g in a.graphs:
+                yield from _all_tensors(g)
 
 
 def _attrs(node, onnx) -> dict:
