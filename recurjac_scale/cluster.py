@@ -34,7 +34,7 @@ import os
 
 import dask
 
-from .errors import InputError, require
+from .errors import ClusterError, InputError, require
 
 __all__ = [
     "THREAD_ENV",
@@ -195,16 +195,30 @@ def connect(address: str, *, timeout: str | float = "30s"):
     The workers' environment is whatever their launcher gave them: start them with :func:`worker_env` exported
     (see the README, "Running at scale").  The package must be importable on the scheduler and every worker.
 
+    A ``tls://`` scheduler needs dask's TLS configuration (``distributed.comm.tls.ca-file``,
+    ``distributed.comm.tls.client.cert`` / ``.key``, e.g. from ``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``): the client
+    is built with ``Security()``, which reads it.
+
     Raises
     ------
     InputError
         If ``address`` is not a ``scheme://host:port`` string.
+    ClusterError
+        If no scheduler can be reached there (with a hint for ``tls://`` without TLS configuration).
     """
     from distributed import Client
 
     if not isinstance(address, str) or "://" not in address:
         raise InputError(f"scheduler address {address!r} is invalid; accepted: 'tcp://host:port' (or tls://, ws://)")
-    return Client(address, timeout=timeout)
+    try:
+        return Client(address, timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is reported the same way, on one line
+        hint = ""
+        if address.startswith("tls://"):
+            hint = ("; a tls:// scheduler needs dask's TLS configuration (distributed.comm.tls.ca-file, "
+                    "distributed.comm.tls.client.cert and .key)")
+        detail = str(exc).splitlines()[0] if str(exc) else "no detail"
+        raise ClusterError(f"cannot connect to the dask scheduler at {address!r} ({type(exc).__name__}: {detail}){hint}") from None
 
 
 def slurm_cluster_kwargs(

@@ -22,7 +22,8 @@ recorded in ``--checkpoint`` are not recomputed.
 
 Batch certification (``recurjac-scale certify`` on the SLURM workers): the first argument ``certify``, then the
 certify command's own arguments (``recurjac-scale certify --help``) and the SLURM options above; ``--json`` (on a
-shared file system) is required, and rerunning the same command resumes from it::
+shared file system) is required, and rerunning the same command resumes from it (``--tls-ca-file/--tls-cert/--tls-key``
+apply to the scheduler, the workers and the command's client alike)::
 
     python scripts/slurm_job.py certify MODEL.zarr --inputs mnist_test.csv --scale 255 --target runnerup,least \
         --json /shared/rj/certify.jsonl --queue compute --cores 8 --memory 32GiB --jobs 4
@@ -113,12 +114,37 @@ def security_from_args(args):
     )
 
 
+def client_tls_config(security) -> dict:
+    """The dask configuration that makes every ``distributed.Client`` opened without an explicit ``security``
+    (as ``recurjac-scale certify --scheduler ADDRESS`` opens its own) use the client side of ``security``:
+    ``Client(address)`` builds ``Security()``, which reads these keys.  Empty for ``None``."""
+    if security is None:
+        return {}
+    return {
+        "distributed.comm.require-encryption": True,
+        "distributed.comm.tls.ca-file": security.tls_ca_file,
+        "distributed.comm.tls.client.cert": security.tls_client_cert,
+        "distributed.comm.tls.client.key": security.tls_client_key,
+    }
+
+
+def certify_on(address: str, rest, security=None) -> int:
+    """Run ``recurjac-scale certify REST --scheduler ADDRESS`` in this process, its client using ``security``."""
+    import dask
+
+    from recurjac_scale.cli import main as cli_main
+
+    with dask.config.set(client_tls_config(security)):
+        return cli_main(["certify", *rest, "--scheduler", address])
+
+
 def _slurm_parser() -> argparse.ArgumentParser:
     """The SLURM options of :func:`_parser` alone (for ``certify``)."""
     full = _parser()
     ap = argparse.ArgumentParser(description="certify on SLURM workers", add_help=False)
     keep = {"--jobs", "--queue", "--account", "--cores", "--memory", "--walltime", "--job-extra", "--prologue",
-            "--interface", "--local-directory", "--log-directory", "--wait-timeout", "--dry-run", "--local-test"}
+            "--interface", "--local-directory", "--log-directory", "--wait-timeout", "--dry-run", "--local-test",
+            "--tls-ca-file", "--tls-cert", "--tls-key"}
     for act in full._actions:
         if act.option_strings and act.option_strings[0] in keep:
             ap._add_action(act)
@@ -126,11 +152,13 @@ def _slurm_parser() -> argparse.ArgumentParser:
 
 
 def certify_main(argv) -> int:
-    """``certify``: the batch command on the cluster's workers (``--scheduler`` set to the cluster's address)."""
+    """``certify``: the batch command on the cluster's workers (``--scheduler`` set to the cluster's address).
+    With ``--tls-*`` the scheduler, the workers and the command's client all use TLS."""
     from recurjac_scale.cli import main as cli_main
     from recurjac_scale.cluster import slurm_cluster, slurm_cluster_kwargs, slurm_job_script
 
     args, rest = _slurm_parser().parse_known_args(argv)
+    security = security_from_args(args)
     if "--json" not in rest:
         print("slurm_job.py certify: error: --json OUT (on a shared file system) is required", file=sys.stderr)
         return 2
@@ -140,6 +168,8 @@ def certify_main(argv) -> int:
     slurm = dict(queue=args.queue, account=args.account, cores=args.cores, memory=args.memory,
                  walltime=args.walltime, job_extra_directives=args.job_extra, prologue=args.prologue,
                  interface=args.interface, local_directory=args.local_directory, log_directory=args.log_directory)
+    if security is not None:
+        slurm["security"] = security  # the scheduler and workers; the certify client gets it in certify_on
     slurm_cluster_kwargs(**slurm)
     if args.dry_run:
         print(slurm_job_script(**slurm))
@@ -152,9 +182,9 @@ def certify_main(argv) -> int:
     with slurm_cluster(**slurm) as cluster:
         cluster.scale(jobs=args.jobs)
         print(f"scheduler {cluster.scheduler_address}; submitted {args.jobs} job(s)", file=sys.stderr, flush=True)
-        with Client(cluster) as client:
+        with Client(cluster) as client:  # takes the cluster's security
             client.wait_for_workers(1, timeout=args.wait_timeout)
-            rc = cli_main(["certify", *rest, "--scheduler", cluster.scheduler_address])
+            rc = certify_on(cluster.scheduler_address, rest, security)
         cluster.scale(0)
     return rc
 

@@ -68,16 +68,21 @@ def test_resolve_inside(tmp_path):
         resolve_inside(out, "link/escape.npz")
 
 
-def test_slurm_script_builds_a_tls_security_object(tmp_path):
+def _slurm_script():
     import importlib.util
-
-    pytest.importorskip("dask_jobqueue")
-    from distributed.security import Security
 
     path = Path(__file__).resolve().parents[1] / "scripts" / "slurm_job.py"
     spec = importlib.util.spec_from_file_location("slurm_job", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    return mod
+
+
+def test_slurm_script_builds_a_tls_security_object(tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    from distributed.security import Security
+
+    mod = _slurm_script()
     for name in ("ca.pem", "cert.pem", "key.pem"):
         (tmp_path / name).write_text("-----BEGIN CERTIFICATE-----\n")
     base = ["m.zarr", "--input", "x.npy", "--eps", "0.1", "--checkpoint", "ck", "-o", "r.zarr"]
@@ -92,3 +97,54 @@ def test_slurm_script_builds_a_tls_security_object(tmp_path):
     assert mod.security_from_args(mod._parser().parse_args(base)) is None
     with pytest.raises(SystemExit):
         mod.security_from_args(mod._parser().parse_args([*base, "--tls-ca-file", str(tmp_path / "ca.pem")]))
+    # certify takes the same options: they are the script's (not passed on to the certify command)
+    tls = ["--tls-ca-file", str(tmp_path / "ca.pem"), "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
+           str(tmp_path / "key.pem")]
+    cargs, rest = mod._slurm_parser().parse_known_args(["--cores", "2", *tls, "default", "--json", "o.jsonl"])
+    assert rest == ["default", "--json", "o.jsonl"]
+    csec = mod.security_from_args(cargs)
+    assert isinstance(csec, Security) and csec.require_encryption and csec.tls_client_key == str(tmp_path / "key.pem")
+    assert mod.client_tls_config(csec)["distributed.comm.tls.client.cert"] == str(tmp_path / "cert.pem")
+    assert mod.certify_main(["--dry-run", *tls, "default", "--json", "o.jsonl"]) == 0
+    with pytest.raises(SystemExit):
+        mod.certify_main(["--dry-run", "--tls-cert", str(tmp_path / "cert.pem"), "default", "--json", "o.jsonl"])
+
+
+@pytest.mark.cluster
+def test_certify_client_of_the_slurm_script_speaks_tls(tmp_path, capsys):
+    """A real TLS LocalCluster (scheduler and worker processes on loopback, certificates in files): the certify
+    command run the way the SLURM script runs it completes with the script's Security, and fails with one line
+    without it; the engine's connect() also reaches a TLS scheduler with the same configuration."""
+    import dask
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    from recurjac_scale.engine.schedulers import connect
+    from recurjac_scale.network.default import default_inputs
+
+    mod = _slurm_script()
+    made = Security.temporary()
+    for name, pem in (("ca.pem", made.tls_ca_file), ("cert.pem", made.tls_client_cert), ("key.pem", made.tls_client_key)):
+        (tmp_path / name).write_text(pem)
+    args, _ = mod._slurm_parser().parse_known_args(["--tls-ca-file", str(tmp_path / "ca.pem"), "--tls-cert",
+                                                    str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")])
+    sec = mod.security_from_args(args)
+    np.save(tmp_path / "x.npy", default_inputs()[:2])
+    rest = ["default", "--inputs", str(tmp_path / "x.npy"), "--target", "runnerup", "--norm", "inf", "--method",
+            "fastlip", "--layer-bounds", "ibp", "--no-margin-bound", "--quiet"]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
+                      security=sec, dashboard_address=None) as cluster:
+        addr = cluster.scheduler_address
+        assert addr.startswith("tls://127.0.0.1:")
+        assert mod.certify_on(addr, [*rest, "--json", str(tmp_path / "plain.jsonl")], None) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "cannot connect to the dask scheduler" in err[0] and "tls" in err[0]
+        assert mod.certify_on(addr, [*rest, "--json", str(tmp_path / "tls.jsonl")], sec) == 0
+        lines = [json.loads(s) for s in (tmp_path / "tls.jsonl").read_text().splitlines()]
+        assert len(lines) == 4 and lines[-1]["summary"]["records"] == 2 and lines[-1]["summary"]["failed"] == 0
+        with dask.config.set(mod.client_tls_config(sec)):
+            client = connect(addr, 30)
+            try:
+                assert client.submit(sum, [1, 2]).result() == 3
+            finally:
+                client.close()

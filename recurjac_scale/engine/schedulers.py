@@ -80,8 +80,10 @@ _controller_modules = -1
 async def _identity(address: str, timeout: float) -> dict:
     """The scheduler's answer to the ``identity`` request (raises on no answer or a non-dask endpoint)."""
     from distributed.comm import connect as comm_connect
+    from distributed.security import Security
 
-    comm = await comm_connect(address, timeout=timeout)
+    # the same TLS settings as the Client made next (Security() reads dask's distributed.comm.tls configuration)
+    comm = await comm_connect(address, timeout=timeout, **Security().get_connection_args("client"))
     try:
         await comm.write({"op": "identity"})
         reply = await comm.read()
