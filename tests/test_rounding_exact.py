@@ -267,3 +267,79 @@ def test_engine_blocks_contain_the_exact_recursion(tmp_path):
         lo_x, up_x = exact_bounds(method, net.with_outputs(np.eye(1)).weights, db)
         assert int(np.sum(_q(res.lower) > lo_x) + np.sum(_q(res.upper) < up_x)) == 0
         assert res.rounding_share == pytest.approx(mem.rounding_share, rel=1e-12)
+
+
+# -- networks on which the rounding of one GEMM decides containment ------------------------------------------------
+def gemm_decisive_factors(rng, T: int, n_cols: int, delta: float):
+    """Chain factors ``M_0, ..., M_T`` (``M_0`` one row) on which the floating-point error of one matrix product is
+    far larger than every other term of the rounding allowance.
+
+    ``T = 1``: ``M_0 = [a1, -a2]``, ``M_1 = [b; b]`` (``b`` one value per column): step 1 computes
+    ``a1 b - a2 b``, about ``delta`` times its terms, so its rounding error (about ``u |a b|``) is all there is.
+
+    ``T >= 2``: ``M_0 = [m, -m]``, ``M_1`` a 2x2 matrix whose four entries ``±a (1 + O(delta))`` nearly cancel in
+    both directions, ``M_2 .. M_{T-1}`` all ``1/2`` (exact pass-through), ``M_T = [b; b]``.  Then
+    ``P_1 = M_0 Σ M_1`` and the operand ``M_1 x`` are both ``O(delta)`` of their terms (so ``kappa`` and ``|x~|``,
+    which weigh every other term, are tiny), while the product ``M_1 x`` rounds by about ``u |M_1| |x|``, which
+    only the GEMM-error term ``gG q colsum|M_1| du |x|`` of the allowance covers.  The rows of ``M_1`` differ, so
+    their rounding errors do not cancel in ``M_0 (M_1 x)``."""
+    b = rng.uniform(1.0, 2.0, size=n_cols)
+    V = np.vstack([b, b])
+    a = rng.uniform(1.0, 2.0)
+    if T == 1:
+        return [np.array([[a, -a * (1.0 + delta * rng.uniform(0.5, 1.0))]]), V]
+    m = rng.uniform(1.0, 2.0)
+    M1 = a * (1.0 + delta * rng.uniform(-1.0, 1.0, size=(2, 2))) * np.array([[1.0, -1.0], [1.0, -1.0]])
+    return [np.array([[m, -m]]), M1, *[np.full((2, 2), 0.5)] * (T - 2), V]
+
+
+def gemm_decisive_network(method: str, mats, chain_db):
+    """``(network, derivative bounds)`` whose chain for ``method`` is ``mats`` with ``chain_db[t - 1]`` the
+    derivative bounds of ``Σ_t`` (see :func:`exact_bounds` for the chains of the methods).  F1: a first layer
+    ``[[1]]`` of one stable neuron in front, so the F1 chain is ``mats`` and its finish is exact."""
+    if method in ("recurjac-b", "fastlip"):
+        ws, db = [m for m in reversed(mats)], list(reversed(chain_db))
+    elif method == "recurjac-f0":
+        ws, db = [m.T for m in mats], list(chain_db)
+    else:
+        ws, db = [np.ones((1, 1))] + [m.T for m in mats], [(np.ones(1), np.ones(1))] + list(chain_db)
+    net = Network(ws, [np.zeros(w.shape[0]) for w in ws], [get_activation("relu")] * (len(ws) - 1),
+                  input_spec=InputSpec(shape=(ws[0].shape[1],)))
+    return net, db
+
+
+DECISIVE = [  # (T, derivative bounds of Σ_2 (the neurons between M_1 and M_2), share ratio: 0 dense, inf shared)
+    (1, None, 0.5),
+    *[(T, level2, share) for T in (2, 3) for level2 in ("stable", "interval") for share in (0.0, 0.5, math.inf)],
+]
+
+
+@pytest.mark.parametrize("T,level2,share_ratio", DECISIVE)
+@pytest.mark.parametrize("method", METHODS)
+def test_gemm_rounding_decides_containment(method, T, level2, share_ratio, monkeypatch):
+    """Exact rational bounds against the float bounds (no tolerance) on networks where only the GEMM-error term
+    of the allowance covers the rounding of a matrix product (:func:`gemm_decisive_factors`): without that term
+    (``gG`` of :func:`recurjac_scale.jacobian.rounding.level_coefficients`, the stable product's
+    ``_stable_error`` and the shared variant's ``gG`` terms in :mod:`recurjac_scale.jacobian.recurjac`; for
+    ``T = 1``, step 1, Fast-Lip and the F1 finish, whose local widening is that term) the exact bounds fall
+    outside.  Derivative bounds are stable ``[1, 1]`` except ``Σ_2``, ``[1/2, 1]`` in the ``interval`` cases.
+
+    Checked by zeroing each of these terms alone: every one makes some of these cases fail (``gG`` of
+    level_coefficients: the dense levels (share ratio 0, or the interval cases); ``_stable_error``: T = 2 stable,
+    share ratio 0; the shared variant's ``gG``: the stable cases with sharing; the local widening of step 1
+    (B, F0), of Fast-Lip (every T) and of the F1 finish: T = 1), and with all of them in place none fails."""
+    if method == "recurjac-f1" and T == 1:
+        method_net = "recurjac-b"  # the same network: its F1 chain is the top alone and the finish is the GEMM
+    else:
+        method_net = method
+    monkeypatch.setattr(rj, "SHARE_RATIO", share_ratio)
+    for dtype, delta in ((np.float64, 1e-9), (np.float32, 1e-4)):
+        for seed in range(4):
+            rng = np.random.default_rng(100 + seed)
+            mats = gemm_decisive_factors(rng, T, 3, delta)
+            chain_db = [(np.ones(2), np.ones(2)) for _ in range(T)]
+            if level2 == "interval":
+                chain_db[1] = (np.full(2, 0.5), np.ones(2))
+            net, db = gemm_decisive_network(method_net, mats, chain_db)
+            bad_out, bad_far, bad_vertex, _ = _check(method, net, db, dtype)
+            assert (bad_out, bad_far, bad_vertex) == (0, 0, 0), (dtype, seed)

@@ -318,7 +318,7 @@ def uses_sharing(chain: Chain, t: int) -> bool:
     ``r_s = sum_{l > s} |u_l|``), the dense one ``sum_s |alive_{s-1}| |alive_s| + |alive_1|``, before its per-row
     sparsity; sharing also needs few unstable neurons (:data:`UNSTABLE_FRACTION`).
     """
-    if t < 2:
+    if t < 2 or SHARE_RATIO <= 0:  # 0 disables it, also for a step without unstable neurons (shared cost 0)
         return False
     alive = [int(np.count_nonzero(chain.du[s - 1] > 0)) for s in range(1, t + 1)]
     unst = [int(np.count_nonzero((chain.du[s - 1] > 0) & (chain.dl[s - 1] < chain.du[s - 1]))) for s in range(1, t + 1)]
