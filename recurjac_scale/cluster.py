@@ -218,7 +218,9 @@ def connect(address: str, *, timeout: str | float = "30s"):
             hint = ("; a tls:// scheduler needs dask's TLS configuration (distributed.comm.tls.ca-file, "
                     "distributed.comm.tls.client.cert and .key)")
         detail = str(exc).splitlines()[0] if str(exc) else "no detail"
-        raise ClusterError(f"cannot connect to the dask scheduler at {address!r} ({type(exc).__name__}: {detail}){hint}") from None
+        raise ClusterError(
+            f"cannot connect to the dask scheduler at {address!r} ({type(exc).__name__}: {detail}){hint}"
+        ) from None
 
 
 def slurm_cluster_kwargs(

@@ -124,7 +124,8 @@ def test_certify_client_of_the_slurm_script_speaks_tls(tmp_path, capsys):
 
     mod = _slurm_script()
     made = Security.temporary()
-    for name, pem in (("ca.pem", made.tls_ca_file), ("cert.pem", made.tls_client_cert), ("key.pem", made.tls_client_key)):
+    pems = {"ca.pem": made.tls_ca_file, "cert.pem": made.tls_client_cert, "key.pem": made.tls_client_key}
+    for name, pem in pems.items():
         (tmp_path / name).write_text(pem)
     args, _ = mod._slurm_parser().parse_known_args(["--tls-ca-file", str(tmp_path / "ca.pem"), "--tls-cert",
                                                     str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "key.pem")])
