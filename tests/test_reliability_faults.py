@@ -143,6 +143,26 @@ def test_damaged_checkpoint_is_recomputed_never_trusted(job, tmp_path):
     assert any("does not match its checksum" in m for m in damaged)
 
 
+def test_malformed_checkpoint_records_are_recomputed(job, tmp_path):
+    """Records edited into valid JSON of the wrong shape (a non-integer step, a missing field, a list, a record
+    copied under another block's name) are not records: their blocks are recomputed, the run does not crash."""
+    d, _, _, ref = job
+    plan = _plan(job)
+    ck = tmp_path / "ck"
+    plan.compute(checkpoint=ck, scheduler="synchronous", durable=False)
+    recs = sorted((ck / "done" / "step-001").glob("*.json"))
+    assert len(recs) >= 4
+    bodies = [json.loads(f.read_text()) for f in recs[:4]]
+    recs[0].write_text(json.dumps(dict(bodies[0], step="x")))
+    recs[1].write_text(json.dumps({k: v for k, v in bodies[1].items() if k != "rb"}))
+    recs[2].write_text(json.dumps([bodies[2]]))
+    recs[3].write_text(json.dumps(bodies[0]))  # block 0's intact record under block 3's name
+    res = plan.compute(checkpoint=ck, scheduler="synchronous", durable=False)
+    np.testing.assert_array_equal(res.lower, ref.lower)
+    np.testing.assert_array_equal(res.upper, ref.upper)
+    assert res.blocks_reused == res.blocks_total - 4
+
+
 def test_edited_result_store_is_detected(job, tmp_path):
     d, _, _, ref = job
     out = tmp_path / "r.zarr"

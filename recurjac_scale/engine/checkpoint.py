@@ -212,7 +212,7 @@ class Checkpoint:
             r = json.loads(self._record_path(step, rb, cb).read_text())
         except (OSError, ValueError):
             return None
-        return r if r.get("job_id") == self.job_id else None
+        return r if isinstance(r, dict) and r.get("job_id") == self.job_id else None
 
     def finished(self) -> dict[tuple[int, int, int], dict]:
         """All finished blocks: ``{(step, rb, cb): record}`` (unreadable or foreign records are ignored, so their
@@ -227,11 +227,14 @@ class Checkpoint:
             for f in d.glob("r*-c*.json"):
                 try:
                     r = json.loads(f.read_text())
-                except (OSError, ValueError):
+                    if not isinstance(r, dict) or r.get("job_id") != self.job_id:
+                        continue
+                    key = (int(r["step"]), int(r["rb"]), int(r["cb"]))
+                except (OSError, KeyError, TypeError, ValueError):  # torn or edited: its block is recomputed
                     continue
-                if r.get("job_id") != self.job_id:
+                if f != self._record_path(*key):  # a record under another block's name is not that block's
                     continue
-                out[(int(r["step"]), int(r["rb"]), int(r["cb"]))] = r
+                out[key] = r
         return out
 
     def check_record(self, rec: dict) -> str | None:

@@ -33,9 +33,9 @@ def task_times_from_checkpoint(path) -> dict:
     for f in (Path(path) / "done").glob("step-*/r*-c*.json"):
         try:
             r = json.loads(f.read_text())
-        except (OSError, ValueError):
+            out[(int(r["step"]), int(r["rb"]), int(r["cb"]))] = float(r["seconds"])
+        except (OSError, KeyError, TypeError, ValueError):  # a torn or edited record: no time for it
             continue
-        out[(int(r["step"]), int(r["rb"]), int(r["cb"]))] = float(r["seconds"])
     return out
 
 
