@@ -1,10 +1,11 @@
 """Properties of the certified bounds on random networks, activations, norms, radii and chunkings (hypothesis; the
-strategies ship in :mod:`recurjac_scale.testing`; profiles ``ci`` (derandomised, fast), ``dev`` and ``nightly`` (50x
+strategies ship in :mod:`recurjac_scale.testing`; profiles ``ci`` (derandomised, fast; the default), ``dev`` and ``nightly`` (50x
 ci's examples, excluded from CI) are registered in ``conftest.py``; select one with ``HYPOTHESIS_PROFILE``).
 
 - containment: ``lower <= J(x) <= upper`` at sampled and attacked points of the region (exact float64 Jacobian);
 - exactness at eps = 0: the bounds enclose ``J(x0)`` and are no wider than the rounding allowance;
-- nesting in eps: a larger radius never gives a narrower interval (IBP layer bounds: inclusion-monotone);
+- nesting in eps: a larger radius never gives a narrower interval beyond the two rounding allowances (IBP layer
+  bounds and the interval recursion are inclusion-monotone);
 - in-memory == blockwise: the dask engine equals ``jacobian_bounds`` bit for bit, whatever the blocking;
 - a save / open round trip of a model store is bitwise exact;
 - monotone layer bounds: a region inside another never gets wider pre-activation bounds (IBP).
@@ -43,6 +44,9 @@ from recurjac_scale.testing import (  # noqa: E402
 )
 
 METHODS = sorted(JACOBIAN_METHODS)
+# The chain methods: interval recursions, monotone in the region, and run by the engine (linear-jacobian is in
+# memory only, and its relaxation slopes are chosen per region, so it is not nested in eps by construction).
+CHAIN_METHODS = sorted(n for n, m in JACOBIAN_METHODS.items() if m.run is None)
 _SWEEP = {"networks": 0, "points": 0, "violations": 0}
 
 
@@ -99,15 +103,20 @@ def test_exact_at_eps_zero(net, p, method, seed):
 
 
 @given(net=networks(), p=norms(), eps=radii(max_eps=0.5, zero=False), ratio=st.floats(1.0, 8.0),
-       method=st.sampled_from(METHODS), seed=st.integers(0, 2**32 - 1))
+       method=st.sampled_from(CHAIN_METHODS), seed=st.integers(0, 2**32 - 1))
 def test_nested_in_eps(net, p, eps, ratio, method, seed):
+    """In exact arithmetic the bounds of a larger region contain the smaller region's (IBP layer bounds and the
+    interval recursion are monotone).  Each computed bound lies within its certified rounding allowance of the
+    exact-arithmetic one (the two regions round along different paths: a neuron stable in one region and unstable
+    in the other), so nesting holds up to the sum of the two allowances, and no further."""
     x0 = _x0(net, seed)
     small = jacobian_bounds(net, x0, eps, p, method=method, layer_bounds="ibp")
     large = jacobian_bounds(net, x0, eps * ratio, p, method=method, layer_bounds="ibp")
-    assert np.all(large.lower <= small.lower) and np.all(small.upper <= large.upper)
+    slack = np.asarray(small.allowance) + np.asarray(large.allowance)
+    assert np.all(large.lower <= small.lower + slack) and np.all(small.upper <= large.upper + slack)
 
 
-@given(net=networks(max_width=7), p=norms(), eps=radii(), method=st.sampled_from(METHODS),
+@given(net=networks(max_width=7), p=norms(), eps=radii(), method=st.sampled_from(CHAIN_METHODS),
        blocks=chunkings(), seed=st.integers(0, 2**32 - 1))
 def test_in_memory_equals_blockwise(net, p, eps, method, blocks, seed):
     x0 = _x0(net, seed)
