@@ -8,7 +8,8 @@ ci's examples, excluded from CI) are registered in ``conftest.py``; select one w
   bounds and the interval recursion are inclusion-monotone);
 - in-memory == blockwise: the dask engine equals ``jacobian_bounds`` bit for bit, whatever the blocking;
 - a save / open round trip of a model store is bitwise exact;
-- monotone layer bounds: a region inside another never gets wider pre-activation bounds (IBP).
+- monotone layer bounds: a region inside another never gets wider pre-activation bounds (IBP);
+- certified radius <= attack radius: PGD inside the certified ball (Theorem 2's and the margin bound's) fails.
 
 ``RECURJAC_SWEEP_LOG=path.json`` makes the containment property count networks and points checked (the soundness
 sweep of benchmarks/RESULTS.md).
@@ -27,7 +28,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given  # noqa: E402
+from hypothesis import assume, given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from recurjac_scale.engine import plan_jacobian  # noqa: E402
@@ -172,3 +173,25 @@ def test_layer_bounds_monotone_in_the_region(net, p, eps, shrink, shift, seed):
     inner = layer_bounds(net, x1, r, p, method="ibp")
     for k, (lo, hi, li, hi_) in enumerate(zip(outer.lower, outer.upper, inner.lower, inner.upper)):
         assert np.all(lo <= li) and np.all(hi_ <= hi), f"layer {k}: the smaller region got wider bounds"
+
+
+@given(net=networks(max_depth=3), p=st.sampled_from([math.inf, 2.0]), method=st.sampled_from(CHAIN_METHODS),
+       target=st.sampled_from(["runnerup", "untargeted", "least"]), seed=st.integers(0, 2**32 - 1))
+def test_certified_radius_below_attack(net, p, method, target, seed):
+    """A certified robustness radius is never above the radius of an adversarial example: a PGD attack (on the
+    network model, restarts) confined to the certified ball -- Theorem 2's, and the CROWN margin bound's -- finds
+    no input whose target logit reaches the label's."""
+    from recurjac_scale.applications import certify, pgd_attack
+
+    assume(net.n_outputs >= 2)
+    x0 = _x0(net, seed)
+    res = certify(net, x0, target=target, p=p, method=method)
+    j = None if target == "untargeted" else res.target
+    for radius in (res.radius, res.margin_bound_radius):
+        if radius is None or not (0.0 < radius < math.inf):
+            continue
+        att = pgd_attack(net, x0, res.label, radius, p, target=j, steps=60, restarts=4, seed=seed % 1000)
+        assert not att.success, (
+            f"{method}, target {target}: an adversarial example at distance {att.distance:.6g} inside the "
+            f"certified radius {radius:.6g} (margin {att.loss:.3g})"
+        )
