@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from recurjac_scale.applications import SEARCHES, attack_radius, certify, integral_radius, pgd_attack
-from recurjac_scale.applications.certify import LocalConstants, _grid_search
+from recurjac_scale.applications.search import LocalConstants, _grid_search
 from recurjac_scale.applications.inputs import box_network
 from recurjac_scale.network.default import default_inputs, default_model_path
 from recurjac_scale.network.store import open_network
