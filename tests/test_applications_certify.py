@@ -9,7 +9,8 @@ import math
 import numpy as np
 import pytest
 
-from recurjac_scale.applications import attack_radius, certify, integral_radius, pgd_attack
+from recurjac_scale.applications import SEARCHES, attack_radius, certify, integral_radius, pgd_attack
+from recurjac_scale.applications.search import LocalConstants, _grid_search
 from recurjac_scale.applications.inputs import box_network
 from recurjac_scale.network.default import default_inputs, default_model_path
 from recurjac_scale.network.store import open_network
@@ -112,23 +113,67 @@ def test_untargeted_is_min_over_targets(mnist):
     assert u.radius >= min(per) * 0.5
 
 
-def _default_vs_paper(net, X, y, images):
+def _default_vs_paper(net, X, y, images, targets=("runnerup", "random", "least")):
     for i in images:
-        d = certify(net, X[i], int(y[i]), "runnerup", "inf", margin_bound=False)
-        pp = certify(net, X[i], int(y[i]), "runnerup", "inf", margin_bound=False, search="paper")
-        assert d.radius >= pp.radius
-        assert d.evaluations * 10 <= pp.evaluations
+        for t in targets:
+            d = certify(net, X[i], int(y[i]), t, "inf", margin_bound=False, index=int(i))
+            pp = certify(net, X[i], int(y[i]), t, "inf", margin_bound=False, index=int(i), search="paper")
+            assert d.target == pp.target
+            assert d.radius >= pp.radius, (i, t)
+            assert d.evaluations * 3 <= pp.evaluations, (i, t)
 
 
 def test_default_search_not_below_paper_search(mnist):
-    """The default (one grid of radii reused for every candidate) certifies at least the radius of the
-    authors' search (n = 15 intervals, 15-step binary search), with a tenth of the evaluations or fewer."""
+    """The default (one grid of radii reused for every candidate, then the authors' driver replayed with cheaper
+    probes) certifies at least the radius of the authors' search (n = 15 intervals, 15-step binary search) on
+    every target of the first image -- the least-likely target was 0.1 % below with the grid alone -- with a
+    third of the evaluations or fewer."""
     _default_vs_paper(*mnist, images=(0,))
 
 
 @pytest.mark.slow
 def test_default_search_not_below_paper_search_all(mnist):
     _default_vs_paper(*mnist, images=range(6))
+
+
+class _Profile(LocalConstants):
+    """Local constants given by a formula of the radius (>= the gradient norm ``G`` at 0, as every computed
+    constant is; deterministic in ``r``, as the engine is), to run both searches on many shapes, non-monotone
+    ones included."""
+
+    def __post_init__(self):
+        pass
+
+    def __call__(self, r):
+        r = float(r)
+        if r not in self.cache:
+            self.evaluations += 1
+            a, b, jump, at, wiggle, G = self.C
+            v = G * (1.0 + a * r + b * r * r + (jump if r > at else 0.0))
+            v += wiggle * G * (0.5 + 0.5 * math.sin(r * 7.3e4))  # non-monotone, >= 0
+            self.cache[r] = np.array([v])
+        return self.cache[r]
+
+
+def test_default_search_not_below_paper_search_on_profiles():
+    """The dominance argument of the module docstring on 300 random profiles L(r): smooth, with jumps, and
+    non-monotone; the grid search alone falls below the paper's search on some of them."""
+    rng = np.random.default_rng(5)
+    below_grid_only = 0
+    for _ in range(300):
+        G = float(rng.uniform(1.0, 10.0))
+        coef = (float(rng.uniform(0, 200)), float(rng.uniform(0, 4000)), float(rng.choice([0.0, rng.uniform(0, 2)])),
+                float(rng.uniform(0, 0.05)), float(rng.choice([0.0, rng.uniform(0, 0.3)])), G)
+        g0 = np.array([G * float(rng.uniform(0.005, 0.2))])
+        r_cap = float(g0[0] / G)
+        mk = lambda: _Profile(None, None, coef, math.inf, "", None)  # noqa: E731
+        p, d, grid_only = mk(), mk(), mk()
+        rp = SEARCHES["paper"](p, g0, r_cap)
+        rd = SEARCHES["grid"](d, g0, r_cap, grad_norm=np.array([G]))
+        assert rd >= rp
+        assert d.radius(g0) <= rd  # the stand-in radius is part of the result
+        below_grid_only += _grid_search(grid_only, g0, r_cap, grad_norm=np.array([G])) < rp
+    assert below_grid_only > 0
 
 
 def test_misclassified_reported_with_radius_zero(digits_net):

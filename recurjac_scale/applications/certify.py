@@ -7,35 +7,9 @@ certified local Lipschitz constant of ``g`` over ``B_p[x0, t] ∩ D`` (:func:`re
 (Theorem 2) ``g(x) >= g(x0) - ∫_0^{||x - x0||} L(t) dt`` and every ``R`` with ``∫_0^R L(t) dt < g(x0)`` is a
 certified radius: no ``x`` in the ball has ``f_j(x) >= f_c(x)``.
 
-The integral from above: the **sound stand-in argument**
---------------------------------------------------------
-Let ``L*(t)`` be the exact sup of ``||∇g||_q`` over ``B_p[x0, t] ∩ D``.  ``L*`` is non-decreasing in ``t`` (the
-regions nest), and every computed constant satisfies ``L(r) >= L*(r)``.  So for any set of evaluated radii
-``r_1 < ... < r_k`` and any ``t <= r_i``: ``L*(t) <= L*(r_i) <= L(r_i)``.  The step function
-``E(t) = min_{r_i >= t} L(r_i)`` is therefore ``>= L*(t)`` everywhere on ``(0, r_k]`` -- any evaluated radius at or
-above ``t`` is a sound stand-in, and the smallest such value is the best -- and ``∫_0^R E(t) dt`` (exact, piecewise
-linear in ``R``) bounds the integral from above.  This holds whether or not the computed ``L(r)`` is itself
-monotone (layer bounds of nested regions need not be).  Adding radii only lowers ``E``, so a larger set never
-gives a smaller radius.  ``g(x0)`` itself is taken from certified output bounds at ``eps = 0`` (a lower bound of the
-exact margin), and the radius returned is shrunk by a relative ``1e-12`` against the rounding of the sum.
-
-Two searches use this:
-
-- ``search="grid"`` (default): the constants are computed once per (input, target) on a set of radii that is
-  reused for every candidate ``R``.  First a geometric grid ``R_cap · 2^-i`` (``R_cap = g(x0) / ||∇g(x0)||_q``, an
-  upper bound of any radius this integral certificate can give, because ``L(t) >= L*(t) >= ||∇g(x0)||_q``),
-  descending until a grid radius lies at or below the radius certified so far; then greedy bisection: each new
-  radius halves the grid interval below the current radius where ``E`` overestimates most (width times the rise
-  of the constant).  Cost: ``budget`` Lipschitz evaluations (20 by default); each new radius can only raise the
-  certified radius.
-- ``search="paper"``: the procedure of the authors' code: a probe at ``R`` is the Theorem 2 sum over ``n`` equal
-  intervals with right end points (``n`` full recomputations of layer and Jacobian bounds); ``R`` is multiplied by
-  10 while probes succeed and divided by 10 while they fail, then bisected with ``s`` probes; the largest success
-  is returned.  Cost ``n (s + bracketing)`` evaluations (about 250 with ``n = s = 15``).
-
-Every probe of the paper's search is also a valid grid for the stand-in argument, and conversely the grid
-search's set can hold the paper's probe radii; the default is *not* guaranteed larger for every input, which
-the benchmark measures (``benchmarks/bench_certify.py``).
+The upper bound of the integral from a few evaluated constants (the *stand-in argument*) and the searches
+over ``R`` (the default, and the authors' procedure as ``search="paper"``, with the proof that the default is
+never below it) are in :mod:`recurjac_scale.applications.search`.
 
 The margin-bound certificate reported beside it: the largest ``eps`` (bracketed by doubling, then ``s`` bisection
 steps) at which the layer-bound method's (CROWN / Fast-Lin / IBP) lower bound of ``g`` over ``B_p[x0, eps] ∩ D``
@@ -46,13 +20,14 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
 from ..errors import InputError
 from ..network.model import Network
+from .search import SEARCHES, LocalConstants, integral_radius
 
 __all__ = [
     "CertifyResult",
@@ -66,9 +41,6 @@ __all__ = [
     "register_target",
     "check_target",
 ]
-
-SHRINK = 1e-12
-
 
 # -- targets --------------------------------------------------------------------------------------------------
 
@@ -147,192 +119,6 @@ def check_target(target, n_outputs: int) -> str:
         return t
     resolve_targets(t, np.zeros(n_outputs), 0)
     return t
-
-
-# -- the integral bound ---------------------------------------------------------------------------------------
-
-
-def integral_radius(radii, constants, g0: float) -> float:
-    """Largest ``R`` with ``∫_0^R E(t) dt < g0``, ``E(t) = min_{r_i >= t} L_i`` (see the module docstring).
-
-    Parameters
-    ----------
-    radii : array_like, shape (k,)
-        Evaluated radii ``> 0`` (any order).
-    constants : array_like, shape (k,)
-        Certified local constants ``L_i`` over ``B_p[x0, r_i] ∩ D`` (``inf`` allowed).
-    g0 : float
-        Certified lower bound of ``g(x0)``.
-
-    Returns
-    -------
-    float
-        A certified radius (``0`` when ``g0 <= 0``); at most ``max(radii)``.
-    """
-    r = np.asarray(radii, dtype=np.float64)
-    L = np.asarray(constants, dtype=np.float64)
-    if not g0 > 0 or r.size == 0:
-        return 0.0
-    order = np.argsort(r, kind="stable")
-    r, L = r[order], L[order]
-    env = np.minimum.accumulate(L[::-1])[::-1]
-    acc, prev = 0.0, 0.0
-    for ri, ei in zip(r, env):
-        if ri <= prev:
-            continue
-        seg = (ri - prev) * ei
-        if acc + seg >= g0:
-            if not math.isfinite(ei):
-                return prev * (1.0 - SHRINK)
-            return (prev + (g0 - acc) / ei) * (1.0 - SHRINK)
-        acc += seg
-        prev = ri
-    return prev * (1.0 - SHRINK)
-
-
-@dataclass
-class LocalConstants:
-    """Certified local constants of the rows of ``C f`` (margins ``f_c - f_j``), cached per radius.
-
-    Calling it with a radius returns the per-row constants, shape ``(m,)``: the better of Proposition 2 /
-    Algorithm 2 per row (``LipschitzPoint.row_norms``) and the naive global constant of that row.
-    """
-
-    network: Network
-    x0: np.ndarray
-    C: np.ndarray
-    p: float
-    method: str
-    layer_bounds: str | None
-    cache: dict = field(default_factory=dict)
-    evaluations: int = 0
-
-    def __post_init__(self):
-        from ..lipschitz import naive_constant
-
-        self.naive = np.array([naive_constant(self.network.with_outputs(self.C[i : i + 1]), self.p)
-                               for i in range(self.C.shape[0])])
-
-    def __call__(self, r: float) -> np.ndarray:
-        from ..lipschitz import lipschitz
-
-        r = float(r)
-        if r not in self.cache:
-            res = lipschitz(self.network, self.x0, r, self.p, method=self.method, layer_bounds=self.layer_bounds,
-                            outputs=self.C)
-            rows = np.asarray(res.points[0].row_norms, dtype=np.float64)
-            self.cache[r] = np.minimum(rows, self.naive)
-            self.evaluations += 1
-        return self.cache[r]
-
-    def radius(self, g0: np.ndarray) -> float:
-        """Certified radius from every evaluated radius: the smallest over rows of :func:`integral_radius`."""
-        rs = sorted(r for r in self.cache if r > 0)
-        if not rs:
-            return 0.0
-        Ls = np.array([self.cache[r] for r in rs])
-        return min(integral_radius(rs, Ls[:, i], float(g0[i])) for i in range(len(g0)))
-
-
-# -- searches -------------------------------------------------------------------------------------------------
-
-SearchFn = Callable[..., float]
-SEARCHES: dict[str, SearchFn] = {}
-"""Registry: search name -> ``fn(lc: LocalConstants, g0 (m,), r_cap, **options) -> radius``."""
-
-
-def _register_search(name):
-    def deco(fn):
-        SEARCHES[name] = fn
-        return fn
-
-    return deco
-
-
-@_register_search("grid")
-def _grid_search(lc: LocalConstants, g0, r_cap, *, geometric=8, budget=20, grad_norm=None, **_):
-    """Geometric descent ``r_cap 2^-i`` until a radius at or below the current certified radius has been
-    evaluated (at most ``geometric`` points), then greedy bisection up to ``budget`` evaluations: each new radius
-    halves the grid interval below the current radius where the stand-in step function most overestimates
-    (interval width times the rise of the constant across it; ``grad_norm``, the exact gradient norm, is the value
-    at 0)."""
-    if not r_cap > 0:
-        return 0.0
-    R = 0.0
-    for r in r_cap * 2.0 ** -np.arange(int(geometric)):
-        lc(r)
-        R = lc.radius(g0)
-        if r <= R:
-            break
-    l0 = np.zeros(len(g0)) if grad_norm is None else np.asarray(grad_norm, dtype=np.float64)
-    while lc.evaluations < int(budget):
-        rs = sorted(r for r in lc.cache if r > 0)
-        Ls = np.array([lc.cache[r] for r in rs])
-        env = np.minimum.accumulate(Ls[::-1], axis=0)[::-1]
-        best, best_area, prev, prev_e = None, 0.0, 0.0, l0
-        for r, e in zip(rs, env):
-            if prev >= R:
-                break
-            rise = float(np.max(np.where(np.isfinite(e), e - prev_e, 1e300)))
-            area = (min(r, R) - prev) * max(rise, 0.0)
-            if area > best_area:
-                best, best_area = 0.5 * (prev + r), area
-            prev, prev_e = r, e
-        if best is None or best in lc.cache:
-            break
-        lc(best)
-        R = lc.radius(g0)
-    return R
-
-
-def _paper_probe(lc: LocalConstants, g0, R: float, n: int) -> bool:
-    total = np.zeros(len(g0))
-    for i in range(1, n + 1):
-        total = total + lc(R * i / n) * (R / n)
-    return bool(np.all(total * (1.0 + 4 * n * 2.0**-53) < g0))
-
-
-@_register_search("paper")
-def _paper_search(lc: LocalConstants, g0, r_cap, *, n=15, steps=15, eps0=0.01, **_):
-    """The authors' procedure (ALGORITHM.md, "Robustness search"); each probe is a fresh set of ``n``
-    evaluations (its cache entries are not reused across probes, as in the reference)."""
-
-    def probe(R):
-        lc.cache.clear()
-        return _paper_probe(lc, g0, R, int(n))
-
-    R = float(eps0)
-    best = 0.0
-    ok = probe(R)
-    lo = hi = None
-    for _ in range(8):  # bracket: x10 while succeeding, /10 while failing
-        if ok:
-            best = max(best, R)
-            lo = R
-            if hi is not None:
-                break
-            R *= 10.0
-        else:
-            hi = R
-            if lo is not None:
-                break
-            R /= 10.0
-        ok = probe(R)
-    if ok:
-        best = max(best, R)
-        lo = R if lo is None or R > lo else lo
-    if lo is None:
-        lo = 0.0
-    if hi is None:
-        return best
-    for _ in range(int(steps)):
-        mid = 0.5 * (lo + hi)
-        if probe(mid):
-            best = max(best, mid)
-            lo = mid
-        else:
-            hi = mid
-    return best
 
 
 # -- margin bound ---------------------------------------------------------------------------------------------
@@ -481,13 +267,13 @@ def certify(
     layer_bounds : str, optional
         Pre-activation bound method (default ``crown``); also used for the margin-bound certificate.
     search : {"grid", "paper"}
-        See the module docstring.
+        See :mod:`recurjac_scale.applications.search`; the default is never below ``"paper"``.
     margin_bound : bool
         Also compute the layer-bound margin certificate.
     n, steps : int
         Intervals and bisection steps of ``search="paper"`` (and bisection steps of the margin bound).
     budget : int
-        Local-constant evaluations of ``search="grid"``.
+        Local-constant evaluations of the grid phase of ``search="grid"`` (the replay that follows adds its own).
 
     Returns
     -------
