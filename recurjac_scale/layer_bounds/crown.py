@@ -36,6 +36,7 @@ def crown(
     never_looser_than_fastlin: bool = True,
     fused: bool = True,
     clip=None,
+    lowrank: bool | None = None,
 ) -> tuple[list, list]:
     """CROWN bounds of every pre-activation over ``B_p[x0, eps] ∩ D`` (Zhang et al. 2018, Theorem 3.2).
 
@@ -78,6 +79,9 @@ def crown(
         coefficients per relaxation step, upper and lower chains stacked into one GEMM, one shared chain for
         linear relaxations).  ``False`` runs the plain numpy chains, one per bound and pass, as before (kept as
         the reference the fused engine is tested against); the two agree up to the order of summation.
+    lowrank : bool or None
+        Carry the chains as one shared chain plus low-rank corrections where that saves flops (``None``), always
+        (``True``) or never (``False``); see :func:`~recurjac_scale.layer_bounds.backsub.backsubstitute`.
     clip : sequence of (lower, upper) or None
         Known bounds of the layers over the region (see :func:`~recurjac_scale.layer_bounds.backsub.
         backsubstitute`).
@@ -108,4 +112,5 @@ def crown(
         independent=independent,
         fused=fused,
         clip=clip,
+        lowrank=lowrank,
     )

@@ -84,13 +84,15 @@ class _Chain:
             self.slack_lo += g_k * sums[:, 3] + (g_a * sums[:, 5] + L.underflow_err)
         return lam_z
 
-    def finish(self, t: int, region: Region, dtype, concretise) -> tuple[np.ndarray, np.ndarray]:
+    def finish(self, t: int, region: Region, dtype, concretise, g_c: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Concretise: the upper bounds of the rows, and the lower bounds (``-upper`` of the negated chain when
-        ``both``, else the lower half of the stacked rows ``[W; -W]``)."""
+        ``both``, else the lower half of the stacked rows ``[W; -W]``).  ``g_c``: ``gamma`` of the running
+        intercept sum (default: two terms per level, ``gamma(2 t + 4)``)."""
         lam64 = self.lam if self.lam.dtype == np.float64 else self.lam.astype(np.float64)
         lo, hi = region.box
         g0 = gamma(lam64.shape[1] + 2, dtype)
-        g_c = gamma(2 * t + 4)
+        g_c = gamma(2 * t + 4) if g_c is None else g_c
 
         def sup(cc, cabs, slack, lam_x):
             s = concretise(lam_x, region, lo, hi, g0)
