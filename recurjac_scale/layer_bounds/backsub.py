@@ -32,8 +32,10 @@ with ``|Lam|`` and added to the result:
 allowances are computed in float64 (their own rounding is covered by the factor 2 inside ``gamma``).
 
 By default the chains run in :mod:`recurjac_scale.layer_bounds.fused` (same products, same allowances, fewer
-passes over memory and, for linear relaxations and the first affine step, fewer GEMMs); ``fused=False`` runs the
-plain numpy chains below.
+passes over memory and, for linear relaxations and the first affine step, fewer GEMMs), or, for the target layers
+where that needs fewer flops (few unstable neurons below them), in :mod:`recurjac_scale.layer_bounds.lowrank` (one
+shared chain plus low-rank corrections, with its own allowances); ``fused=False`` runs the plain numpy chains
+below.
 """
 
 from __future__ import annotations

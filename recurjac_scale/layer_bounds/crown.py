@@ -72,8 +72,9 @@ def crown(
         never looser than Fast-Lin, by construction (and about 2% tighter on average, since the tighter bounds
         feed the later layers).  Fast-Lin's lines are parallel, so with ``fused`` its pass runs one chain for
         both bounds instead of two, and its first affine step is shared with CROWN-Ada's: the default costs
-        about 1.5 times plain CROWN-Ada instead of 2 times (benchmarks/RESULTS.md).  ``False`` gives plain
-        CROWN-Ada.
+        about 1.5 times plain CROWN-Ada instead of 2 times; where few neurons are unstable, the low-rank chains
+        (``lowrank``) run all three chains for about the price of one (benchmarks/RESULTS.md).  ``False`` gives
+        plain CROWN-Ada.
     fused : bool
         Run the back-substitution through :mod:`recurjac_scale.layer_bounds.fused` (one pass over the
         coefficients per relaxation step, upper and lower chains stacked into one GEMM, one shared chain for

@@ -28,8 +28,10 @@ shared columns, and the rounded ``V = fl(sigma B(j)[:, U] + fl(P Q(j)[:, U]))`` 
 * relaxation on ``U``: the fused kernel (:func:`~recurjac_scale.layer_bounds.fused._relax_rows`) with the same
   intercept, relaxation and affine allowances as the other engines; on ``S`` the relaxation is the identity, exact;
 * affine step: ``Z W[j][U, :]`` is held exactly (it is the new block of ``P Q``); the two GEMMs ``B(j)[:, S]
-  W[j][S, :]`` and ``Q(j)[:, S] W[j][S, :]`` and the bias dot products err by at most
-  ``gamma(max(n_j, n_{j-1}) + rho + 2) (|B(j)[:, S]| + |P| |Q(j)[:, S]|) (|W[j][S]| hmax(j-1) + |b[j][S]|)``;
+  W[j][S, :]`` and ``Q(j)[:, S] W[j][S, :]`` and the bias dot products (``m`` terms: ``|S|``, or the held columns
+  with the weight rows of ``U`` set to zero, see :data:`ZEROED_MAX`; then ``P`` times a vector, ``rho`` terms) err
+  by at most ``gamma(m + rho + 2) (|B(j)[:, S]| + |P| |Q(j)[:, S]|) (|W[j][S]| hmax(j-1) + |b[j][S]|)`` (the
+  classical bound of a dot product by its length; the other engines use ``max(n_j, n_{j-1})`` as a floor);
 * at the input, ``M = fl(sigma B(-1) + fl(P Q(-1)))`` with the ``V`` allowance against ``|x| <= xmax``, then the
   concretisation of the other engines; the running intercept sum gets ``gamma(4 t + 8)`` (four terms per level);
 * underflow: the per-step allowance of the other engines, plus ``eta`` per product of the two extra GEMMs and of
@@ -225,7 +227,7 @@ def lowrank_block_bounds(pl: LowRankPlan, w_rows, b_rows, wd, bs, variants, regi
         n_j, n_in = wd[j].shape
         g_k = gamma(n_j + 2)
         g_a = affine_gamma(n_in, n_j, np.float64)
-        g_s = gamma(max(n_j, n_in) + rho + 2)
+        g_s = gamma(lv.w_b.shape[0] + rho + 2)  # dot products of length <= rows of w_b, then of length rho
         g_v = gamma(rho + 1)
         base_s = lv.shared_cols(base)
         q_s = lv.shared_cols(Q) if rho else None
