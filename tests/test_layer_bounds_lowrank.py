@@ -71,8 +71,10 @@ def test_lowrank_contains_sampled_and_attacked_pre_activations(act, params, rng)
 
 
 def test_lowrank_is_chosen_only_where_it_saves_flops(rng, monkeypatch):
-    """On a wide network at a tiny radius (few unstable neurons) the automatic choice takes the low-rank chains;
-    at a radius where most neurons are unstable it keeps the fused engine.  Both give the numpy chains' bounds."""
+    """On a wide network at a tiny radius (few unstable neurons) the automatic choice takes the low-rank chains
+    for every target layer with two or more layers below it (with one, the fused engine already shares its only
+    affine step); at a radius where most neurons are unstable it keeps the fused engine.  Both give the numpy
+    chains' bounds."""
     mod = _lowrank_module()
     chosen = []
     plan = mod.plan
@@ -85,8 +87,8 @@ def test_lowrank_is_chosen_only_where_it_saves_flops(rng, monkeypatch):
     net = random_network([64, 96, 96, 96, 5], "relu", rng, bias_scale=0.0)
     x0 = rng.uniform(-0.5, 0.5, 64)
     monkeypatch.setattr(sys.modules["recurjac_scale.layer_bounds.backsub"], "lowrank_plan", spy)
-    for eps, expect in ((1e-6, True), (0.5, False)):
+    for eps, expect in ((1e-6, [False, True, True]), (0.5, [False, False, False])):
         chosen.clear()
         new = layer_bounds(net, x0, eps, math.inf, "crown")
-        assert chosen and all(c == expect for c in chosen), (eps, chosen)
+        assert chosen == expect, (eps, chosen)
         _assert_close(new, layer_bounds(net, x0, eps, math.inf, "crown", fused=False), f"eps={eps}")

@@ -154,29 +154,35 @@ def plan(t: int, variants, wd, n_rows: int, block_rows: int, force: bool = False
     than the largest weight matrix.  ``cache``: a dict kept across the target layers of one computation (the
     level layouts and weight copies are reused)."""
     cache = {} if cache is None else cache
-    levels = {j: _level(j, variants, wd, cache) for j in range(t)}
+    lay = {j: _layout(j, variants) for j in range(t)}  # (S, U, cols) per level
     n0 = wd[0].shape[1]
+    n_held = {j: lay[j][2].size for j in range(t)}
+    n_held[-1] = n0
     blocks = -(-n_rows // block_rows)
     r = min(block_rows, n_rows)
     rows_c = [r if all(L.linear for L in layers[:t]) else 2 * r for layers, _ in variants]
-    # flops of the fused engine (per block): every chain through every layer on its kept neurons
-    dense = 0.0
+    # flops of the fused engine (per block): every chain through every layer on its kept neurons, except the
+    # first affine step, which it already shares on the neurons that are shared here
+    S_top, U_top = lay[t - 1][0].size, lay[t - 1][1].size
+    dense = r * S_top * n_held[t - 2]
     for (layers, _), rc in zip(variants, rows_c):
-        for j in range(t):
+        dense += rc * U_top * (n0 if t == 1 else layers[t - 2].kept.size)
+        for j in range(t - 1):
             dense += rc * layers[j].active.size * (n0 if j == 0 else layers[j - 1].kept.size)
     # flops of the low-rank chains (per block; the factor Q once per target, spread over its blocks)
     low, rho, rank = 0.0, 0, {}
     for j in range(t - 1, -1, -1):
-        lv = levels[j]
+        S, U, cols = lay[j]
         rank[j] = rho
-        n_shared = lv.w_b.shape[0]
-        low += (r + rho / blocks) * n_shared * lv.w_b.shape[1] + sum(rows_c) * rho * lv.U.size
-        rho += lv.U.size
+        n_shared = S.size if U.size > ZEROED_MAX * cols.size else cols.size
+        low += (r + rho / blocks) * n_shared * n_held[j - 1] + sum(rows_c) * rho * U.size
+        rho += U.size
     rank[-1] = rho
     low += sum(rows_c) * rho * n0
     widest = max(w.size for w in wd[: t + 1])
     if (low > MIN_SAVING * dense and not force) or rho * n0 > widest:
         return None
+    levels = {j: _level(j, variants, wd, cache) for j in range(t)}
     return LowRankPlan(t, levels, n0, rank)
 
 
