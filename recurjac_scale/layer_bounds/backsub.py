@@ -367,7 +367,10 @@ def backsubstitute(
         low-rank corrections on the neurons where their relaxations differ (:mod:`recurjac_scale.layer_bounds.
         lowrank`).  ``None`` (default): for every target layer whose flop count it lowers (few unstable
         neurons); ``True``: whenever it fits in memory; ``False``: never.  Certified like the other engines; the
-        bounds agree with them up to the order of summation and rounding allowances.
+        bounds agree with them up to the order of summation and rounding allowances.  Extra memory when used:
+        one copy of each level's weights restricted to the neurons that matter (kept for the whole call), and
+        factors of ``rank x width`` floats, ``rank`` (unstable neurons below the target) being capped so that
+        the largest is no bigger than the largest weight matrix.
 
     Returns
     -------
