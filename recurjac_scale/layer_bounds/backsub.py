@@ -370,7 +370,7 @@ def backsubstitute(
         bounds agree with them up to the order of summation and rounding allowances.  Extra memory when used:
         one copy of each level's weights restricted to the neurons that matter (kept for the whole call), and
         factors of ``rank x width`` floats, ``rank`` (unstable neurons below the target) being capped so that
-        the largest is no bigger than the largest weight matrix.
+        the factor at the input (``rank x n_0``) is no bigger than the largest weight matrix.
 
     Returns
     -------
