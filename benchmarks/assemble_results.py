@@ -13,9 +13,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = (
-    "_summary.md", "layer_bounds.md", "layer_bounds_cifar.md", "jacobian_speed.md", "jacobian.md", "scale.md",
-    "gemm_share.md", "scale_ooc.md", "sparse_kernels.md", "applications_intro.md", "applications_table1.md", "applications_search.md",
-    "applications_figure2.md", "applications_figure3.md",
+    "_summary.md", "layer_bounds.md", "layer_bounds_cifar.md", "layer_bounds_speed.md", "jacobian_speed.md",
+    "jacobian.md", "scale.md", "gemm_share.md", "scale_ooc.md", "sparse_kernels.md", "applications_intro.md",
+    "applications_table1.md", "applications_search.md", "applications_figure2.md", "applications_figure3.md",
 )
 ORDER += ("interface_refactor.md",)
 

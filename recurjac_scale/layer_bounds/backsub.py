@@ -32,8 +32,10 @@ with ``|Lam|`` and added to the result:
 allowances are computed in float64 (their own rounding is covered by the factor 2 inside ``gamma``).
 
 By default the chains run in :mod:`recurjac_scale.layer_bounds.fused` (same products, same allowances, fewer
-passes over memory and, for linear relaxations and the first affine step, fewer GEMMs); ``fused=False`` runs the
-plain numpy chains below.
+passes over memory and, for linear relaxations and the first affine step, fewer GEMMs), or, for the target layers
+where that needs fewer flops (few unstable neurons below them), in :mod:`recurjac_scale.layer_bounds.lowrank` (one
+shared chain plus low-rank corrections, with its own allowances); ``fused=False`` runs the plain numpy chains
+below.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from ..errors import InputError
 from ..network.model import Network
 from .base import Region, apply_clip
 from .fused import affine_gamma, block_bounds
+from .lowrank import lowrank_block_bounds, plan as lowrank_plan
 from .ibp import affine_interval, first_layer_bounds
 from ..relaxations import value_bounds
 
@@ -276,32 +279,42 @@ class _State:
             lo_t[rows] = np.maximum(lo_t[rows], lo)
 
 
-def _bound_layer(states: Sequence[_State], t: int, ws, wd, bs, region, dtype, block_rows: int, fused: bool):
+def _bound_layer(states: Sequence[_State], t: int, ws, wd, bs, region, dtype, block_rows: int, fused: bool,
+                 lowrank: bool | None = None, lowrank_cache: dict | None = None):
     """Bounds of layer ``t`` from every state (each intersected over its variants): list of (lower, upper).
 
     With ``fused``, every variant that can (finite quantities) of every state is bounded by one
     :func:`~recurjac_scale.layer_bounds.fused.block_bounds` call per row block, which shares the first affine
-    step among them; the others run the plain numpy chains."""
+    step among them, or, in float64 with a bounded input box and when it needs fewer flops (``lowrank=None``;
+    ``True``: whenever it can, ``False``: never), by
+    :func:`~recurjac_scale.layer_bounds.lowrank.lowrank_block_bounds` (one shared chain plus low-rank
+    corrections); the others run the plain numpy chains."""
     n_t = ws[t].shape[0]
     outs = [(np.full(n_t, -np.inf), np.full(n_t, np.inf)) for _ in states]
     jobs = []  # (state index, variant index) run fused
     if fused:
         for si, st in enumerate(states):
             jobs += [(si, vi) for vi, ok in enumerate(st.fusable(t, bs)) if ok]
+    variants = [(states[si].variants[vi], states[si].aff_err) for si, vi in jobs]
+    pl = None
+    if jobs and lowrank is not False and dtype == np.float64 and all(np.isfinite(b).all() for b in region.box):
+        pl = lowrank_plan(t, variants, wd, n_t, block_rows, force=bool(lowrank), cache=lowrank_cache)
     for r0 in range(0, n_t, block_rows):
         rows = slice(r0, min(n_t, r0 + block_rows))
         for si, st in enumerate(states):
             skip = {vi for sj, vi in jobs if sj == si}
             if len(skip) < len(st.variants):
                 st.bound_rows(rows, t, ws, wd, bs, region, dtype, outs[si][0], outs[si][1], skip)
-        if jobs:
-            res = block_bounds(ws[t][rows], bs[t][rows], t, wd, bs,
-                               [(states[si].variants[vi], states[si].aff_err) for si, vi in jobs], region, dtype,
-                               _concretise_upper)
-            for (si, _), (up, lo) in zip(jobs, res):
-                lo_t, up_t = outs[si]
-                up_t[rows] = np.minimum(up_t[rows], up)
-                lo_t[rows] = np.maximum(lo_t[rows], lo)
+        if pl is not None:
+            res = lowrank_block_bounds(pl, ws[t][rows], bs[t][rows], wd, bs, variants, region, _concretise_upper)
+        elif jobs:
+            res = block_bounds(ws[t][rows], bs[t][rows], t, wd, bs, variants, region, dtype, _concretise_upper)
+        else:
+            continue
+        for (si, _), (up, lo) in zip(jobs, res):
+            lo_t, up_t = outs[si]
+            up_t[rows] = np.minimum(up_t[rows], up)
+            lo_t[rows] = np.maximum(lo_t[rows], lo)
     return outs
 
 
@@ -316,6 +329,7 @@ def backsubstitute(
     independent: Sequence[RelaxFn] = (),
     fused: bool = True,
     clip=None,
+    lowrank: bool | None = None,
 ) -> tuple[list, list]:
     """Layer-by-layer bounds by back-substituting linear relaxations (CROWN / Fast-Lin).
 
@@ -348,6 +362,15 @@ def backsubstitute(
         relaxation step; one chain for both bounds of a relaxation that is linear on every layer, e.g. Fast-Lin's
         with finite bounds).  ``False`` runs the plain numpy chains, one per bound and relaxation (the reference
         the fused path is tested against).  Both are certified; they differ only in the order of summation.
+    lowrank : bool or None
+        With ``fused`` in float64 over a bounded box: carry the chains of a block as one shared chain plus
+        low-rank corrections on the neurons where their relaxations differ (:mod:`recurjac_scale.layer_bounds.
+        lowrank`).  ``None`` (default): for every target layer whose flop count it lowers (few unstable
+        neurons); ``True``: whenever it fits in memory; ``False``: never.  Certified like the other engines; the
+        bounds agree with them up to the order of summation and rounding allowances.  Extra memory when used:
+        one copy of each level's weights restricted to the neurons that matter (kept for the whole call), and
+        factors of ``rank x width`` floats, ``rank`` (unstable neurons below the target) being capped so that
+        the factor at the input (``rank x n_0``) is no bigger than the largest weight matrix.
 
     Returns
     -------
@@ -369,11 +392,12 @@ def backsubstitute(
     main = _State([relax] if callable(relax) else relax, l, u, xmax)
     others = [_State([r], l, u, xmax) for r in independent]
     states = (main, *others)
+    lowrank_cache: dict = {}  # level layouts and weight copies of the low-rank chains, reused across layers
     for t in range(1, network.n_layers):
         k = t - 1
         for st in states:
             st.prepare(k, acts[k], ws, wd, bs, block_rows)
-        results = _bound_layer(states, t, ws, wd, bs, region, dtype, block_rows, fused)
+        results = _bound_layer(states, t, ws, wd, bs, region, dtype, block_rows, fused, lowrank, lowrank_cache)
         if intersect_ibp:
             for i, st in enumerate(states):
                 hl, hu = value_bounds(acts[k].value, st.lowers[k], st.uppers[k])

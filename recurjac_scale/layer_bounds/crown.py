@@ -36,6 +36,7 @@ def crown(
     never_looser_than_fastlin: bool = True,
     fused: bool = True,
     clip=None,
+    lowrank: bool | None = None,
 ) -> tuple[list, list]:
     """CROWN bounds of every pre-activation over ``B_p[x0, eps] ∩ D`` (Zhang et al. 2018, Theorem 3.2).
 
@@ -71,13 +72,17 @@ def crown(
         never looser than Fast-Lin, by construction (and about 2% tighter on average, since the tighter bounds
         feed the later layers).  Fast-Lin's lines are parallel, so with ``fused`` its pass runs one chain for
         both bounds instead of two, and its first affine step is shared with CROWN-Ada's: the default costs
-        about 1.5 times plain CROWN-Ada instead of 2 times (benchmarks/RESULTS.md).  ``False`` gives plain
-        CROWN-Ada.
+        about 1.5 times plain CROWN-Ada instead of 2 times; where few neurons are unstable, the low-rank chains
+        (``lowrank``) run all three chains for about the price of one (benchmarks/RESULTS.md).  ``False`` gives
+        plain CROWN-Ada.
     fused : bool
         Run the back-substitution through :mod:`recurjac_scale.layer_bounds.fused` (one pass over the
         coefficients per relaxation step, upper and lower chains stacked into one GEMM, one shared chain for
         linear relaxations).  ``False`` runs the plain numpy chains, one per bound and pass, as before (kept as
         the reference the fused engine is tested against); the two agree up to the order of summation.
+    lowrank : bool or None
+        Carry the chains as one shared chain plus low-rank corrections where that saves flops (``None``), always
+        (``True``) or never (``False``); see :func:`~recurjac_scale.layer_bounds.backsub.backsubstitute`.
     clip : sequence of (lower, upper) or None
         Known bounds of the layers over the region (see :func:`~recurjac_scale.layer_bounds.backsub.
         backsubstitute`).
@@ -108,4 +113,5 @@ def crown(
         independent=independent,
         fused=fused,
         clip=clip,
+        lowrank=lowrank,
     )

@@ -36,6 +36,7 @@ def fastlin(
     intersect_ibp: bool = True,
     fused: bool = True,
     clip=None,
+    lowrank: bool | None = None,
 ) -> tuple[list, list]:
     """Fast-Lin bounds of every pre-activation over ``B_p[x0, eps] ∩ D`` (Weng et al. 2018, Theorem 3.5).
 
@@ -56,5 +57,5 @@ def fastlin(
         fastlin_relaxation(act, np.zeros(1), np.zeros(1))  # raises for unsupported activations
     return backsubstitute(
         network, region, fastlin_relaxation, block_rows=block_rows, dtype=dtype, intersect_ibp=intersect_ibp,
-        fused=fused, clip=clip,
+        fused=fused, clip=clip, lowrank=lowrank,
     )

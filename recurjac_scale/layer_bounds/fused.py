@@ -34,6 +34,7 @@ otherwise (unbounded regions, ``eps = inf``) the caller runs the plain numpy cha
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numba
@@ -84,25 +85,45 @@ class _Chain:
             self.slack_lo += g_k * sums[:, 3] + (g_a * sums[:, 5] + L.underflow_err)
         return lam_z
 
-    def finish(self, t: int, region: Region, dtype, concretise) -> tuple[np.ndarray, np.ndarray]:
+    def finish(self, t: int, region: Region, dtype, concretise, g_c: float | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Concretise: the upper bounds of the rows, and the lower bounds (``-upper`` of the negated chain when
-        ``both``, else the lower half of the stacked rows ``[W; -W]``)."""
+        ``both``, else the lower half of the stacked rows ``[W; -W]``).  ``g_c``: ``gamma`` of the running
+        intercept sum (default: two terms per level, ``gamma(2 t + 4)``)."""
         lam64 = self.lam if self.lam.dtype == np.float64 else self.lam.astype(np.float64)
         lo, hi = region.box
         g0 = gamma(lam64.shape[1] + 2, dtype)
-        g_c = gamma(2 * t + 4)
+        g_c = gamma(2 * t + 4) if g_c is None else g_c
+        if region.p == math.inf and np.isfinite(lo).all() and np.isfinite(hi).all():
+            # the l-inf box: one pass over the coefficients gives the sups of both lam x and -lam x
+            s_up, s_neg = box_sups(lam64, lo, hi, g0)
+        else:
+            s_up = concretise(lam64, region, lo, hi, g0)
+            s_neg = concretise(-lam64, region, lo, hi, g0) if self.both else None
 
-        def sup(cc, cabs, slack, lam_x):
-            s = concretise(lam_x, region, lo, hi, g0)
+        def sup(cc, cabs, slack, s):
             with np.errstate(invalid="ignore"):
                 out = (cc + s) + (slack + g_c * (cabs + np.abs(s)) + TINY)
             return np.where(np.isnan(out), np.inf, out)
 
-        upper = sup(self.c_up, self.cabs_up, self.slack_up, lam64)
+        upper = sup(self.c_up, self.cabs_up, self.slack_up, s_up)
         if self.both:
-            return upper, -sup(self.c_lo, self.cabs_lo, self.slack_lo, -lam64)
+            return upper, -sup(self.c_lo, self.cabs_lo, self.slack_lo, s_neg)
         r = upper.shape[0] // 2
         return upper[:r], -upper[r:]
+
+
+def box_sups(lam: np.ndarray, lo: np.ndarray, hi: np.ndarray, g: float) -> tuple[np.ndarray, np.ndarray]:
+    """Certified ``max_{lo <= x <= hi} lam x`` and ``max (-lam) x`` per row (finite box, float64 ``lam`` of shape
+    (r, n)), as ``backsub._concretise_upper`` computes the first (midpoint-radius: ``lam mid + |lam| rad``, plus
+    ``g |lam| (|mid| + rad)`` for the rounding of the sums, ``g = gamma(n + 2)`` covering any order of
+    summation), in one pass over ``lam`` (:func:`_box_sums`)."""
+    mid = 0.5 * lo + 0.5 * hi
+    rad = 0.5 * (hi - lo)
+    sums = np.empty((lam.shape[0], 3))
+    _box_sums(lam, np.ascontiguousarray(mid), np.ascontiguousarray(rad), np.abs(mid) + rad, sums)
+    common = sums[:, 1] + g * sums[:, 2] + TINY
+    return (sums[:, 0] + common), (-sums[:, 0] + common)
 
 
 def block_bounds(
@@ -277,3 +298,23 @@ def _relax_rows(lam, act, a_up, a_low, b_up, b_low, err_up, err_low, bias, aff, 
         sums[i, 3] = (s3 + e3) + bad
         sums[i, 4] = s4
         sums[i, 5] = s5
+
+
+@numba.njit(nogil=True, cache=True)
+def _box_sums(lam, mid, rad, mag, out):  # pragma: no cover
+    """Per row ``i`` of ``lam`` (r, n): ``out[i] = (lam_i . mid, |lam_i| . rad, |lam_i| . mag)`` (float64, any
+    order of summation; NaN or infinite when a coefficient is)."""
+    r, n = lam.shape
+    for i in range(r):
+        s0 = 0.0
+        s1 = 0.0
+        s2 = 0.0
+        for j in range(n):
+            v = lam[i, j]
+            a = abs(v)
+            s0 += v * mid[j]
+            s1 += a * rad[j]
+            s2 += a * mag[j]
+        out[i, 0] = s0
+        out[i, 1] = s1
+        out[i, 2] = s2
