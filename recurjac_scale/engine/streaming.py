@@ -61,7 +61,7 @@ def streamed_chain(method, store_path: str, outputs, derivative_bounds, panel_by
 
     from ..jacobian.chain import Chain
     from ..network.model import _fold_rows
-    from ..network.store import open_network
+    from ..network.store_read import open_network
 
     with dask.config.set(scheduler="synchronous"):
         net = open_network(store_path)  # lazy: metadata only
