@@ -19,7 +19,7 @@ element, C-contiguous arrays of the same shape), so results are bitwise those of
 matrix that carries the output selection ``C`` (``C W(H)``) is computed and kept in memory, exactly as
 :meth:`Network.with_outputs` computes it.
 
-What a streamed task holds is counted by the plan (:func:`recurjac_scale.engine.plan._streamed_bytes` and
+What a streamed task holds is counted by the plan (:func:`recurjac_scale.engine.sizing._streamed_bytes` and
 :meth:`recurjac_scale.jacobian.cost.ChainCost.level_bytes`); :func:`store_tile_bytes` gives the tile size it uses.
 """
 
