@@ -165,7 +165,7 @@ def choose_blocks(
 
 def cache_bytes(shape: ChainCost, *, stream: bool) -> int:
     """The most a worker process's caches hold between tasks: the chain-only factors of steps that share across
-    rows (:data:`recurjac_scale.jacobian.recurjac.SHARED_CACHE_BYTES`) and the rows of earlier states
+    rows (:data:`recurjac_scale.jacobian.recurjac_shared.SHARED_CACHE_BYTES`) and the rows of earlier states
     (:data:`recurjac_scale.engine.run.PRIOR_CACHE_BYTES`, at most the job's whole state).  Streamed (out-of-core)
     runs keep neither."""
     if stream:
