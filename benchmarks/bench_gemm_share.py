@@ -35,7 +35,8 @@ def measure(method: str, radius: int) -> dict:
     from recurjac_scale.engine.blocks import BoundChain
     from recurjac_scale.engine.schedulers import blas_single_thread
     from recurjac_scale.jacobian import products as ch
-    from recurjac_scale.jacobian import recurjac as rj
+    from recurjac_scale.jacobian import recurjac_levels as rjl
+    from recurjac_scale.jacobian import recurjac_shared as rjs
 
     bs.warmup(method, "crown")
     gemm_before = bs.gemm_rate(repeats=3)["gflops"]
@@ -58,7 +59,7 @@ def measure(method: str, radius: int) -> dict:
 
         setattr(mod, name, g)
 
-    for mod in (rj, ch):
+    for mod in (rjl, rjs, ch):
         for n in ("panel_matmul", "tile_matmul"):
             if hasattr(mod, n):
                 wrap(mod, n)

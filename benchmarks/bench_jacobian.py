@@ -30,6 +30,8 @@ from recurjac_scale.jacobian import fastlip as fl_mod
 from recurjac_scale.jacobian import jacobian_bounds
 from recurjac_scale.jacobian import methods as meth_mod
 from recurjac_scale.jacobian import recurjac as rj_mod
+from recurjac_scale.jacobian import recurjac_levels as rjl_mod
+from recurjac_scale.jacobian import recurjac_shared as rjs_mod
 from recurjac_scale.layer_bounds import layer_bounds
 from recurjac_scale.testing import random_network
 
@@ -59,7 +61,7 @@ def _count(fn):
 
 
 def _install_counters():
-    for mod in (rj_mod, fl_mod, meth_mod):
+    for mod in (rj_mod, rjl_mod, rjs_mod, fl_mod, meth_mod):
         for name in ("panel_matmul", "tile_matmul"):
             if hasattr(mod, name):
                 setattr(mod, name, _count(getattr(chain_mod, name)))

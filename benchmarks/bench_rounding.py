@@ -44,11 +44,11 @@ from recurjac_scale.testing import random_network
 
 eps, methods, uncertified = float(sys.argv[2]), sys.argv[3].split(","), sys.argv[4] == "1"
 if uncertified:  # the same recursion without widening and without sign slack
-    from recurjac_scale.jacobian import fastlip, methods as mth, recurjac as rj
+    from recurjac_scale.jacobian import fastlip, methods as mth, recurjac as rj, recurjac_shared as rjs
     ident = lambda lower, upper, *w: (lower, upper)
     for mod in (rj, fastlip, mth):
         mod.widen_outward = ident
-    rj.sign_slack = lambda a, dtype=None: np.zeros_like(np.asarray(a, dtype=dtype))
+    rj.sign_slack = rjs.sign_slack = lambda a, dtype=None: np.zeros_like(np.asarray(a, dtype=dtype))
 rng = np.random.default_rng(2019)
 net = random_network(CIFAR_WIDTHS, "relu", rng, bias_scale=0.0)
 x0 = rng.uniform(-0.5, 0.5, CIFAR_WIDTHS[0])

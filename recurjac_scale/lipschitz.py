@@ -32,6 +32,10 @@ Collatz-Wielandt inequality ``rho(A) <= max_i (A v)_i / v_i`` (``A = M^T M``, an
 outward rounding, so it is certified; the 2-norm of a signed weight matrix (naive constant only) uses the LAPACK
 SVD value widened by ``gamma(2 m n)`` (a generous backward-error allowance), capped by the rigorous
 ``sqrt(||W||_1 ||W||_inf)``.
+
+This module holds the results and the :func:`lipschitz` driver; the norms and the naive constant are in
+:mod:`recurjac_scale.lipschitz_norms`, Algorithm 2 and the row-norm registries in :mod:`recurjac_scale.algorithm2`
+(both re-exported here).
 """
 
 from __future__ import annotations
@@ -39,14 +43,27 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
-from ._fp import TINY, gamma
 from ._json import json_float
-from .errors import InputError, ShapeMismatchError
+from .algorithm2 import (  # noqa: F401 (re-exported)
+    ALGORITHM2_METHODS,
+    ROW_NORM_METHODS,
+    algorithm2_row_l1,
+    algorithm2_signs,
+    register_algorithm2,
+    register_row_norms,
+)
+from .errors import InputError
 from .layer_bounds.base import dual_norm, parse_norm
+from .lipschitz_norms import (  # noqa: F401 (re-exported)
+    bound_magnitude,
+    dual_row_norms,
+    induced_norm,
+    naive_constant,
+    operator_norm,
+)
 from .network.model import Network
 
 __all__ = [
@@ -72,301 +89,6 @@ __all__ = [
 def format_norm(p: float):
     """``p`` as stored in JSON: ``1``, ``2`` or ``"inf"``."""
     return "inf" if p == math.inf else int(p)
-
-
-# -- norms of the magnitude bound M ---------------------------------------------------------------------------
-
-
-def bound_magnitude(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    """``M = max(|L|, |U|)`` elementwise: ``|J(x)| <= M`` for every x of the region (shape ``(m, n_0)``).
-
-    Raises
-    ------
-    ShapeMismatchError
-        If the shapes differ or the bounds are not 2-D.
-    """
-    lower = np.asarray(lower, dtype=np.float64)
-    upper = np.asarray(upper, dtype=np.float64)
-    if lower.shape != upper.shape or lower.ndim != 2:
-        raise ShapeMismatchError(f"Jacobian bounds must be two (m, n_0) arrays, got {lower.shape} and {upper.shape}")
-    return np.maximum(np.abs(lower), np.abs(upper))
-
-
-def dual_row_norms(M: np.ndarray, q: float) -> np.ndarray:
-    """Certified upper bounds of ``||M[j, :]||_q`` for every row (shape ``(m,)``), for ``M >= 0`` of shape
-    ``(m, n)``: computed in float64 and widened by ``gamma(n)``."""
-    M = np.asarray(M, dtype=np.float64)
-    n = M.shape[1]
-    with np.errstate(over="ignore"):
-        if q == 1.0:
-            return M.sum(axis=1) * (1.0 + gamma(n))
-        if q == 2.0:
-            ss = np.einsum("ij,ij->i", M, M) * (1.0 + gamma(n))
-            return np.sqrt(ss) * (1.0 + gamma(1)) + TINY
-    return M.max(axis=1) if n else np.zeros(M.shape[0])
-
-
-def _sigma_max_nonneg(M: np.ndarray) -> float:
-    """Certified upper bound of the largest singular value of a non-negative matrix ``M`` (m, n).
-
-    ``sigma_max(M)^2 = rho(M^T M)`` and ``M^T M >= 0``, so for any positive vector ``v`` the Collatz-Wielandt
-    bound ``rho <= max_i (M^T M v)_i / v_i`` holds; ``v`` is the (absolute) leading right singular vector from
-    LAPACK, floored to stay positive and polished by two power steps.  Every product is rounded outward.  The
-    result is also capped by the Frobenius norm and by ``sqrt(||M||_1 ||M||_inf)`` (both certified)."""
-    m, n = M.shape
-    if m == 0 or n == 0 or not M.any():
-        return 0.0
-    fro = math.sqrt(float(np.einsum("ij,ij->", M, M)) * (1.0 + gamma(m * n))) * (1.0 + gamma(1))
-    r1 = float(M.sum(axis=0).max()) * (1.0 + gamma(m))
-    rinf = float(M.sum(axis=1).max()) * (1.0 + gamma(n))
-    caps = [fro, math.sqrt(r1 * rinf) * (1.0 + gamma(1))]
-    if m == 1 or n == 1:
-        return min(caps)
-    try:
-        _, _, vt = np.linalg.svd(M, full_matrices=False)
-        v = np.abs(vt[0])
-    except np.linalg.LinAlgError:  # pragma: no cover - LAPACK failure
-        v = np.ones(n)
-    v = v / v.max()
-    for _ in range(2):
-        v = M.T @ (M @ v)
-        v = v / v.max()
-        v = np.maximum(v, 1e-6)
-    w = (M @ v) * (1.0 + gamma(n))
-    av = (M.T @ w) * (1.0 + gamma(m))
-    lam = float((av / v).max()) * (1.0 + gamma(2))
-    cw = math.sqrt(lam) * (1.0 + gamma(1))
-    if math.isnan(cw):  # overflow in the power steps (inf / inf): fall back on the caps
-        cw = math.inf
-    return min(cw, *caps)
-
-
-def induced_norm(M: np.ndarray, p: float) -> float:
-    """Certified upper bound of the induced norm ``||M||_{p->p}`` of a non-negative ``M`` of shape ``(m, n)``.
-
-    ``p = inf``: max row sum; ``p = 1``: max column sum; ``p = 2``: largest singular value (see
-    :func:`_sigma_max_nonneg`).  For ``m = 1`` this equals the dual norm ``||M[0, :]||_q``.
-    """
-    M = np.asarray(M, dtype=np.float64)
-    m, n = M.shape
-    if m == 0 or n == 0:
-        return 0.0
-    if not np.isfinite(M).all():
-        return math.inf
-    if p == math.inf:
-        return float(M.sum(axis=1).max()) * (1.0 + gamma(n))
-    if p == 1.0:
-        return float(M.sum(axis=0).max()) * (1.0 + gamma(m))
-    if m == 1:
-        return float(dual_row_norms(M, 2.0)[0])
-    return _sigma_max_nonneg(M)
-
-
-def operator_norm(W: np.ndarray, p: float) -> float:
-    """Upper bound of ``||W||_{p->p}`` of a (signed) matrix ``W`` of shape ``(m, n)``.
-
-    ``p = 1``, ``inf``: certified (absolute column / row sums widened by ``gamma``).  ``p = 2``: the LAPACK
-    largest singular value widened by ``gamma(2 m n)`` (backward-error allowance of the SVD), capped by the
-    rigorous ``sqrt(||W||_1 ||W||_inf)``.
-    """
-    W = np.asarray(W, dtype=np.float64)
-    m, n = W.shape
-    if m == 0 or n == 0:
-        return 0.0
-    A = np.abs(W)
-    if p == math.inf:
-        return float(A.sum(axis=1).max()) * (1.0 + gamma(n))
-    if p == 1.0:
-        return float(A.sum(axis=0).max()) * (1.0 + gamma(m))
-    if m == 1 or n == 1:
-        return float(dual_row_norms(A.reshape(1, -1), 2.0)[0])
-    r1 = float(A.sum(axis=0).max()) * (1.0 + gamma(m))
-    rinf = float(A.sum(axis=1).max()) * (1.0 + gamma(n))
-    cap = math.sqrt(r1 * rinf) * (1.0 + gamma(1))
-    s = float(np.linalg.svd(W, compute_uv=False)[0])
-    return min(s * (1.0 + gamma(2 * m * n)) + TINY, cap)
-
-
-def naive_constant(network: Network, p=math.inf) -> float:
-    """The naive global Lipschitz constant ``prod_l ||W(l)||_{p->p} * prod_l sup sigma_l'`` over all of R^n
-    (the dotted "naive" lines of Zhang et al. 2019, Figures 1 and 3).
-
-    With a single output row the last factor ``||W(H)||_{p->p}`` is the dual norm ``||w||_q`` of that row (the
-    induced norm of a 1 x n matrix), as in the authors' reference.  Apply output selections first
-    (:meth:`Network.with_outputs`).
-
-    Returns
-    -------
-    float
-        An upper bound of ``||f(x) - f(y)||_p / ||x - y||_p`` for all x != y (rounded outward).
-    """
-    p = parse_norm(p)
-    net = network.materialize() if network.is_lazy else network
-    value = 1.0
-    for w in net.weights:
-        value *= operator_norm(w, p)
-    for act in net.layer_activations:
-        value *= float(act.derivative_range[1])
-    if math.isnan(value):  # 0 * inf: an (under- or over-flowed) product of norms; inf is the only safe answer
-        return math.inf
-    return value * (1.0 + gamma(2 * net.n_layers))
-
-
-# -- Algorithm 2 ----------------------------------------------------------------------------------------------
-
-
-def algorithm2_signs(lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    """Per row, the sign vector ``s_j`` of Algorithm 2 with strict signs: ``+1`` where ``L > 0``, ``-1`` where
-    ``U < 0``, 0 elsewhere.  Shape ``(m, n_0)``, float64."""
-    lower = np.asarray(lower, dtype=np.float64)
-    upper = np.asarray(upper, dtype=np.float64)
-    return np.where(lower > 0, 1.0, 0.0) - np.where(upper < 0, 1.0, 0.0)
-
-
-def algorithm2_row_l1(lower: np.ndarray, upper: np.ndarray, signs: np.ndarray, upper_ys: np.ndarray) -> np.ndarray:
-    """Certified upper bounds of ``max_{x in S} ||J[j, :](x)||_1`` per row (Zhang et al. 2019, Algorithm 2).
-
-    Parameters
-    ----------
-    lower, upper : ndarray, shape (m, n_0)
-        Certified Jacobian bounds.
-    signs : ndarray, shape (m, n_0)
-        Sign vectors with ``signs[j, k] * J[j, k](x) >= 0`` wherever ``signs[j, k] != 0`` (e.g. from
-        :func:`algorithm2_signs`).
-    upper_ys : ndarray, shape (m,)
-        ``upper_ys[j] >= J[j, :](x) · signs[j]`` for every x in S.
-
-    Returns
-    -------
-    ndarray, shape (m,)
-        ``min(upper_ys[j] + sum_{signs = 0} M[j, k], sum_k M[j, k])`` rounded outward.
-    """
-    M = bound_magnitude(lower, upper)
-    n = M.shape[1]
-    rest = np.where(signs == 0, M, 0.0).sum(axis=1) * (1.0 + gamma(n))
-    ys = np.asarray(upper_ys, dtype=np.float64).reshape(-1)
-    alg2 = (np.maximum(ys, 0.0) + rest) * (1.0 + gamma(2))
-    return np.minimum(alg2, dual_row_norms(M, 1.0))
-
-
-Algorithm2Fn = Callable[..., np.ndarray]
-ALGORITHM2_METHODS: dict[str, Algorithm2Fn] = {}
-"""Registry: Jacobian method name -> ``fn(network, layer_bounds, jac, signs) -> upper_ys`` of shape ``(m,)``,
-with ``upper_ys[j] >= J[j, :](x) · signs[j]`` over the region.  ``network`` has the output selection folded in;
-``jac`` is the method's :class:`JacobianBounds`.  Methods without an entry (``fastlip``) report the plain dual
-norm, as the reference does."""
-
-
-def register_algorithm2(*names: str):
-    """Decorator registering an Algorithm 2 directional bound for the named Jacobian methods."""
-
-    def deco(fn: Algorithm2Fn) -> Algorithm2Fn:
-        for name in names:
-            ALGORITHM2_METHODS[name] = fn
-        return fn
-
-    return deco
-
-
-RowNormFn = Callable[..., "np.ndarray | None"]
-ROW_NORM_METHODS: dict[str, RowNormFn] = {}
-"""Registry: Jacobian method name -> ``fn(network, jac, q) -> ndarray (m,) or None``: the method's own certified
-upper bounds of ``max_{x in S} ||J[j, :](x)||_q`` per row (e.g. ``linear-jacobian`` bounds ``sum_k |J[j, k]|`` by
-one linear objective through the chords of ``|.|``), or ``None`` for a norm it does not treat.  Each row takes the
-smaller of this and Proposition 2's; the constant of one row (or, for ``p = inf``, the max over rows, which bounds
-the induced inf->inf norm) is the candidate ``"rows"``."""
-
-
-def register_row_norms(*names: str):
-    """Decorator registering a row-norm bound (:data:`ROW_NORM_METHODS`) for the named Jacobian methods."""
-
-    def deco(fn: RowNormFn) -> RowNormFn:
-        for name in names:
-            ROW_NORM_METHODS[name] = fn
-        return fn
-
-    return deco
-
-
-def _interval_directional_upper(lower: np.ndarray, upper: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """``sum_k max(L s, U s)``: the interval bound of ``J[j, :]·s_j`` (no tighter than the plain dual norm; used
-    when there is no hidden layer, where ``L = U = J`` and it is exact)."""
-    t = np.maximum(lower * signs, upper * signs)
-    n = t.shape[1]
-    s = t.sum(axis=1)
-    return s + gamma(n) * np.abs(t).sum(axis=1) + TINY
-
-
-def _backward_prefix(netc: Network, derivative_bounds, dtype):
-    """The backward RecurJac chain and its states ``0 .. T-1`` (bounds of ``∂f/∂h(l)`` for l >= 1), i.e. all of
-    RecurJac-B except its last (most expensive) step."""
-    from .jacobian import get_jacobian_method
-    from .jacobian.driver import run_steps
-
-    jm = get_jacobian_method("recurjac-b")
-    chain = jm.build_chain(netc, derivative_bounds, dtype=dtype)
-    return chain, run_steps(jm, chain, last=chain.n_steps - 1)
-
-
-def _directional_upper_last_step(chain, states, signs: np.ndarray) -> np.ndarray:
-    """``upper_ys[j] >= J[j, :](x)·s_j`` over the region: the per-row column ``V_j = W(1) s_j`` pushed through
-    the last backward step (``recurjac_step`` with a per-row operand of shape ``(m, n_1, 1)``; Zhang et al.
-    2019, Algorithm 2).
-
-    ``V_j`` is computed in floating point, and the step treats it as exact: the difference
-    ``P_{T-1} Σ_T (V_j - fl(V_j))`` is bounded by ``max(|L_{T-1}|, |U_{T-1}|) D(du_T) gamma(n_0) |W(1)| |s_j|``
-    and added."""
-    from .jacobian.recurjac import recurjac_step
-
-    T = chain.n_steps
-    dt = chain.dtype
-    W1 = np.asarray(chain.mats[T - 1], dtype=dt)  # (n_1, n_0)
-    S = np.asarray(signs, dtype=dt)  # (m, n_0)
-    n1, n0 = W1.shape
-    V = S @ W1.T  # (m, n_1): row j is W(1) s_j
-    priors = [{k: np.asarray(v) for k, v in states[s].items()} for s in range(T)]
-    res = recurjac_step(chain, T, np.ascontiguousarray(V[:, :, None]), priors)
-    up = np.asarray(res["upper"], dtype=np.float64)[:, 0]
-    prev = priors[T - 1]
-    B = np.maximum(np.abs(prev["lower"]), np.abs(prev["upper"])).astype(np.float64)  # (m, n_1) bounds |P_{T-1}|
-    errV = gamma(n0, dt) * (np.abs(S).astype(np.float64) @ np.abs(W1).T.astype(np.float64))  # (m, n_1)
-    with np.errstate(invalid="ignore"):
-        prod = B * np.asarray(chain.du[T - 1], np.float64)[None, :] * errV
-    prod = np.where(np.isnan(prod), 0.0, prod)  # inf * 0 (an overflowed bound times an exact zero) is 0
-    extra = prod.sum(axis=1) * (1.0 + gamma(n1 + 2))
-    return up + extra + TINY
-
-
-@register_algorithm2("recurjac-b")
-def _algorithm2_backward(network: Network, jac, signs: np.ndarray) -> np.ndarray:
-    """Algorithm 2 for RecurJac-B: reuses the chain and states ``0 .. T-1`` of the Jacobian run (same bounds of
-    ``∂f/∂h(l)`` as for the Jacobian), then one per-row last step."""
-    chain, states = jac.chain, jac.states
-    if chain is None or states is None:
-        from .jacobian import derivative_bounds_for
-
-        netc = network.with_outputs(jac.outputs)
-        chain, states = _backward_prefix(netc, derivative_bounds_for(netc, jac.layer_bounds), np.dtype(jac.dtype))
-    if chain.n_steps == 0:
-        return _interval_directional_upper(jac.lower, jac.upper, signs)
-    return _directional_upper_last_step(chain, states, signs)
-
-
-@register_algorithm2("recurjac-f0", "recurjac-f1")
-def _algorithm2_forward(network: Network, jac, signs: np.ndarray) -> np.ndarray:
-    """Algorithm 2 for the forward methods: the signs ``s_j`` come from the forward (F0/F1) Jacobian bounds; the
-    directional bound ``upper(J[j, :]·s_j)`` from the backward chain (states 0 .. T-1 of RecurJac-B on the same
-    pre-activation bounds, then one per-row last step).  Sound because any sign vector consistent with valid
-    Jacobian bounds, and any valid upper bound of ``J s``, give a valid Algorithm 2 bound; the cost is that of
-    RecurJac-B without its last step."""
-    from .jacobian import derivative_bounds_for
-
-    netc = network.with_outputs(jac.outputs)
-    db = derivative_bounds_for(netc, jac.layer_bounds)
-    chain, states = _backward_prefix(netc, db, np.dtype(jac.dtype))
-    if chain.n_steps == 0:
-        return _interval_directional_upper(jac.lower, jac.upper, signs)
-    return _directional_upper_last_step(chain, states, signs)
 
 
 # -- results --------------------------------------------------------------------------------------------------

@@ -36,10 +36,12 @@ U64 = np.finfo(np.float64).eps
 @pytest.fixture(params=["never", "always"])
 def sharing(request, monkeypatch):
     """Force the dense per-row recursion or the variant with sharing across rows."""
-    import recurjac_scale.jacobian.recurjac as rj
-
-    monkeypatch.setattr(rj, "SHARE_RATIO", 0.0 if request.param == "never" else math.inf)
-    monkeypatch.setattr(rj, "UNSTABLE_FRACTION", 0.0 if request.param == "never" else math.inf)
+    monkeypatch.setattr(
+        "recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", 0.0 if request.param == "never" else math.inf
+    )
+    monkeypatch.setattr(
+        "recurjac_scale.jacobian.recurjac_shared.UNSTABLE_FRACTION", 0.0 if request.param == "never" else math.inf
+    )
     return request.param
 
 

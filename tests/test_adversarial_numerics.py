@@ -261,7 +261,7 @@ def _jacobian_longdouble(net: Network, X: np.ndarray, alpha: float) -> np.ndarra
 def test_rounding_allowance_against_extended_precision(alpha, dtype, rng):
     """At eps = 0 (and tiny eps) the bounds are as tight as the rounding allowance: an extended-precision
     Jacobian must still lie inside them, with no tolerance at all (deep and wide, mixed scales, cancellation)."""
-    import recurjac_scale.jacobian.recurjac as rj
+    import recurjac_scale.jacobian.recurjac_shared as rjs
 
     act = "relu" if alpha == 0.0 else "leaky_relu"
     kw = {} if alpha == 0.0 else {"alpha": alpha}
@@ -277,8 +277,8 @@ def test_rounding_allowance_against_extended_precision(alpha, dtype, rng):
             Jld = _jacobian_longdouble(net, X, alpha)
             assert len(Jld) > 0
             for share in (0.0, math.inf):
-                rj_share, rj_unst = rj.SHARE_RATIO, rj.UNSTABLE_FRACTION
-                rj.SHARE_RATIO, rj.UNSTABLE_FRACTION = share, (math.inf if share else 0.0)
+                rj_share, rj_unst = rjs.SHARE_RATIO, rjs.UNSTABLE_FRACTION
+                rjs.SHARE_RATIO, rjs.UNSTABLE_FRACTION = share, (math.inf if share else 0.0)
                 try:
                     for meth in METHODS:
                         r = jacobian_bounds(net, x0, eps, method=meth, layer_bounds="crown", dtype=dtype)
@@ -287,7 +287,7 @@ def test_rounding_allowance_against_extended_precision(alpha, dtype, rng):
                         bad = (Jld < lo) | (Jld > hi)
                         assert not bad.any(), (widths, eps, share, meth, np.argwhere(bad)[:3])
                 finally:
-                    rj.SHARE_RATIO, rj.UNSTABLE_FRACTION = rj_share, rj_unst
+                    rjs.SHARE_RATIO, rjs.UNSTABLE_FRACTION = rj_share, rj_unst
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

@@ -557,11 +557,13 @@ def test_plan_flops_of_a_shared_step_are_the_work_it_issues(method, monkeypatch)
     multiplied on all its per-row factors (no compaction) and panels of one column (no padding), the GEMM and
     row-dot FLOPs the step issues equal the plan's figure."""
     import recurjac_scale.jacobian.recurjac as rj
+    import recurjac_scale.jacobian.recurjac_levels as rjl
+    import recurjac_scale.jacobian.recurjac_shared as rjs
     from recurjac_scale import kernels
     from recurjac_scale.jacobian import derivative_bounds_for, get_jacobian_method, run_chain
     from recurjac_scale.layer_bounds import layer_bounds
 
-    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", math.inf)
     rng = np.random.default_rng(1)
     net = random_network([10, 16, 14, 12, 12, 4], "relu", rng)
     x0 = rng.uniform(-0.5, 0.5, 10)
@@ -572,7 +574,7 @@ def test_plan_flops_of_a_shared_step_are_the_work_it_issues(method, monkeypatch)
     assert all(shape.shares[1:]) and not shape.shares[0]
     _, _, states = run_chain(jm, chain)
     count = [0.0]
-    pm, tm, rd = rj.panel_matmul, rj.tile_matmul, kernels.rowdot_acc
+    pm, tm, rd = rjl.panel_matmul, rjs.tile_matmul, kernels.rowdot_acc
 
     def panel(M, X, P, *a, **k):
         count[0] += 2.0 * M.shape[0] * M.shape[1] * X.shape[1]
@@ -586,13 +588,14 @@ def test_plan_flops_of_a_shared_step_are_the_work_it_issues(method, monkeypatch)
         count[0] += 2.0 * 2 * c * H.size  # both chains (the kernel skips the structurally zero factors)
         return rd(H, Z, R, c, acc, keep)
 
-    monkeypatch.setattr(rj, "panel_matmul", panel)
-    monkeypatch.setattr(rj, "tile_matmul", tile)
+    monkeypatch.setattr(rjl, "panel_matmul", panel)  # the level products
+    monkeypatch.setattr(rjs, "panel_matmul", panel)  # the shared products of the shared variant
+    monkeypatch.setattr(rjs, "tile_matmul", tile)
     monkeypatch.setattr(rj.kernels, "rowdot_acc", rowdot)
     R = chain.n_rows
     totals = {}
     for fraction in (1.0, rj.SPARSE_FRACTION):
-        monkeypatch.setattr(rj, "SPARSE_FRACTION", fraction)
+        monkeypatch.setattr("recurjac_scale.jacobian.recurjac_levels.SPARSE_FRACTION", fraction)
         totals[fraction] = [0.0, 0.0]
         for t in range(2, chain.n_steps + 1):
             width = chain.widths[t]

@@ -15,7 +15,6 @@ from recurjac_scale.engine import plan as plan_mod
 from recurjac_scale.network import store_matrix
 from recurjac_scale.engine.streaming import StoreMatrix
 from recurjac_scale.errors import InputError
-from recurjac_scale.jacobian import recurjac
 from recurjac_scale.jacobian import JACOBIAN_METHODS, jacobian_bounds
 from recurjac_scale.network.store import save_network
 from recurjac_scale.testing import assert_tasks_within_plan_memory, random_network
@@ -156,7 +155,7 @@ def test_streamed_uneven_blocks_equal_in_memory(tmp_path, rng, monkeypatch, coun
     net = random_network([11, 17, 13, 12, 5], "relu", rng)
     save_network(net, tmp_path / "m.zarr", chunk_edge=4)
     monkeypatch.setattr(store_matrix, "STREAM_PANEL_BYTES", 1)
-    monkeypatch.setattr(recurjac, "SHARE_RATIO", math.inf if share else 0.0)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", math.inf if share else 0.0)
     x0 = rng.normal(size=11)
     ref = jacobian_bounds(net, x0, 0.04, math.inf, method=method, layer_bounds="ibp")
     plan = plan_jacobian(tmp_path / "m.zarr", x0, 0.04, math.inf, method, layer_bounds="ibp", row_block=3,
@@ -177,7 +176,7 @@ def test_plan_bounds_what_a_streamed_task_allocates(tmp_path, rng, monkeypatch, 
     task peak minus the priors it is given; the live blocks dominate here."""
     net = random_network([30, 90, 80, 70, 4], "relu", rng)
     save_network(net, tmp_path / "m.zarr", chunk_edge=32)
-    monkeypatch.setattr(recurjac, "SHARE_RATIO", math.inf if share else 0.0)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", math.inf if share else 0.0)
     x0 = rng.normal(size=30)
     plan = plan_jacobian(tmp_path / "m.zarr", x0, 0.03, math.inf, method, layer_bounds="ibp", row_block=4,
                          col_block=24, stream_weights=True)

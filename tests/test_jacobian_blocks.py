@@ -221,10 +221,10 @@ def test_lazy_chain_matrices(rng):
 
 @pytest.fixture(params=["never", "always"])
 def sharing(request, monkeypatch):
-    """Force the dense per-row recursion or the variant with sharing across rows (``recurjac.SHARE_RATIO``)."""
-    import recurjac_scale.jacobian.recurjac as rj
-
-    monkeypatch.setattr(rj, "SHARE_RATIO", 0.0 if request.param == "never" else math.inf)
+    """Force the dense per-row recursion or the variant with sharing across rows (``recurjac_shared.SHARE_RATIO``)."""
+    monkeypatch.setattr(
+        "recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", 0.0 if request.param == "never" else math.inf
+    )
     return request.param
 
 
@@ -272,7 +272,8 @@ def test_shared_factors_memo_is_per_chain_bounded_and_not_pickled(rng, monkeypat
 
     import recurjac_scale.jacobian.recurjac as rj
 
-    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)  # every step t >= 2 takes the shared variant
+    # every step t >= 2 takes the shared variant
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", math.inf)
     net = random_network([12, 20, 18, 16, 14, 4], "relu", rng)
     x0 = rng.uniform(-0.5, 0.5, 12)
     db = derivative_bounds_for(net, layer_bounds(net, x0, 0.05, method="crown"))
@@ -286,7 +287,8 @@ def test_shared_factors_memo_is_per_chain_bounded_and_not_pickled(rng, monkeypat
     assert np.array_equal(lo1, lo2) and np.array_equal(up1, up2)
     copy = pickle.loads(pickle.dumps(chain))
     assert "_memo" not in copy.__dict__
-    monkeypatch.setattr(rj, "SHARED_CACHE_BYTES", 1)  # nothing fits: recomputed by every block
+    # nothing fits: recomputed by every block
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARED_CACHE_BYTES", 1)
     lo3, up3, _ = run_chain(jm, copy, row_block=4, col_block=5)
     assert np.array_equal(lo1, lo3) and np.array_equal(up1, up3)
     assert len(copy.memo().get("shared_factors", {})) == 0
@@ -310,30 +312,32 @@ def test_recursion_skips_structural_zeros_row_by_row(variant, method, fraction, 
     with the uncompacted products, contains the exact Jacobian, and is bitwise independent of the blocking and of
     the row chunks a block is processed in (``SHARED_TILE_BYTES``)."""
     import recurjac_scale.jacobian.recurjac as rj
+    import recurjac_scale.jacobian.recurjac_levels as recurjac_levels
     from recurjac_scale.layer_bounds import Region
     from recurjac_scale.testing import sample_region
 
-    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf if variant == "shared" else 0.0)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", math.inf if variant == "shared" else 0.0)
     calls = {"gather": 0, "matmul": 0}
-    gather = rj._gather_rows
+    gather = recurjac_levels._gather_rows
 
     def counting_gather(Xp, rows, S, *a):  # a compacted product packs its operand's rows S
         calls["gather"] += S is not None
         return gather(Xp, rows, S, *a)
 
-    monkeypatch.setattr(rj, "_gather_rows", counting_gather)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_levels._gather_rows", counting_gather)
     # a small radius: rows differ in their Term I neurons (mixed, partly compacted rows) and recursions go deep
     eps = 0.01
     net, x0, lb, db = _setup("relu", [10, 16, 14, 12, 12, 4], eps, math.inf, np.random.default_rng(1))
     jm = get_jacobian_method(method)
     chain = jm.build_chain(net, db)
     assert any(rj.uses_sharing(chain, t) for t in range(2, chain.n_steps + 1)) == (variant == "shared")
-    monkeypatch.setattr(rj, "SPARSE_FRACTION", 1.0)  # reference: every row multiplied with all factors
+    # reference: every row multiplied with all factors
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_levels.SPARSE_FRACTION", 1.0)
     ref_lo, ref_up, _ = run_chain(jm, chain)
     assert calls["gather"] == 0
-    monkeypatch.setattr(rj, "SPARSE_FRACTION", fraction)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_levels.SPARSE_FRACTION", fraction)
     if gather_bytes is not None:
-        monkeypatch.setattr(rj, "GATHER_BYTES", gather_bytes)
+        monkeypatch.setattr("recurjac_scale.jacobian.recurjac_levels.GATHER_BYTES", gather_bytes)
     lower, upper, states = run_chain(jm, chain)
     if fraction < 1.0:
         assert calls["gather"] > 0, "the test network must exercise the compacted products"
@@ -349,7 +353,7 @@ def test_recursion_skips_structural_zeros_row_by_row(variant, method, fraction, 
         l2, u2, _ = run_chain(jm, chain, row_block=rb, col_block=cb)
         assert np.array_equal(lower, l2) and np.array_equal(upper, u2), (rb, cb)
     for tile in (1, 16 * 8 * 2 * 3):  # chunks of 1 row, and of a few rows, inside each block
-        monkeypatch.setattr(rj, "SHARED_TILE_BYTES", tile)
+        monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARED_TILE_BYTES", tile)
         l2, u2, _ = run_chain(jm, chain, row_block=7, col_block=3)
         assert np.array_equal(lower, l2) and np.array_equal(upper, u2), tile
     res = jacobian_bounds(net, x0, eps, method=method, layer_bounds=lb)
@@ -494,10 +498,9 @@ def test_shared_workspaces_are_per_thread_and_results_unchanged(method, monkeypa
     blocks, give the bits of a fresh chain; each pool stays within the per-task work memory the plan counts."""
     import threading
 
-    import recurjac_scale.jacobian.recurjac as rj
-
-    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)
-    monkeypatch.setattr(rj, "SHARED_TILE_BYTES", 16 * 8 * 2 * 40)  # several row chunks per block
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", math.inf)
+    # several row chunks per block
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARED_TILE_BYTES", 16 * 8 * 2 * 40)
     net, x0, lb, db = _setup("relu", [10, 16, 14, 12, 12, 4], 0.01, math.inf, np.random.default_rng(1))
     jm = get_jacobian_method(method)
     fresh = jm.build_chain(net, db)
@@ -534,9 +537,7 @@ def test_workspaces_of_ended_threads_are_dropped(monkeypatch):
     has, as the operating system may reuse the idents of ended threads)."""
     import threading
 
-    import recurjac_scale.jacobian.recurjac as rj
-
-    monkeypatch.setattr(rj, "SHARE_RATIO", math.inf)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", math.inf)
     net, x0, lb, db = _setup("relu", [10, 16, 14, 12, 12, 4], 0.01, math.inf, np.random.default_rng(1))
     jm = get_jacobian_method("recurjac-f0")
     chain = jm.build_chain(net, db)

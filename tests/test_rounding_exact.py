@@ -20,7 +20,6 @@ import pytest
 
 from recurjac_scale.activations import get_activation
 from recurjac_scale.jacobian import get_jacobian_method, run_chain
-from recurjac_scale.jacobian import recurjac as rj
 from recurjac_scale.jacobian.methods import final_allowance
 from recurjac_scale.network.model import InputSpec, Network
 
@@ -237,7 +236,7 @@ def test_exact_recursion_inside_and_within_allowance(method, seed, depth):
 @pytest.mark.parametrize("method", ["recurjac-b", "recurjac-f0", "recurjac-f1"])
 def test_sharing_across_rows_on_and_off(method, share_ratio, monkeypatch):
     """The shared variant (stable part shared by the rows, per-row low-rank part) and the dense one."""
-    monkeypatch.setattr(rj, "SHARE_RATIO", share_ratio)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", share_ratio)
     for seed in (11, 12, 13):
         rng = np.random.default_rng(seed)
         net = cancelling_network(rng, 4, 6, scale=300.0)
@@ -320,7 +319,8 @@ def test_gemm_rounding_decides_containment(method, T, level2, share_ratio, monke
     """Exact rational bounds against the float bounds (no tolerance) on networks where only the GEMM-error term
     of the allowance covers the rounding of a matrix product (:func:`gemm_decisive_factors`): without that term
     (``gG`` of :func:`recurjac_scale.jacobian.rounding.level_coefficients`, the stable product's
-    ``_stable_error`` and the shared variant's ``gG`` terms in :mod:`recurjac_scale.jacobian.recurjac`; for
+    ``_stable_error`` in :mod:`recurjac_scale.jacobian.recurjac` and the shared variant's ``gG`` terms in
+    :mod:`recurjac_scale.jacobian.recurjac_shared`; for
     ``T = 1``, step 1, Fast-Lip and the F1 finish, whose local widening is that term) the exact bounds fall
     outside.  Derivative bounds are stable ``[1, 1]`` except ``Σ_2``, ``[1/2, 1]`` in the ``interval`` cases.
 
@@ -332,7 +332,7 @@ def test_gemm_rounding_decides_containment(method, T, level2, share_ratio, monke
         method_net = "recurjac-b"  # the same network: its F1 chain is the top alone and the finish is the GEMM
     else:
         method_net = method
-    monkeypatch.setattr(rj, "SHARE_RATIO", share_ratio)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", share_ratio)
     for dtype, delta in ((np.float64, 1e-9), (np.float32, 1e-4)):
         for seed in range(4):
             rng = np.random.default_rng(100 + seed)

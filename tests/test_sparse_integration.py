@@ -256,7 +256,7 @@ def test_sparse_kernels_with_sharing_across_rows(method, rng, monkeypatch):
     """The shared-rows variant (forced) also runs sparse and stays equal to the dense kernels."""
     net = _pruned_net(rng, widths=(10, 24, 24, 24, 3), fractions=(0.8, 0.85, 0.9, 0.5))
     x0 = rng.uniform(0, 1, net.n_inputs)
-    monkeypatch.setattr(rj, "SHARE_RATIO", np.inf)
+    monkeypatch.setattr("recurjac_scale.jacobian.recurjac_shared.SHARE_RATIO", np.inf)
     jm = get_jacobian_method(method)
     res = jacobian_bounds(net, x0, 0.05, method=method)
     assert any(rj.uses_sharing(res.chain, t) for t in range(2, res.chain.n_steps + 1))

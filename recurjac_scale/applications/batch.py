@@ -105,7 +105,7 @@ def _network(model):
         return model
     key = str(model)
     if key not in _MODELS:
-        from ..network.store import open_network
+        from ..network.store_read import open_network
 
         _MODELS[key] = open_network(key).materialize()
     return _MODELS[key]

@@ -136,7 +136,7 @@ class LocalConstants:
     evaluations: int = 0
 
     def __post_init__(self):
-        from ..lipschitz import naive_constant
+        from ..lipschitz_norms import naive_constant
 
         self.naive = np.array([naive_constant(self.network.with_outputs(self.C[i : i + 1]), self.p)
                                for i in range(self.C.shape[0])])

@@ -109,7 +109,8 @@ def lipschitz_sweep(
     """
     from ..jacobian import get_jacobian_method
     from ..layer_bounds.base import parse_norm
-    from ..lipschitz import lipschitz, naive_constant
+    from ..lipschitz import lipschitz
+    from ..lipschitz_norms import naive_constant
     from ..jacobian import output_matrix
 
     p = parse_norm(p)

@@ -55,7 +55,7 @@ def check_output(path: str | os.PathLike, overwrite: bool) -> Path:
 
 def load_model(name: str):
     """Open a model store by path, or the bundled default model for ``'default'``."""
-    from ..network.store import open_network
+    from ..network.store_read import open_network
     from ..network.default import default_model_path
 
     if name == "default":

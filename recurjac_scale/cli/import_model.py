@@ -98,7 +98,8 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..network.importers import import_network
-    from ..network.store import network_store_info, save_network
+    from ..network.store import save_network
+    from ..network.store_read import network_store_info
 
     out = check_output(args.output, args.overwrite)
     net = import_network(args.source, format=args.format, layers=args.layers)

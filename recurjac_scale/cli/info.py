@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..network.store import network_store_info
+    from ..network.store_read import network_store_info
 
     if args.model == "default":
         from ..network.default import default_model_path

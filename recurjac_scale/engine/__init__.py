@@ -11,7 +11,8 @@ The engine decides *where* the block functions of :mod:`recurjac_scale.jacobian`
 
 from .estimate import estimate_wall_time, task_times_from_checkpoint
 from .plan import Plan, StepPlan, plan_jacobian
-from .run import EngineResult, run_plan
+from .result_store import EngineResult
+from .run import run_plan
 
 __all__ = [
     "EngineResult",

@@ -110,7 +110,7 @@ class WorkerSpec:
         if net is None:
             import dask
 
-            from ..network.store import open_network
+            from ..network.store_read import open_network
 
             # Read the store chunk by chunk in this thread: a compute() inside a task must never go back to the
             # cluster's scheduler (with one thread per worker that deadlocks).
@@ -287,7 +287,7 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None, sp
     """
     store_path = None
     if not isinstance(network, Network):
-        from ..network.store import open_network
+        from ..network.store_read import open_network
 
         store_path = str(Path(network).resolve())
         network = open_network(store_path)

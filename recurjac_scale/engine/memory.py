@@ -6,7 +6,7 @@ Without ``--memory-budget`` a plan is sized for
   :data:`SAFETY_FRACTION` of the memory available now (``psutil.virtual_memory().available``, and the cgroup's
   limit minus its usage when the process runs in a memory-limited cgroup), divided among the worker processes;
 - a running cluster (a scheduler address or a ``distributed.Client``): the workers' ``memory_limit`` times the
-  nanny's terminate fraction (:func:`recurjac_scale.engine.plan.measure_workers`).
+  nanny's terminate fraction (:func:`recurjac_scale.engine.sizing.measure_workers`).
 
 A ``LocalCluster`` started by the engine gets ``memory_limit = budget / terminate fraction``, so that the nanny
 restarts a worker only above the budget its plan was sized for.
@@ -63,7 +63,7 @@ def default_memory_budget(n_workers: int = 1) -> tuple[int, str]:
     (int, str)
         Bytes per worker, and e.g. ``"default: 80% of the 20.1 GiB available, over 2 worker(s)"``.
     """
-    from .plan import format_bytes
+    from .sizing import format_bytes
 
     n = max(1, int(n_workers))
     avail = available_memory()

@@ -19,28 +19,30 @@ Graph
 Blocks already recorded in the checkpoint are left out of the graph, so a rerun after a crash recomputes none of
 them.  The result is identical to an uninterrupted run because every block is a pure function of its priors and
 the blocking is part of the job hash.
+
+The :class:`EngineResult` and the result store (created, sealed, read) are in
+:mod:`recurjac_scale.engine.result_store`; :class:`EngineResult` is re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import sys
 import tempfile
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .._json import json_float, json_safe
+from .._json import json_safe
 from ..errors import IncompleteRunError, OutputExistsError, StoreError
 from .checkpoint import Checkpoint
-from .result_store import RESULT_FORMAT, array_sha256
+from .result_store import RESULT_FORMAT  # noqa: F401 (re-exported)
+from .result_store import EngineResult, create_result_store, seal_result_store
 from .schedulers import blas_single_thread, open_executor
 
 __all__ = ["EngineResult", "run_plan", "RESULT_FORMAT"]
@@ -217,80 +219,7 @@ class _Progress:
             b.close()
 
 
-# -- result ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EngineResult:
-    """Jacobian bounds computed by the engine.
-
-    Attributes
-    ----------
-    lower, upper : ndarray, shape (m, n_0), float64
-        ``lower <= df/dx (x) <= upper`` elementwise for every x in ``B_p[x0, eps] ∩ D`` (the method's guarantee;
-        the engine only decides where the block functions run, never what they compute).
-    method, layer_bound_method : str
-    eps, p : float
-    job_id : str
-    blocks_total : int
-        Blocks of all layer steps.
-    blocks_reused : int
-        Blocks found finished in the checkpoint and not recomputed.
-    blocks_computed : int
-    seconds : float
-        Wall time of the run (layer bounds excluded; see ``plan.layer_bounds_seconds``).
-    step_seconds : dict
-        Per layer step, the summed compute time of its tasks (seconds of task time, not wall time).
-    task_times : dict
-        ``(t, rb, cb) -> seconds`` of every block computed in this run.
-    lipschitz : float or None
-        Local Lipschitz constant from the bounds (Proposition 2), when :mod:`recurjac_scale.lipschitz` is present.
-    output : str or None
-        The zarr result store written, if any.
-    executor : dict
-        Scheduler, workers, threads, dashboard link.
-    rounding_share : float or None
-        The largest share of a bound's width that certified rounding may cost
-        (:func:`recurjac_scale.jacobian.rounding.rounding_share`); ``None`` when the method does not state it.
-    """
-
-    lower: np.ndarray
-    upper: np.ndarray
-    method: str
-    layer_bound_method: str
-    eps: float
-    p: float
-    job_id: str
-    blocks_total: int
-    blocks_reused: int
-    blocks_computed: int
-    seconds: float
-    step_seconds: dict
-    task_times: dict = field(repr=False)
-    lipschitz: float | None
-    output: str | None
-    executor: dict
-    rounding_share: float | None = None
-
-    def to_dict(self) -> dict:
-        return {
-            "method": self.method,
-            "layer_bound_method": self.layer_bound_method,
-            "eps": json_float(self.eps),
-            "p": json_float(self.p),
-            "shape": list(self.lower.shape),
-            "job_id": self.job_id,
-            "blocks_total": self.blocks_total,
-            "blocks_reused": self.blocks_reused,
-            "blocks_computed": self.blocks_computed,
-            "seconds": self.seconds,
-            "step_seconds": {str(k): v for k, v in self.step_seconds.items()},
-            "lipschitz": self.lipschitz,
-            "output": self.output,
-            "executor": self.executor,
-            "rounding_share": self.rounding_share,
-        }
-
-
-# -- stores ----------------------------------------------------------------------------------------------------
+# -- state store ------------------------------------------------------------------------------------------------
 def _create_state(state: Path, plan, spec) -> None:
     """Pre-create the state arrays (no sharding, chunks = blocks, fill NaN); existing ones are kept."""
     import zarr
@@ -314,23 +243,6 @@ def _create_state(state: Path, plan, spec) -> None:
                 compressors=None,
                 config={"write_empty_chunks": True},
             )
-
-
-def _create_result(path: Path, plan, m: int, n0: int) -> None:
-    import zarr
-
-    if path.exists():
-        shutil.rmtree(path)
-    g = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for k in ("lower", "upper"):
-        g.create_array(
-            k,
-            shape=(m, n0),
-            chunks=(m, min(plan.col_block, n0)),
-            dtype="float64",
-            fill_value=np.nan,
-            config={"write_empty_chunks": True},
-        )
 
 
 # -- the run ---------------------------------------------------------------------------------------------------
@@ -481,7 +393,7 @@ def run_plan(
                 tmp_out = output.with_name(f".{output.name}.{plan.job_id[:12]}.partial")
             else:
                 tmp_out = ckpt.path / "result.zarr"
-            _create_result(tmp_out, plan, m, n0)
+            create_result_store(tmp_out, plan, m, n0)
             row_bars = [("rj-rows-%03d" % plan.steps[-1].step, rb) for rb in range(plan.steps[-1].n_row_blocks)] if plan.steps else []
             key = ("rj-finish", 0)
             dsk[key] = (_finish_task, spec_key, str(state), str(tmp_out), plan.job_id, 0, (0, n0), *row_bars)
@@ -569,23 +481,7 @@ def run_plan(
             rounding_share=_max_share(values[len(block_keys) :]),
         )
         if output is not None:
-            g.attrs.update(
-                json_safe(
-                    {
-                        "format": RESULT_FORMAT,
-                        "format_version": 1,
-                        "result": res.to_dict(),
-                        "plan": plan.to_dict(),
-                        "network": ctx.describe(),
-                        "rounding": ctx.rounding,
-                        "complete": True,
-                        "sha256": {"lower": array_sha256(lower), "upper": array_sha256(upper)},
-                    }
-                )
-            )
-            if output.exists():
-                shutil.rmtree(output)
-            os.replace(tmp_out, output)
+            seal_result_store(g, tmp_out, output, res, plan, ctx, lower, upper)
         success = True
         return res
     except KeyboardInterrupt as exc:

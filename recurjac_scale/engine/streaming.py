@@ -4,7 +4,7 @@ For a network larger than a worker's memory, a worker does not hold the network:
 weight ``W`` or its transpose) is a :class:`StoreMatrix`, read from the model store when a task needs it and dropped
 when the task ends.  The column panel ``M_t[:, cols]`` (a step's operand) reads only those columns.  A level of the
 recursion needs the compacted live block ``M_s[alive_up][:, alive]`` (``alive_up``, ``alive``: the neurons with
-``du > 0`` on both sides); :func:`recurjac_scale.jacobian.recurjac._level_matrix` (the only way the step functions
+``du > 0`` on both sides); :func:`recurjac_scale.jacobian.recurjac_levels._level_matrix` (the only way the step functions
 read a whole chain matrix) asks the matrix for it through :meth:`StoreMatrix.live_block`, which allocates the
 compacted block and fills it one store tile at a time (a tile lies inside one chunk column of the zarr
 array, at most :data:`STREAM_PANEL_BYTES` or one chunk): a task holds the live block of a level plus one tile and its selected part, never a
@@ -19,7 +19,7 @@ element, C-contiguous arrays of the same shape), so results are bitwise those of
 matrix that carries the output selection ``C`` (``C W(H)``) is computed and kept in memory, exactly as
 :meth:`Network.with_outputs` computes it.
 
-What a streamed task holds is counted by the plan (:func:`recurjac_scale.engine.plan._streamed_bytes` and
+What a streamed task holds is counted by the plan (:func:`recurjac_scale.engine.sizing._streamed_bytes` and
 :meth:`recurjac_scale.jacobian.cost.ChainCost.level_bytes`); :func:`store_tile_bytes` gives the tile size it uses.
 """
 
@@ -61,7 +61,7 @@ def streamed_chain(method, store_path: str, outputs, derivative_bounds, panel_by
 
     from ..jacobian.chain import Chain
     from ..network.model import _fold_rows
-    from ..network.store import open_network
+    from ..network.store_read import open_network
 
     with dask.config.set(scheduler="synchronous"):
         net = open_network(store_path)  # lazy: metadata only

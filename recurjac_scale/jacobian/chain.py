@@ -455,7 +455,7 @@ class Chain:
     def memo(self) -> dict:
         """A dict for values that depend on this chain alone (not on rows, columns or blocking), computed once per
         process and reused by every task that runs on this chain object (e.g. the shared factors of
-        :func:`recurjac_scale.jacobian.recurjac.uses_sharing` steps).  Not pickled and not copied by
+        :func:`recurjac_scale.jacobian.recurjac_shared.uses_sharing` steps).  Not pickled and not copied by
         :func:`dataclasses.replace`: a worker that receives a chain starts with an empty memo."""
         m = self.__dict__.get("_memo")
         if m is None:

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..network.sparse import csr_nbytes
 from .products import row_tile_for
-from .recurjac import GATHER_BYTES, SHARED_CACHE_BYTES, shared_row_chunk, uses_sharing
+from .recurjac_levels import GATHER_BYTES
+from .recurjac_shared import SHARED_CACHE_BYTES, shared_row_chunk, uses_sharing
 
 __all__ = ["ChainCost", "chain_cost", "F64"]
 
@@ -57,7 +58,7 @@ class ChainCost:
         Per ``Σ_t``, live neurons with ``dl < du`` (empty: unknown, counted as all live ones).
     shares : tuple of bool
         Per step, whether the recursion shares the stable part across rows
-        (:func:`recurjac_scale.jacobian.recurjac.uses_sharing`, a chain-only decision); empty: unknown, the memory
+        (:func:`recurjac_scale.jacobian.recurjac_shared.uses_sharing`, a chain-only decision); empty: unknown, the memory
         model then counts the larger of both variants.
     """
 
@@ -139,7 +140,7 @@ class ChainCost:
 
     def _shared_flops_per_entry(self, t: int, rows: int, cols: int) -> float:
         """GEMM FLOPs per state entry of step ``t`` run with sharing across rows
-        (:func:`recurjac_scale.jacobian.recurjac._shared_levels`) on blocks of ``rows x cols``.
+        (:func:`recurjac_scale.jacobian.recurjac_shared._shared_levels`) on blocks of ``rows x cols``.
 
         Per row and column, both chains: at level ``s`` (``t .. 2``) the per-row factor product
         ``G_s[u_s] Z`` (``u_s r_s`` multiply-adds, ``r_s`` the unstable neurons of the levels above), at the top
@@ -212,7 +213,7 @@ class ChainCost:
         """Peak bytes of live weight blocks (and their column copies) a RecurJac task of step ``t`` holds at once.
 
         Level ``s`` (``t .. 2``) reads the live block ``B_s = M_{s-1}[alive_{s-1}, alive_s]``
-        (``live_{s-1} x live_s`` float64, :func:`recurjac_scale.jacobian.recurjac._level_matrix`) while the
+        (``live_{s-1} x live_s`` float64, :func:`recurjac_scale.jacobian.recurjac_levels._level_matrix`) while the
         previous level's block is still referenced.  Dense per-row recursion: the first level copies the columns
         of the unstable and then of the stable neurons (``_first_level``), a row with many ``I_j`` neurons copies
         its compacted columns (``_level_matmul``): ``max(B_t + 2 U_t, 2 B_t)`` at level ``t`` (``U``: the block's
@@ -268,7 +269,7 @@ class ChainCost:
 
     def shared_cache_bytes(self) -> int:
         """The most the chain-only factors of steps that share across rows keep per worker process between tasks
-        (:data:`recurjac_scale.jacobian.recurjac.SHARED_CACHE_BYTES`; 0 for a method without such steps)."""
+        (:data:`recurjac_scale.jacobian.recurjac_shared.SHARED_CACHE_BYTES`; 0 for a method without such steps)."""
         if any(self.shares) or (not self.shares and self.depth == "recursive"):
             return int(SHARED_CACHE_BYTES)
         return 0

@@ -189,7 +189,7 @@ def row_norms(ctx: LinearContext, rows: list, lower: np.ndarray, upper: np.ndarr
 # -- registration ------------------------------------------------------------------------------------------------
 
 def _register():
-    from ..lipschitz import register_row_norms
+    from ..algorithm2 import register_row_norms
     from .methods import JacobianMethod, register_jacobian_method
     from .recurjac import recurjac_step
 

@@ -39,7 +39,7 @@ sum on the computed operands by at most::
 
 - ``gG = gamma(d_s + 3)`` bounds the product ``fl(M_{s-1} fl(xp_s))`` (its length ``<= d_s``: dead neurons and the
   per-row compacted / sparse products drop exact zeros only; one rounding of ``xp`` by its factor ``a``, one for
-  the stable part added by :func:`recurjac_scale.jacobian.recurjac._first_level`, one for the float32 weights
+  the stable part added by :func:`recurjac_scale.jacobian.recurjac_levels._first_level`, one for the float32 weights
   below), and ``|xp_s| <= du_s |x~_s|``.
 - ``gT = gamma(N_t)`` (``N_t`` = :meth:`Chain.rounding_length`, at least the number of terms added into a bound,
   ``<= 3 sum d_s + 4t + 4``, plus two roundings per term) bounds the accumulation of Term I, the sign-slack
@@ -51,7 +51,7 @@ sum on the computed operands by at most::
 
 The step widens its bounds by ``w_t = e_t (1 + gT) + n tiny + underflow_allowance`` (outward, per chain).
 
-*Sharing across rows* (:func:`recurjac_scale.jacobian.recurjac._shared_levels`).  The full operand of level ``s``
+*Sharing across rows* (:func:`recurjac_scale.jacobian.recurjac_shared._shared_levels`).  The full operand of level ``s``
 is represented as ``x_s = Xsh_s + G_s z`` (shared part, chain-only factor ``G_s``, per-row factor ``z``), taken as
 exact real numbers.  Forming level ``s - 1`` from level ``s`` rounds ``Ms = fl(M[:, st] D(du))``, the shared
 product ``fl(Ms Xsh_s[st])`` and the factor ``fl(Ms G_s[st])``: their errors are at most

@@ -61,7 +61,7 @@ class StoreMatrix:
         if self._z is None:
             with self._lock:
                 if self._z is None:
-                    from .store import layer_arrays
+                    from .store_read import layer_arrays
 
                     # dense arrays and CSR groups (pruned layers) alike: both support [r0:r1, c0:c1] slicing
                     self._z = layer_arrays(self.store_path)[self.k][0]
@@ -222,7 +222,7 @@ def _indices(idx, n: int) -> np.ndarray:
 def store_tile_bytes(store_path: str, panel_bytes: int | None = None) -> int:
     """Largest tile :meth:`StoreMatrix.live_block` reads from the model store at ``store_path`` (float64 bytes, either
     orientation of every weight; ``panel_bytes`` as :class:`StoreMatrix`, default :data:`STREAM_PANEL_BYTES`)."""
-    from .store import layer_arrays
+    from .store_read import layer_arrays
 
     pb = STREAM_PANEL_BYTES if panel_bytes is None else int(panel_bytes)
     out = 0
