@@ -2,8 +2,9 @@
 
 :data:`ALGORITHM2_METHODS` maps a Jacobian method to its directional bound ``upper(J[j, :] . s_j)`` (RecurJac-B
 reuses its own chain and states; the forward methods use the backward chain on the same pre-activation bounds);
-:data:`ROW_NORM_METHODS` maps a method to its own bounds of ``max ||J[j, :]||_q``.  What is certified is stated in
-:mod:`recurjac_scale.lipschitz`, whose :func:`~recurjac_scale.lipschitz.lipschitz` consults both registries.
+:attr:`recurjac_scale.jacobian.JacobianMethod.row_norms` is a method's own bound of ``max ||J[j, :]||_q``.  What is
+certified is stated in :mod:`recurjac_scale.lipschitz`, whose :func:`~recurjac_scale.lipschitz.lipschitz` uses
+both.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ __all__ = [
     "algorithm2_row_l1",
     "ALGORITHM2_METHODS",
     "register_algorithm2",
-    "ROW_NORM_METHODS",
-    "register_row_norms",
 ]
 
 
@@ -79,24 +78,6 @@ def register_algorithm2(*names: str):
     return deco
 
 
-RowNormFn = Callable[..., "np.ndarray | None"]
-ROW_NORM_METHODS: dict[str, RowNormFn] = {}
-"""Registry: Jacobian method name -> ``fn(network, jac, q) -> ndarray (m,) or None``: the method's own certified
-upper bounds of ``max_{x in S} ||J[j, :](x)||_q`` per row (e.g. ``linear-jacobian`` bounds ``sum_k |J[j, k]|`` by
-one linear objective through the chords of ``|.|``), or ``None`` for a norm it does not treat.  Each row takes the
-smaller of this and Proposition 2's; the constant of one row (or, for ``p = inf``, the max over rows, which bounds
-the induced inf->inf norm) is the candidate ``"rows"``."""
-
-
-def register_row_norms(*names: str):
-    """Decorator registering a row-norm bound (:data:`ROW_NORM_METHODS`) for the named Jacobian methods."""
-
-    def deco(fn: RowNormFn) -> RowNormFn:
-        for name in names:
-            ROW_NORM_METHODS[name] = fn
-        return fn
-
-    return deco
 
 
 def _interval_directional_upper(lower: np.ndarray, upper: np.ndarray, signs: np.ndarray) -> np.ndarray:

@@ -49,11 +49,9 @@ import numpy as np
 from ._json import json_float
 from .algorithm2 import (  # noqa: F401 (re-exported)
     ALGORITHM2_METHODS,
-    ROW_NORM_METHODS,
     algorithm2_row_l1,
     algorithm2_signs,
     register_algorithm2,
-    register_row_norms,
 )
 from .errors import InputError
 from .layer_bounds.base import dual_norm, parse_norm
@@ -80,8 +78,6 @@ __all__ = [
     "algorithm2_row_l1",
     "ALGORITHM2_METHODS",
     "register_algorithm2",
-    "ROW_NORM_METHODS",
-    "register_row_norms",
     "format_norm",
 ]
 
@@ -106,7 +102,7 @@ class LipschitzPoint:
         The reported certified constant: the smallest of ``prop2``, ``algorithm2`` and the naive global constant.
     source : str
         Which candidate won: ``"prop2"``, ``"algorithm2"``, ``"naive"`` or ``"rows"`` (the method's own row norm
-        bounds, :data:`ROW_NORM_METHODS`).
+        bounds, :attr:`recurjac_scale.jacobian.JacobianMethod.row_norms`).
     prop2 : float
         Proposition 2: the dual norm of ``M`` (one row) or its induced ``p -> p`` norm (several rows).
     algorithm2 : float or None
@@ -344,7 +340,7 @@ def lipschitz(
         tn = time.perf_counter()
         prop2, alg2, rows = lipschitz_from_bounds(jac.lower, jac.upper, p, upper_ys=upper_ys, signs=signs)
         cands = {"prop2": prop2, "naive": naive}
-        rn_fn = ROW_NORM_METHODS.get(method_key)
+        rn_fn = get_jacobian_method(method_key).row_norms
         own = rn_fn(net, jac, dual_norm(p)) if rn_fn is not None else None
         if own is not None:
             own = np.asarray(own, dtype=np.float64).reshape(-1)

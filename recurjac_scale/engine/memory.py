@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-__all__ = ["SAFETY_FRACTION", "available_memory", "default_memory_budget", "local_memory_limit"]
+__all__ = ["SAFETY_FRACTION", "available_memory", "default_memory_budget", "format_bytes", "local_memory_limit"]
 
 SAFETY_FRACTION = 0.8
 """Fraction of the available memory a job may plan to use on this machine (the rest: the client process, which
@@ -63,8 +63,6 @@ def default_memory_budget(n_workers: int = 1) -> tuple[int, str]:
     (int, str)
         Bytes per worker, and e.g. ``"default: 80% of the 20.1 GiB available, over 2 worker(s)"``.
     """
-    from .sizing import format_bytes
-
     n = max(1, int(n_workers))
     avail = available_memory()
     budget = int(SAFETY_FRACTION * avail / n)
@@ -81,3 +79,20 @@ def local_memory_limit(budget: int) -> int:
 
     frac = float(dask.config.get("distributed.worker.memory.terminate", 0.95) or 1.0)
     return int(math.ceil(budget / frac))
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes for a reader, e.g. ``"1.5 GiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def _format_bytes_up(n: float) -> str:
+    """:func:`format_bytes` rounded up (never below ``n``): a size to give back as a budget."""
+    for unit, f in (("B", 1), ("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
+        if n < 1024 * f:
+            return f"{int(n)} B" if unit == "B" else f"{math.ceil(n / f * 10) / 10:.1f} {unit}"
+    return f"{math.ceil(n / 2**40 * 10) / 10:.1f} TiB"

@@ -12,6 +12,7 @@ import math
 
 from ..errors import InputError
 from ..jacobian.cost import ChainCost
+from .memory import _format_bytes_up, format_bytes  # noqa: F401  (format_bytes re-exported)
 
 __all__ = [
     "parse_bytes",
@@ -61,22 +62,6 @@ def parse_bytes(s) -> int | None:
     if not math.isfinite(v) or v <= 0:
         raise InputError(f"memory size {s!r} must be positive")
     return int(v)
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"  # pragma: no cover
-
-
-def _format_bytes_up(n: float) -> str:
-    """:func:`format_bytes` rounded up (never below ``n``): a size to give back as a budget."""
-    for unit, f in (("B", 1), ("KiB", 2**10), ("MiB", 2**20), ("GiB", 2**30)):
-        if n < 1024 * f:
-            return f"{int(n)} B" if unit == "B" else f"{math.ceil(n / f * 10) / 10:.1f} {unit}"
-    return f"{math.ceil(n / 2**40 * 10) / 10:.1f} TiB"
 
 
 # -- cost model ------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from ..activations import LeakyReLU
 from ..errors import InputError
 from .derivative_lines import relu_slope_ranges
 from .linear import LinearContext, RowBounds, _chord_planes, _safe_mul
-from .linear_method import row_norm_upper
+from .linear_rows import row_norm_upper
 
 __all__ = ["certified_planes", "optimise_row_norm", "optimised_row_norms", "DEFAULT_STEPS"]
 
@@ -283,7 +283,7 @@ def optimised_row_norms(network, jac, *, seconds: float = 10.0, steps: int = DEF
     InputError
         For another method, or a norm whose dual is not 1 or 2.
     """
-    from .linear_method import result_rows, row_norms
+    from .linear_rows import result_rows, row_norms
     from ..layer_bounds.base import dual_norm
 
     if jac.method != "linear-jacobian":

@@ -145,6 +145,11 @@ class JacobianMethod:
         derivative_bounds, *, dtype, panel, sparse_threshold, stored_sparse) -> (lower, upper, chain, states,
         info)``, in memory only; :func:`recurjac_scale.jacobian.jacobian_bounds` calls it instead of the chain
         loop, and the engine does not offer it.
+    row_norms : callable, optional
+        The method's own certified upper bounds of ``max_{x in S} ||J[j, :](x)||_q`` per output row:
+        ``row_norms(network, jacobian_bounds, q) -> ndarray (m,)`` or ``None`` for a norm it does not treat
+        (``linear-jacobian``: one linear objective per row through the chords of ``|.|``).
+        :func:`recurjac_scale.lipschitz.lipschitz` takes, per row, the smaller of this and Proposition 2's.
     """
 
     name: str
@@ -155,6 +160,7 @@ class JacobianMethod:
     description: str = ""
     cost_model: str = ""
     run: Callable | None = None
+    row_norms: Callable | None = None
 
     def build_chain(
         self, network, bounds, *, dtype=np.float64, panel: int = DEFAULT_PANEL, sparse_levels: tuple = ()
