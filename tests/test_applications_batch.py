@@ -283,3 +283,22 @@ def test_cli_plots(tmp_path):
                  "--plot", str(tmp_path / "s.png")]) == 0
     for name in ("c.png", "l.png", "s.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.cluster
+def test_batch_workers_get_the_allocator_settings_and_no_profiler():
+    """The worker environment of a batch's own local cluster takes effect in the worker processes: glibc's
+    thresholds (freed arrays reused instead of page-faulted in again) and dask's profiler switched off."""
+    import dask
+
+    from recurjac_scale.applications.batch import BATCH_WORKER_CONFIG, BATCH_WORKER_ENV
+    from recurjac_scale.cluster import local_client
+
+    def probe():
+        return ({k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
+                dask.config.get("distributed.worker.profile.enabled"))
+
+    with dask.config.set(BATCH_WORKER_CONFIG), local_client(1, memory_limit="1GiB", env=BATCH_WORKER_ENV) as client:
+        (env, profiling), = client.run(probe).values()
+    assert env == {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
+    assert profiling is False

@@ -42,6 +42,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..cluster import MALLOC_ENV
 from ..errors import InputError, RecurJacError, StoreError
 
 __all__ = [
@@ -150,6 +151,19 @@ def _lipschitz_item(net, x, label, index, _target, opts) -> dict:
 
 KINDS: dict[str, Callable] = {"certify": _certify_item, "landscape": _landscape_item, "lipschitz": _lipschitz_item}
 """Registry: job kind -> ``fn(network, x, label, index, target, options) -> record fields``."""
+
+
+BATCH_WORKER_ENV = dict(MALLOC_ENV)
+"""Environment of the worker processes of a local cluster that a batch command starts itself (``--workers N``):
+glibc keeps freed arrays below 32 MiB for reuse (at most 256 MiB of free heap retained,
+:data:`recurjac_scale.cluster.MALLOC_ENV`).  Under dask's default setting every mid-sized array of a task is
+page-faulted in again, and a MNIST certify item took about 1.8x the CPU time in a worker that it takes in the
+client."""
+
+BATCH_WORKER_CONFIG = {"distributed.worker.profile.enabled": False}
+"""dask configuration of those workers (shipped by their Nanny): no statistical profiler sampling every task's
+stack every 10 ms (about 14 % of the workers' CPU time on a MNIST certify batch); it only feeds the dashboard's
+profile page."""
 
 
 def run_item(kind: str, model, x, label, index: int, target, opts: dict, box=None) -> dict:
@@ -470,8 +484,11 @@ def _execute(job, todo, args_of, accept, scheduler, workers, tpw, memory_limit, 
     if client is None and ("://" in s or s.startswith("local") or s == "distributed" or (workers and s in ("", "threads"))):
         if s == "distributed":
             s = "local"
-        own = client = get_client(s or None, workers=workers, memory_limit=memory_limit or "auto",
-                                  threads_per_worker=tpw or 1)
+        import dask
+
+        with dask.config.set(BATCH_WORKER_CONFIG):
+            own = client = get_client(s or None, workers=workers, memory_limit=memory_limit or "auto",
+                                      threads_per_worker=tpw or 1, env=BATCH_WORKER_ENV)
     try:
         if client is not None:
             return _run_distributed(job, todo, args_of, accept, client)
@@ -497,8 +514,11 @@ def _run_local(job, todo, args_of, accept, kind, workers, tpw):
     from threadpoolctl import threadpool_limits
 
     if kind in ("synchronous", "sync", "single-threaded"):
-        for i, t in todo:
-            accept(run_item(*args_of(i, t, job.model)))
+        # one core: BLAS on one thread too (two OpenBLAS threads made a MNIST certify batch 1.25x slower in wall
+        # time and 2.5x in CPU time than one)
+        with threadpool_limits(1):
+            for i, t in todo:
+                accept(run_item(*args_of(i, t, job.model)))
         return
     if kind not in ("threads", "processes"):
         raise InputError(
