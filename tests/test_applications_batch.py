@@ -302,3 +302,18 @@ def test_batch_workers_get_the_allocator_settings_and_no_profiler():
         (env, profiling), = client.run(probe).values()
     assert env == {"MALLOC_MMAP_THRESHOLD_": str(32 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(256 * 2**20)}
     assert profiling is False
+
+
+@pytest.mark.cluster
+def test_certify_on_its_own_local_cluster_from_a_fresh_process(tmp_path):
+    """``certify --workers 2`` in a new process (distributed not imported before the batch starts its cluster):
+    completes, exit 0, no traceback, and equals the synchronous run."""
+    outs = {}
+    for mode in (["--workers", "2"], ["--scheduler", "synchronous"]):
+        out = tmp_path / f"c{len(outs)}.jsonl"
+        proc = _cli("certify", "default", "--inputs", "default", "--index", "0-1", "--target", "runnerup",
+                    "--method", "fastlip", "--layer-bounds", "ibp", "--json", str(out), "--quiet", *mode, env=_env())
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0 and "Traceback" not in err, err
+        outs[mode[0]] = {k: r["radius"] for k, r in read_store(out)[1].items()}
+    assert len(outs["--workers"]) == 2 and outs["--workers"] == outs["--scheduler"]

@@ -485,6 +485,7 @@ def _execute(job, todo, args_of, accept, scheduler, workers, tpw, memory_limit, 
         if s == "distributed":
             s = "local"
         import dask
+        import distributed  # noqa: F401  (its defaults loaded first: leaving the block below restores only our keys)
 
         with dask.config.set(BATCH_WORKER_CONFIG):
             own = client = get_client(s or None, workers=workers, memory_limit=memory_limit or "auto",
