@@ -38,9 +38,9 @@ def _close(a, b, scale):
 
 
 @pytest.mark.parametrize("act,p", [("relu", math.inf), ("tanh", 2.0), ("leaky_relu", 1.0)])
-@pytest.mark.parametrize("block,row_block,col_block", [(3, 1, 4), (5, 3, 7), (256, None, None)])
-def test_equals_in_memory(tmp_path, rng, act, p, block, row_block, col_block):
-    net, x0, store = _case(tmp_path, rng, act=act)
+@pytest.mark.parametrize("block,row_block,col_block,chunk_edge", [(3, 1, 4, 5), (5, 3, 7, 3), (256, None, None, 64)])
+def test_equals_in_memory(tmp_path, rng, act, p, block, row_block, col_block, chunk_edge):
+    net, x0, store = _case(tmp_path, rng, act=act, chunk_edge=chunk_edge)
     eps = 0.08
     ref = jacobian_bounds(net, x0, eps, p, method="linear-jacobian", outputs="all")
     rb = jacobian_bounds(net, x0, eps, p, method="recurjac-b", outputs="all")

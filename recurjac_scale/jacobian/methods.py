@@ -143,8 +143,8 @@ class JacobianMethod:
     run : callable, optional
         A method that is not a chain of block steps (``linear-jacobian``): ``run(netc, region, layer_bounds,
         derivative_bounds, *, dtype, panel, sparse_threshold, stored_sparse) -> (lower, upper, chain, states,
-        info)``, in memory only; :func:`recurjac_scale.jacobian.jacobian_bounds` calls it instead of the chain
-        loop, and the engine does not offer it.
+        info)``, in memory; :func:`recurjac_scale.jacobian.jacobian_bounds` calls it instead of the chain
+        loop; the engine runs it only through its ``stage`` (below).
     row_norms : callable, optional
         The method's own certified upper bounds of ``max_{x in S} ||J[j, :](x)||_q`` per output row:
         ``row_norms(network, jacobian_bounds, q) -> ndarray (m,)`` or ``None`` for a norm it does not treat
