@@ -9,8 +9,8 @@ restarts a worker above it).
 
 Reported per run: the certified l-inf local Lipschitz bound of logit 1 (the row norm objective or Proposition 2,
 the smaller), wall time of the run (planning, i.e. layer bounds in the client, and the cluster's start separately), the summed
-task seconds per stage, the peak RSS of every worker process (psutil, sampled every 0.1 s) and of this (client)
-process, and the load average before and after (the machine may be shared).  ``--in-memory`` also runs
+task seconds per stage, the peak RSS of every worker process (psutil, sampled every 0.2 s, and the worker's own
+``ru_maxrss``: its lifetime peak, exact for the first run on a fresh cluster) and of this (client) process, and the load average before and after (the machine may be shared).  ``--in-memory`` also runs
 the in-memory method (:func:`recurjac_scale.lipschitz.lipschitz`) in a child process, for its value, time and peak
 RSS (``ru_maxrss``).
 
@@ -104,6 +104,12 @@ def start_cluster(workers, budget):
     return cluster, client, time.perf_counter() - t0
 
 
+def _maxrss():
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
 def engine_run(client, store, x0, c, eps, method, budget, stage_block=None):
     from recurjac_scale.engine import plan_jacobian
 
@@ -121,7 +127,9 @@ def engine_run(client, store, x0, c, eps, method, budget, stage_block=None):
         wall = time.perf_counter() - t1
         client_cpu = time.process_time() - c1
     load1 = os.getloadavg()
+    maxrss = client.run(_maxrss)  # each worker's lifetime peak (exact; includes earlier runs on the same cluster)
     return {
+        "ru_maxrss_workers_MiB": [v / 1024 for v in maxrss.values()],
         "method": method, "lipschitz": res.lipschitz, "plan_s": t_plan, "run_wall_s": wall, "client_cpu_s": client_cpu,
         "task_seconds": {str(k): v for k, v in res.step_seconds.items()},
         "peak_rss_workers_MiB": [mon.peak.get(p, 0) / 2**20 for p in worker_pids],
