@@ -193,3 +193,35 @@ def test_local_cluster_two_workers_equals_in_memory(client, tmp_path, rng):
     assert res.lipschitz == pytest.approx(ref_l.lipschitz, rel=RTOL)
     pids = {json.loads(p.read_text())["pid"] for p in (ck / "done").glob("step-1*/*.json")}
     assert os.getpid() not in pids and len(pids) == 2  # stage tasks ran on both worker processes
+
+
+def test_stage_tightens_only_the_neurons_it_names(tmp_path, rng, monkeypatch):
+    """The engine tightens exactly the neurons ``stage.tightened_neurons`` names: none gives the in-memory
+    propagation without tightening; the unstable ones only gives bounds between that and the full method."""
+    from recurjac_scale.jacobian.chain import derivative_bounds_for
+    from recurjac_scale.jacobian.linear import entry_bounds, linear_context
+    from recurjac_scale.jacobian.linear_blocks import LinearStage
+
+    net, x0, store = _case(tmp_path, rng, widths=(10, 14, 12, 12, 3))
+    eps = 0.1
+    full = jacobian_bounds(net, x0, eps, math.inf, method="linear-jacobian", outputs="all")
+    rb = jacobian_bounds(net, x0, eps, math.inf, method="recurjac-b", outputs="all", keep_states=True)
+    netc = net.with_outputs(np.eye(3))
+    ctx = linear_context(netc, Region.of(netc, x0, eps, math.inf), rb.layer_bounds,
+                         derivative_bounds_for(netc, rb.layer_bounds))
+    plain_lo, plain_up, _, _ = entry_bounds(ctx, rb.states, rb.lower, rb.upper, tighten=False)
+    monkeypatch.setattr(LinearStage, "tightened_neurons", lambda self, dl, du: np.arange(0))
+    none = plan_jacobian(store, x0, eps, math.inf, "linear-jacobian", outputs="all", stage_block=5).compute(
+        scheduler="synchronous")
+    scale = float(np.abs(full.upper).max())
+    _close(none.lower, plain_lo, scale)
+    _close(none.upper, plain_up, scale)
+    monkeypatch.setattr(LinearStage, "tightened_neurons", lambda self, dl, du: np.flatnonzero(dl < du))
+    some = plan_jacobian(store, x0, eps, math.inf, "linear-jacobian", outputs="all", stage_block=3).compute(
+        scheduler="synchronous")
+    tol = RTOL * scale
+    assert (some.upper <= plain_up + tol).all() and (some.lower >= plain_lo - tol).all()
+    assert (some.upper >= full.upper - tol).all() and (some.lower <= full.lower + tol).all()
+    assert ((plain_up - plain_lo) > (full.upper - full.lower) + 1e-9).any()  # tightening matters in this case
+    J = net.jacobian(sample_region(Region.of(net, x0, eps, math.inf), 2000, rng))
+    assert ((J >= some.lower) & (J <= some.upper)).all()

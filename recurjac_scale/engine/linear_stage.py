@@ -110,9 +110,10 @@ def _n_blocks(n: int, block: int) -> int:
 
 
 def plan_stage(stage, widths, m: int, *, block=None, budget=None, threads_per_worker: int = 1,
-               held_bytes: int = 0, budget_source: str = "given") -> StagePlan:
+               held_bytes: int = 0, budget_source: str = "given", tightened=None) -> StagePlan:
     """Plan the second stage for a network with widths ``(n_0, ..., n_H)`` (outputs folded in) and ``m`` output
-    rows.  ``held_bytes``: what a worker holds besides (baseline, caches, the base method's chain).  The block is
+    rows.  ``held_bytes``: what a worker holds besides (baseline, caches, the base method's chain);
+    ``tightened``: per hidden layer ``k = 0..H-3``, how many neurons are tightened (default: all).  The block is
     ``block`` when given, else the stage's default, halved until the peak fits ``budget`` (not below
     :data:`MIN_BLOCK`).
 
@@ -147,7 +148,8 @@ def plan_stage(stage, widths, m: int, *, block=None, budget=None, threads_per_wo
             "the base method's chain and the worker baseline); give a larger --memory-budget or fewer threads"
         )
     b, peak = chosen
-    n_t = sum(m * _n_blocks(widths[k + 1], b) for k in range(H - 2))
+    counts = [int(widths[k + 1]) for k in range(H - 2)] if tightened is None else [int(c) for c in tightened]
+    n_t = sum(m * _n_blocks(c, b) for c in counts)
     n_e = m * _n_blocks(widths[0], b)
     return StagePlan(block=b, n_tighten_tasks=n_t, n_entry_tasks=n_e, n_row_tasks=m, n_tasks=n_t + n_e + m,
                      context_bytes=ctx_b, task_peak_bytes=int(stage.task_bytes(widths, b)), peak_worker_bytes=peak,
@@ -165,7 +167,8 @@ class StageSpec:
 
     ``network`` (in memory) or ``store_path`` (read by each worker) with the ``outputs`` folded in, as
     :class:`~recurjac_scale.engine.blocks.WorkerSpec`; ``region``, ``layer_bounds`` and ``derivative_bounds`` are
-    the client's (every worker uses exactly its values)."""
+    the client's (every worker uses exactly its values); ``tightened[k]``: the neurons of hidden layer ``k`` whose
+    gradient bounds are tightened (``stage.tightened_neurons``), in blocks of ``block``."""
 
     key: str
     network: Any
@@ -179,6 +182,7 @@ class StageSpec:
     widths: tuple
     n_steps: int
     row_block: int
+    tightened: tuple = ()
 
     def context(self):
         """``(LinearContext, centre gradients per row)`` of this job in this process (built on first use)."""
@@ -261,8 +265,11 @@ def _row(spec: StageSpec, state: str, i: int, k_min: int):
     gl, gu = _rj_row(spec, state, i)
     tightened = {}
     for k in range(ctx.H - 3, k_min - 1, -1):
-        lo = np.asarray(_arr(_g_path(state, k, "lower"))[i, :], np.float64)
-        up = np.asarray(_arr(_g_path(state, k, "upper"))[i, :], np.float64)
+        lo, up = gl[k].copy(), gu[k].copy()
+        idx = spec.tightened[k]
+        if idx.size:
+            lo[idx] = np.asarray(_arr(_g_path(state, k, "lower"))[i, :], np.float64)
+            up[idx] = np.asarray(_arr(_g_path(state, k, "upper"))[i, :], np.float64)
         if np.isnan(lo).any() or np.isnan(up).any():
             raise StoreError(f"tightened bounds of layer {k}, row {i} are missing")
         tightened[k] = (lo, up)
@@ -288,9 +295,10 @@ def _tighten_task(spec: StageSpec, state: str, ckpt: str, job_id: str, durable: 
     t0, c0 = time.perf_counter(), time.thread_time()
     ctx, _ = spec.context()
     rb = _row(spec, state, i, k + 1)
-    r0, r1 = b * spec.block, min(ctx.W[k + 1].shape[1], (b + 1) * spec.block)
+    idx = spec.tightened[k][b * spec.block : (b + 1) * spec.block]
+    r0, r1 = b * spec.block, b * spec.block + idx.size
     with blas_single_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        lo, up = tighten_block(ctx, rb, k, r0, r1)
+        lo, up = tighten_block(ctx, rb, k, idx)
     paths = []
     for key, v in (("lower", lo), ("upper", up)):
         _arr(_g_path(state, k, key))[i : i + 1, r0:r1] = v[None, :]
@@ -374,11 +382,14 @@ def stage_spec(ctx, plan, worker_spec) -> StageSpec:
     """The stage's recipe from the job context and the (possibly spilled) worker spec of the base chain."""
     from ..layer_bounds.base import dual_norm
 
+    H = len(ctx.widths) - 1
+    db = ctx.derivative_bounds
+    tightened = tuple(np.asarray(ctx.stage.tightened_neurons(*db[k]), dtype=np.int64) for k in range(H - 2))
     return StageSpec(
         key="lj-" + plan.job_id, network=worker_spec.network, store_path=worker_spec.store_path,
         outputs=worker_spec.outputs, region=ctx.job.region, layer_bounds=ctx.job.layer_bounds,
         derivative_bounds=list(ctx.derivative_bounds), q=float(dual_norm(ctx.p)), block=plan.stage.block,
-        widths=tuple(ctx.widths), n_steps=ctx.cost.n_steps, row_block=plan.row_block,
+        widths=tuple(ctx.widths), n_steps=ctx.cost.n_steps, row_block=plan.row_block, tightened=tightened,
     )
 
 
@@ -393,8 +404,8 @@ def create_stage_arrays(state: Path, plan, spec: StageSpec) -> None:
     H = len(w) - 1
     blk = spec.block
     n0 = w[0]
-    arrays = [(f"g-{k:03d}/{key}", (m, w[k + 1]), (1, min(blk, w[k + 1]))) for k in range(H - 2)
-              for key in ("lower", "upper")]
+    arrays = [(f"g-{k:03d}/{key}", (m, spec.tightened[k].size), (1, min(blk, spec.tightened[k].size)))
+              for k in range(H - 2) if spec.tightened[k].size for key in ("lower", "upper")]
     arrays += [(f"entry/{key}", (m, n0), (1, min(blk, n0))) for key in ("lower", "upper")]
     arrays += [("entry/worst", (m, _n_blocks(n0, blk)), (1, 1)), ("rows", (m,), (1,))]
     for name, shape, chunks in arrays:
@@ -421,13 +432,13 @@ def add_stage_graph(dsk: dict, plan, spec: StageSpec, state: str, ckpt: str, dur
         prev = ("rj-rows-%03d" % T, i // plan.row_block) if T >= 1 else None
         for k in range(H - 3, -1, -1):
             layer = []
-            for b in range(_n_blocks(w[k + 1], blk)):
+            for b in range(_n_blocks(spec.tightened[k].size, blk)):
                 tk = ("lj-tighten-%03d" % k, i, b)
                 dsk[tk] = (_tighten_task, key, state, ckpt, plan.job_id, durable, k, i, b,
                            *([prev] if prev is not None else []))
                 layer.append(tk)
             bar = ("lj-layer-%03d" % k, i)
-            dsk[bar] = (_barrier, *layer)
+            dsk[bar] = (_barrier, *layer, *([prev] if prev is not None else []))
             keys += layer
             prev = bar
         entries = []

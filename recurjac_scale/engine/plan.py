@@ -441,8 +441,10 @@ def plan_jacobian(
         from .linear_stage import plan_stage
 
         held = peak - tpw * task_peak  # baseline, caches and the base method's chain stay in the worker
+        db = ctx.derivative_bounds
+        counts = [ctx.stage.tightened_neurons(*db[k]).size for k in range(len(ctx.widths) - 3)]
         stage = plan_stage(ctx.stage, ctx.widths, ctx.n_outputs, block=stage_block, budget=budget,
-                           threads_per_worker=tpw, held_bytes=held, budget_source=budget_source)
+                           threads_per_worker=tpw, held_bytes=held, budget_source=budget_source, tightened=counts)
         peak = max(peak, stage.peak_worker_bytes)
     job_id = ctx.job_id(rb, cb)
     if stage is not None:

@@ -30,7 +30,7 @@ from .linear import OBJECTIVE_BLOCK, _v, bound_objectives, layer_planes, row_bou
 from .linear_rows import row_norm_upper
 
 __all__ = [
-    "LinearStage", "LINEAR_STAGE", "rebuild_row", "tighten_block", "entry_block", "row_norm", "context_bytes",
+    "LinearStage", "LINEAR_STAGE", "rebuild_row", "tightened_neurons", "tighten_block", "entry_block", "row_norm", "context_bytes",
     "task_bytes",
 ]
 
@@ -67,21 +67,29 @@ def rebuild_row(ctx, i: int, gl: list, gu: list, g0: list, tightened: dict, plan
     return rb
 
 
-def tighten_block(ctx, rb, k: int, r0: int, r1: int) -> tuple[np.ndarray, np.ndarray]:
-    """Tightened bounds of ``g_r(k)``, ``r = r0..r1-1`` (one block of the loop of
-    :func:`~recurjac_scale.jacobian.linear.tighten_gradient_bounds`): ``g_r(k) = y(k+1) · W[k+1][:, r]`` bounded by
-    :func:`bound_objectives` from layer ``k + 1`` (every slope variant, the smallest), intersected with ``rb``'s
-    current bounds.  ``rb`` must hold the tightened layers above ``k`` (:func:`rebuild_row`).
+def tightened_neurons(dl: np.ndarray, du: np.ndarray) -> np.ndarray:
+    """The neurons of a hidden layer (derivative bounds ``dl``, ``du``) whose gradient bounds
+    :func:`~recurjac_scale.jacobian.linear.tighten_gradient_bounds` tightens: every one."""
+    return np.arange(np.asarray(dl).size)
+
+
+def tighten_block(ctx, rb, k: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tightened bounds of ``g_r(k)`` for the neurons ``r`` in ``idx`` (one block of the loop of
+    :func:`~recurjac_scale.jacobian.linear.tighten_gradient_bounds`, a slice of :func:`tightened_neurons`):
+    ``g_r(k) = y(k+1) · W[k+1][:, r]`` bounded by :func:`bound_objectives` from layer ``k + 1`` (every slope
+    variant, the smallest), intersected with ``rb``'s current bounds.  ``rb`` must hold the tightened layers above
+    ``k`` (:func:`rebuild_row`).
 
     Returns
     -------
-    lower, upper : ndarray, shape (r1 - r0,)
+    lower, upper : ndarray, shape (idx.size,)
     """
-    WT = ctx.W[k + 1].T[r0:r1]  # (nb, d_{k+1}): row r is W[k+1][:, r]
+    idx = np.asarray(idx, dtype=np.int64)
+    WT = ctx.W[k + 1][:, idx].T  # (nb, d_{k+1}): row t is W[k+1][:, idx[t]]
     Lam = np.concatenate([WT, -WT], axis=0)
     ub = np.minimum.reduce([bound_objectives(ctx, rb, Lam, k + 1, v) for v in ctx.variants])
-    nb = r1 - r0
-    return np.maximum(rb.gl[k][r0:r1], -ub[nb:]), np.minimum(rb.gu[k][r0:r1], ub[:nb])
+    nb = idx.size
+    return np.maximum(rb.gl[k][idx], -ub[nb:]), np.minimum(rb.gu[k][idx], ub[:nb])
 
 
 def entry_block(ctx, rb, j0: int, j1: int, rj_lower: np.ndarray, rj_upper: np.ndarray):
@@ -171,6 +179,9 @@ class LinearStage:
 
     def task_bytes(self, widths, block: int) -> int:
         return task_bytes(widths, block)
+
+    def tightened_neurons(self, dl, du) -> np.ndarray:
+        return tightened_neurons(dl, du)
 
 
 LINEAR_STAGE = LinearStage()

@@ -153,7 +153,7 @@ class JacobianMethod:
     stage : object, optional
         The blockwise form of a ``run`` method, which the engine runs instead of refusing it: an object with
         ``base`` (the name of the chain method run first, whose states it reads), ``block`` (default block size),
-        ``context_bytes(widths)`` and ``task_bytes(widths, block)`` (``linear-jacobian``:
+        ``context_bytes(widths)``, ``task_bytes(widths, block)`` and ``tightened_neurons(dl, du)`` (``linear-jacobian``:
         :data:`recurjac_scale.jacobian.linear_blocks.LINEAR_STAGE`, run by
         :mod:`recurjac_scale.engine.linear_stage`).
     """
