@@ -405,6 +405,8 @@ def run_plan(
                 stage_keys, row_bars, finish_spec = add_stage_graph(dsk, plan, sspec, str(state), str(ckpt.path),
                                                                     bool(durable))
                 finish_fn = stage_finish_task
+                log(f"second stage ({plan.method}): {len(stage_keys)} task(s) after the layer steps (finished ones "
+                    "recorded in the checkpoint are skipped)")
             key = ("rj-finish", 0)
             dsk[key] = (finish_fn, finish_spec, str(state), str(tmp_out), plan.job_id, 0, (0, n0), *row_bars)
             finish_keys.append(key)
