@@ -62,7 +62,8 @@ from .derivative_lines import derivative_lines
 
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
-    "bound_objectives", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS", "OBJECTIVE_BLOCK",
+    "bound_objectives", "bound_objectives_variants", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS",
+    "OBJECTIVE_BLOCK",
 ]
 
 SLOPE_VARIANTS = ("centre", "area", "constant")
@@ -351,17 +352,21 @@ def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256)
     the layers above, already tightened), intersected with the current (RecurJac) bounds; the planes of layer
     ``k`` are then rebuilt.  Every bound stays certified."""
     for k in range(ctx.H - 3, -1, -1):
-        WT = np.ascontiguousarray(ctx.W[k + 1].T)  # (d_k, d_{k+1}): row r is W[k+1][:, r]
+        # only neurons with dl < du: elsewhere a(k) is the constant du and every plane is exact whatever the bounds
+        # of g (they only enter the rounding allowance through ymax)
+        rows = np.flatnonzero(ctx.dl[k] < ctx.du[k])
+        WT = np.ascontiguousarray(ctx.W[k + 1][:, rows].T)  # row t is W[k+1][:, rows[t]]
         d = WT.shape[0]
         lo_new = rb.gl[k].copy()
         up_new = rb.gu[k].copy()
         for r0 in range(0, d, block):
             r1 = min(d, r0 + block)
             Lam = np.concatenate([WT[r0:r1], -WT[r0:r1]], axis=0)
-            ub = np.minimum.reduce([bound_objectives(ctx, rb, Lam, k + 1, v) for v in ctx.variants])
+            ub = bound_objectives_variants(ctx, rb, Lam, k + 1).min(axis=0)
             nb = r1 - r0
-            up_new[r0:r1] = np.minimum(up_new[r0:r1], ub[:nb])
-            lo_new[r0:r1] = np.maximum(lo_new[r0:r1], -ub[nb:])
+            idx = rows[r0:r1]
+            up_new[idx] = np.minimum(up_new[idx], ub[:nb])
+            lo_new[idx] = np.maximum(lo_new[idx], -ub[nb:])
         rb.gl[k], rb.gu[k] = lo_new, up_new
         rb.up[k], rb.lo[k], rb.ymax[k] = layer_planes(ctx, k, lo_new, up_new, rb.g0[k], rb.planes)
         if k >= 1:
@@ -391,14 +396,33 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
     ndarray, shape (K,)
         ``max_{x in S} Lam[q] · y(0)(x) <=`` the value (rounding included).
     """
+    key = next(iter(ctx.variants)) if slopes is None else slopes
+    errs = [] if allowance is not None else None
+    out = bound_objectives_variants(ctx, rb, Lam, start, (key,), errs)[0]
+    if allowance is not None:
+        allowance.append(errs[0])
+    return out
+
+
+def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: int = 0,
+                              variants=None, allowance: list | None = None) -> np.ndarray:
+    """:func:`bound_objectives` for several slope variants at once: the gradient-graph pass (which does not depend
+    on the lines of ``sigma'``) runs once, the lines and the network pass once per variant.
+
+    Returns
+    -------
+    ndarray, shape (V, K)
+        Row ``v``: the bounds with the lines ``variants[v]`` (default: every key of :attr:`LinearContext.variants`);
+        with ``allowance`` given, one ``(K,)`` allowance per variant is appended to it.
+    """
+    variants = tuple(ctx.variants) if variants is None else tuple(variants)
     H = ctx.H
     K = Lam.shape[0]
-    S_low, T_low, S_up, T_up = ctx.variants[next(iter(ctx.variants)) if slopes is None else slopes]
     const = np.zeros(K)
     cabs = np.zeros(K)
     err = np.zeros(K)
-    nus = [None] * (H - 1)
-    # -- pass 1: up the gradient graph --------------------------------------------------------------------------
+    mus = [None] * (H - 1)
+    # -- pass 1: up the gradient graph (shared by the variants) -------------------------------------------------
     for k in range(start, H - 1):
         d = Lam.shape[1]
         Lp = np.maximum(Lam, 0.0)
@@ -406,25 +430,13 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
         cgU, caU, ccU = rb.up[k]
         cgL, caL, ccL = rb.lo[k]
         kappa = Lp * cgU + Ln * cgL
-        mu = Lp * caU + Ln * caL
+        mus[k] = Lp * caU + Ln * caL
         term = Lp @ ccU + Ln @ ccL
         const += term
         cabs += np.abs(term)
         absL = np.abs(Lam)
         err += gamma(d + 16) * (absL @ rb.ymax[k])
         del Lp, Ln, absL
-        # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
-        mp = np.maximum(mu, 0.0)
-        mn = np.minimum(mu, 0.0)
-        nu = mp * S_up[k] + mn * S_low[k]
-        term = mp @ T_up[k] + mn @ T_low[k]
-        const += term
-        cabs += np.abs(term)
-        smax = np.maximum(np.abs(S_up[k]), np.abs(S_low[k]))
-        tmax = np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
-        err += gamma(d + 8) * (np.abs(mu) @ (smax * ctx.zmax[k] + tmax))
-        del mp, mn, mu
-        nus[k] = nu
         if k < H - 2:
             # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1), on the live neurons only
             cp = ctx.compact
@@ -437,6 +449,33 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
             cabs += np.abs(term)
             err += gamma(d + 2) * (np.abs(kappa) @ np.abs(rb.top))
         del kappa
+    out = np.empty((len(variants), K))
+    for iv, key in enumerate(variants):
+        S_low, T_low, S_up, T_up = ctx.variants[key]
+        out[iv] = _network_pass(ctx, rb, mus, start, S_low, T_low, S_up, T_up, const.copy(), cabs.copy(),
+                                err.copy(), allowance)
+    return out
+
+
+def _network_pass(ctx, rb, mus, start, S_low, T_low, S_up, T_up, const, cabs, err, allowance):
+    """The lines of ``sigma'`` on the coefficients ``mus`` and pass 2 of :func:`bound_objectives` (one variant)."""
+    H = ctx.H
+    K = const.size
+    nus = [None] * (H - 1)
+    for k in range(start, H - 1):
+        mu = mus[k]
+        d = mu.shape[1]
+        # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
+        mp = np.maximum(mu, 0.0)
+        mn = np.minimum(mu, 0.0)
+        nus[k] = mp * S_up[k] + mn * S_low[k]
+        term = mp @ T_up[k] + mn @ T_low[k]
+        const += term
+        cabs += np.abs(term)
+        smax = np.maximum(np.abs(S_up[k]), np.abs(S_low[k]))
+        tmax = np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
+        err += gamma(d + 8) * (np.abs(mu) @ (smax * ctx.zmax[k] + tmax))
+        del mp, mn
     # -- pass 2: down the network -------------------------------------------------------------------------------
     if all(nu is None or not nu.any() for nu in nus):  # no coefficient on any z (constant lines): nothing to do
         err += gamma(4 * H + 8) * cabs + TINY + rb.under
@@ -526,11 +565,11 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
             j1 = min(n0, j0 + block)
             Lam = np.concatenate([W0T[j0:j1], -W0T[j0:j1]], axis=0)
             errs = []
-            ubs = [bound_objectives(ctx, rb, Lam, 0, v, errs) for v in ctx.variants]
-            ub = np.minimum.reduce(ubs)
+            ubs = bound_objectives_variants(ctx, rb, Lam, 0, None, errs)
+            ub = ubs.min(axis=0)
             nb = j1 - j0
             # the allowance of the winning variant, relative to the entry's width where the propagation won
-            win = np.argmin(np.stack(ubs), axis=0)
+            win = np.argmin(ubs, axis=0)
             err = np.stack(errs)[win, np.arange(ub.size)]
             won_up = ub[:nb] < upper[i, j0:j1]
             won_lo = -ub[nb:] > lower[i, j0:j1]
