@@ -59,6 +59,7 @@ from ..layer_bounds.backsub import _concretise_upper
 from ..layer_bounds.crown import crown_relaxation
 from ..relaxations import value_bounds
 from .derivative_lines import derivative_lines
+from .linear_kernels import lines_step, plane_step, relax_step
 
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
@@ -151,7 +152,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
     """
     H = netc.n_layers
     W = [np.asarray(w, dtype=np.float64) for w in netc.weights]
-    b = [np.asarray(v, dtype=np.float64) for v in netc.biases]
+    b = [np.ascontiguousarray(v, dtype=np.float64) for v in netc.biases]
     acts = list(netc.activations)
     lows = [np.asarray(v, np.float64) for v in layer_bounds.lower[: H - 1]]
     ups = [np.asarray(v, np.float64) for v in layer_bounds.upper[: H - 1]]
@@ -180,10 +181,10 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         hl, hu = value_bounds(act.value, l, u)
         ctx.dl.append(dl)
         ctx.du.append(du)
-        ctx.a_low.append(np.asarray(al, np.float64))
-        ctx.b_low.append(np.asarray(bl, np.float64))
-        ctx.a_up.append(np.asarray(au, np.float64))
-        ctx.b_up.append(np.asarray(bu, np.float64))
+        ctx.a_low.append(np.ascontiguousarray(al, np.float64))
+        ctx.b_low.append(np.ascontiguousarray(bl, np.float64))
+        ctx.a_up.append(np.ascontiguousarray(au, np.float64))
+        ctx.b_up.append(np.ascontiguousarray(bu, np.float64))
         ctx.relax_err_up.append(_safe_mul(np.abs(au), zmax) + np.abs(bu))
         ctx.relax_err_low.append(_safe_mul(np.abs(al), zmax) + np.abs(bl))
         ctx.zmax.append(zmax)
@@ -212,7 +213,16 @@ def _compact(ctx: LinearContext) -> dict:
     grad = [np.ascontiguousarray(ctx.W[k + 1][np.ix_(live[k + 1], live[k])].T) for k in range(H - 2)]
     net = [None] + [np.ascontiguousarray(ctx.W[k][np.ix_(act[k], kept[k - 1])]) for k in range(1, H - 1)]
     first = np.ascontiguousarray(ctx.W[0][act[0], :])
-    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first}
+    pos = []
+    for k in range(H - 1):
+        p = np.full(ctx.du[k].size, -1, dtype=np.int64)
+        p[kept[k]] = np.arange(kept[k].size)
+        pos.append(p)
+    # magnitude of the affine step into z(k): |W[k]| |h(k-1)|max + |b[k]| (|x|max for k = 0)
+    wmag = [ctx.absW[k] @ (ctx.hmax[k - 1] if k >= 1 else ctx.xmax) + np.abs(ctx.b[k]) for k in range(H - 1)]
+    act = [a.astype(np.int64) for a in act]
+    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first, "pos": pos,
+            "wmag": wmag}
 
 
 @dataclass
@@ -423,31 +433,26 @@ def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray
     err = np.zeros(K)
     mus = [None] * (H - 1)
     # -- pass 1: up the gradient graph (shared by the variants) -------------------------------------------------
+    Lam = np.ascontiguousarray(Lam, dtype=np.float64)
+    term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
     for k in range(start, H - 1):
         d = Lam.shape[1]
-        Lp = np.maximum(Lam, 0.0)
-        Ln = np.minimum(Lam, 0.0)
-        cgU, caU, ccU = rb.up[k]
-        cgL, caL, ccL = rb.lo[k]
-        kappa = Lp * cgU + Ln * cgL
-        mus[k] = Lp * caU + Ln * caL
-        term = Lp @ ccU + Ln @ ccL
+        kappa = np.empty((K, d))
+        mus[k] = np.empty((K, d))
+        vnext = rb.v[k] if k < H - 2 else np.abs(rb.top)
+        plane_step(Lam, *rb.up[k], *rb.lo[k], rb.ymax[k], vnext, kappa, mus[k], term, ey, ek)
         const += term
         cabs += np.abs(term)
-        absL = np.abs(Lam)
-        err += gamma(d + 16) * (absL @ rb.ymax[k])
-        del Lp, Ln, absL
+        err += gamma(d + 16) * ey + gamma(d + 2) * ek
         if k < H - 2:
             # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1), on the live neurons only
             cp = ctx.compact
             Lam = np.zeros((K, ctx.W[k + 1].shape[0]))
             Lam[:, cp["live"][k + 1]] = kappa[:, cp["live"][k]] @ cp["grad"][k]
-            err += gamma(d + 2) * (np.abs(kappa) @ rb.v[k])
         else:
-            term = kappa @ rb.top
-            const += term
-            cabs += np.abs(term)
-            err += gamma(d + 2) * (np.abs(kappa) @ np.abs(rb.top))
+            t = kappa @ rb.top
+            const += t
+            cabs += np.abs(t)
         del kappa
     out = np.empty((len(variants), K))
     for iv, key in enumerate(variants):
@@ -462,56 +467,53 @@ def _network_pass(ctx, rb, mus, start, S_low, T_low, S_up, T_up, const, cabs, er
     H = ctx.H
     K = const.size
     nus = [None] * (H - 1)
+    nnz = 0
+    term, e = np.empty(K), np.empty(K)
     for k in range(start, H - 1):
         mu = mus[k]
         d = mu.shape[1]
         # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
-        mp = np.maximum(mu, 0.0)
-        mn = np.minimum(mu, 0.0)
-        nus[k] = mp * S_up[k] + mn * S_low[k]
-        term = mp @ T_up[k] + mn @ T_low[k]
+        w = np.maximum(np.abs(S_up[k]), np.abs(S_low[k])) * ctx.zmax[k] + np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
+        nus[k] = np.empty((K, d))
+        nnz += lines_step(mu, S_up[k], S_low[k], T_up[k], T_low[k], w, nus[k], term, e)
         const += term
         cabs += np.abs(term)
-        smax = np.maximum(np.abs(S_up[k]), np.abs(S_low[k]))
-        tmax = np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
-        err += gamma(d + 8) * (np.abs(mu) @ (smax * ctx.zmax[k] + tmax))
-        del mp, mn
+        err += gamma(d + 8) * e
     # -- pass 2: down the network -------------------------------------------------------------------------------
-    if all(nu is None or not nu.any() for nu in nus):  # no coefficient on any z (constant lines): nothing to do
+    if nnz == 0:  # no coefficient on any z (constant lines): nothing to do
         err += gamma(4 * H + 8) * cabs + TINY + rb.under
         if allowance is not None:
             allowance.append(err)
         return np.where(np.isnan(const + err), np.inf, const + err)
+    cp = ctx.compact
     Gam = nus[H - 2]
+    tb = Gam @ ctx.b[H - 2]
+    ew = np.abs(Gam) @ cp["wmag"][H - 2]
+    Gact = np.ascontiguousarray(Gam[:, cp["act"][H - 2]])
+    out5 = np.empty((5, K))
+    no_nu = np.empty((0, 0))
     for k in range(H - 2, 0, -1):
         n = ctx.W[k].shape[1]
-        absG = np.abs(Gam)
-        term = Gam @ ctx.b[k]
-        const += term
-        cabs += np.abs(term)
-        err += gamma(max(n, ctx.W[k].shape[0]) + 2) * (absG @ (ctx.absW[k] @ ctx.hmax[k - 1] + np.abs(ctx.b[k])))
-        cp = ctx.compact
-        Gh = np.zeros((K, ctx.W[k].shape[1]))  # (K, d_{k-1}); zero where the relaxation of sigma is the zero line
-        Gh[:, cp["kept"][k - 1]] = Gam[:, cp["act"][k]] @ cp["net"][k]
-        del absG
-        Gp = np.maximum(Gh, 0.0)
-        Gn = np.minimum(Gh, 0.0)
-        term = Gp @ ctx.b_up[k - 1] + Gn @ ctx.b_low[k - 1]
-        const += term
-        cabs += np.abs(term)
-        err += gamma(n + 2) * (Gp @ ctx.relax_err_up[k - 1] - Gn @ ctx.relax_err_low[k - 1])
-        Gam = Gp * ctx.a_up[k - 1] + Gn * ctx.a_low[k - 1]
-        if nus[k - 1] is not None:
-            Gam += nus[k - 1]
-        err += 4 * _U * (np.abs(Gam) @ ctx.zmax[k - 1])
-        del Gp, Gn, Gh
-    absG = np.abs(Gam)
-    term = Gam @ ctx.b[0]
-    const += term
-    cabs += np.abs(term)
+        const += tb
+        cabs += np.abs(tb)
+        err += gamma(max(n, ctx.W[k].shape[0]) + 2) * ew
+        Hc = Gact @ cp["net"][k]  # (K, kept(k-1)): coefficients on h(k-1), zero elsewhere
+        Gact = np.empty((K, cp["act"][k - 1].size))
+        nu = nus[k - 1]
+        relax_step(Hc, cp["pos"][k - 1], no_nu if nu is None else nu, nu is not None, ctx.a_up[k - 1],
+                   ctx.a_low[k - 1], ctx.b_up[k - 1], ctx.b_low[k - 1], ctx.relax_err_up[k - 1],
+                   ctx.relax_err_low[k - 1], ctx.zmax[k - 1], ctx.b[k - 1], cp["wmag"][k - 1], cp["act"][k - 1],
+                   Gact, out5)
+        const += out5[0]
+        cabs += np.abs(out5[0])
+        err += gamma(n + 2) * out5[1] + 4 * _U * out5[2]
+        tb, ew = out5[3].copy(), out5[4].copy()
+        del Hc
+    const += tb
+    cabs += np.abs(tb)
     n0 = ctx.W[0].shape[1]
-    err += gamma(max(n0, ctx.W[0].shape[0]) + 2) * (absG @ (ctx.absW[0] @ ctx.xmax + np.abs(ctx.b[0])))
-    Gx = Gam[:, ctx.compact["act"][0]] @ ctx.compact["first"]
+    err += gamma(max(n0, ctx.W[0].shape[0]) + 2) * ew
+    Gx = Gact @ cp["first"]
     lo, hi = ctx.region.box
     sup = _concretise_upper(Gx, ctx.region, lo, hi, gamma(n0 + 2))
     total = const + sup

@@ -1,0 +1,162 @@
+"""The numba kernels of ``linear-jacobian`` (:mod:`recurjac_scale.jacobian.linear_kernels`) against the numpy
+formulas they replace: the same coefficients (bitwise: one product per entry), the same row sums up to summation
+order, and NaN coefficients (overflow upstream) carried into every output instead of being dropped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from recurjac_scale.jacobian.linear_kernels import lines_step, plane_step, relax_step
+
+
+def _coeffs(rng, K, d):
+    """Coefficients with exact zeros, both signs and a spread of magnitudes."""
+    A = rng.standard_normal((K, d)) * 10.0 ** rng.integers(-3, 4, (K, d))
+    A[rng.random((K, d)) < 0.2] = 0.0
+    return A
+
+
+def _close(a, b):
+    # sums of at most 60 terms in another order: well inside 1e-13 relative to the sum of magnitudes
+    np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-300)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_plane_step_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    K, d = 7, 60
+    Lam = _coeffs(rng, K, d)
+    cgU, caU, ccU, cgL, caL, ccL = (rng.standard_normal(d) for _ in range(6))
+    ymax, vnext = rng.random(d), rng.random(d)
+    kappa, mu = np.empty((K, d)), np.empty((K, d))
+    term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
+    plane_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, kappa, mu, term, ey, ek)
+    Lp, Ln = np.maximum(Lam, 0.0), np.minimum(Lam, 0.0)
+    np.testing.assert_array_equal(kappa, Lp * cgU + Ln * cgL)
+    np.testing.assert_array_equal(mu, Lp * caU + Ln * caL)
+    _close(term, Lp @ ccU + Ln @ ccL)
+    _close(ey, np.abs(Lam) @ ymax)
+    _close(ek, np.abs(Lp * cgU + Ln * cgL) @ vnext)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_lines_step_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    K, d = 7, 60
+    mu = _coeffs(rng, K, d)
+    S_up, S_low, T_up, T_low, w = (rng.standard_normal(d) for _ in range(5))
+    nu, term, e = np.empty((K, d)), np.empty(K), np.empty(K)
+    nnz = lines_step(mu, S_up, S_low, T_up, T_low, w, nu, term, e)
+    mp, mn = np.maximum(mu, 0.0), np.minimum(mu, 0.0)
+    ref = mp * S_up + mn * S_low
+    np.testing.assert_array_equal(nu, ref)
+    assert nnz == np.count_nonzero(ref)
+    _close(term, mp @ T_up + mn @ T_low)
+    _close(e, np.abs(mu) @ w)
+
+
+def _relax_case(rng, K, n, with_nu):
+    kept = np.sort(rng.choice(n, size=n - 9, replace=False))
+    act = np.sort(rng.choice(n, size=n - 5, replace=False)).astype(np.int64)
+    pos = np.full(n, -1, dtype=np.int64)
+    pos[kept] = np.arange(kept.size)
+    Hc = _coeffs(rng, K, kept.size)
+    nu = _coeffs(rng, K, n) if with_nu else np.empty((0, 0))
+    vecs = [rng.standard_normal(n) for _ in range(4)] + [rng.random(n) for _ in range(3)] + [
+        rng.standard_normal(n), rng.random(n)]
+    return Hc, pos, kept, act, nu, vecs
+
+
+@pytest.mark.parametrize("with_nu", [False, True])
+def test_relax_step_matches_numpy(with_nu):
+    rng = np.random.default_rng(3)
+    K, n = 6, 50
+    Hc, pos, kept, act, nu, vecs = _relax_case(rng, K, n, with_nu)
+    a_up, a_low, b_up, b_low, r_up, r_low, zmax, bnext, wnext = vecs
+    Gact, out = np.empty((K, act.size)), np.empty((5, K))
+    relax_step(Hc, pos, nu, with_nu, a_up, a_low, b_up, b_low, r_up, r_low, zmax, bnext, wnext, act, Gact, out)
+    Gh = np.zeros((K, n))
+    Gh[:, kept] = Hc
+    Gp, Gn = np.maximum(Gh, 0.0), np.minimum(Gh, 0.0)
+    Gam = Gp * a_up + Gn * a_low
+    if with_nu:
+        Gam = Gam + nu
+    np.testing.assert_array_equal(Gact, Gam[:, act])
+    _close(out[0], Gp @ b_up + Gn @ b_low)
+    _close(out[1], Gp @ r_up - Gn @ r_low)
+    _close(out[2], np.abs(Gam) @ zmax)
+    _close(out[3], Gam @ bnext)
+    _close(out[4], np.abs(Gam) @ wnext)
+
+
+def test_kernels_carry_nan():
+    """A NaN coefficient must reach the constants (the caller turns a NaN bound into +inf); dropping it as if it
+    were zero would leave a finite bound that misses the term."""
+    rng = np.random.default_rng(4)
+    K, d = 3, 20
+    Lam = _coeffs(rng, K, d)
+    Lam[1, 4] = np.nan
+    v = [rng.standard_normal(d) for _ in range(6)] + [rng.random(d), rng.random(d)]
+    kappa, mu = np.empty((K, d)), np.empty((K, d))
+    term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
+    plane_step(Lam, *v, kappa, mu, term, ey, ek)
+    assert np.isnan(term[1]) and np.isnan(kappa[1, 4]) and np.isnan(mu[1, 4])
+    assert np.isfinite(term[[0, 2]]).all()
+
+    nu, t2, e2 = np.empty((K, d)), np.empty(K), np.empty(K)
+    lines_step(mu, *v[:4], v[6], nu, t2, e2)
+    assert np.isnan(t2[1]) and np.isnan(nu[1, 4]) and np.isfinite(t2[[0, 2]]).all()
+
+    Hc, pos, kept, act, _, vecs = _relax_case(rng, K, 50, False)
+    Hc[2, 7] = np.nan
+    Gact, out = np.empty((K, act.size)), np.empty((5, K))
+    relax_step(Hc, pos, np.empty((0, 0)), False, *vecs, act, Gact, out)
+    assert np.isnan(out[0, 2]) and np.isfinite(out[0, [0, 1]]).all()
+
+
+def _ys(netc, X, start):
+    """``y(start) = ∂f_0/∂z(start)`` at the points ``X`` (first output row of ``netc``), shape ``(n, d_start)``."""
+    zs = netc.pre_activations(X)
+    H = netc.n_layers
+    g = np.repeat(np.asarray(netc.weights[H - 1], np.float64)[:1], X.shape[0], axis=0)
+    y = None
+    for k in range(H - 2, start - 1, -1):
+        y = g * netc.activations[k].derivative(zs[k])
+        g = y @ np.asarray(netc.weights[k], np.float64)
+    return y
+
+
+@pytest.mark.parametrize("act", ["relu", "sigmoid"])
+@pytest.mark.parametrize("start", [0, 1])
+def test_every_variant_bounds_objectives_alone(act, start, rng):
+    """Each slope variant of the propagation (not only the minimum over them, and without the intersection with
+    RecurJac-B that can hide an unsound network pass) bounds the Jacobian entries' and random objectives over
+    sampled and hill-climbed points."""
+    from recurjac_scale.jacobian import derivative_bounds_for, jacobian_bounds
+    from recurjac_scale.jacobian import linear as lin
+    from recurjac_scale.layer_bounds.base import Region
+    from recurjac_scale.testing import hill_climb, random_network, sample_region
+
+    net = random_network((6, 24, 24, 24, 3), act, rng)
+    x0 = rng.uniform(0, 1, 6)
+    eps = 0.15
+    jb = jacobian_bounds(net, x0, eps, np.inf, method="recurjac-b", outputs=0)
+    netc = net.with_outputs(np.eye(3)[:1])
+    region = Region.of(netc, x0, eps, np.inf)
+    ctx = lin.linear_context(netc, region, jb.layer_bounds, derivative_bounds_for(netc, jb.layer_bounds))
+    assert np.count_nonzero(ctx.dl[1] < ctx.du[1]) >= 4 if act == "relu" else True
+    H = ctx.H
+    gl = [np.asarray(jb.states[H - 2 - k]["lower"][0], np.float64) for k in range(H - 1)]
+    gu = [np.asarray(jb.states[H - 2 - k]["upper"][0], np.float64) for k in range(H - 1)]
+    rb = lin.row_bounds(ctx, 0, gl, gu, lin.centre_gradients_ctx(ctx)[0])
+    W = np.asarray(netc.weights[start], np.float64)
+    Lam = np.vstack([W.T, -W.T, rng.standard_normal((10, W.shape[0]))])
+    X = sample_region(region, 3000, rng)
+    for q in range(0, Lam.shape[0], 3):
+        X = np.vstack([X, hill_climb(region, lambda Z, q=q: _ys(netc, Z, start) @ Lam[q], rng, starts=2, steps=25,
+                                     population=8)])
+    reached = (_ys(netc, X, start) @ Lam.T).max(axis=0)
+    for v in ctx.variants:
+        ub = lin.bound_objectives(ctx, rb, Lam, start, v)
+        assert (ub >= reached).all(), (v, np.flatnonzero(ub < reached))
