@@ -47,13 +47,18 @@ def test_lines_step_matches_numpy(seed):
     mu = _coeffs(rng, K, d)
     S_up, S_low, T_up, T_low, w = (rng.standard_normal(d) for _ in range(5))
     nu, term, e = np.empty((K, d)), np.empty(K), np.empty(K)
-    nnz = lines_step(mu, S_up, S_low, T_up, T_low, w, nu, term, e)
+    nnz = lines_step(mu, S_up, S_low, T_up, T_low, w, True, nu, term, e)
     mp, mn = np.maximum(mu, 0.0), np.minimum(mu, 0.0)
     ref = mp * S_up + mn * S_low
     np.testing.assert_array_equal(nu, ref)
     assert nnz == np.count_nonzero(ref)
     _close(term, mp @ T_up + mn @ T_low)
     _close(e, np.abs(mu) @ w)
+    # without writing nu (constant lines): the same constants, nothing written
+    t2, e2 = np.empty(K), np.empty(K)
+    assert lines_step(mu, S_up, S_low, T_up, T_low, w, False, np.empty((0, 0)), t2, e2) == 0
+    np.testing.assert_array_equal(t2, term)
+    np.testing.assert_array_equal(e2, e)
 
 
 def _relax_case(rng, K, n, with_nu):
@@ -105,7 +110,7 @@ def test_kernels_carry_nan():
     assert np.isfinite(term[[0, 2]]).all()
 
     nu, t2, e2 = np.empty((K, d)), np.empty(K), np.empty(K)
-    lines_step(mu, *v[:4], v[6], nu, t2, e2)
+    lines_step(mu, *v[:4], v[6], True, nu, t2, e2)
     assert np.isnan(t2[1]) and np.isnan(nu[1, 4]) and np.isfinite(t2[[0, 2]]).all()
 
     Hc, pos, kept, act, _, vecs = _relax_case(rng, K, 50, False)
@@ -160,3 +165,33 @@ def test_every_variant_bounds_objectives_alone(act, start, rng):
     for v in ctx.variants:
         ub = lin.bound_objectives(ctx, rb, Lam, start, v)
         assert (ub >= reached).all(), (v, np.flatnonzero(ub < reached))
+
+
+@pytest.mark.parametrize("eps, skips", [(0.02, False), (0.3, True)])
+def test_adaptive_skip_of_slope_variants(eps, skips):
+    """``LinearContext.adaptive``: once that many objectives of a row were bounded with every variant and the lines
+    with slopes never won, the row's later objectives run with constant lines only.  On the 16-16-16-10 recipe the
+    slopes win some objectives at eps 0.02 (no skip) and none at eps 0.3 (skip); the bounds equal those of the
+    run without skipping either way."""
+    from recurjac_scale.jacobian import derivative_bounds_for, jacobian_bounds
+    from recurjac_scale.jacobian import linear as lin
+    from recurjac_scale.layer_bounds.base import Region
+    from recurjac_scale.testing import random_network
+
+    rng = np.random.default_rng(0)
+    net = random_network((16, 16, 16, 10), "relu", rng)
+    x0 = rng.uniform(0, 1, 16)
+    jb = jacobian_bounds(net, x0, eps, np.inf, method="recurjac-b", outputs=1)
+    netc = net.with_outputs(np.eye(10)[1:2])
+    region = Region.of(netc, x0, eps, np.inf)
+    db = derivative_bounds_for(netc, jb.layer_bounds)
+    full = lin.entry_bounds(lin.linear_context(netc, region, jb.layer_bounds, db, adaptive=0), jb.states, jb.lower,
+                            jb.upper, block=4)
+    fast = lin.entry_bounds(lin.linear_context(netc, region, jb.layer_bounds, db, adaptive=8), jb.states, jb.lower,
+                            jb.upper, block=4)
+    np.testing.assert_array_equal(fast[0], full[0])
+    np.testing.assert_array_equal(fast[1], full[1])
+    counted, wins = fast[3][0].slope_stats
+    total = full[3][0].slope_stats[0]  # every objective with a slope variant counted when nothing is skipped
+    assert (wins == 0) == skips
+    assert (counted < total) == skips

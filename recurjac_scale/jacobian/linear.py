@@ -50,7 +50,7 @@ themselves.  The total is reported (``allowance``: the largest allowance relativ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -64,7 +64,7 @@ from .linear_kernels import lines_step, plane_step, relax_step
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
     "bound_objectives", "bound_objectives_variants", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS",
-    "OBJECTIVE_BLOCK",
+    "OBJECTIVE_BLOCK", "ADAPTIVE_AFTER",
 ]
 
 SLOPE_VARIANTS = ("centre", "area", "constant")
@@ -74,7 +74,14 @@ the tightest (each is certified, so their intersection is)."""
 OBJECTIVE_BLOCK = 256
 """Jacobian columns per block of objectives (``2 x`` this many objectives: upper and lower bounds)."""
 
+ADAPTIVE_AFTER = 256
+"""Default :attr:`LinearContext.adaptive`: after this many objectives of one output row bounded with every slope
+variant, where the lines of ``sigma'`` with slopes never gave a smaller bound than the constant lines, the row's
+remaining objectives run with the constant lines only (their network passes are skipped).  A heuristic for speed:
+every bound stays certified, but a skipped variant could have been tighter for a later objective.  0 disables it."""
+
 _U = np.finfo(np.float64).eps / 2
+_NO_NU = np.empty((0, 0))
 
 
 @dataclass
@@ -100,6 +107,9 @@ class LinearContext:
         The weights restricted to the neurons whose terms can be non-zero (:func:`_compact`).
     a0 : list of ndarray
         ``sigma_k'(z0(k))`` at the centre (steers the choice of McCormick planes).
+    adaptive : int
+        Skip the variants with slopes for an output row's remaining objectives once this many were bounded with
+        every variant and slopes never won (:data:`ADAPTIVE_AFTER`; 0: never skip).
     region : Region
     """
 
@@ -122,6 +132,7 @@ class LinearContext:
     region: object
     bounds: list = None
     compact: dict = None
+    adaptive: int = 0
 
     @property
     def H(self) -> int:
@@ -133,7 +144,8 @@ def _safe_mul(a, v):
         return np.where(a == 0, 0.0, a * v)
 
 
-def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_VARIANTS) -> LinearContext | None:
+def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_VARIANTS,
+                   adaptive: int = ADAPTIVE_AFTER) -> LinearContext | None:
     """Build the :class:`LinearContext`, or ``None`` when a hidden layer's bounds are not finite (``eps = inf``
     without a domain: the method then returns RecurJac's bounds).
 
@@ -149,6 +161,8 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
     slopes : sequence of str
         Slope choices of the lines of ``sigma'`` (:func:`derivative_lines` ``mode``), one set of lines each
         (:attr:`LinearContext.variants`).
+    adaptive : int
+        :attr:`LinearContext.adaptive` (:data:`ADAPTIVE_AFTER`; 0: every variant for every objective).
     """
     H = netc.n_layers
     W = [np.asarray(w, dtype=np.float64) for w in netc.weights]
@@ -167,6 +181,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         W=W, b=b, absW=[np.abs(w) for w in W], dl=[], du=[], variants={}, a_low=[],
         b_low=[], a_up=[], b_up=[], relax_err_up=[], relax_err_low=[], zmax=[], hmax=[],
         xmax=np.maximum(np.abs(box_lo), np.abs(box_hi)), a0=[], region=region, bounds=list(zip(lows, ups)),
+        adaptive=int(adaptive),
     )
     for k in range(H - 1):
         act, l, u = acts[k], lows[k], ups[k]
@@ -192,6 +207,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         ctx.a0.append(np.clip(act.derivative(z0), dl, du))
     ctx.compact = _compact(ctx)
     return ctx
+
 
 
 def _compact(ctx: LinearContext) -> dict:
@@ -240,6 +256,7 @@ class RowBounds:
     g0: list = None  # the gradient at the centre (heuristics)
     planes: str = "auto"
     under: float = 0.0  # underflow allowance of one objective (:func:`_underflow`)
+    slope_stats: list = field(default_factory=lambda: [0, 0])  # objectives bounded with every variant, slope wins
 
 
 def _chord_planes(dl, du, l, u):
@@ -454,18 +471,34 @@ def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray
             const += t
             cabs += np.abs(t)
         del kappa
-    out = np.empty((len(variants), K))
-    for iv, key in enumerate(variants):
-        S_low, T_low, S_up, T_up = ctx.variants[key]
-        out[iv] = _network_pass(ctx, rb, mus, start, S_low, T_low, S_up, T_up, const.copy(), cabs.copy(),
-                                err.copy(), allowance)
+    # -- per variant: the lines of sigma' (cheap), then the network pass where the variant can still win --------
+    out = np.full((len(variants), K), np.inf)
+    errs = [np.zeros(K) for _ in variants]
+    const_lines = [iv for iv, key in enumerate(variants)
+                   if not any(ctx.variants[key][j][k].any() for j in (0, 2) for k in range(start, H - 1))]
+    # adaptive (ctx.adaptive > 0): once that many objectives of this output row were bounded with every variant
+    # and lines with slopes never gave a smaller bound than constant lines, run only the constant lines
+    skip = (ctx.adaptive > 0 and len(const_lines) > 0 and rb.slope_stats[0] >= ctx.adaptive
+            and rb.slope_stats[1] == 0)
+    for iv in const_lines + [iv for iv in range(len(variants)) if iv not in const_lines and not skip]:
+        nus, c_v, cabs_v, err_v = _lines(ctx, mus, start, *ctx.variants[variants[iv]])
+        out[iv], errs[iv] = _network_pass(ctx, rb, nus, c_v + const, cabs_v + cabs, err_v + err)
+    if not skip and const_lines and len(const_lines) < len(variants):
+        rb.slope_stats[0] += K
+        rb.slope_stats[1] += int(np.count_nonzero(np.delete(out, const_lines, axis=0).min(axis=0)
+                                                  < out[const_lines].min(axis=0)))
+    if allowance is not None:
+        allowance.extend(errs)
     return out
 
 
-def _network_pass(ctx, rb, mus, start, S_low, T_low, S_up, T_up, const, cabs, err, allowance):
-    """The lines of ``sigma'`` on the coefficients ``mus`` and pass 2 of :func:`bound_objectives` (one variant)."""
+def _lines(ctx, mus, start, S_low, T_low, S_up, T_up):
+    """The lines of ``sigma'`` (one variant) on the coefficients ``mus`` on ``a(k)``: ``(nus, const, cabs, err)``,
+    the coefficients on ``z(k)`` (``None`` when no coefficient reaches any ``z``; per layer ``None`` for constant
+    lines), the constants, the absolute values of their terms and the rounding allowance."""
     H = ctx.H
-    K = const.size
+    K = mus[start].shape[0]
+    const, cabs, err = np.zeros(K), np.zeros(K), np.zeros(K)
     nus = [None] * (H - 1)
     nnz = 0
     term, e = np.empty(K), np.empty(K)
@@ -474,24 +507,32 @@ def _network_pass(ctx, rb, mus, start, S_low, T_low, S_up, T_up, const, cabs, er
         d = mu.shape[1]
         # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
         w = np.maximum(np.abs(S_up[k]), np.abs(S_low[k])) * ctx.zmax[k] + np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
-        nus[k] = np.empty((K, d))
-        nnz += lines_step(mu, S_up[k], S_low[k], T_up[k], T_low[k], w, nus[k], term, e)
+        slope = bool(S_up[k].any() or S_low[k].any())
+        nus[k] = np.empty((K, d)) if slope else None
+        nnz += lines_step(mu, S_up[k], S_low[k], T_up[k], T_low[k], w, slope, nus[k] if slope else _NO_NU, term,
+                          e)
         const += term
         cabs += np.abs(term)
         err += gamma(d + 8) * e
+    return (nus if nnz else None), const, cabs, err
+
+
+def _network_pass(ctx, rb, nus, const, cabs, err):
+    """Pass 2 of :func:`bound_objectives`: the coefficients ``nus`` on the ``z(k)`` (``None``: none) back-substituted
+    through the network and concretised, on top of the constants ``const`` (``cabs``: the absolute values of their
+    terms) and the allowance ``err`` so far; returns ``(bounds, allowances)``, shape ``(K,)`` each."""
+    H = ctx.H
+    K = const.size
     # -- pass 2: down the network -------------------------------------------------------------------------------
-    if nnz == 0:  # no coefficient on any z (constant lines): nothing to do
-        err += gamma(4 * H + 8) * cabs + TINY + rb.under
-        if allowance is not None:
-            allowance.append(err)
-        return np.where(np.isnan(const + err), np.inf, const + err)
+    if nus is None:  # no coefficient on any z (constant lines): nothing to do
+        err = err + gamma(4 * H + 8) * cabs + TINY + rb.under
+        return np.where(np.isnan(const + err), np.inf, const + err), err
     cp = ctx.compact
-    Gam = nus[H - 2]
+    Gam = nus[H - 2] if nus[H - 2] is not None else np.zeros((K, ctx.W[H - 2].shape[0]))
     tb = Gam @ ctx.b[H - 2]
     ew = np.abs(Gam) @ cp["wmag"][H - 2]
     Gact = np.ascontiguousarray(Gam[:, cp["act"][H - 2]])
     out5 = np.empty((5, K))
-    no_nu = np.empty((0, 0))
     for k in range(H - 2, 0, -1):
         n = ctx.W[k].shape[1]
         const += tb
@@ -500,7 +541,7 @@ def _network_pass(ctx, rb, mus, start, S_low, T_low, S_up, T_up, const, cabs, er
         Hc = Gact @ cp["net"][k]  # (K, kept(k-1)): coefficients on h(k-1), zero elsewhere
         Gact = np.empty((K, cp["act"][k - 1].size))
         nu = nus[k - 1]
-        relax_step(Hc, cp["pos"][k - 1], no_nu if nu is None else nu, nu is not None, ctx.a_up[k - 1],
+        relax_step(Hc, cp["pos"][k - 1], _NO_NU if nu is None else nu, nu is not None, ctx.a_up[k - 1],
                    ctx.a_low[k - 1], ctx.b_up[k - 1], ctx.b_low[k - 1], ctx.relax_err_up[k - 1],
                    ctx.relax_err_low[k - 1], ctx.zmax[k - 1], ctx.b[k - 1], cp["wmag"][k - 1], cp["act"][k - 1],
                    Gact, out5)
@@ -517,12 +558,10 @@ def _network_pass(ctx, rb, mus, start, S_low, T_low, S_up, T_up, const, cabs, er
     lo, hi = ctx.region.box
     sup = _concretise_upper(Gx, ctx.region, lo, hi, gamma(n0 + 2))
     total = const + sup
-    err += gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY + rb.under
-    if allowance is not None:
-        allowance.append(err)
+    err = err + gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY + rb.under
     with np.errstate(invalid="ignore"):
         out = total + err
-    return np.where(np.isnan(out), np.inf, out)
+    return np.where(np.isnan(out), np.inf, out), err
 
 
 def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int = OBJECTIVE_BLOCK,

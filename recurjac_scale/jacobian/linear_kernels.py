@@ -66,10 +66,11 @@ def plane_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, kappa, mu, term, 
 
 
 @numba.njit(nogil=True, cache=True)
-def lines_step(mu, S_up, S_low, T_up, T_low, w, nu, term, e):  # pragma: no cover
+def lines_step(mu, S_up, S_low, T_up, T_low, w, write, nu, term, e):  # pragma: no cover
     """The lines of ``sigma'`` on the coefficients ``mu`` on ``a(k)``: ``nu`` on ``z(k)`` (the upper line where
     ``mu > 0``), the constants ``term = sum mu t`` and ``e = sum |mu| w``; returns the number of non-zero entries of
-    ``nu`` (shapes as :func:`plane_step`)."""
+    ``nu`` (shapes as :func:`plane_step`).  With ``write`` false (constant lines: ``S_up = S_low = 0``) ``nu`` is
+    not touched (it may be a ``(0, 0)`` array)."""
     K, d = mu.shape
     nnz = 0
     for q in range(K):
@@ -88,9 +89,10 @@ def lines_step(mu, S_up, S_low, T_up, T_low, w, nu, term, e):  # pragma: no cove
             else:  # NaN
                 v = m
                 t += m
-            nu[q, j] = v
-            if v != 0.0:
-                nnz += 1
+            if write:
+                nu[q, j] = v
+                if v != 0.0:
+                    nnz += 1
             s += abs(m) * w[j]
         term[q] = t
         e[q] = s
