@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recurjac_scale.jacobian.linear_kernels import lines_step, plane_step, relax_step
+from recurjac_scale.jacobian.linear_kernels import plane_lines_step, relax_step
 
 
 def _coeffs(rng, K, d):
@@ -22,43 +22,51 @@ def _close(a, b):
     np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-300)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_plane_step_matches_numpy(seed):
-    rng = np.random.default_rng(seed)
-    K, d = 7, 60
+def _plane_lines(rng, K, d, V):
     Lam = _coeffs(rng, K, d)
-    cgU, caU, ccU, cgL, caL, ccL = (rng.standard_normal(d) for _ in range(6))
+    planes = [rng.standard_normal(d) for _ in range(6)]
     ymax, vnext = rng.random(d), rng.random(d)
-    kappa, mu = np.empty((K, d)), np.empty((K, d))
+    S_up, S_low, T_up, T_low = (rng.standard_normal((V, d)) for _ in range(4))
+    S_up[0] = S_low[0] = 0.0  # variant 0: constant lines (not written)
+    w = rng.random((V, d))
+    slot = np.array([-1] + list(range(V - 1)), dtype=np.int64)
+    return Lam, planes, ymax, vnext, (S_up, S_low, T_up, T_low, w), slot
+
+
+def _run_plane_lines(Lam, planes, ymax, vnext, lines, slot):
+    K, d = Lam.shape
+    V = slot.size
+    kappa, nus = np.empty((K, d)), np.empty((int((slot >= 0).sum()), K, d))
     term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
-    plane_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, kappa, mu, term, ey, ek)
+    lterm, le, nnz = np.empty((V, K)), np.empty((V, K)), np.zeros(V, dtype=np.int64)
+    plane_lines_step(Lam, *planes, ymax, vnext, *lines, slot, kappa, nus, term, ey, ek, lterm, le, nnz)
+    return kappa, nus, term, ey, ek, lterm, le, nnz
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_plane_lines_step_matches_numpy(seed):
+    rng = np.random.default_rng(seed)
+    K, d, V = 7, 60, 3
+    Lam, planes, ymax, vnext, lines, slot = _plane_lines(rng, K, d, V)
+    kappa, nus, term, ey, ek, lterm, le, nnz = _run_plane_lines(Lam, planes, ymax, vnext, lines, slot)
+    cgU, caU, ccU, cgL, caL, ccL = planes
     Lp, Ln = np.maximum(Lam, 0.0), np.minimum(Lam, 0.0)
     np.testing.assert_array_equal(kappa, Lp * cgU + Ln * cgL)
-    np.testing.assert_array_equal(mu, Lp * caU + Ln * caL)
     _close(term, Lp @ ccU + Ln @ ccL)
     _close(ey, np.abs(Lam) @ ymax)
     _close(ek, np.abs(Lp * cgU + Ln * cgL) @ vnext)
-
-
-@pytest.mark.parametrize("seed", [0, 1])
-def test_lines_step_matches_numpy(seed):
-    rng = np.random.default_rng(seed)
-    K, d = 7, 60
-    mu = _coeffs(rng, K, d)
-    S_up, S_low, T_up, T_low, w = (rng.standard_normal(d) for _ in range(5))
-    nu, term, e = np.empty((K, d)), np.empty(K), np.empty(K)
-    nnz = lines_step(mu, S_up, S_low, T_up, T_low, w, True, nu, term, e)
+    mu = Lp * caU + Ln * caL
     mp, mn = np.maximum(mu, 0.0), np.minimum(mu, 0.0)
-    ref = mp * S_up + mn * S_low
-    np.testing.assert_array_equal(nu, ref)
-    assert nnz == np.count_nonzero(ref)
-    _close(term, mp @ T_up + mn @ T_low)
-    _close(e, np.abs(mu) @ w)
-    # without writing nu (constant lines): the same constants, nothing written
-    t2, e2 = np.empty(K), np.empty(K)
-    assert lines_step(mu, S_up, S_low, T_up, T_low, w, False, np.empty((0, 0)), t2, e2) == 0
-    np.testing.assert_array_equal(t2, term)
-    np.testing.assert_array_equal(e2, e)
+    S_up, S_low, T_up, T_low, w = lines
+    for v in range(V):
+        ref = mp * S_up[v] + mn * S_low[v]
+        if slot[v] >= 0:
+            np.testing.assert_array_equal(nus[slot[v]], ref)
+            assert nnz[v] == np.count_nonzero(ref)
+        else:
+            assert nnz[v] == 0
+        _close(lterm[v], mp @ T_up[v] + mn @ T_low[v])
+        _close(le[v], np.abs(mu) @ w[v])
 
 
 def _relax_case(rng, K, n, with_nu):
@@ -99,19 +107,13 @@ def test_kernels_carry_nan():
     """A NaN coefficient must reach the constants (the caller turns a NaN bound into +inf); dropping it as if it
     were zero would leave a finite bound that misses the term."""
     rng = np.random.default_rng(4)
-    K, d = 3, 20
-    Lam = _coeffs(rng, K, d)
+    K, d, V = 3, 20, 2
+    Lam, planes, ymax, vnext, lines, slot = _plane_lines(rng, K, d, V)
     Lam[1, 4] = np.nan
-    v = [rng.standard_normal(d) for _ in range(6)] + [rng.random(d), rng.random(d)]
-    kappa, mu = np.empty((K, d)), np.empty((K, d))
-    term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
-    plane_step(Lam, *v, kappa, mu, term, ey, ek)
-    assert np.isnan(term[1]) and np.isnan(kappa[1, 4]) and np.isnan(mu[1, 4])
+    kappa, nus, term, ey, ek, lterm, le, nnz = _run_plane_lines(Lam, planes, ymax, vnext, lines, slot)
+    assert np.isnan(term[1]) and np.isnan(kappa[1, 4]) and np.isnan(nus[0, 1, 4])
+    assert np.isnan(lterm[:, 1]).all() and np.isfinite(lterm[:, [0, 2]]).all()
     assert np.isfinite(term[[0, 2]]).all()
-
-    nu, t2, e2 = np.empty((K, d)), np.empty(K), np.empty(K)
-    lines_step(mu, *v[:4], v[6], True, nu, t2, e2)
-    assert np.isnan(t2[1]) and np.isnan(nu[1, 4]) and np.isfinite(t2[[0, 2]]).all()
 
     Hc, pos, kept, act, _, vecs = _relax_case(rng, K, 50, False)
     Hc[2, 7] = np.nan

@@ -59,7 +59,7 @@ from ..layer_bounds.backsub import _concretise_upper
 from ..layer_bounds.crown import crown_relaxation
 from ..relaxations import value_bounds
 from .derivative_lines import derivative_lines
-from .linear_kernels import lines_step, plane_step, relax_step
+from .linear_kernels import plane_lines_step, relax_step
 
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
@@ -434,7 +434,8 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
 def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: int = 0,
                               variants=None, allowance: list | None = None) -> np.ndarray:
     """:func:`bound_objectives` for several slope variants at once: the gradient-graph pass (which does not depend
-    on the lines of ``sigma'``) runs once, the lines and the network pass once per variant.
+    on the lines of ``sigma'``) runs once and applies every variant's lines on the way; the network pass runs once
+    per variant with slopes.  Variants skipped by the adaptive rule (:attr:`LinearContext.adaptive`) get ``+inf``.
 
     Returns
     -------
@@ -448,19 +449,45 @@ def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray
     const = np.zeros(K)
     cabs = np.zeros(K)
     err = np.zeros(K)
-    mus = [None] * (H - 1)
-    # -- pass 1: up the gradient graph (shared by the variants) -------------------------------------------------
+    # which variants run: lines without slopes always (no network pass); lines with slopes unless the adaptive
+    # rule (ctx.adaptive > 0) skips them: that many objectives of this output row were bounded with every variant
+    # and the lines with slopes never gave a smaller bound than the constant lines
+    const_lines = [iv for iv, key in enumerate(variants)
+                   if not any(ctx.variants[key][j][k].any() for j in (0, 2) for k in range(start, H - 1))]
+    skip = (ctx.adaptive > 0 and len(const_lines) > 0 and rb.slope_stats[0] >= ctx.adaptive
+            and rb.slope_stats[1] == 0)
+    active = const_lines + [iv for iv in range(len(variants)) if iv not in const_lines and not skip]
+    V = len(active)
+    lines = [ctx.variants[variants[iv]] for iv in active]  # (S_low, T_low, S_up, T_up) lists per layer
+    nus = [[None] * (H - 1) for _ in range(V)]
+    nnz = np.zeros(V, dtype=np.int64)
+    c_l, cabs_l, err_l = np.zeros((V, K)), np.zeros((V, K)), np.zeros((V, K))
+    # -- pass 1: up the gradient graph, with the lines of sigma' of every running variant -----------------------
     Lam = np.ascontiguousarray(Lam, dtype=np.float64)
     term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
+    lterm, le = np.empty((V, K)), np.empty((V, K))
     for k in range(start, H - 1):
         d = Lam.shape[1]
         kappa = np.empty((K, d))
-        mus[k] = np.empty((K, d))
         vnext = rb.v[k] if k < H - 2 else np.abs(rb.top)
-        plane_step(Lam, *rb.up[k], *rb.lo[k], rb.ymax[k], vnext, kappa, mus[k], term, ey, ek)
+        S_low, T_low, S_up, T_up = (np.stack([ln[j][k] for ln in lines]) for j in range(4))
+        w = np.maximum(np.abs(S_up), np.abs(S_low)) * ctx.zmax[k] + np.maximum(np.abs(T_up), np.abs(T_low))
+        has = [bool(S_up[v].any() or S_low[v].any()) for v in range(V)]
+        slot = np.cumsum(has, dtype=np.int64) - 1
+        slot[~np.asarray(has, dtype=bool)] = -1
+        nu_k = np.empty((int(sum(has)), K, d))
+        # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
+        plane_lines_step(Lam, *rb.up[k], *rb.lo[k], rb.ymax[k], vnext, S_up, S_low, T_up, T_low, w, slot, kappa,
+                         nu_k, term, ey, ek, lterm, le, nnz)
+        for v in range(V):
+            if slot[v] >= 0:
+                nus[v][k] = nu_k[slot[v]]
         const += term
         cabs += np.abs(term)
         err += gamma(d + 16) * ey + gamma(d + 2) * ek
+        c_l += lterm
+        cabs_l += np.abs(lterm)
+        err_l += gamma(d + 8) * le
         if k < H - 2:
             # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1), on the live neurons only
             cp = ctx.compact
@@ -471,18 +498,12 @@ def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray
             const += t
             cabs += np.abs(t)
         del kappa
-    # -- per variant: the lines of sigma' (cheap), then the network pass where the variant can still win --------
+    # -- per variant: the network pass -------------------------------------------------------------------------
     out = np.full((len(variants), K), np.inf)
     errs = [np.zeros(K) for _ in variants]
-    const_lines = [iv for iv, key in enumerate(variants)
-                   if not any(ctx.variants[key][j][k].any() for j in (0, 2) for k in range(start, H - 1))]
-    # adaptive (ctx.adaptive > 0): once that many objectives of this output row were bounded with every variant
-    # and lines with slopes never gave a smaller bound than constant lines, run only the constant lines
-    skip = (ctx.adaptive > 0 and len(const_lines) > 0 and rb.slope_stats[0] >= ctx.adaptive
-            and rb.slope_stats[1] == 0)
-    for iv in const_lines + [iv for iv in range(len(variants)) if iv not in const_lines and not skip]:
-        nus, c_v, cabs_v, err_v = _lines(ctx, mus, start, *ctx.variants[variants[iv]])
-        out[iv], errs[iv] = _network_pass(ctx, rb, nus, c_v + const, cabs_v + cabs, err_v + err)
+    for v, iv in enumerate(active):
+        out[iv], errs[iv] = _network_pass(ctx, rb, nus[v] if nnz[v] else None, c_l[v] + const, cabs_l[v] + cabs,
+                                          err_l[v] + err)
     if not skip and const_lines and len(const_lines) < len(variants):
         rb.slope_stats[0] += K
         rb.slope_stats[1] += int(np.count_nonzero(np.delete(out, const_lines, axis=0).min(axis=0)
@@ -490,31 +511,6 @@ def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray
     if allowance is not None:
         allowance.extend(errs)
     return out
-
-
-def _lines(ctx, mus, start, S_low, T_low, S_up, T_up):
-    """The lines of ``sigma'`` (one variant) on the coefficients ``mus`` on ``a(k)``: ``(nus, const, cabs, err)``,
-    the coefficients on ``z(k)`` (``None`` when no coefficient reaches any ``z``; per layer ``None`` for constant
-    lines), the constants, the absolute values of their terms and the rounding allowance."""
-    H = ctx.H
-    K = mus[start].shape[0]
-    const, cabs, err = np.zeros(K), np.zeros(K), np.zeros(K)
-    nus = [None] * (H - 1)
-    nnz = 0
-    term, e = np.empty(K), np.empty(K)
-    for k in range(start, H - 1):
-        mu = mus[k]
-        d = mu.shape[1]
-        # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
-        w = np.maximum(np.abs(S_up[k]), np.abs(S_low[k])) * ctx.zmax[k] + np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
-        slope = bool(S_up[k].any() or S_low[k].any())
-        nus[k] = np.empty((K, d)) if slope else None
-        nnz += lines_step(mu, S_up[k], S_low[k], T_up[k], T_low[k], w, slope, nus[k] if slope else _NO_NU, term,
-                          e)
-        const += term
-        cabs += np.abs(term)
-        err += gamma(d + 8) * e
-    return (nus if nnz else None), const, cabs, err
 
 
 def _network_pass(ctx, rb, nus, const, cabs, err):

@@ -15,88 +15,94 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-__all__ = ["plane_step", "lines_step", "relax_step"]
+__all__ = ["plane_lines_step", "relax_step"]
 
 
 @numba.njit(nogil=True, cache=True)
-def plane_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, kappa, mu, term, ey, ek):  # pragma: no cover
-    """The planes of ``y = a g`` on the coefficients ``Lam`` (pass 1 of one layer).
+def plane_lines_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low, T_up, T_low, w, slot,
+                     kappa, nus, term, ey, ek, lterm, le, nnz):  # pragma: no cover
+    """Pass 1 of one layer: the planes of ``y = a g`` on the coefficients ``Lam``, then, for every variant ``v``,
+    the lines of ``sigma'`` on the resulting coefficients ``mu`` on ``a(k)`` (``mu`` itself is not stored).
 
     Parameters
     ----------
     Lam : ndarray, shape (K, d)
         Coefficients on ``y(k)``.
     cgU, caU, ccU, cgL, caL, ccL : ndarray, shape (d,)
-        Upper and lower planes ``cg g + ca a + cc``.
+        Upper and lower planes ``cg g + ca a + cc`` (the upper plane where ``Lam > 0``, the lower where ``< 0``).
     ymax, vnext : ndarray, shape (d,)
         Magnitudes for the allowances (``|y(k)|`` and of the products of ``g(k)``).
-    kappa, mu : ndarray, shape (K, d)
-        Out: coefficients on ``g(k)`` and on ``a(k)`` (the upper plane where ``Lam > 0``, the lower where ``< 0``).
+    S_up, S_low, T_up, T_low, w : ndarray, shape (V, d)
+        Per variant, the lines ``s z + t`` of ``sigma'`` (upper where ``mu > 0``) and the allowance magnitude.
+    slot : ndarray of int64, shape (V,)
+        Where variant ``v`` writes its coefficients on ``z(k)`` in ``nus`` (``-1``: not written; constant lines).
+    kappa : ndarray, shape (K, d)
+        Out: coefficients on ``g(k)``.
+    nus : ndarray, shape (n_slots, K, d)
+        Out: coefficients on ``z(k)``, ``nus[slot[v], q, j] = mu[q, j] s(v)[j]``.
     term, ey, ek : ndarray, shape (K,)
-        Out: the constants ``sum Lam cc``, ``sum |Lam| ymax`` and ``sum |kappa| vnext``.
+        Out: ``sum Lam cc``, ``sum |Lam| ymax``, ``sum |kappa| vnext``.
+    lterm, le : ndarray, shape (V, K)
+        Out: per variant ``sum mu t`` and ``sum |mu| w``.
+    nnz : ndarray of int64, shape (V,)
+        In/out: incremented by the number of non-zero coefficients written per variant.
     """
     K, d = Lam.shape
+    V = slot.size
+    lt = np.zeros(V)
+    lw = np.zeros(V)
     for q in range(K):
         t = 0.0
         sy = 0.0
         sk = 0.0
+        for v in range(V):
+            lt[v] = 0.0
+            lw[v] = 0.0
         for j in range(d):
             L = Lam[q, j]
             if L > 0.0:
                 kp = L * cgU[j]
-                mu[q, j] = L * caU[j]
+                m = L * caU[j]
                 t += L * ccU[j]
             elif L < 0.0:
                 kp = L * cgL[j]
-                mu[q, j] = L * caL[j]
+                m = L * caL[j]
                 t += L * ccL[j]
             elif L == 0.0:
                 kp = 0.0
-                mu[q, j] = 0.0
+                m = 0.0
             else:  # NaN
                 kp = L
-                mu[q, j] = L
+                m = L
                 t += L
             kappa[q, j] = kp
             sy += abs(L) * ymax[j]
             sk += abs(kp) * vnext[j]
+            am = abs(m)
+            for v in range(V):
+                if m > 0.0:
+                    nv = m * S_up[v, j]
+                    lt[v] += m * T_up[v, j]
+                elif m < 0.0:
+                    nv = m * S_low[v, j]
+                    lt[v] += m * T_low[v, j]
+                elif m == 0.0:
+                    nv = 0.0
+                else:  # NaN
+                    nv = m
+                    lt[v] += m
+                sl = slot[v]
+                if sl >= 0:
+                    nus[sl, q, j] = nv
+                    if nv != 0.0:
+                        nnz[v] += 1
+                lw[v] += am * w[v, j]
         term[q] = t
         ey[q] = sy
         ek[q] = sk
-
-
-@numba.njit(nogil=True, cache=True)
-def lines_step(mu, S_up, S_low, T_up, T_low, w, write, nu, term, e):  # pragma: no cover
-    """The lines of ``sigma'`` on the coefficients ``mu`` on ``a(k)``: ``nu`` on ``z(k)`` (the upper line where
-    ``mu > 0``), the constants ``term = sum mu t`` and ``e = sum |mu| w``; returns the number of non-zero entries of
-    ``nu`` (shapes as :func:`plane_step`).  With ``write`` false (constant lines: ``S_up = S_low = 0``) ``nu`` is
-    not touched (it may be a ``(0, 0)`` array)."""
-    K, d = mu.shape
-    nnz = 0
-    for q in range(K):
-        t = 0.0
-        s = 0.0
-        for j in range(d):
-            m = mu[q, j]
-            if m > 0.0:
-                v = m * S_up[j]
-                t += m * T_up[j]
-            elif m < 0.0:
-                v = m * S_low[j]
-                t += m * T_low[j]
-            elif m == 0.0:
-                v = 0.0
-            else:  # NaN
-                v = m
-                t += m
-            if write:
-                nu[q, j] = v
-                if v != 0.0:
-                    nnz += 1
-            s += abs(m) * w[j]
-        term[q] = t
-        e[q] = s
-    return nnz
+        for v in range(V):
+            lterm[v, q] = lt[v]
+            le[v, q] = lw[v]
 
 
 @numba.njit(nogil=True, cache=True)
