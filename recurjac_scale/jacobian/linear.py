@@ -145,7 +145,7 @@ def _safe_mul(a, v):
 
 
 def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_VARIANTS,
-                   adaptive: int = ADAPTIVE_AFTER) -> LinearContext | None:
+                   adaptive: int | None = None) -> LinearContext | None:
     """Build the :class:`LinearContext`, or ``None`` when a hidden layer's bounds are not finite (``eps = inf``
     without a domain: the method then returns RecurJac's bounds).
 
@@ -162,7 +162,8 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         Slope choices of the lines of ``sigma'`` (:func:`derivative_lines` ``mode``), one set of lines each
         (:attr:`LinearContext.variants`).
     adaptive : int
-        :attr:`LinearContext.adaptive` (:data:`ADAPTIVE_AFTER`; 0: every variant for every objective).
+        :attr:`LinearContext.adaptive` (``None``: :data:`ADAPTIVE_AFTER` as set at the call; 0: every variant for
+        every objective).
     """
     H = netc.n_layers
     W = [np.asarray(w, dtype=np.float64) for w in netc.weights]
@@ -181,7 +182,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         W=W, b=b, absW=[np.abs(w) for w in W], dl=[], du=[], variants={}, a_low=[],
         b_low=[], a_up=[], b_up=[], relax_err_up=[], relax_err_low=[], zmax=[], hmax=[],
         xmax=np.maximum(np.abs(box_lo), np.abs(box_hi)), a0=[], region=region, bounds=list(zip(lows, ups)),
-        adaptive=int(adaptive),
+        adaptive=int(ADAPTIVE_AFTER if adaptive is None else adaptive),
     )
     for k in range(H - 1):
         act, l, u = acts[k], lows[k], ups[k]
