@@ -87,14 +87,22 @@ def test_relax_step_matches_numpy(with_nu):
     K, n = 6, 50
     Hc, pos, kept, act, nu, vecs = _relax_case(rng, K, n, with_nu)
     a_up, a_low, b_up, b_low, r_up, r_low, zmax, bnext, wnext = vecs
+    # nu kept on a subset of the neurons (the live ones), zero elsewhere
+    live = np.sort(rng.choice(n, size=n - 7, replace=False))
+    nupos = np.full(n, -1, dtype=np.int64)
+    nupos[live] = np.arange(live.size)
+    nu_live = np.ascontiguousarray(nu[:, live]) if with_nu else nu
     Gact, out = np.empty((K, act.size)), np.empty((5, K))
-    relax_step(Hc, pos, nu, with_nu, a_up, a_low, b_up, b_low, r_up, r_low, zmax, bnext, wnext, act, Gact, out)
+    relax_step(Hc, pos, nu_live, nupos, with_nu, a_up, a_low, b_up, b_low, r_up, r_low, zmax, bnext, wnext, act,
+               Gact, out)
     Gh = np.zeros((K, n))
     Gh[:, kept] = Hc
     Gp, Gn = np.maximum(Gh, 0.0), np.minimum(Gh, 0.0)
     Gam = Gp * a_up + Gn * a_low
     if with_nu:
-        Gam = Gam + nu
+        nu_full = np.zeros((K, n))
+        nu_full[:, live] = nu[:, live]
+        Gam = Gam + nu_full
     np.testing.assert_array_equal(Gact, Gam[:, act])
     _close(out[0], Gp @ b_up + Gn @ b_low)
     _close(out[1], Gp @ r_up - Gn @ r_low)
@@ -118,7 +126,7 @@ def test_kernels_carry_nan():
     Hc, pos, kept, act, _, vecs = _relax_case(rng, K, 50, False)
     Hc[2, 7] = np.nan
     Gact, out = np.empty((K, act.size)), np.empty((5, K))
-    relax_step(Hc, pos, np.empty((0, 0)), False, *vecs, act, Gact, out)
+    relax_step(Hc, pos, np.empty((0, 0)), np.full(50, -1, dtype=np.int64), False, *vecs, act, Gact, out)
     assert np.isnan(out[0, 2]) and np.isfinite(out[0, [0, 1]]).all()
 
 

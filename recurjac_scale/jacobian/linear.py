@@ -27,6 +27,13 @@ Every entry is intersected with RecurJac-B's bounds on the same layer bounds, so
 ``eps = 0`` the layer bounds are points and the result is RecurJac's (exact up to rounding).  Rows (outputs) and
 objectives are independent; the objectives of a row run as one block of GEMMs (:data:`OBJECTIVE_BLOCK` columns).
 
+Cost: pass 1 runs once per block for all slope variants of the lines of ``sigma'`` (:data:`SLOPE_VARIANTS`; each
+objective keeps the smallest bound); pass 2 runs once per variant with slopes (constant lines put no coefficient on
+any ``z``).  The gradient bounds are tightened only where ``dl < du`` (elsewhere ``a`` is the constant ``du`` and
+every plane is exact).  GEMMs skip exact zeros (dead neurons, zero relaxation lines, :func:`_compact`); the
+elementwise steps are numba kernels (:mod:`.linear_kernels`).  Optionally (:data:`ADAPTIVE_AFTER`, on by default)
+a row's later objectives skip the variants with slopes once they never won on its first objectives.
+
 Rounding
 --------
 All arithmetic is float64 (float32 weights are converted exactly).  The coefficient matrices are taken as exact
@@ -230,16 +237,19 @@ def _compact(ctx: LinearContext) -> dict:
     grad = [np.ascontiguousarray(ctx.W[k + 1][np.ix_(live[k + 1], live[k])].T) for k in range(H - 2)]
     net = [None] + [np.ascontiguousarray(ctx.W[k][np.ix_(act[k], kept[k - 1])]) for k in range(1, H - 1)]
     first = np.ascontiguousarray(ctx.W[0][act[0], :])
-    pos = []
+    pos, livepos = [], []
     for k in range(H - 1):
         p = np.full(ctx.du[k].size, -1, dtype=np.int64)
         p[kept[k]] = np.arange(kept[k].size)
         pos.append(p)
+        p = np.full(ctx.du[k].size, -1, dtype=np.int64)
+        p[live[k]] = np.arange(live[k].size)
+        livepos.append(p)
     # magnitude of the affine step into z(k): |W[k]| |h(k-1)|max + |b[k]| (|x|max for k = 0)
     wmag = [ctx.absW[k] @ (ctx.hmax[k - 1] if k >= 1 else ctx.xmax) + np.abs(ctx.b[k]) for k in range(H - 1)]
     act = [a.astype(np.int64) for a in act]
     return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first, "pos": pos,
-            "wmag": wmag}
+            "livepos": livepos, "wmag": wmag}
 
 
 @dataclass
@@ -464,22 +474,26 @@ def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray
     nnz = np.zeros(V, dtype=np.int64)
     c_l, cabs_l, err_l = np.zeros((V, K)), np.zeros((V, K)), np.zeros((V, K))
     # -- pass 1: up the gradient graph, with the lines of sigma' of every running variant -----------------------
-    Lam = np.ascontiguousarray(Lam, dtype=np.float64)
+    # only on the live neurons (du > 0): elsewhere a = 0, so y = 0 exactly and every plane and line term is zero;
+    # the coefficients on y(k), g(k), a(k) and z(k) are kept on the live neurons only
+    cp = ctx.compact
+    Lam = np.ascontiguousarray(np.asarray(Lam, dtype=np.float64)[:, cp["live"][start]])
     term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
     lterm, le = np.empty((V, K)), np.empty((V, K))
     for k in range(start, H - 1):
-        d = Lam.shape[1]
-        kappa = np.empty((K, d))
-        vnext = rb.v[k] if k < H - 2 else np.abs(rb.top)
-        S_low, T_low, S_up, T_up = (np.stack([ln[j][k] for ln in lines]) for j in range(4))
-        w = np.maximum(np.abs(S_up), np.abs(S_low)) * ctx.zmax[k] + np.maximum(np.abs(T_up), np.abs(T_low))
+        d = ctx.dl[k].size  # the sums' lengths in the allowances (at most this long)
+        lv = cp["live"][k]
+        kappa = np.empty((K, lv.size))
+        vnext = (rb.v[k] if k < H - 2 else np.abs(rb.top))[lv]
+        S_low, T_low, S_up, T_up = (np.stack([ln[j][k][lv] for ln in lines]) for j in range(4))
+        w = np.maximum(np.abs(S_up), np.abs(S_low)) * ctx.zmax[k][lv] + np.maximum(np.abs(T_up), np.abs(T_low))
         has = [bool(S_up[v].any() or S_low[v].any()) for v in range(V)]
         slot = np.cumsum(has, dtype=np.int64) - 1
         slot[~np.asarray(has, dtype=bool)] = -1
-        nu_k = np.empty((int(sum(has)), K, d))
+        nu_k = np.empty((int(sum(has)), K, lv.size))
         # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
-        plane_lines_step(Lam, *rb.up[k], *rb.lo[k], rb.ymax[k], vnext, S_up, S_low, T_up, T_low, w, slot, kappa,
-                         nu_k, term, ey, ek, lterm, le, nnz)
+        plane_lines_step(Lam, *(p[lv] for p in rb.up[k]), *(p[lv] for p in rb.lo[k]), rb.ymax[k][lv], vnext, S_up,
+                         S_low, T_up, T_low, w, slot, kappa, nu_k, term, ey, ek, lterm, le, nnz)
         for v in range(V):
             if slot[v] >= 0:
                 nus[v][k] = nu_k[slot[v]]
@@ -491,11 +505,9 @@ def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray
         err_l += gamma(d + 8) * le
         if k < H - 2:
             # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1), on the live neurons only
-            cp = ctx.compact
-            Lam = np.zeros((K, ctx.W[k + 1].shape[0]))
-            Lam[:, cp["live"][k + 1]] = kappa[:, cp["live"][k]] @ cp["grad"][k]
+            Lam = kappa @ cp["grad"][k]
         else:
-            t = kappa @ rb.top
+            t = kappa @ rb.top[lv]
             const += t
             cabs += np.abs(t)
         del kappa
@@ -525,7 +537,9 @@ def _network_pass(ctx, rb, nus, const, cabs, err):
         err = err + gamma(4 * H + 8) * cabs + TINY + rb.under
         return np.where(np.isnan(const + err), np.inf, const + err), err
     cp = ctx.compact
-    Gam = nus[H - 2] if nus[H - 2] is not None else np.zeros((K, ctx.W[H - 2].shape[0]))
+    Gam = np.zeros((K, ctx.W[H - 2].shape[0]))
+    if nus[H - 2] is not None:  # the coefficients on z are kept on the live neurons only (zero elsewhere)
+        Gam[:, cp["live"][H - 2]] = nus[H - 2]
     tb = Gam @ ctx.b[H - 2]
     ew = np.abs(Gam) @ cp["wmag"][H - 2]
     Gact = np.ascontiguousarray(Gam[:, cp["act"][H - 2]])
@@ -538,7 +552,8 @@ def _network_pass(ctx, rb, nus, const, cabs, err):
         Hc = Gact @ cp["net"][k]  # (K, kept(k-1)): coefficients on h(k-1), zero elsewhere
         Gact = np.empty((K, cp["act"][k - 1].size))
         nu = nus[k - 1]
-        relax_step(Hc, cp["pos"][k - 1], _NO_NU if nu is None else nu, nu is not None, ctx.a_up[k - 1],
+        relax_step(Hc, cp["pos"][k - 1], _NO_NU if nu is None else nu, cp["livepos"][k - 1], nu is not None,
+                   ctx.a_up[k - 1],
                    ctx.a_low[k - 1], ctx.b_up[k - 1], ctx.b_low[k - 1], ctx.relax_err_up[k - 1],
                    ctx.relax_err_low[k - 1], ctx.zmax[k - 1], ctx.b[k - 1], cp["wmag"][k - 1], cp["act"][k - 1],
                    Gact, out5)

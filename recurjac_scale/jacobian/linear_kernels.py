@@ -106,7 +106,7 @@ def plane_lines_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low
 
 
 @numba.njit(nogil=True, cache=True)
-def relax_step(Hc, pos, nu, has_nu, a_up, a_low, b_up, b_low, r_up, r_low, zmax, bnext, wnext, act,
+def relax_step(Hc, pos, nu, nupos, has_nu, a_up, a_low, b_up, b_low, r_up, r_low, zmax, bnext, wnext, act,
                Gact, out):  # pragma: no cover
     """One relaxation of ``sigma`` in the network pass, from the coefficients on ``h(k-1)`` to those on ``z(k-1)``.
 
@@ -116,8 +116,10 @@ def relax_step(Hc, pos, nu, has_nu, a_up, a_low, b_up, b_low, r_up, r_low, zmax,
         Coefficients on the kept neurons of ``h(k-1)`` (the GEMM's output).
     pos : ndarray of int64, shape (n,)
         Column of ``Hc`` of every neuron, ``-1`` where the coefficient is zero (relaxation = the zero line).
-    nu : ndarray, shape (K, n)
+    nu : ndarray, shape (K, n_nu)
         Coefficients on ``z(k-1)`` from the lines of ``sigma'`` (read only when ``has_nu``).
+    nupos : ndarray of int64, shape (n,)
+        Column of ``nu`` of every neuron, ``-1`` where its coefficient is zero.
     a_up, a_low, b_up, b_low : ndarray, shape (n,)
         CROWN's lines of ``sigma`` (upper where the coefficient is positive).
     r_up, r_low, zmax : ndarray, shape (n,)
@@ -158,8 +160,8 @@ def relax_step(Hc, pos, nu, has_nu, a_up, a_low, b_up, b_low, r_up, r_low, zmax,
                 g = h
                 t += h
                 er += h
-            if has_nu:
-                g += nu[q, j]
+            if has_nu and nupos[j] >= 0:
+                g += nu[q, nupos[j]]
             row[j] = g
             ez += abs(g) * zmax[j]
             tb += g * bnext[j]
