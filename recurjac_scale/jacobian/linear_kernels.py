@@ -79,24 +79,41 @@ def plane_lines_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low
             sy += abs(L) * ymax[j]
             sk += abs(kp) * vnext[j]
             am = abs(m)
-            for v in range(V):
-                if m > 0.0:
+            if m > 0.0:
+                for v in range(V):
                     nv = m * S_up[v, j]
                     lt[v] += m * T_up[v, j]
-                elif m < 0.0:
+                    lw[v] += am * w[v, j]
+                    sl = slot[v]
+                    if sl >= 0:
+                        nus[sl, q, j] = nv
+                        if nv != 0.0:
+                            nnz[v] += 1
+            elif m < 0.0:
+                for v in range(V):
                     nv = m * S_low[v, j]
                     lt[v] += m * T_low[v, j]
-                elif m == 0.0:
-                    nv = 0.0
-                else:  # NaN
-                    nv = m
+                    lw[v] += am * w[v, j]
+                    sl = slot[v]
+                    if sl >= 0:
+                        nus[sl, q, j] = nv
+                        if nv != 0.0:
+                            nnz[v] += 1
+            elif m == 0.0:
+                for v in range(V):
+                    # lw[v] += 0 * w[v, j] leaves the sum unchanged unless w is infinite (then NaN, as before)
+                    lw[v] += am * w[v, j]
+                    sl = slot[v]
+                    if sl >= 0:
+                        nus[sl, q, j] = 0.0
+            else:  # NaN
+                for v in range(V):
                     lt[v] += m
-                sl = slot[v]
-                if sl >= 0:
-                    nus[sl, q, j] = nv
-                    if nv != 0.0:
+                    lw[v] += am * w[v, j]
+                    sl = slot[v]
+                    if sl >= 0:
+                        nus[sl, q, j] = m
                         nnz[v] += 1
-                lw[v] += am * w[v, j]
         term[q] = t
         ey[q] = sy
         ek[q] = sk
