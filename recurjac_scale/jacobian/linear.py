@@ -27,6 +27,14 @@ Every entry is intersected with RecurJac-B's bounds on the same layer bounds, so
 ``eps = 0`` the layer bounds are points and the result is RecurJac's (exact up to rounding).  Rows (outputs) and
 objectives are independent; the objectives of a row run as one block of GEMMs (:data:`OBJECTIVE_BLOCK` columns).
 
+Cost: pass 1 runs once per block for all slope variants of the lines of ``sigma'`` (:data:`SLOPE_VARIANTS`; each
+objective keeps the smallest bound); pass 2 runs once per variant with slopes (constant lines put no coefficient on
+any ``z``).  The gradient bounds are tightened only where ``dl < du`` (elsewhere ``a`` is the constant ``du`` and
+every plane is exact).  GEMMs skip exact zeros (dead neurons, zero relaxation lines, :func:`_compact`); the
+first hidden layer's stable neurons are folded into one GEMM (:data:`FOLD_FIRST_LAYER`); the elementwise steps
+are numba kernels (:mod:`.linear_kernels`).  Optionally (:data:`ADAPTIVE_AFTER`, on by default)
+a row's later objectives skip the variants with slopes once they never won on its first objectives.
+
 Rounding
 --------
 All arithmetic is float64 (float32 weights are converted exactly).  The coefficient matrices are taken as exact
@@ -50,7 +58,7 @@ themselves.  The total is reported (``allowance``: the largest allowance relativ
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,10 +67,13 @@ from ..layer_bounds.backsub import _concretise_upper
 from ..layer_bounds.crown import crown_relaxation
 from ..relaxations import value_bounds
 from .derivative_lines import derivative_lines
+from .linear_collapse import first_layer_collapse
+from .linear_kernels import plane_lines_step, relax_step
 
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
-    "bound_objectives", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS", "OBJECTIVE_BLOCK",
+    "bound_objectives", "bound_objectives_variants", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS",
+    "OBJECTIVE_BLOCK", "ADAPTIVE_AFTER", "FOLD_FIRST_LAYER",
 ]
 
 SLOPE_VARIANTS = ("centre", "area", "constant")
@@ -72,7 +83,20 @@ the tightest (each is certified, so their intersection is)."""
 OBJECTIVE_BLOCK = 256
 """Jacobian columns per block of objectives (``2 x`` this many objectives: upper and lower bounds)."""
 
+FOLD_FIRST_LAYER = True
+"""Fold the first hidden layer's exact-line neurons (stable ReLUs) into one precomputed GEMM in the network pass
+(:mod:`.linear_collapse`; used where it saves GEMM work).  Same bounds up to the rounding allowance, which is
+computed from ``|Gam| |W[1]|`` instead of ``|Gam W[1]|`` there (about 1e-9 relative on the 784-1024-...-10 benchmark
+net at eps 0.001)."""
+
+ADAPTIVE_AFTER = 256
+"""Default :attr:`LinearContext.adaptive`: after this many objectives of one output row bounded with every slope
+variant, where the lines of ``sigma'`` with slopes never gave a smaller bound than the constant lines, the row's
+remaining objectives run with the constant lines only (their network passes are skipped).  A heuristic for speed:
+every bound stays certified, but a skipped variant could have been tighter for a later objective.  0 disables it."""
+
 _U = np.finfo(np.float64).eps / 2
+_NO_NU = np.empty((0, 0))
 
 
 @dataclass
@@ -98,6 +122,9 @@ class LinearContext:
         The weights restricted to the neurons whose terms can be non-zero (:func:`_compact`).
     a0 : list of ndarray
         ``sigma_k'(z0(k))`` at the centre (steers the choice of McCormick planes).
+    adaptive : int
+        Skip the variants with slopes for an output row's remaining objectives once this many were bounded with
+        every variant and slopes never won (:data:`ADAPTIVE_AFTER`; 0: never skip).
     region : Region
     """
 
@@ -120,6 +147,7 @@ class LinearContext:
     region: object
     bounds: list = None
     compact: dict = None
+    adaptive: int = 0
 
     @property
     def H(self) -> int:
@@ -131,7 +159,8 @@ def _safe_mul(a, v):
         return np.where(a == 0, 0.0, a * v)
 
 
-def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_VARIANTS) -> LinearContext | None:
+def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_VARIANTS,
+                   adaptive: int | None = None) -> LinearContext | None:
     """Build the :class:`LinearContext`, or ``None`` when a hidden layer's bounds are not finite (``eps = inf``
     without a domain: the method then returns RecurJac's bounds).
 
@@ -147,10 +176,13 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
     slopes : sequence of str
         Slope choices of the lines of ``sigma'`` (:func:`derivative_lines` ``mode``), one set of lines each
         (:attr:`LinearContext.variants`).
+    adaptive : int
+        :attr:`LinearContext.adaptive` (``None``: :data:`ADAPTIVE_AFTER` as set at the call; 0: every variant for
+        every objective).
     """
     H = netc.n_layers
     W = [np.asarray(w, dtype=np.float64) for w in netc.weights]
-    b = [np.asarray(v, dtype=np.float64) for v in netc.biases]
+    b = [np.ascontiguousarray(v, dtype=np.float64) for v in netc.biases]
     acts = list(netc.activations)
     lows = [np.asarray(v, np.float64) for v in layer_bounds.lower[: H - 1]]
     ups = [np.asarray(v, np.float64) for v in layer_bounds.upper[: H - 1]]
@@ -165,6 +197,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         W=W, b=b, absW=[np.abs(w) for w in W], dl=[], du=[], variants={}, a_low=[],
         b_low=[], a_up=[], b_up=[], relax_err_up=[], relax_err_low=[], zmax=[], hmax=[],
         xmax=np.maximum(np.abs(box_lo), np.abs(box_hi)), a0=[], region=region, bounds=list(zip(lows, ups)),
+        adaptive=int(ADAPTIVE_AFTER if adaptive is None else adaptive),
     )
     for k in range(H - 1):
         act, l, u = acts[k], lows[k], ups[k]
@@ -179,17 +212,19 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         hl, hu = value_bounds(act.value, l, u)
         ctx.dl.append(dl)
         ctx.du.append(du)
-        ctx.a_low.append(np.asarray(al, np.float64))
-        ctx.b_low.append(np.asarray(bl, np.float64))
-        ctx.a_up.append(np.asarray(au, np.float64))
-        ctx.b_up.append(np.asarray(bu, np.float64))
+        ctx.a_low.append(np.ascontiguousarray(al, np.float64))
+        ctx.b_low.append(np.ascontiguousarray(bl, np.float64))
+        ctx.a_up.append(np.ascontiguousarray(au, np.float64))
+        ctx.b_up.append(np.ascontiguousarray(bu, np.float64))
         ctx.relax_err_up.append(_safe_mul(np.abs(au), zmax) + np.abs(bu))
         ctx.relax_err_low.append(_safe_mul(np.abs(al), zmax) + np.abs(bl))
         ctx.zmax.append(zmax)
         ctx.hmax.append(np.maximum(np.abs(hl), np.abs(hu)))
         ctx.a0.append(np.clip(act.derivative(z0), dl, du))
     ctx.compact = _compact(ctx)
+    ctx.compact["fold"] = first_layer_collapse(ctx) if FOLD_FIRST_LAYER else None
     return ctx
+
 
 
 def _compact(ctx: LinearContext) -> dict:
@@ -211,7 +246,19 @@ def _compact(ctx: LinearContext) -> dict:
     grad = [np.ascontiguousarray(ctx.W[k + 1][np.ix_(live[k + 1], live[k])].T) for k in range(H - 2)]
     net = [None] + [np.ascontiguousarray(ctx.W[k][np.ix_(act[k], kept[k - 1])]) for k in range(1, H - 1)]
     first = np.ascontiguousarray(ctx.W[0][act[0], :])
-    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first}
+    pos, livepos = [], []
+    for k in range(H - 1):
+        p = np.full(ctx.du[k].size, -1, dtype=np.int64)
+        p[kept[k]] = np.arange(kept[k].size)
+        pos.append(p)
+        p = np.full(ctx.du[k].size, -1, dtype=np.int64)
+        p[live[k]] = np.arange(live[k].size)
+        livepos.append(p)
+    # magnitude of the affine step into z(k): |W[k]| |h(k-1)|max + |b[k]| (|x|max for k = 0)
+    wmag = [ctx.absW[k] @ (ctx.hmax[k - 1] if k >= 1 else ctx.xmax) + np.abs(ctx.b[k]) for k in range(H - 1)]
+    act = [a.astype(np.int64) for a in act]
+    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first, "pos": pos,
+            "livepos": livepos, "wmag": wmag}
 
 
 @dataclass
@@ -229,6 +276,7 @@ class RowBounds:
     g0: list = None  # the gradient at the centre (heuristics)
     planes: str = "auto"
     under: float = 0.0  # underflow allowance of one objective (:func:`_underflow`)
+    slope_stats: list = field(default_factory=lambda: [0, 0])  # objectives bounded with every variant, slope wins
 
 
 def _chord_planes(dl, du, l, u):
@@ -351,17 +399,21 @@ def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256)
     the layers above, already tightened), intersected with the current (RecurJac) bounds; the planes of layer
     ``k`` are then rebuilt.  Every bound stays certified."""
     for k in range(ctx.H - 3, -1, -1):
-        WT = np.ascontiguousarray(ctx.W[k + 1].T)  # (d_k, d_{k+1}): row r is W[k+1][:, r]
+        # only neurons with dl < du: elsewhere a(k) is the constant du and every plane is exact whatever the bounds
+        # of g (they only enter the rounding allowance through ymax)
+        rows = np.flatnonzero(ctx.dl[k] < ctx.du[k])
+        WT = np.ascontiguousarray(ctx.W[k + 1][:, rows].T)  # row t is W[k+1][:, rows[t]]
         d = WT.shape[0]
         lo_new = rb.gl[k].copy()
         up_new = rb.gu[k].copy()
         for r0 in range(0, d, block):
             r1 = min(d, r0 + block)
             Lam = np.concatenate([WT[r0:r1], -WT[r0:r1]], axis=0)
-            ub = np.minimum.reduce([bound_objectives(ctx, rb, Lam, k + 1, v) for v in ctx.variants])
+            ub = bound_objectives_variants(ctx, rb, Lam, k + 1).min(axis=0)
             nb = r1 - r0
-            up_new[r0:r1] = np.minimum(up_new[r0:r1], ub[:nb])
-            lo_new[r0:r1] = np.maximum(lo_new[r0:r1], -ub[nb:])
+            idx = rows[r0:r1]
+            up_new[idx] = np.minimum(up_new[idx], ub[:nb])
+            lo_new[idx] = np.maximum(lo_new[idx], -ub[nb:])
         rb.gl[k], rb.gu[k] = lo_new, up_new
         rb.up[k], rb.lo[k], rb.ymax[k] = layer_planes(ctx, k, lo_new, up_new, rb.g0[k], rb.planes)
         if k >= 1:
@@ -391,97 +443,157 @@ def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: 
     ndarray, shape (K,)
         ``max_{x in S} Lam[q] · y(0)(x) <=`` the value (rounding included).
     """
+    key = next(iter(ctx.variants)) if slopes is None else slopes
+    errs = [] if allowance is not None else None
+    out = bound_objectives_variants(ctx, rb, Lam, start, (key,), errs)[0]
+    if allowance is not None:
+        allowance.append(errs[0])
+    return out
+
+
+def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: int = 0,
+                              variants=None, allowance: list | None = None) -> np.ndarray:
+    """:func:`bound_objectives` for several slope variants at once: the gradient-graph pass (which does not depend
+    on the lines of ``sigma'``) runs once and applies every variant's lines on the way; the network pass runs once
+    per variant with slopes.  Variants skipped by the adaptive rule (:attr:`LinearContext.adaptive`) get ``+inf``.
+
+    Returns
+    -------
+    ndarray, shape (V, K)
+        Row ``v``: the bounds with the lines ``variants[v]`` (default: every key of :attr:`LinearContext.variants`);
+        with ``allowance`` given, one ``(K,)`` allowance per variant is appended to it.
+    """
+    variants = tuple(ctx.variants) if variants is None else tuple(variants)
     H = ctx.H
     K = Lam.shape[0]
-    S_low, T_low, S_up, T_up = ctx.variants[next(iter(ctx.variants)) if slopes is None else slopes]
     const = np.zeros(K)
     cabs = np.zeros(K)
     err = np.zeros(K)
-    nus = [None] * (H - 1)
-    # -- pass 1: up the gradient graph --------------------------------------------------------------------------
+    # which variants run: lines without slopes always (no network pass); lines with slopes unless the adaptive
+    # rule (ctx.adaptive > 0) skips them: that many objectives of this output row were bounded with every variant
+    # and the lines with slopes never gave a smaller bound than the constant lines
+    const_lines = [iv for iv, key in enumerate(variants)
+                   if not any(ctx.variants[key][j][k].any() for j in (0, 2) for k in range(start, H - 1))]
+    skip = (ctx.adaptive > 0 and len(const_lines) > 0 and rb.slope_stats[0] >= ctx.adaptive
+            and rb.slope_stats[1] == 0)
+    active = const_lines + [iv for iv in range(len(variants)) if iv not in const_lines and not skip]
+    V = len(active)
+    lines = [ctx.variants[variants[iv]] for iv in active]  # (S_low, T_low, S_up, T_up) lists per layer
+    nus = [[None] * (H - 1) for _ in range(V)]
+    nnz = np.zeros(V, dtype=np.int64)
+    c_l, cabs_l, err_l = np.zeros((V, K)), np.zeros((V, K)), np.zeros((V, K))
+    # -- pass 1: up the gradient graph, with the lines of sigma' of every running variant -----------------------
+    # only on the live neurons (du > 0): elsewhere a = 0, so y = 0 exactly and every plane and line term is zero;
+    # the coefficients on y(k), g(k), a(k) and z(k) are kept on the live neurons only
+    cp = ctx.compact
+    Lam = np.ascontiguousarray(np.asarray(Lam, dtype=np.float64)[:, cp["live"][start]])
+    term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
+    lterm, le = np.empty((V, K)), np.empty((V, K))
     for k in range(start, H - 1):
-        d = Lam.shape[1]
-        Lp = np.maximum(Lam, 0.0)
-        Ln = np.minimum(Lam, 0.0)
-        cgU, caU, ccU = rb.up[k]
-        cgL, caL, ccL = rb.lo[k]
-        kappa = Lp * cgU + Ln * cgL
-        mu = Lp * caU + Ln * caL
-        term = Lp @ ccU + Ln @ ccL
-        const += term
-        cabs += np.abs(term)
-        absL = np.abs(Lam)
-        err += gamma(d + 16) * (absL @ rb.ymax[k])
-        del Lp, Ln, absL
+        d = ctx.dl[k].size  # the sums' lengths in the allowances (at most this long)
+        lv = cp["live"][k]
+        kappa = np.empty((K, lv.size))
+        vnext = (rb.v[k] if k < H - 2 else np.abs(rb.top))[lv]
+        S_low, T_low, S_up, T_up = (np.stack([ln[j][k][lv] for ln in lines]) for j in range(4))
+        w = np.maximum(np.abs(S_up), np.abs(S_low)) * ctx.zmax[k][lv] + np.maximum(np.abs(T_up), np.abs(T_low))
+        has = [bool(S_up[v].any() or S_low[v].any()) for v in range(V)]
+        slot = np.cumsum(has, dtype=np.int64) - 1
+        slot[~np.asarray(has, dtype=bool)] = -1
+        nu_k = np.empty((int(sum(has)), K, lv.size))
         # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
-        mp = np.maximum(mu, 0.0)
-        mn = np.minimum(mu, 0.0)
-        nu = mp * S_up[k] + mn * S_low[k]
-        term = mp @ T_up[k] + mn @ T_low[k]
+        plane_lines_step(Lam, *(p[lv] for p in rb.up[k]), *(p[lv] for p in rb.lo[k]), rb.ymax[k][lv], vnext, S_up,
+                         S_low, T_up, T_low, w, slot, kappa, nu_k, term, ey, ek, lterm, le, nnz)
+        for v in range(V):
+            if slot[v] >= 0:
+                nus[v][k] = nu_k[slot[v]]
         const += term
         cabs += np.abs(term)
-        smax = np.maximum(np.abs(S_up[k]), np.abs(S_low[k]))
-        tmax = np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
-        err += gamma(d + 8) * (np.abs(mu) @ (smax * ctx.zmax[k] + tmax))
-        del mp, mn, mu
-        nus[k] = nu
+        err += gamma(d + 16) * ey + gamma(d + 2) * ek
+        c_l += lterm
+        cabs_l += np.abs(lterm)
+        err_l += gamma(d + 8) * le
         if k < H - 2:
             # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1), on the live neurons only
-            cp = ctx.compact
-            Lam = np.zeros((K, ctx.W[k + 1].shape[0]))
-            Lam[:, cp["live"][k + 1]] = kappa[:, cp["live"][k]] @ cp["grad"][k]
-            err += gamma(d + 2) * (np.abs(kappa) @ rb.v[k])
+            Lam = kappa @ cp["grad"][k]
         else:
-            term = kappa @ rb.top
-            const += term
-            cabs += np.abs(term)
-            err += gamma(d + 2) * (np.abs(kappa) @ np.abs(rb.top))
+            t = kappa @ rb.top[lv]
+            const += t
+            cabs += np.abs(t)
         del kappa
+    # -- per variant: the network pass -------------------------------------------------------------------------
+    out = np.full((len(variants), K), np.inf)
+    errs = [np.zeros(K) for _ in variants]
+    for v, iv in enumerate(active):
+        out[iv], errs[iv] = _network_pass(ctx, rb, nus[v] if nnz[v] else None, c_l[v] + const, cabs_l[v] + cabs,
+                                          err_l[v] + err)
+    if not skip and const_lines and len(const_lines) < len(variants):
+        rb.slope_stats[0] += K
+        rb.slope_stats[1] += int(np.count_nonzero(np.delete(out, const_lines, axis=0).min(axis=0)
+                                                  < out[const_lines].min(axis=0)))
+    if allowance is not None:
+        allowance.extend(errs)
+    return out
+
+
+def _network_pass(ctx, rb, nus, const, cabs, err):
+    """Pass 2 of :func:`bound_objectives`: the coefficients ``nus`` on the ``z(k)`` (``None``: none) back-substituted
+    through the network and concretised, on top of the constants ``const`` (``cabs``: the absolute values of their
+    terms) and the allowance ``err`` so far; returns ``(bounds, allowances)``, shape ``(K,)`` each."""
+    H = ctx.H
+    K = const.size
     # -- pass 2: down the network -------------------------------------------------------------------------------
-    if all(nu is None or not nu.any() for nu in nus):  # no coefficient on any z (constant lines): nothing to do
-        err += gamma(4 * H + 8) * cabs + TINY + rb.under
-        if allowance is not None:
-            allowance.append(err)
-        return np.where(np.isnan(const + err), np.inf, const + err)
-    Gam = nus[H - 2]
+    if nus is None:  # no coefficient on any z (constant lines): nothing to do
+        err = err + gamma(4 * H + 8) * cabs + TINY + rb.under
+        return np.where(np.isnan(const + err), np.inf, const + err), err
+    cp = ctx.compact
+    Gam = np.zeros((K, ctx.W[H - 2].shape[0]))
+    if nus[H - 2] is not None:  # the coefficients on z are kept on the live neurons only (zero elsewhere)
+        Gam[:, cp["live"][H - 2]] = nus[H - 2]
+    tb = Gam @ ctx.b[H - 2]
+    ew = np.abs(Gam) @ cp["wmag"][H - 2]
+    Gact = np.ascontiguousarray(Gam[:, cp["act"][H - 2]])
+    out5 = np.empty((5, K))
+    fold = cp["fold"]  # the first hidden layer's exact-line neurons folded into one GEMM (linear_collapse)
+    Gx_fold = None
     for k in range(H - 2, 0, -1):
         n = ctx.W[k].shape[1]
-        absG = np.abs(Gam)
-        term = Gam @ ctx.b[k]
-        const += term
-        cabs += np.abs(term)
-        err += gamma(max(n, ctx.W[k].shape[0]) + 2) * (absG @ (ctx.absW[k] @ ctx.hmax[k - 1] + np.abs(ctx.b[k])))
-        cp = ctx.compact
-        Gh = np.zeros((K, ctx.W[k].shape[1]))  # (K, d_{k-1}); zero where the relaxation of sigma is the zero line
-        Gh[:, cp["kept"][k - 1]] = Gam[:, cp["act"][k]] @ cp["net"][k]
-        del absG
-        Gp = np.maximum(Gh, 0.0)
-        Gn = np.minimum(Gh, 0.0)
-        term = Gp @ ctx.b_up[k - 1] + Gn @ ctx.b_low[k - 1]
-        const += term
-        cabs += np.abs(term)
-        err += gamma(n + 2) * (Gp @ ctx.relax_err_up[k - 1] - Gn @ ctx.relax_err_low[k - 1])
-        Gam = Gp * ctx.a_up[k - 1] + Gn * ctx.a_low[k - 1]
-        if nus[k - 1] is not None:
-            Gam += nus[k - 1]
-        err += 4 * _U * (np.abs(Gam) @ ctx.zmax[k - 1])
-        del Gp, Gn, Gh
-    absG = np.abs(Gam)
-    term = Gam @ ctx.b[0]
-    const += term
-    cabs += np.abs(term)
+        const += tb
+        cabs += np.abs(tb)
+        err += gamma(max(n, ctx.W[k].shape[0]) + 2) * ew
+        net, pos, act = cp["net"][k], cp["pos"][k - 1], cp["act"][k - 1]
+        if k == 1 and fold is not None:
+            net, pos, act = fold["net1"], fold["pos"], fold["act"]
+            t = Gact @ fold["p"]
+            const += t
+            cabs += np.abs(t)
+            err += np.abs(Gact) @ fold["e"] + fold["eta"]
+            Gx_fold = Gact @ fold["P"]
+        Hc = Gact @ net  # (K, kept(k-1)): coefficients on h(k-1), zero elsewhere
+        Gact = np.empty((K, act.size))
+        nu = nus[k - 1]
+        relax_step(Hc, pos, _NO_NU if nu is None else nu, cp["livepos"][k - 1], nu is not None, ctx.a_up[k - 1],
+                   ctx.a_low[k - 1], ctx.b_up[k - 1], ctx.b_low[k - 1], ctx.relax_err_up[k - 1],
+                   ctx.relax_err_low[k - 1], ctx.zmax[k - 1], ctx.b[k - 1], cp["wmag"][k - 1], act, Gact, out5)
+        const += out5[0]
+        cabs += np.abs(out5[0])
+        err += gamma(n + 2) * out5[1] + 4 * _U * out5[2]
+        tb, ew = out5[3].copy(), out5[4].copy()
+        del Hc
+    const += tb
+    cabs += np.abs(tb)
     n0 = ctx.W[0].shape[1]
-    err += gamma(max(n0, ctx.W[0].shape[0]) + 2) * (absG @ (ctx.absW[0] @ ctx.xmax + np.abs(ctx.b[0])))
-    Gx = Gam[:, ctx.compact["act"][0]] @ ctx.compact["first"]
+    err += gamma(max(n0, ctx.W[0].shape[0]) + 2) * ew
+    Gx = Gact @ (fold["first"] if Gx_fold is not None else cp["first"])
+    if Gx_fold is not None:
+        Gx += Gx_fold
+        err += gamma(2) * (np.abs(Gx) @ ctx.xmax)
     lo, hi = ctx.region.box
     sup = _concretise_upper(Gx, ctx.region, lo, hi, gamma(n0 + 2))
     total = const + sup
-    err += gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY + rb.under
-    if allowance is not None:
-        allowance.append(err)
+    err = err + gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY + rb.under
     with np.errstate(invalid="ignore"):
         out = total + err
-    return np.where(np.isnan(out), np.inf, out)
+    return np.where(np.isnan(out), np.inf, out), err
 
 
 def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int = OBJECTIVE_BLOCK,
@@ -526,11 +638,11 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
             j1 = min(n0, j0 + block)
             Lam = np.concatenate([W0T[j0:j1], -W0T[j0:j1]], axis=0)
             errs = []
-            ubs = [bound_objectives(ctx, rb, Lam, 0, v, errs) for v in ctx.variants]
-            ub = np.minimum.reduce(ubs)
+            ubs = bound_objectives_variants(ctx, rb, Lam, 0, None, errs)
+            ub = ubs.min(axis=0)
             nb = j1 - j0
             # the allowance of the winning variant, relative to the entry's width where the propagation won
-            win = np.argmin(np.stack(ubs), axis=0)
+            win = np.argmin(ubs, axis=0)
             err = np.stack(errs)[win, np.arange(ub.size)]
             won_up = ub[:nb] < upper[i, j0:j1]
             won_lo = -ub[nb:] > lower[i, j0:j1]
