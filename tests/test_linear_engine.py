@@ -26,6 +26,16 @@ from recurjac_scale.testing import random_network, sample_region
 RTOL = 1e-12  # the same numbers in another summation order (GEMM blocking) only
 
 
+@pytest.fixture(autouse=True)
+def _every_variant(monkeypatch):
+    """The in-memory references run every slope variant for every objective, as the engine's tasks do (the adaptive
+    skip of :data:`recurjac_scale.jacobian.linear.ADAPTIVE_AFTER` depends on the order in which one process meets
+    a row's objectives; each task of the engine starts afresh and bounds one block, so it never skips)."""
+    from recurjac_scale.jacobian import linear
+
+    monkeypatch.setattr(linear, "ADAPTIVE_AFTER", 0)
+
+
 def _case(tmp_path, rng, widths=(12, 16, 14, 10, 4), act="relu", chunk_edge=5):
     net = random_network(widths, act, rng)
     x0 = rng.uniform(0.0, 1.0, widths[0])

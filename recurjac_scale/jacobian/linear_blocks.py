@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .linear import OBJECTIVE_BLOCK, _v, bound_objectives, layer_planes, row_bounds
+from .linear import OBJECTIVE_BLOCK, _v, bound_objectives_variants, layer_planes, row_bounds
 from .linear_rows import row_norm_upper
 
 __all__ = [
@@ -69,14 +69,15 @@ def rebuild_row(ctx, i: int, gl: list, gu: list, g0: list, tightened: dict, plan
 
 def tightened_neurons(dl: np.ndarray, du: np.ndarray) -> np.ndarray:
     """The neurons of a hidden layer (derivative bounds ``dl``, ``du``) whose gradient bounds
-    :func:`~recurjac_scale.jacobian.linear.tighten_gradient_bounds` tightens: every one."""
-    return np.arange(np.asarray(dl).size)
+    :func:`~recurjac_scale.jacobian.linear.tighten_gradient_bounds` tightens: those with ``dl < du`` (elsewhere
+    every plane is exact whatever the bounds of ``g``)."""
+    return np.flatnonzero(np.asarray(dl) < np.asarray(du))
 
 
 def tighten_block(ctx, rb, k: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Tightened bounds of ``g_r(k)`` for the neurons ``r`` in ``idx`` (one block of the loop of
     :func:`~recurjac_scale.jacobian.linear.tighten_gradient_bounds`, a slice of :func:`tightened_neurons`):
-    ``g_r(k) = y(k+1) · W[k+1][:, r]`` bounded by :func:`bound_objectives` from layer ``k + 1`` (every slope
+    ``g_r(k) = y(k+1) · W[k+1][:, r]`` bounded by :func:`bound_objectives_variants` from layer ``k + 1`` (every slope
     variant, the smallest), intersected with ``rb``'s current bounds.  ``rb`` must hold the tightened layers above
     ``k`` (:func:`rebuild_row`).
 
@@ -87,7 +88,7 @@ def tighten_block(ctx, rb, k: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndar
     idx = np.asarray(idx, dtype=np.int64)
     WT = ctx.W[k + 1][:, idx].T  # (nb, d_{k+1}): row t is W[k+1][:, idx[t]]
     Lam = np.concatenate([WT, -WT], axis=0)
-    ub = np.minimum.reduce([bound_objectives(ctx, rb, Lam, k + 1, v) for v in ctx.variants])
+    ub = bound_objectives_variants(ctx, rb, Lam, k + 1).min(axis=0)
     nb = idx.size
     return np.maximum(rb.gl[k][idx], -ub[nb:]), np.minimum(rb.gu[k][idx], ub[:nb])
 
@@ -110,10 +111,10 @@ def entry_block(ctx, rb, j0: int, j1: int, rj_lower: np.ndarray, rj_upper: np.nd
     W0T = ctx.W[0].T[j0:j1]  # (nb, d_0)
     Lam = np.concatenate([W0T, -W0T], axis=0)
     errs: list = []
-    ubs = [bound_objectives(ctx, rb, Lam, 0, v, errs) for v in ctx.variants]
-    ub = np.minimum.reduce(ubs)
+    ubs = bound_objectives_variants(ctx, rb, Lam, 0, None, errs)
+    ub = ubs.min(axis=0)
     nb = j1 - j0
-    win = np.argmin(np.stack(ubs), axis=0)
+    win = np.argmin(ubs, axis=0)
     err = np.stack(errs)[win, np.arange(ub.size)]
     lower = np.array(rj_lower, dtype=np.float64, copy=True)
     upper = np.array(rj_upper, dtype=np.float64, copy=True)
