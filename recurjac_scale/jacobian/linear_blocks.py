@@ -26,7 +26,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .linear import OBJECTIVE_BLOCK, _v, bound_objectives_variants, layer_planes, row_bounds
+from .linear import OBJECTIVE_BLOCK
+from .linear_passes import bound_objectives_variants
+from .linear_planes import _v, layer_planes, row_bounds
 from .linear_rows import row_norm_upper
 
 __all__ = [

@@ -26,7 +26,9 @@ import numpy as np
 from ..activations import LeakyReLU
 from ..errors import InputError
 from .derivative_lines import relu_slope_ranges
-from .linear import LinearContext, RowBounds, _chord_planes, _safe_mul
+from .linear import _safe_mul
+from .linear_base import LinearContext, RowBounds
+from .linear_planes import _chord_planes
 from .linear_rows import row_norm_upper
 
 __all__ = ["certified_planes", "optimise_row_norm", "optimised_row_norms", "DEFAULT_STEPS"]
