@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, StoreError
-from .checkpoint import Checkpoint
-from .sizing import format_bytes
+from .checkpoint import Checkpoint, state_array_path
+from .memory import format_bytes
 
 __all__ = ["StagePlan", "StageSpec", "plan_stage", "stage_applies", "create_stage_arrays", "add_stage_graph",
            "stage_finish_task", "stage_lipschitz", "stage_seconds", "stage_spec", "TIGHTEN_STEP", "ENTRY_STEP", "ROWNORM_STEP", "MIN_BLOCK"]
@@ -242,7 +242,6 @@ def _e_path(state: str, key: str) -> str:
 def _rj_row(spec: StageSpec, state: str, i: int):
     """RecurJac-B's bounds of the row's gradients ``g(k)``, ``k = 0..H-2`` (state ``H-2-k``; state 0 is the exact
     top row ``W[H-1][i]``)."""
-    from .run import _state_array_path
 
     ctx, _ = spec.context()
     H = ctx.H
@@ -252,8 +251,8 @@ def _rj_row(spec: StageSpec, state: str, i: int):
         if t == 0:
             gl[k] = gu[k] = np.asarray(ctx.W[H - 1][i], np.float64)
         else:
-            gl[k] = np.asarray(_arr(_state_array_path(state, t, "lower"))[i, :], np.float64)
-            gu[k] = np.asarray(_arr(_state_array_path(state, t, "upper"))[i, :], np.float64)
+            gl[k] = np.asarray(_arr(state_array_path(state, t, "lower"))[i, :], np.float64)
+            gu[k] = np.asarray(_arr(state_array_path(state, t, "upper"))[i, :], np.float64)
     return gl, gu
 
 
@@ -310,7 +309,6 @@ def _tighten_task(spec: StageSpec, state: str, ckpt: str, job_id: str, durable: 
 
 def _entry_task(spec: StageSpec, state: str, ckpt: str, job_id: str, durable: bool, i: int, b: int, *deps):
     from ..jacobian.linear_blocks import entry_block
-    from .run import _state_array_path
     from .schedulers import blas_single_thread
 
     ck = Checkpoint(Path(ckpt), job_id)
@@ -322,8 +320,8 @@ def _entry_task(spec: StageSpec, state: str, ckpt: str, job_id: str, durable: bo
     n0 = ctx.W[0].shape[1]
     j0, j1 = b * spec.block, min(n0, (b + 1) * spec.block)
     T = spec.n_steps
-    rj_lo = np.asarray(_arr(_state_array_path(state, T, "lower"))[i, j0:j1], np.float64)
-    rj_up = np.asarray(_arr(_state_array_path(state, T, "upper"))[i, j0:j1], np.float64)
+    rj_lo = np.asarray(_arr(state_array_path(state, T, "lower"))[i, j0:j1], np.float64)
+    rj_up = np.asarray(_arr(state_array_path(state, T, "upper"))[i, j0:j1], np.float64)
     with blas_single_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         lo, up, worst = entry_block(ctx, rb, j0, j1, rj_lo, rj_up)
     paths = []

@@ -41,6 +41,7 @@ import numpy as np
 from .._json import json_safe
 from ..errors import IncompleteRunError, OutputExistsError, StoreError
 from .checkpoint import Checkpoint
+from .checkpoint import state_array_path as _state_array_path
 from .result_store import RESULT_FORMAT  # noqa: F401 (re-exported)
 from .result_store import EngineResult, create_result_store, seal_result_store
 from .schedulers import blas_single_thread, open_executor
@@ -103,10 +104,6 @@ def _read_prior(path: str, job_id: str, r0: int, r1: int, cache: bool = True) ->
                 _, old = _PRIORS.popitem(last=False)
                 _PRIORS_BYTES[0] -= old.nbytes
     return a
-
-
-def _state_array_path(state: str, t: int, key: str) -> str:
-    return os.path.join(state, f"step-{t:03d}", key)
 
 
 # -- task functions (run on workers; module-level so every scheduler can import them) -------------------------
