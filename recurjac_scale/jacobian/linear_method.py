@@ -72,7 +72,7 @@ def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=
     info["rounding"] = (
         "RecurJac-B's allowance (recurjac_scale.jacobian.chain) and, for the linear propagation, float64 with an "
         "allowance per objective: |coefficients| times the magnitudes of the variables they multiply, gamma of the "
-        "sum lengths, plus an underflow term (recurjac_scale.jacobian.linear); largest allowance relative to the "
+        "sum lengths, plus an underflow term (recurjac_scale.jacobian.linear_passes); largest allowance relative to the "
         f"width of an entry the propagation tightened: {info['allowance']:.3g}"
     )
     if rj_lower.dtype != np.float64:

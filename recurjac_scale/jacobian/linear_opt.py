@@ -1,6 +1,6 @@
 """Optimised relaxations for the row norms of ``linear-jacobian`` (alpha-CROWN-like; optional, needs torch).
 
-The row norm bound of :func:`recurjac_scale.jacobian.linear.row_norm_upper` is one linear objective per output row.
+The row norm bound of :func:`recurjac_scale.jacobian.linear_rows.row_norm_upper` is one linear objective per output row.
 Its relaxations have free parameters, each of which keeps the bound sound whatever its value:
 
 - per layer and neuron, the plane of ``y = a g`` on each side: a convex combination of the two McCormick planes
