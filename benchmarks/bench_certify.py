@@ -62,12 +62,17 @@ def timed_batch(job, **kw):
 
 
 def cluster_batch(job, warm, workers: int):
-    """Run on a fresh LocalCluster; CPU time summed over the worker processes (psutil)."""
+    """Run on a fresh LocalCluster set up as the batch command sets up its own; CPU time summed over the worker
+    processes (psutil)."""
+    import dask
     import psutil
 
+    from recurjac_scale.applications.batch import BATCH_WORKER_CONFIG, BATCH_WORKER_ENV
     from recurjac_scale.cluster import local_client
 
-    with local_client(workers, memory_limit="4GiB") as client:
+    # the worker environment and configuration a batch command gives the cluster it starts itself
+    with dask.config.set(BATCH_WORKER_CONFIG), local_client(workers, memory_limit="4GiB",
+                                                            env=BATCH_WORKER_ENV) as client:
         # one item per worker first: imports, model load and numba cache load outside the timing
         run_batch(warm, None, client=client)
         before = client.run(lambda: sum(psutil.Process().cpu_times()[:2]))
