@@ -211,7 +211,9 @@ def report(o: dict) -> str:
         tw = o["two_workers"]
         lines[-1] += (f" and {tw['wall_s']:.1f} s wall ({tw['cpu_s_workers']:.1f} s CPU in the workers) on a "
                       f"LocalCluster of 2 workers: **{o['recurjac_b']['wall_s'] / tw['wall_s']:.2f}x**; radii "
-                      f"identical: {tw['radii_equal_to_one_core']}.")
+                      f"identical: {tw['radii_equal_to_one_core']}. One run each, in the order above, while "
+                      "other jobs shared the machine; the medians of alternated runs are in \"One core vs two "
+                      "workers on a certify batch\".")
     lines += [
         "",
         "Paper's claims (Table 1, 3- and 4-layer MLPs of 1024 neurons): RecurJac's certified radii are larger than "

@@ -231,6 +231,24 @@ def test_reuse_certify_result_unchanged(mnist):
     LAYER_BOUNDS_CACHE.clear()
 
 
+def test_layer_bounds_cache_keeps_at_most_its_budget():
+    """Least recently used entries go first; an entry larger than the budget is not kept."""
+
+    class _LB:
+        def __init__(self, n):
+            self.lower, self.upper = (np.zeros(n),), (np.zeros(n),)
+
+    cache = search_module._BoundsCache(2000)  # room for two entries of 2 x 50 float64
+    a, b, c = _LB(50), _LB(50), _LB(50)
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # "a" is now the most recently used
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    cache.put("big", _LB(200))
+    assert cache.get("big") is None and len(cache) == 2
+
+
 @pytest.mark.parametrize("method", ["crown", "fastlin", "ibp"])
 def test_hidden_layer_bounds_equal_those_of_the_whole_network(rng, method):
     """The hidden layers' bounds computed on the network cut after its last hidden layer are the same bytes as

@@ -96,6 +96,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
@@ -190,36 +191,40 @@ def _hidden_network(network: Network, method: str) -> Network | None:
 
 class _BoundsCache:
     """A least-recently-used store of hidden-layer bounds, keyed by (network, centre, p, method, radius) digests,
-    holding at most ``max_bytes`` of bound arrays (an entry larger than that is not kept)."""
+    holding at most ``max_bytes`` of bound arrays (an entry larger than that is not kept); thread-safe."""
 
     def __init__(self, max_bytes: int):
         self.max_bytes = int(max_bytes)
         self._items: OrderedDict = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()  # batches run items on threads too
 
     @staticmethod
     def _size(lb) -> int:
         return sum(np.asarray(a).nbytes for a in (*lb.lower, *lb.upper))
 
     def get(self, key):
-        lb = self._items.get(key)
-        if lb is not None:
-            self._items.move_to_end(key)
-        return lb
+        with self._lock:
+            lb = self._items.get(key)
+            if lb is not None:
+                self._items.move_to_end(key)
+            return lb
 
     def put(self, key, lb) -> None:
         size = self._size(lb)
-        if size > self.max_bytes or key in self._items:
-            return
-        self._items[key] = lb
-        self._bytes += size
-        while self._bytes > self.max_bytes:
-            _, old = self._items.popitem(last=False)
-            self._bytes -= self._size(old)
+        with self._lock:
+            if size > self.max_bytes or key in self._items:
+                return
+            self._items[key] = lb
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= self._size(old)
 
     def clear(self) -> None:
-        self._items.clear()
-        self._bytes = 0
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._items)
