@@ -62,12 +62,17 @@ def timed_batch(job, **kw):
 
 
 def cluster_batch(job, warm, workers: int):
-    """Run on a fresh LocalCluster; CPU time summed over the worker processes (psutil)."""
+    """Run on a fresh LocalCluster set up as the batch command sets up its own; CPU time summed over the worker
+    processes (psutil)."""
+    import dask
     import psutil
 
+    from recurjac_scale.applications.batch import BATCH_WORKER_CONFIG, BATCH_WORKER_ENV
     from recurjac_scale.cluster import local_client
 
-    with local_client(workers, memory_limit="4GiB") as client:
+    # the worker environment and configuration a batch command gives the cluster it starts itself
+    with dask.config.set(BATCH_WORKER_CONFIG), local_client(workers, memory_limit="4GiB",
+                                                            env=BATCH_WORKER_ENV) as client:
         # one item per worker first: imports, model load and numba cache load outside the timing
         run_batch(warm, None, client=client)
         before = client.run(lambda: sum(psutil.Process().cpu_times()[:2]))
@@ -206,7 +211,9 @@ def report(o: dict) -> str:
         tw = o["two_workers"]
         lines[-1] += (f" and {tw['wall_s']:.1f} s wall ({tw['cpu_s_workers']:.1f} s CPU in the workers) on a "
                       f"LocalCluster of 2 workers: **{o['recurjac_b']['wall_s'] / tw['wall_s']:.2f}x**; radii "
-                      f"identical: {tw['radii_equal_to_one_core']}.")
+                      f"identical: {tw['radii_equal_to_one_core']}. One run each, in the order above, while "
+                      "other jobs shared the machine; the medians of alternated runs are in \"One core vs two "
+                      "workers on a certify batch\".")
     lines += [
         "",
         "Paper's claims (Table 1, 3- and 4-layer MLPs of 1024 neurons): RecurJac's certified radii are larger than "

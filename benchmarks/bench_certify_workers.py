@@ -10,7 +10,7 @@ measurement runs in its own process after an untimed warm-up (numba cache load, 
   starts itself (``BATCH_WORKER_ENV``, ``BATCH_WORKER_CONFIG``), warmed by two items;
 - ``default``: the same cluster with dask's own worker settings.
 
-    python benchmarks/bench_certify_workers.py --shared ../shared [--images 10] [--runs 2]
+    python benchmarks/bench_certify_workers.py --shared ../shared [--images 10] [--runs 2] [--modes sync,product]
 
 Prints one JSON line per run and the medians; wall time, and CPU time of the process or of the workers.
 """
@@ -77,6 +77,7 @@ def main(argv=None) -> int:
     ap.add_argument("--shared", type=Path, required=True)
     ap.add_argument("--images", type=int, default=10)
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--modes", default="sync,product,default", help="comma-separated subset of sync,product,default")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
         return 0
     out = {}
     for _ in range(args.runs):
-        for mode in ("sync", "product", "default"):
+        for mode in args.modes.split(","):
             r = subprocess.run([sys.executable, __file__, "--shared", str(args.shared), "--images", str(args.images),
                                 "--one", mode], capture_output=True, text=True, check=True)
             rec = json.loads(r.stdout.strip().splitlines()[-1])
@@ -92,9 +93,10 @@ def main(argv=None) -> int:
             out.setdefault(mode, []).append(rec)
     radii = {m: v[0]["radii"] for m, v in out.items()}
     med = {m: statistics.median(r["wall_s"] for r in v) for m, v in out.items()}
-    print(json.dumps({"median_wall_s": med, "speedup_product": med["sync"] / med["product"],
-                      "speedup_default": med["sync"] / med["default"],
-                      "same_radii": radii["sync"] == radii["product"] == radii["default"]}))
+    cpu = {m: statistics.median(r["cpu_s"] for r in v) for m, v in out.items()}
+    print(json.dumps({"median_wall_s": med, "median_cpu_s": cpu,
+                      **{f"speedup_{m}": med["sync"] / med[m] for m in med if m != "sync" and "sync" in med},
+                      "same_radii": all(r == radii[next(iter(radii))] for r in radii.values())}))
     return 0
 
 

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from recurjac_scale.applications import SEARCHES, attack_radius, certify, integral_radius, pgd_attack
-from recurjac_scale.applications.search import LocalConstants, _grid_search
+from recurjac_scale.applications import search as search_module
+from recurjac_scale.applications.certify import _margin_rows, resolve_targets
+from recurjac_scale.applications.search import LAYER_BOUNDS_CACHE, LocalConstants, _grid_search, _hidden_network
+from recurjac_scale.layer_bounds import layer_bounds
+from recurjac_scale.lipschitz import lipschitz
+from recurjac_scale.network.model import Network
 from recurjac_scale.applications.inputs import box_network
 from recurjac_scale.network.default import default_inputs, default_model_path
 from recurjac_scale.network.store import open_network
@@ -174,6 +179,95 @@ def test_default_search_not_below_paper_search_on_profiles():
         assert d.radius(g0) <= rd  # the stand-in radius is part of the result
         below_grid_only += _grid_search(grid_only, g0, r_cap, grad_norm=np.array([G])) < rp
     assert below_grid_only > 0
+
+
+# -- reuse across radii and targets gives the same bytes ----------------------------------------------------
+
+
+def _reference_constants(net, x, C, r):
+    """The local constants as computed without any reuse: lipschitz() with the layer bounds of the whole
+    network, per row the smaller of its row norm and the naive constant."""
+    from recurjac_scale.lipschitz_norms import naive_constant
+
+    rows = np.asarray(lipschitz(net, x, r, math.inf, method="recurjac-b", layer_bounds="crown",
+                               outputs=C).points[0].row_norms)
+    naive = np.array([naive_constant(net.with_outputs(C[i : i + 1]), math.inf) for i in range(C.shape[0])])
+    return np.minimum(rows, naive)
+
+
+def test_reuse_gives_the_same_constants(mnist):
+    """The default search's reuse (hidden-layer bounds shared by the targets of an input, the Jacobian part of a
+    radius with the same derivative bounds as an earlier one) returns the same bytes as a computation without any
+    reuse, at radii where it does reuse: probes of the authors' search near the threshold, whose points share
+    derivative bounds, on two targets and two inputs."""
+    net, X, y = mnist
+    radii = [R * i / 15 for R in (0.0201, 0.0203, 0.0206) for i in range(15, 0, -1)]
+    LAYER_BOUNDS_CACHE.clear()
+    for xi in (0, 1):
+        x = X[xi]
+        logits = net.forward(x)
+        c = int(y[xi])
+        for k, target in enumerate(("runnerup", "least")):
+            C = _margin_rows(10, c, resolve_targets(target, logits, c))
+            lc = LocalConstants(net, x, C, math.inf, "recurjac-b", "crown", reuse=True)
+            for r in radii:
+                got, want = lc(r), _reference_constants(net, x, C, r)
+                assert np.array_equal(got, want), (xi, target, r, got, want)
+            assert lc.evaluations == len(radii)
+            assert lc.jacobian_runs < 0.8 * len(radii)  # derivative bounds repeat: the reuse was exercised
+            # the second target of an input computes no layer bounds; the first of the next input computes all
+            assert lc.layer_bound_runs == (0 if k else len(radii))
+    LAYER_BOUNDS_CACHE.clear()
+
+
+def test_reuse_certify_result_unchanged(mnist):
+    """certify with and without the reuse: the same radius, evaluations, radii and constants on every target."""
+    net, X, y = mnist
+    LAYER_BOUNDS_CACHE.clear()
+    for t in ("runnerup", "random", "least"):
+        a = certify(net, X[2], int(y[2]), t, "inf", margin_bound=False, index=2, reuse=True)
+        b = certify(net, X[2], int(y[2]), t, "inf", margin_bound=False, index=2, reuse=False)
+        assert (a.radius, a.evaluations, a.radii, a.constants) == (b.radius, b.evaluations, b.radii, b.constants)
+    LAYER_BOUNDS_CACHE.clear()
+
+
+def test_layer_bounds_cache_keeps_at_most_its_budget():
+    """Least recently used entries go first; an entry larger than the budget is not kept."""
+
+    class _LB:
+        def __init__(self, n):
+            self.lower, self.upper = (np.zeros(n),), (np.zeros(n),)
+
+    cache = search_module._BoundsCache(2000)  # room for two entries of 2 x 50 float64
+    a, b, c = _LB(50), _LB(50), _LB(50)
+    cache.put("a", a)
+    cache.put("b", b)
+    assert cache.get("a") is a  # "a" is now the most recently used
+    cache.put("c", c)
+    assert cache.get("b") is None and cache.get("a") is a and cache.get("c") is c
+    cache.put("big", _LB(200))
+    assert cache.get("big") is None and len(cache) == 2
+
+
+@pytest.mark.parametrize("method", ["crown", "fastlin", "ibp"])
+def test_hidden_layer_bounds_equal_those_of_the_whole_network(rng, method):
+    """The hidden layers' bounds computed on the network cut after its last hidden layer are the same bytes as
+    those of the whole network; a cut that would change CROWN's choice of passes (here: the cut network is all
+    ReLU, the whole one is not, so CROWN would add the Fast-Lin pass) is refused."""
+    ws = [rng.normal(size=(12, 6)), rng.normal(size=(9, 12)), rng.normal(size=(7, 9)), rng.normal(size=(3, 7))]
+    bs = [rng.normal(size=w.shape[0]) for w in ws]
+    net = Network(ws, bs, ["relu", "relu", "relu"])
+    hidden = _hidden_network(net, "recurjac-b")
+    x = rng.normal(size=6)
+    for eps in (0.05, 0.2, 0.6):
+        full = layer_bounds(net, x, eps, math.inf, method=method)
+        cut = layer_bounds(hidden, x, eps, math.inf, method=method)
+        assert len(cut.lower) == 3
+        for k in range(3):
+            assert np.array_equal(full.lower[k], cut.lower[k]) and np.array_equal(full.upper[k], cut.upper[k])
+    assert _hidden_network(Network(ws, bs, ["relu", "relu", "tanh"]), "recurjac-b") is None
+    assert _hidden_network(Network(ws[:1], bs[:1], []), "recurjac-b") is None
+    assert search_module._hidden_network(net, "linear-jacobian") is None
 
 
 def test_misclassified_reported_with_radius_zero(digits_net):

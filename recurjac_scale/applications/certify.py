@@ -249,6 +249,7 @@ def certify(
     n: int = 15,
     steps: int = 15,
     budget: int = 20,
+    reuse: bool | None = None,
 ) -> CertifyResult:
     """Certified robustness radius of ``x0`` against ``target`` (Theorem 2), and the margin-bound radius.
 
@@ -274,6 +275,10 @@ def certify(
         Intervals and bisection steps of ``search="paper"`` (and bisection steps of the margin bound).
     budget : int
         Local-constant evaluations of the grid phase of ``search="grid"`` (the replay that follows adds its own).
+    reuse : bool, optional
+        Reuse work across radii and targets where the constants provably stay the same bytes
+        (:mod:`recurjac_scale.applications.search`, "Reuse"); default: for every search but ``"paper"``, which
+        recomputes every point as the authors' code does.
 
     Returns
     -------
@@ -317,7 +322,7 @@ def certify(
         r_cap = float(np.min(np.where(gnorm > 0, g0 / np.maximum(gnorm, 1e-300), np.inf)))
         if not math.isfinite(r_cap):
             r_cap = 1.0
-        lc = LocalConstants(net, x, C, p, method, lb_name)
+        lc = LocalConstants(net, x, C, p, method, lb_name, reuse=skey != "paper" if reuse is None else bool(reuse))
         radius = float(SEARCHES[skey](lc, g0, r_cap, n=n, steps=steps, budget=budget, grad_norm=gnorm))
         evals = lc.evaluations
         rs = sorted(lc.cache)

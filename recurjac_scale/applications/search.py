@@ -60,11 +60,44 @@ tries to prove the authors' failure at its largest stand-in success (evaluating 
 first) if the evaluated constants, interpolated, predict a failure there; the guess only chooses where to spend
 evaluations, never a decision.  The remaining cost is the failing probes above the stand-in radius, whose proofs
 need most of their ``n`` points when ``R`` is within a few percent of the threshold.
+
+Reuse: the same constants for less work (default search)
+--------------------------------------------------------
+An evaluation at ``r`` is: pre-activation bounds of every layer over ``B_p[x0, r] ∩ D`` (``layer_bounds``), the
+derivative bounds ``(dl, du)`` of each hidden neuron from them, then the Jacobian bound method and Algorithm 2
+on the chain built from the weights, ``C`` and those derivative bounds.  Three savings return the same bytes:
+
+- *Only the hidden layers' bounds.*  The Jacobian methods read the layer bounds only through the derivative
+  bounds of the hidden layers (:func:`recurjac_scale.jacobian.derivative_bounds.derivative_bounds_for`; the output
+  layer's bounds are unused), and the bounds of layer ``k`` are computed from layers ``0 .. k`` alone, so they
+  are computed on the network cut after its last hidden layer.  The cut is refused where the layer-bound method
+  would choose its passes differently for it (CROWN's Fast-Lin pass depends on the activations present) and for
+  methods with their own runner (``linear-jacobian`` reads the region too).  Every search gets this (it is no
+  reuse, just less work).
+- *Targets of one input share layer bounds.*  The hidden layers' bounds of ``B_p[x0, r] ∩ D`` do not depend on
+  the target (``C`` enters only the output layer), so they are kept per (network, ``x0``, ``p``, method, ``r``)
+  in a small process-wide LRU store (:data:`LAYER_BOUNDS_CACHE`, keys are SHA-256 digests of the bytes) and
+  reused by the other targets.  The replayed probes of the authors' driver coincide across targets as long as
+  their outcomes do (the grid's radii scale with each target's ``R_cap``; a grid of powers of two shared by the
+  targets saved about 3 % of the CPU time for slightly smaller radii, and was not kept).
+- *Same derivative bounds, same constant.*  Given the network, ``C``, ``p`` and the method, the Jacobian bounds
+  and Algorithm 2 are a deterministic function of the derivative bounds alone (the radius and the centre enter
+  only through them).  For ReLU networks these are ``0``, ``1`` or ``[0, 1]`` per neuron, so nearby radii (the
+  ``n`` points of nearby probes) often share them exactly; the constant of an earlier radius whose derivative
+  bounds are the same bytes (SHA-256 of them) is reused.  A neuron stable on ``B(x0, R)`` is also stable on
+  ``B(x0, r)``, ``r < R``, but the computed bounds of nested regions are not nested (CROWN's adaptive slopes), so
+  nothing is assumed from it: the layer bounds are computed at every radius and only exact repeats are reused.
+
+None of this changes a computed constant (tests compare the bytes with the plain computation), so the argument
+above holds unchanged.  ``search="paper"`` recomputes every point of every probe, as the authors' code does.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -72,7 +105,7 @@ import numpy as np
 
 from ..network.model import Network
 
-__all__ = ["SEARCHES", "SHRINK", "LocalConstants", "integral_radius"]
+__all__ = ["SEARCHES", "SHRINK", "LAYER_BOUNDS_CACHE", "LocalConstants", "integral_radius"]
 
 SHRINK = 1e-12
 
@@ -118,12 +151,104 @@ def integral_radius(radii, constants, g0: float) -> float:
     return prev * (1.0 - SHRINK)
 
 
+# -- reuse ----------------------------------------------------------------------------------------------------
+
+
+def _digest(*arrays) -> bytes:
+    """SHA-256 of the shapes, dtypes and bytes of ``arrays`` (a key that two different inputs cannot share
+    short of a hash collision)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(repr((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.digest()
+
+
+def _crown_choice(activations) -> tuple:
+    """What the layer-bound methods decide from the network's activations as a whole (CROWN: whether it adds
+    the Fast-Lin pass); the hidden-layer network must decide alike."""
+    from ..activations import LeakyReLU
+
+    return (any(isinstance(a, LeakyReLU) and a.alpha != 1.0 for a in activations),
+            all(isinstance(a, LeakyReLU) or a.is_identity for a in activations))
+
+
+def _hidden_network(network: Network, method: str) -> Network | None:
+    """The affine layers ``0 .. H-2`` of ``network`` (the hidden pre-activations as outputs), or ``None`` when
+    the reuse does not apply: no hidden layer, a Jacobian method that reads more than the derivative bounds (one
+    with its own runner), or activations from which the layer-bound method would decide differently."""
+    from ..jacobian import get_jacobian_method
+
+    H = network.n_layers
+    if H < 2 or get_jacobian_method(method).run is not None:
+        return None
+    if _crown_choice(network.activations[: H - 2]) != _crown_choice(network.activations):
+        return None
+    return Network(network.weights[: H - 1], network.biases[: H - 1], network.activations[: H - 2],
+                   input_spec=network.input_spec, validate=False)
+
+
+class _BoundsCache:
+    """A least-recently-used store of hidden-layer bounds, keyed by (network, centre, p, method, radius) digests,
+    holding at most ``max_bytes`` of bound arrays (an entry larger than that is not kept); thread-safe."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # batches run items on threads too
+
+    @staticmethod
+    def _size(lb) -> int:
+        return sum(np.asarray(a).nbytes for a in (*lb.lower, *lb.upper))
+
+    def get(self, key):
+        with self._lock:
+            lb = self._items.get(key)
+            if lb is not None:
+                self._items.move_to_end(key)
+            return lb
+
+    def put(self, key, lb) -> None:
+        size = self._size(lb)
+        with self._lock:
+            if size > self.max_bytes or key in self._items:
+                return
+            self._items[key] = lb
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= self._size(old)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+LAYER_BOUNDS_CACHE = _BoundsCache(64 * 2**20)
+"""Hidden-layer bounds of the regions evaluated by the default search in this process (64 MiB at most), shared
+by the targets of one input: they do not depend on the target."""
+
+
 @dataclass
 class LocalConstants:
     """Certified local constants of the rows of ``C f`` (margins ``f_c - f_j``), cached per radius.
 
     Calling it with a radius returns the per-row constants, shape ``(m,)``: the better of Proposition 2 /
     Algorithm 2 per row (``LipschitzPoint.row_norms``) and the naive global constant of that row.
+
+    Every evaluation computes the layer bounds of the hidden layers only (the output layer's are not used by
+    the Jacobian bounds).  With ``reuse`` (the default search) it also reuses earlier work where the result
+    provably does not change (module docstring, "Reuse"): hidden-layer bounds of the same region computed for
+    another target of the same input (:data:`LAYER_BOUNDS_CACHE`), and the Jacobian / Algorithm 2 part of an
+    earlier radius whose derivative bounds are the same bytes.  ``evaluations`` counts the radii evaluated,
+    ``jacobian_runs`` the Jacobian computations actually run and ``layer_bound_runs`` the layer bounds actually
+    computed.
     """
 
     network: Network
@@ -132,26 +257,64 @@ class LocalConstants:
     p: float
     method: str
     layer_bounds: str | None
+    reuse: bool = False
     cache: dict = field(default_factory=dict)
     evaluations: int = 0
+    jacobian_runs: int = 0
+    layer_bound_runs: int = 0
+    patterns: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from ..lipschitz_norms import naive_constant
 
         self.naive = np.array([naive_constant(self.network.with_outputs(self.C[i : i + 1]), self.p)
                                for i in range(self.C.shape[0])])
+        self._hidden = _hidden_network(self.network, self.method)
+        if self._hidden is not None:
+            from ..jacobian.prepare import default_layer_bound_method
+            from ..layer_bounds.base import LAYER_BOUND_METHODS
+
+            lb = self.layer_bounds
+            self._lb_name = default_layer_bound_method() if lb is None else LAYER_BOUND_METHODS.resolve(lb)
+            self._region_key = (_digest(*self.network.weights, *self.network.biases),
+                                _digest(np.asarray(self.x0, dtype=np.float64)), float(self.p), self._lb_name)
 
     def __call__(self, r: float) -> np.ndarray:
-        from ..lipschitz import lipschitz
-
         r = float(r)
         if r not in self.cache:
-            res = lipschitz(self.network, self.x0, r, self.p, method=self.method, layer_bounds=self.layer_bounds,
-                            outputs=self.C)
-            rows = np.asarray(res.points[0].row_norms, dtype=np.float64)
+            rows = self._plain(r) if self._hidden is None else self._reused(r)
             self.cache[r] = np.minimum(rows, self.naive)
             self.evaluations += 1
         return self.cache[r]
+
+    def _plain(self, r: float, layer_bounds=None) -> np.ndarray:
+        from ..lipschitz import lipschitz
+
+        res = lipschitz(self.network, self.x0, r, self.p, method=self.method,
+                        layer_bounds=self.layer_bounds if layer_bounds is None else layer_bounds, outputs=self.C)
+        self.jacobian_runs += 1
+        if layer_bounds is None:
+            self.layer_bound_runs += 1
+        return np.asarray(res.points[0].row_norms, dtype=np.float64)
+
+    def _reused(self, r: float) -> np.ndarray:
+        from ..jacobian.derivative_bounds import derivative_bounds_for
+        from ..layer_bounds import layer_bounds as compute_layer_bounds
+
+        key = self._region_key + (r,)
+        lb = LAYER_BOUNDS_CACHE.get(key) if self.reuse else None
+        if lb is None:
+            lb = compute_layer_bounds(self._hidden, self.x0, r, self.p, method=self._lb_name)
+            self.layer_bound_runs += 1
+            if self.reuse:
+                LAYER_BOUNDS_CACHE.put(key, lb)
+        if not self.reuse:
+            return self._plain(r, lb)
+        db = derivative_bounds_for(self.network, lb)
+        pattern = _digest(*(a for pair in db for a in pair))
+        if pattern not in self.patterns:
+            self.patterns[pattern] = self._plain(r, lb)
+        return self.patterns[pattern]
 
     def radius(self, g0: np.ndarray) -> float:
         """Certified radius from every evaluated radius: the smallest over rows of :func:`integral_radius`."""
