@@ -9,7 +9,8 @@ and CPU time); the time per (input, target) of ``search="paper"`` (the authors' 
 the default on the first ``--paper-images`` correct images, with the radii of both.
 
 Writes ``benchmarks/results/raw/certify_table1.json``, ``benchmarks/results/certify_table1.png`` and the section
-``benchmarks/results/applications_table1.md`` (then run ``benchmarks/assemble_results.py``).
+``benchmarks/results/applications_table1.md`` (then copy the new figures into the matching section of
+``benchmarks/RESULTS.md``).
 
     python benchmarks/bench_certify.py --shared ../shared [--images 100] [--paper-images 10]
 """

@@ -13,7 +13,7 @@ The three are run one after the other on each item (interleaved, so load changes
 times; radii and evaluation counts must be identical across passes, times are the median over passes.  One
 warm-up call (numba compile / cache load) is made first and not timed.  Writes
 ``benchmarks/results/raw/certify_search.json`` and the section ``benchmarks/results/applications_search.md``
-(then run ``benchmarks/assemble_results.py``).
+(then copy the new figures into the matching section of ``benchmarks/RESULTS.md``).
 
     python benchmarks/bench_certify_search.py --shared ../shared [--images 10] [--passes 3]
 """
