@@ -264,6 +264,7 @@ def bab_lipschitz(
     seed: int = 0,
     max_rounds: int | None = None,
     dives: bool = True,
+    walk: bool = True,
     progress=None,
 ) -> BabResult:
     """Branch-and-bound bounds ``lower <= max_{x in S} ||∇f(x)||_q <= upper`` of the local Lipschitz constant of
@@ -311,6 +312,10 @@ def bab_lipschitz(
     dives : bool
         Besides the best-first parts, split one part per round along a greedy path (the child with the larger
         bound) down to a leaf: its activation pattern gives an attained lower bound early.
+    walk : bool
+        ReLU family: after the attack, an ascent over adjacent linear regions
+        (:func:`recurjac_scale.bab.attack.region_walk`) from the attack's point and the best points of a sample
+        of S, and from every better point the parts give (attained values: lower bounds).
     progress : callable, optional
         Called after each round with ``(elapsed_s, upper, lower, n_frontier)``.
 
@@ -320,7 +325,7 @@ def bab_lipschitz(
     """
     from ..jacobian import get_jacobian_method, output_matrix
     from ..layer_bounds import layer_bounds as compute_layer_bounds
-    from .attack import gradient_norm_attack
+    from .attack import gradient_norm_attack, region_walk
 
     t0, c0 = time.perf_counter(), time.process_time()
     p = parse_norm(p)
@@ -369,6 +374,16 @@ def bab_lipschitz(
         net1, region, q, alphas=alphas, layer_widths=widths, restarts=attack_restarts, steps=attack_steps,
         rng=np.random.default_rng(seed), time_budget=att_budget,
     )
+    if alphas is not None and walk:
+        # ascent over adjacent linear regions from the attack's point and the best points of a sample
+        from ..testing import sample_region
+
+        S = sample_region(region, 1024, np.random.default_rng(seed + 1))
+        sc = np.linalg.norm(net1.jacobian(S)[:, 0, :], ord=q, axis=1)
+        starts = np.vstack([lower_x[None, :], S[np.argsort(-sc)[: max(int(attack_restarts), 1)]]])
+        w, wx = region_walk(net1, region, q, starts, alphas=alphas, time_budget=min(0.1 * time_budget, 10.0))
+        if w > lower:
+            lower, lower_x = w, wx
     frontier: list = []
     seq = 0
     closed_upper = -math.inf
@@ -389,6 +404,7 @@ def bab_lipschitz(
             heapq.heappush(frontier, (-_dec(e["bound"]), seq, e))
             seq += 1
 
+    walked = lower  # the lower bound after the last region walk
     dive = None  # the part being dived into (not in the heap): (bound, entry)
 
     def upper_now() -> float:
@@ -497,6 +513,13 @@ def bab_lipschitz(
                 dive = dive_items[0]
                 for it in dive_items[1:]:
                     push(it)
+            if alphas is not None and walk and lower > walked:
+                # a better point came from the parts: walk on from its region
+                w, wx = region_walk(net1, region, q, lower_x[None, :], alphas=alphas,
+                                    time_budget=min(0.02 * time_budget, 2.0))
+                if w > lower:
+                    lower, lower_x = w, wx
+                walked = lower
             rounds += 1
             rounds_total += 1
             history.append((elapsed_before + time.perf_counter() - t0, upper_now(), lower))
