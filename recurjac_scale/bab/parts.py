@@ -65,6 +65,11 @@ class BabProblem:
         Negative-side slopes of the hidden layers (ReLU family), else ``None``.
     layer_bound_options : tuple of (name, value)
         Options of the layer-bound method (e.g. ``(("never_looser_than_fastlin", False),)`` for crown).
+    sign_bound : bool
+        For ``q = 1``: also bound each part by :func:`recurjac_scale.bab.signs.l1_box_bound` (one sign vector
+        for all coordinates over the box of the first layer's backward quantities) and keep the smaller bound.
+    sign_nodes, sign_max_free : int
+        Its node limit, and the largest number of coordinates of uncertain sign for which it is tried.
     branching : str
         Which unstable neuron to split: ``"score"`` (largest interval contribution ``(du - dl) |∂f/∂h_j|
         ||∂z_j/∂x||_1`` over all layers) or ``"layer"`` (the same score within the earliest layer that has one).
@@ -83,6 +88,9 @@ class BabProblem:
     alphas: tuple | None
     branching: str = "score"
     layer_bound_options: tuple = ()
+    sign_bound: bool = True
+    sign_nodes: int = 4096
+    sign_max_free: int = 20
 
 
 def root_part() -> dict:
@@ -233,6 +241,25 @@ def _closed_pattern_check(prob: BabProblem, net: Network, xc, r, lb: LayerBounds
     return False, np.clip(res.x[:n0], lo, hi)
 
 
+def _sign_bound(prob: BabProblem, net: Network, xc, r, lb: LayerBounds) -> float:
+    """The l1 bound of :mod:`recurjac_scale.bab.signs` on a part (``inf`` when too many signs are uncertain)."""
+    from ..jacobian import jacobian_bounds
+    from .signs import first_layer_box, l1_box_bound
+
+    jb = jacobian_bounds(net, xc, r, prob.p, method="recurjac-b", layer_bounds=lb, outputs=0)
+    free = int(((jb.lower[0] < 0) & (jb.upper[0] > 0)).sum())
+    if jb.states is None or free > prob.sign_max_free:
+        return math.inf
+    H = len(net.weights)
+    if H == 2:  # ∂f/∂h_1 is the output row itself
+        gl = gu = np.asarray(net.weights[1][0], np.float64)
+    else:  # RecurJac-B's state bounds of ∂f/∂h_1
+        gl, gu = jb.states[H - 2]["lower"][0], jb.states[H - 2]["upper"][0]
+    dl, du = lb.derivative_bounds(net)[0]
+    yl, yu = first_layer_box(dl, du, gl, gu)
+    return l1_box_bound(net.weights[0], yl, yu, jb.lower[0], jb.upper[0], max_nodes=prob.sign_nodes)
+
+
 def bound_part(prob: BabProblem, part: dict) -> dict:
     """Bound one part (module docstring).  Returns a dict: ``bound`` (a certified upper bound of ``||∇f||_q`` on
     the part, or ``None`` if the part is proved empty), ``branch`` (``["neuron", k, j]``, ``["input", i]`` or
@@ -250,6 +277,8 @@ def bound_part(prob: BabProblem, part: dict) -> dict:
     lb = replace(lb, phases=phases)
     res = lipschitz(net, xc, r, prob.p, method=prob.method, layer_bounds=lb, outputs=0)
     bound = float(res.points[0].lipschitz)
+    if prob.sign_bound and prob.q == 1.0 and len(net.weights) >= 2:
+        bound = min(bound, _sign_bound(prob, net, xc, r, lb))
     dbs = lb.derivative_bounds(net)
     cands = [np.asarray(xc, np.float64)]
     branch = None

@@ -155,6 +155,7 @@ def _fingerprint(prob: BabProblem) -> str:
             h.update(np.ascontiguousarray(v, np.float64).tobytes())
     h.update(np.ascontiguousarray(prob.x0, np.float64).tobytes())
     h.update(json.dumps([_enc(prob.eps), _enc(prob.p), prob.method, prob.layer_bound_method, prob.split, prob.branching,
+                         prob.sign_bound,
                          [list(kv) for kv in prob.layer_bound_options],
                          [a.to_spec() for a in prob.network.activations]], sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -265,6 +266,7 @@ def bab_lipschitz(
     max_rounds: int | None = None,
     dives: bool = True,
     walk: bool = True,
+    sign_bound: bool = True,
     progress=None,
 ) -> BabResult:
     """Branch-and-bound bounds ``lower <= max_{x in S} ||∇f(x)||_q <= upper`` of the local Lipschitz constant of
@@ -316,6 +318,9 @@ def bab_lipschitz(
         ReLU family: after the attack, an ascent over adjacent linear regions
         (:func:`recurjac_scale.bab.attack.region_walk`) from the attack's point and the best points of a sample
         of S, and from every better point the parts give (attained values: lower bounds).
+    sign_bound : bool
+        ``p = inf``: also bound each part with one sign vector for all gradient coordinates
+        (:mod:`recurjac_scale.bab.signs`); the smaller bound is kept.
     progress : callable, optional
         Called after each round with ``(elapsed_s, upper, lower, n_frontier)``.
 
@@ -360,7 +365,7 @@ def bab_lipschitz(
     prob = BabProblem(
         network=net1, x0=region.x0, eps=region.eps, p=p, q=q, method=method, layer_bound_method=lbm,
         root_lower=tuple(root_lb.lower), root_upper=tuple(root_lb.upper), split=split, alphas=alphas,
-        branching=_check_branching(branching), layer_bound_options=lb_opts,
+        branching=_check_branching(branching), layer_bound_options=lb_opts, sign_bound=bool(sign_bound),
     )
     fp = _fingerprint(prob)
     ck = Path(checkpoint) if checkpoint is not None else None
