@@ -36,18 +36,25 @@ def test_bab_brackets_and_reaches_the_exact_value(widths, act, eps, kw, rng):
     x0 = rng.uniform(0, 1, widths[0])
     ex = exact_lipschitz(net, x0, eps, "inf", outputs=1)
     assert ex.optimal and ex.validated
-    res = bab_lipschitz(net, x0, eps, "inf", outputs=1, time_budget=20, gap=1e-9, scheduler="synchronous")
-    assert res.lower <= ex.value * (1 + 1e-12)
-    assert res.upper >= ex.value * (1 - 1e-12)
-    # the search ends with every part closed or proved empty: the upper bound is the exact value (up to the
-    # outward rounding of the closed parts' bounds), or the gap closed at the attained value
-    assert res.status in ("exhausted", "gap")
-    assert res.upper == pytest.approx(ex.value, rel=1e-9)
-    # the upper bound only tightens, from the Jacobian method's bound on the whole region
-    ups = [h[1] for h in res.history]
-    assert all(b <= a for a, b in zip(ups, ups[1:]))
-    assert res.root_upper == pytest.approx(lipschitz(net, x0, eps, "inf", outputs=1).points[0].lipschitz, rel=1e-12)
-    assert res.root_upper > ex.value * 1.01  # a case where the search has something to do
+    root_b = lipschitz(net, x0, eps, "inf", outputs=1).points[0].lipschitz
+    assert root_b > ex.value * 1.01  # a case where the search has something to do
+    for sign_bound in (False, True):
+        res = bab_lipschitz(net, x0, eps, "inf", outputs=1, time_budget=20, gap=1e-9, scheduler="synchronous",
+                            sign_bound=sign_bound)
+        assert res.lower <= ex.value * (1 + 1e-12)
+        assert res.upper >= ex.value * (1 - 1e-12)
+        # the search ends with every part closed or proved empty: the upper bound is the exact value (up to the
+        # outward rounding of the closed parts' bounds), or the gap closed at the attained value
+        assert res.status in ("exhausted", "gap")
+        assert res.upper == pytest.approx(ex.value, rel=1e-9)
+        # the upper bound only tightens, from the Jacobian method's bound on the whole region (or the smaller
+        # one-sign-vector bound)
+        ups = [h[1] for h in res.history]
+        assert all(b <= a for a, b in zip(ups, ups[1:]))
+        if sign_bound:
+            assert ex.value * (1 - 1e-12) <= res.root_upper <= root_b * (1 + 1e-12)
+        else:
+            assert res.root_upper == pytest.approx(root_b, rel=1e-12)
 
 
 def test_bab_upper_never_below_exact_during_the_search(rng):
