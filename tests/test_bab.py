@@ -51,10 +51,13 @@ def test_bab_brackets_and_reaches_the_exact_value(widths, act, eps, kw, rng):
         # one-sign-vector bound)
         ups = [h[1] for h in res.history]
         assert all(b <= a for a, b in zip(ups, ups[1:]))
+        assert res.method == "linear-jacobian"  # auto, on a small network
+        root_m = lipschitz(net, x0, eps, "inf", outputs=1, method=res.method).points[0].lipschitz
+        assert root_m <= root_b * (1 + 1e-12)
         if sign_bound:
-            assert ex.value * (1 - 1e-12) <= res.root_upper <= root_b * (1 + 1e-12)
+            assert ex.value * (1 - 1e-12) <= res.root_upper <= root_m * (1 + 1e-12)
         else:
-            assert res.root_upper == pytest.approx(root_b, rel=1e-12)
+            assert res.root_upper == pytest.approx(root_m, rel=1e-12)
 
 
 def test_bab_upper_never_below_exact_during_the_search(rng):

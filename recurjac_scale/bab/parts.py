@@ -69,7 +69,8 @@ class BabProblem:
         For ``q = 1``: also bound each part by :func:`recurjac_scale.bab.signs.l1_box_bound` (one sign vector
         for all coordinates over the box of the first layer's backward quantities) and keep the smaller bound.
     sign_nodes, sign_max_free : int
-        Its node limit, and the largest number of coordinates of uncertain sign for which it is tried.
+        Its node limit, and the largest input dimension (and number of coordinates of uncertain sign) for which it
+        is tried.
     branching : str
         Which unstable neuron to split: ``"score"`` (largest interval contribution ``(du - dl) |∂f/∂h_j|
         ||∂z_j/∂x||_1`` over all layers) or ``"layer"`` (the same score within the earliest layer that has one).
@@ -277,7 +278,7 @@ def bound_part(prob: BabProblem, part: dict) -> dict:
     lb = replace(lb, phases=phases)
     res = lipschitz(net, xc, r, prob.p, method=prob.method, layer_bounds=lb, outputs=0)
     bound = float(res.points[0].lipschitz)
-    if prob.sign_bound and prob.q == 1.0 and len(net.weights) >= 2:
+    if prob.sign_bound and prob.q == 1.0 and len(net.weights) >= 2 and net.n_inputs <= prob.sign_max_free:
         bound = min(bound, _sign_bound(prob, net, xc, r, lb))
     dbs = lb.derivative_bounds(net)
     cands = [np.asarray(xc, np.float64)]

@@ -42,6 +42,8 @@ __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "recurjac-scale-bab-checkpoint"
 CHECKPOINT_VERSION = 1
+AUTO_LINEAR_MAX_INPUTS = 64
+"""``method="auto"`` bounds the parts of networks with at most this many inputs by ``linear-jacobian``."""
 
 
 def _enc(v: float):
@@ -246,7 +248,7 @@ def bab_lipschitz(
     p=math.inf,
     *,
     outputs=0,
-    method: str = "recurjac-b",
+    method: str = "auto",
     layer_bounds: str = "crown",
     layer_bound_options: dict | None = None,
     split: str = "auto",
@@ -283,7 +285,9 @@ def bab_lipschitz(
     outputs : int, (c, j) or array (1, n_H)
         One output row (:func:`recurjac_scale.jacobian.output_matrix`).
     method : str
-        Jacobian method bounding each part (default ``recurjac-b``; ``recurjac-f0`` is tighter and slower).
+        Jacobian method bounding each part.  ``auto`` (default): ``linear-jacobian`` for networks with at most
+        :data:`AUTO_LINEAR_MAX_INPUTS` inputs (much tighter than RecurJac-B there, about twice its time), else
+        ``recurjac-b`` (on 784-input MNIST networks linear-jacobian costs about 1 s per part, 10-40x more).
     layer_bounds : str
         Pre-activation bound method for the parts (default ``crown``).
     layer_bound_options : dict, optional
@@ -346,6 +350,8 @@ def bab_lipschitz(
         raise InputError(f"gap={gap!r}; accepted: a tolerance >= 0 (stop when upper <= (1 + gap) lower)")
     if int(max_frontier) < 2:
         raise InputError(f"max_frontier={max_frontier!r}; accepted: an integer >= 2")
+    if str(method).strip().lower() == "auto":
+        method = "linear-jacobian" if network.n_inputs <= AUTO_LINEAR_MAX_INPUTS else "recurjac-b"
     method = get_jacobian_method(method).name
     lbm = str(layer_bounds).strip().lower()
     get_layer_bound_method(lbm)
