@@ -43,6 +43,8 @@ __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
 CHECKPOINT_FORMAT = "recurjac-scale-bab-checkpoint"
 CHECKPOINT_VERSION = 1
 AUTO_LINEAR_MAX_INPUTS = 64
+WALK_STARTS = 64
+"""Region walks started from sample points of distinct activation patterns (within the walk's time budget)."""
 """``method="auto"`` bounds the parts of networks with at most this many inputs by ``linear-jacobian``."""
 
 
@@ -389,9 +391,13 @@ def bab_lipschitz(
         # ascent over adjacent linear regions from the attack's point and the best points of a sample
         from ..testing import sample_region
 
-        S = sample_region(region, 1024, np.random.default_rng(seed + 1))
+        # starts: the attack's point, then the best sample points of distinct activation patterns
+        S = sample_region(region, 4096, np.random.default_rng(seed + 1))
         sc = np.linalg.norm(net1.jacobian(S)[:, 0, :], ord=q, axis=1)
-        starts = np.vstack([lower_x[None, :], S[np.argsort(-sc)[: max(int(attack_restarts), 1)]]])
+        order = np.argsort(-sc, kind="stable")
+        keys = np.hstack([z[order] > 0 for z in net1.pre_activations(S)[:-1]])
+        _, first = np.unique(keys, axis=0, return_index=True)
+        starts = np.vstack([lower_x[None, :], S[order[np.sort(first)][:WALK_STARTS]]])
         w, wx = region_walk(net1, region, q, starts, alphas=alphas, time_budget=min(0.1 * time_budget, 10.0))
         if w > lower:
             lower, lower_x = w, wx
