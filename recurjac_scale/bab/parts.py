@@ -42,6 +42,8 @@ from ..network.model import Network
 __all__ = ["BabProblem", "bound_part", "bound_parts", "split_part", "certified_empty", "root_part", "SPLIT_MODES"]
 
 SPLIT_MODES = ("auto", "neuron", "input")
+SIGN_MAX_FREE = 20
+"""Default largest input dimension for the one-sign-vector bound (2^20 sign vectors at most)."""
 PHASE_BLIND_METHODS = frozenset({"linear-jacobian"})
 """Jacobian methods given a part's clipped layer bounds without the split neurons' fixed derivatives."""
 
@@ -93,7 +95,7 @@ class BabProblem:
     layer_bound_options: tuple = ()
     sign_bound: bool = True
     sign_nodes: int = 4096
-    sign_max_free: int = 20
+    sign_max_free: int = SIGN_MAX_FREE
 
 
 def root_part() -> dict:

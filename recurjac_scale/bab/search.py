@@ -36,7 +36,7 @@ import numpy as np
 from ..errors import InputError, StoreError
 from ..layer_bounds.base import Region, dual_norm, get_layer_bound_method, parse_norm
 from ..network.model import Network
-from .parts import SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
+from .parts import SIGN_MAX_FREE, SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
 
 __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
 
@@ -287,9 +287,11 @@ def bab_lipschitz(
     outputs : int, (c, j) or array (1, n_H)
         One output row (:func:`recurjac_scale.jacobian.output_matrix`).
     method : str
-        Jacobian method bounding each part.  ``auto`` (default): ``linear-jacobian`` for networks with at most
-        :data:`AUTO_LINEAR_MAX_INPUTS` inputs (much tighter than RecurJac-B there, about twice its time), else
-        ``recurjac-b`` (on 784-input MNIST networks linear-jacobian costs about 1 s per part, 10-40x more).
+        Jacobian method bounding each part.  ``auto`` (default): ``recurjac-b`` where the one-sign-vector bound
+        applies (``p = inf``, at most ``SIGN_MAX_FREE`` inputs: it is the tighter bound there, and the cheaper
+        method leaves time for more parts), ``linear-jacobian`` for other networks with at most
+        :data:`AUTO_LINEAR_MAX_INPUTS` inputs (tighter than RecurJac-B, about twice its time), ``recurjac-b``
+        above (on 784-input MNIST networks linear-jacobian costs about 1 s per part, 10-40x more).
     layer_bounds : str
         Pre-activation bound method for the parts (default ``crown``).
     layer_bound_options : dict, optional
@@ -353,7 +355,9 @@ def bab_lipschitz(
     if int(max_frontier) < 2:
         raise InputError(f"max_frontier={max_frontier!r}; accepted: an integer >= 2")
     if str(method).strip().lower() == "auto":
-        method = "linear-jacobian" if network.n_inputs <= AUTO_LINEAR_MAX_INPUTS else "recurjac-b"
+        small = network.n_inputs <= AUTO_LINEAR_MAX_INPUTS and not (sign_bound and network.n_inputs <= SIGN_MAX_FREE
+                                                                   and parse_norm(p) == math.inf)
+        method = "linear-jacobian" if small else "recurjac-b"
     method = get_jacobian_method(method).name
     lbm = str(layer_bounds).strip().lower()
     get_layer_bound_method(lbm)
