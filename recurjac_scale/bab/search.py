@@ -36,16 +36,14 @@ import numpy as np
 from ..errors import InputError, StoreError
 from ..layer_bounds.base import Region, dual_norm, get_layer_bound_method, parse_norm
 from ..network.model import Network
-from .parts import SIGN_MAX_FREE, SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
+from .parts import SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
 
 __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "recurjac-scale-bab-checkpoint"
 CHECKPOINT_VERSION = 1
-AUTO_LINEAR_MAX_INPUTS = 64
 WALK_STARTS = 64
 """Region walks started from sample points of distinct activation patterns (within the walk's time budget)."""
-"""``method="auto"`` bounds the parts of networks with at most this many inputs by ``linear-jacobian``."""
 
 
 def _enc(v: float):
@@ -250,7 +248,7 @@ def bab_lipschitz(
     p=math.inf,
     *,
     outputs=0,
-    method: str = "auto",
+    method: str = "recurjac-b",
     layer_bounds: str = "crown",
     layer_bound_options: dict | None = None,
     split: str = "auto",
@@ -287,11 +285,11 @@ def bab_lipschitz(
     outputs : int, (c, j) or array (1, n_H)
         One output row (:func:`recurjac_scale.jacobian.output_matrix`).
     method : str
-        Jacobian method bounding each part.  ``auto`` (default): ``recurjac-b`` where the one-sign-vector bound
-        applies (``p = inf``, at most ``SIGN_MAX_FREE`` inputs: it is the tighter bound there, and the cheaper
-        method leaves time for more parts), ``linear-jacobian`` for other networks with at most
-        :data:`AUTO_LINEAR_MAX_INPUTS` inputs (tighter than RecurJac-B, about twice its time), ``recurjac-b``
-        above (on 784-input MNIST networks linear-jacobian costs about 1 s per part, 10-40x more).
+        Jacobian method bounding each part (default ``recurjac-b``).  ``linear-jacobian`` is tighter on the
+        whole region, but it is given the parts' clipped layer bounds without the split neurons' fixed
+        derivatives (:data:`recurjac_scale.bab.parts.PHASE_BLIND_METHODS`), costs about twice as much per part
+        on small networks (about 1 s per part on 784-input MNIST networks) and ended looser than
+        ``recurjac-b`` after 60 s on the 32-32-32-10 recipes (``benchmarks/results/bab.md``).
     layer_bounds : str
         Pre-activation bound method for the parts (default ``crown``).
     layer_bound_options : dict, optional
@@ -354,10 +352,6 @@ def bab_lipschitz(
         raise InputError(f"gap={gap!r}; accepted: a tolerance >= 0 (stop when upper <= (1 + gap) lower)")
     if int(max_frontier) < 2:
         raise InputError(f"max_frontier={max_frontier!r}; accepted: an integer >= 2")
-    if str(method).strip().lower() == "auto":
-        small = network.n_inputs <= AUTO_LINEAR_MAX_INPUTS and not (sign_bound and network.n_inputs <= SIGN_MAX_FREE
-                                                                   and parse_norm(p) == math.inf)
-        method = "linear-jacobian" if small else "recurjac-b"
     method = get_jacobian_method(method).name
     lbm = str(layer_bounds).strip().lower()
     get_layer_bound_method(lbm)
