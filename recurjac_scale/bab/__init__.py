@@ -6,4 +6,6 @@ from .attack import gradient_norm_attack, region_walk
 from .parts import BabProblem, bound_part, split_part
 from .search import BabResult, bab_lipschitz
 
-__all__ = ["BabProblem", "BabResult", "bab_lipschitz", "bound_part", "gradient_norm_attack", "region_walk", "split_part"]
+__all__ = [
+    "BabProblem", "BabResult", "bab_lipschitz", "bound_part", "gradient_norm_attack", "region_walk", "split_part",
+]
