@@ -359,7 +359,7 @@ def exact_lipschitz(
     presolve: bool = False,
     lower_bound: float | None = None,
     upper_bound: float | None = None,
-    sign_method: str | None = "linear-jacobian",
+    sign_method: str | None = None,
 ) -> ExactResult:
     """The exact local Lipschitz constant ``max_{x in S} ||∇f(x)||_q`` of one output by a MIP (module docstring).
 
@@ -394,8 +394,8 @@ def exact_lipschitz(
         (1 + 1e-7)``, a cut of the relaxation.
     sign_method : str or None
         A Jacobian method whose certified bounds of the gradient are intersected with the others before the
-        signs of its coordinates are fixed and the big-M constants of the l1 norm are set (``None``: RecurJac-B
-        and interval propagation only).
+        signs of its coordinates are fixed and the big-M constants of the l1 norm are set (default ``None``:
+        RecurJac-B and interval propagation only; a wrong bound here would cut off the optimum unnoticed).
 
     Returns
     -------
