@@ -335,7 +335,8 @@ def slurm_job_script(**kwargs) -> str:
                                    **kw).job_script()
 
 
-def get_client(scheduler: str | None = None, *, workers: int | None = None, memory_limit="auto", **kwargs):
+def get_client(scheduler: str | None = None, *, workers: int | None = None, memory_limit="auto",
+               connect_timeout: str | float = "30s", **kwargs):
     """One entry point for the command line's ``--scheduler`` / ``--workers`` options.
 
     Parameters
@@ -348,6 +349,8 @@ def get_client(scheduler: str | None = None, *, workers: int | None = None, memo
         Worker count of a local cluster.
     memory_limit
         Per-worker memory limit of a local cluster (see :func:`local_client`).
+    connect_timeout : str or float
+        How long to wait for a scheduler given by address (seconds, or a dask time string).
     **kwargs
         Passed to :func:`local_client`.
 
@@ -367,7 +370,7 @@ def get_client(scheduler: str | None = None, *, workers: int | None = None, memo
     if s and "://" in s:
         if workers is not None:
             raise InputError("--workers starts a local cluster; it cannot be combined with a scheduler address")
-        return connect(s)
+        return connect(s, timeout=connect_timeout)
     if s in (None, "", "threads", "processes", "synchronous", "sync", "single-threaded"):
         if workers is None:
             return None

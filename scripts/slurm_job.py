@@ -32,6 +32,7 @@ apply to the scheduler, the workers and the command's client alike)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -73,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--tls-key", default=None, metavar="PEM", help="private key of --tls-cert")
     ap.add_argument("--dry-run", action="store_true", help="print the job script and the plan; submit nothing")
     ap.add_argument("--local-test", type=int, default=None, metavar="N",
-                    help="no SLURM: run the same job on a local cluster of N workers (to try the script out)")
+                    help="no SLURM: run the same job on a local cluster of N workers (to try the script out; with "
+                         "--tls-* the local cluster uses TLS too)")
     return ap
 
 
@@ -128,6 +130,25 @@ def client_tls_config(security) -> dict:
     }
 
 
+@contextlib.contextmanager
+def local_test_client(n_workers: int, memory_limit, security=None):
+    """The client of ``--local-test``: :func:`recurjac_scale.cluster.local_client` (N worker processes on
+    127.0.0.1), or with ``--tls-*`` a TLS ``LocalCluster`` whose scheduler, workers and client all use ``security``
+    (the same certificates as the SLURM job), so that the TLS setup is tried out too."""
+    from recurjac_scale.cluster import local_client, worker_env
+
+    if security is None:
+        with local_client(n_workers, memory_limit=memory_limit) as client:
+            yield client
+        return
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
+                      security=security, dashboard_address=None, memory_limit=memory_limit,
+                      env=worker_env(None)) as cluster, Client(cluster, security=security) as client:
+        yield client
+
+
 def certify_on(address: str, rest, security=None) -> int:
     """Run ``recurjac-scale certify REST --scheduler ADDRESS`` in this process, its client using ``security``."""
     import dask
@@ -176,7 +197,10 @@ def certify_main(argv) -> int:
         print("recurjac-scale certify " + " ".join(rest) + " --scheduler tcp://SCHEDULER:8786", file=sys.stderr)
         return 0
     if args.local_test:
-        return cli_main(["certify", *rest, "--workers", str(args.local_test)])
+        if security is None:
+            return cli_main(["certify", *rest, "--workers", str(args.local_test)])
+        with local_test_client(args.local_test, "auto", security) as client:
+            return certify_on(client.scheduler.address, rest, security)
     from distributed import Client
 
     with slurm_cluster(**slurm) as cluster:
@@ -220,9 +244,7 @@ def main(argv=None) -> int:
 
     log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
     if args.local_test:
-        from recurjac_scale.cluster import local_client
-
-        with local_client(args.local_test, memory_limit=budget * 2) as client:
+        with local_test_client(args.local_test, budget * 2, security) as client:
             client.run(_load_chain, plan.context.worker_spec())
             res = plan.compute(client=client, checkpoint=args.checkpoint, output=args.output,
                                overwrite=args.overwrite, log=log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ import pytest
 
 from recurjac_scale.applications.batch import BatchJob, read_store, record_checksum, run_batch
 from recurjac_scale.cli import main
-from recurjac_scale.errors import StoreError
+from recurjac_scale.errors import ClusterError, StoreError
 from recurjac_scale.network.default import default_inputs, default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -317,3 +318,28 @@ def test_certify_on_its_own_local_cluster_from_a_fresh_process(tmp_path):
         assert proc.returncode == 0 and "Traceback" not in err, err
         outs[mode[0]] = {k: r["radius"] for k, r in read_store(out)[1].items()}
     assert len(outs["--workers"]) == 2 and outs["--workers"] == outs["--scheduler"]
+
+
+def test_unreachable_scheduler_leaves_no_store(tmp_path):
+    """A batch that computed nothing (its scheduler could not be reached) leaves no new store behind; an existing
+    store with finished records is kept as it was."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    x = _inputs(2)
+    out = tmp_path / "c.jsonl"
+    with pytest.raises(ClusterError, match="cannot connect"):
+        run_batch(_job(x), out, scheduler=f"tcp://127.0.0.1:{port}", connect_timeout=2)
+    assert not out.exists()
+    run_batch(_job(x[:1]), tmp_path / "one.jsonl", scheduler="synchronous")
+    part = _records(tmp_path / "one.jsonl")
+    # the same job with one record finished: the failed rerun keeps it
+    job = _job(x)
+    lines = (tmp_path / "one.jsonl").read_text().splitlines()
+    header = json.loads(lines[0])
+    header["job_id"], header["job"] = job.job_id, job.to_dict()
+    out.write_text(json.dumps(header) + "\n" + json.dumps(part[0]) + "\n")
+    with pytest.raises(ClusterError, match="cannot connect"):
+        run_batch(job, out, scheduler=f"tcp://127.0.0.1:{port}", connect_timeout=2)
+    assert [r["key"] for r in _records(out)] == [part[0]["key"]]

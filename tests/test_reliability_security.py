@@ -149,3 +149,37 @@ def test_certify_client_of_the_slurm_script_speaks_tls(tmp_path, capsys):
                 assert client.submit(sum, [1, 2]).result() == 3
             finally:
                 client.close()
+
+
+@pytest.mark.cluster
+def test_slurm_script_local_test_runs_over_tls(tmp_path, capsys):
+    """``--local-test N`` with ``--tls-*`` tries the TLS setup out: the certify batch and the engine job both run on
+    a local cluster whose scheduler speaks only TLS (the client of each uses the script's certificates)."""
+    from distributed.security import Security
+
+    from recurjac_scale.network.default import default_inputs, default_model_path
+
+    mod = _slurm_script()
+    made = Security.temporary()
+    for name, pem in {"ca.pem": made.tls_ca_file, "cert.pem": made.tls_client_cert,
+                      "key.pem": made.tls_client_key}.items():
+        (tmp_path / name).write_text(pem)
+    tls = ["--tls-ca-file", str(tmp_path / "ca.pem"), "--tls-cert", str(tmp_path / "cert.pem"), "--tls-key",
+           str(tmp_path / "key.pem")]
+    np.save(tmp_path / "x.npy", default_inputs()[:2])
+    out = tmp_path / "c.jsonl"
+    rc = mod.main(["certify", "default", "--inputs", str(tmp_path / "x.npy"), "--method", "fastlip",
+                   "--layer-bounds", "ibp", "--no-margin-bound", "--json", str(out), "--quiet", "--local-test", "1",
+                   *tls])
+    assert rc == 0, capsys.readouterr().err
+    lines = [json.loads(s) for s in out.read_text().splitlines()]
+    assert len(lines) == 4 and lines[-1]["summary"]["records"] == 2 and lines[-1]["summary"]["failed"] == 0
+    capsys.readouterr()
+    rc = mod.main([str(default_model_path()), "--input", str(tmp_path / "x.npy"), "--index", "0", "--eps", "0.01",
+                   "--method", "recurjac-b", "--layer-bounds", "ibp", "-o", str(tmp_path / "r.zarr"),
+                   "--checkpoint", str(tmp_path / "ck"), "--memory", "4GiB", "--local-test", "1", *tls])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    res = json.loads(cap.out)
+    assert res["blocks_computed"] == res["blocks_total"] > 0 and res["executor"]["address"].startswith("tls://"), res
+    assert (tmp_path / "r.zarr").exists()

@@ -399,6 +399,7 @@ def run_batch(
     client=None,
     overwrite: bool = False,
     on_record: Callable[[dict, int, int], None] | None = None,
+    connect_timeout: float = 30.0,
 ) -> BatchResult:
     """Run (or resume) a batch and return its records in batch order.
 
@@ -421,6 +422,9 @@ def run_batch(
         Discard an existing store (of this or another job).
     on_record : callable, optional
         ``on_record(record, done, total)`` after each record (the command line's progress bar).
+    connect_timeout : float
+        Seconds to wait for a scheduler given by address.  If it cannot be reached, nothing is computed and a store
+        this call created is removed again.
 
     Raises
     ------
@@ -434,6 +438,7 @@ def run_batch(
     corrupt = 0
     out = Path(output) if output is not None else None
     header = {"format": FORMAT, "version": VERSION, "job_id": job.job_id, "job": job.to_dict()}
+    created = out is not None and not out.exists()
     if out is not None:
         if out.exists() and not overwrite:
             _, records, corrupt = read_store(out, job)
@@ -463,7 +468,17 @@ def run_batch(
 
     try:
         if todo:
-            _execute(job, todo, args_of, accept, scheduler, workers, threads_per_worker, memory_limit, client)
+            _execute(job, todo, args_of, accept, scheduler, workers, threads_per_worker, memory_limit, client,
+                     connect_timeout)
+    except BaseException:
+        if fh is not None:
+            fh.close()
+            fh = None
+            if created and not records:
+                # nothing was computed (e.g. the scheduler could not be reached): leave no store behind that
+                # looks like a started job
+                out.unlink(missing_ok=True)
+        raise
     finally:
         if fh is not None:
             fh.close()
@@ -476,7 +491,7 @@ def run_batch(
     return BatchResult(tuple(ordered), summary, reused, len(todo), corrupt)
 
 
-def _execute(job, todo, args_of, accept, scheduler, workers, tpw, memory_limit, client):
+def _execute(job, todo, args_of, accept, scheduler, workers, tpw, memory_limit, client, connect_timeout=30.0):
     from ..cluster import get_client
 
     s = (scheduler or "").strip().lower()
@@ -489,7 +504,8 @@ def _execute(job, todo, args_of, accept, scheduler, workers, tpw, memory_limit, 
 
         with dask.config.set(BATCH_WORKER_CONFIG):
             own = client = get_client(s or None, workers=workers, memory_limit=memory_limit or "auto",
-                                      threads_per_worker=tpw or 1, env=BATCH_WORKER_ENV)
+                                      threads_per_worker=tpw or 1, env=BATCH_WORKER_ENV,
+                                      connect_timeout=connect_timeout)
     try:
         if client is not None:
             return _run_distributed(job, todo, args_of, accept, client)
