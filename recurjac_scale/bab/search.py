@@ -325,8 +325,8 @@ def bab_lipschitz(
         (:func:`recurjac_scale.bab.attack.region_walk`) from the attack's point and the best points of a sample
         of S, and from every better point the parts give (attained values: lower bounds).
     sign_bound : bool
-        ``p = inf``: also bound each part with one sign vector for all gradient coordinates
-        (:mod:`recurjac_scale.bab.signs`); the smaller bound is kept.
+        ``p = inf``, at most ``SIGN_MAX_INPUTS`` (64) inputs: also bound each part with one sign vector for all
+        gradient coordinates (:mod:`recurjac_scale.bab.signs`); the smaller bound is kept.
     progress : callable, optional
         Called after each round with ``(elapsed_s, upper, lower, n_frontier)``.
 
