@@ -13,8 +13,10 @@ Value = the certified upper bound of ``max ||∇f_c||_1`` over the l-inf ball (t
 RecurJac-B, RecurJac-F0, ``linear-jacobian`` and its optimised row norms
 (:func:`recurjac_scale.jacobian.linear_opt.optimised_row_norms`, ``--opt-seconds`` per row on top of the plain
 run), with wall and CPU time (``time.process_time``: the machine may be shared) and the peak of traced memory
-(``tracemalloc``, numpy buffers included) of the whole computation (layer bounds + Jacobian bounds + norms),
-medians over ``--runs`` alternated runs after a warm-up call (numba compilation).  "sampled" is the largest
+(``tracemalloc``, numpy buffers included; one separate traced run, as tracing slows the call down) of the whole
+computation (layer bounds + Jacobian bounds + norms), medians over ``--runs`` alternated untraced runs after a warm-up
+call (numba compilation).  "no skip" is ``linear-jacobian`` with the adaptive skip of the slope variants off
+(:data:`recurjac_scale.jacobian.linear.ADAPTIVE_AFTER` = 0).  "sampled" is the largest
 ``||∇f_c(x)||_1`` found at sampled and hill-climbed points (a lower bound of the true constant).  BLAS: 1 thread.
 
 Usage::
@@ -41,14 +43,14 @@ from threadpoolctl import threadpool_limits
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from recurjac_scale.jacobian import jacobian_bounds  # noqa: E402
+from recurjac_scale.jacobian import jacobian_bounds, linear  # noqa: E402
 from recurjac_scale.jacobian.linear_opt import optimised_row_norms  # noqa: E402
 from recurjac_scale.layer_bounds.base import Region  # noqa: E402
 from recurjac_scale.lipschitz import lipschitz  # noqa: E402
 from recurjac_scale.network.model import InputSpec, Network  # noqa: E402
 from recurjac_scale.testing import hill_climb, random_network, sample_region  # noqa: E402
 
-METHODS = ("recurjac-b", "recurjac-f0", "linear-jacobian", "linear-jacobian (opt)")
+METHODS = ("recurjac-b", "recurjac-f0", "linear-jacobian", "linear-jacobian (no skip)", "linear-jacobian (opt)")
 # auto_LiRPA's figures and the sampled values quoted in the issue, per (row, eps)
 AUTO_LIRPA = {
     ("16-16-16-10", 0.05): 15.57, ("16-16-16-10", 0.1): 24.69, ("16-16-16-10", 0.3): 43.13,
@@ -95,18 +97,31 @@ def sampled_norm(net, x0, eps, c, rng, n_sample):
     return float(obj(X).max())
 
 
-def measure(fn):
-    """``(value, wall, cpu, peak MiB)`` of one call."""
-    tracemalloc.start()
+def measure(fn, traced=False):
+    """``(value, wall, cpu, peak MiB)`` of one call; the peak of traced memory only with ``traced`` (tracing slows
+    the call down, so timed runs are not traced), else 0."""
+    if traced:
+        tracemalloc.start()
     t0, c0 = time.perf_counter(), time.process_time()
     v = fn()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    peak = tracemalloc.get_traced_memory()[1] / 2**20
-    tracemalloc.stop()
+    peak = 0.0
+    if traced:
+        peak = tracemalloc.get_traced_memory()[1] / 2**20
+        tracemalloc.stop()
     return v, wall, cpu, peak
 
 
 def run_method(method, net, x0, eps, c, opt_seconds):
+    if method == "linear-jacobian (no skip)":  # every slope variant for every objective (ADAPTIVE_AFTER = 0)
+        def fn():
+            keep = linear.ADAPTIVE_AFTER
+            linear.ADAPTIVE_AFTER = 0
+            try:
+                return lipschitz(net, x0, eps, math.inf, method="linear-jacobian", outputs=c).points[0].lipschitz
+            finally:
+                linear.ADAPTIVE_AFTER = keep
+        return fn
     if method == "linear-jacobian (opt)":
         def fn():
             jl = jacobian_bounds(net, x0, eps, math.inf, method="linear-jacobian", outputs=c)
@@ -128,16 +143,19 @@ def bench(cases, runs, opt_seconds, n_sample, rng, log):
                 order = METHODS if r % 2 == 0 else tuple(reversed(METHODS))
                 for m in order:
                     if m == "linear-jacobian (opt)" and r > 0:
-                        continue  # one optimised run (its time is its budget)
-                    res[m].append(measure(run_method(m, net, x0, eps, c, opt_seconds)))
+                        continue  # one optimised run (its time is its budget), traced
+                    res[m].append(measure(run_method(m, net, x0, eps, c, opt_seconds), m == "linear-jacobian (opt)"))
+            mem = {m: measure(run_method(m, net, x0, eps, c, opt_seconds), True)[3] for m in METHODS
+                   if m != "linear-jacobian (opt)"}  # one traced run each for the peak memory
             row = {"name": name, "eps": eps, "sampled": samp, "auto_lirpa": AUTO_LIRPA.get((name, eps))}
             for m in METHODS:
                 vals = res[m]
                 row[m] = {
                     "value": min(v[0] for v in vals),
+                    "values": sorted({v[0] for v in vals}),
                     "wall": statistics.median(v[1] for v in vals),
                     "cpu": statistics.median(v[2] for v in vals),
-                    "mem": max(v[3] for v in vals),
+                    "mem": mem.get(m, max(v[3] for v in vals)),
                 }
             log(f"{name} eps={eps}: sampled {samp:.4g}, " + ", ".join(
                 f"{m} {row[m]['value']:.4g} ({row[m]['cpu']:.2f} s cpu)" for m in METHODS))
@@ -160,13 +178,18 @@ def table(rows):
         ratios = f"{lj / a:.4f} | {op / a:.4f}" if a else "- | -"
         L.append(f"| {r['name']} | {r['eps']} | {fmt(r['sampled'])} | {fmt(a)} | {fmt(r['recurjac-b']['value'])} | "
                  f"{fmt(r['recurjac-f0']['value'])} | {fmt(lj)} | {fmt(op)} | {ratios} | {lj / best:.3f} |")
-    L += ["", "Time (median wall / CPU seconds, whole computation) and peak traced memory (MiB):", "",
-          "| network | eps | " + " | ".join(METHODS) + " | linear / B (CPU) |",
-          "|---|---|" + "---|" * len(METHODS) + "---|"]
+    L += ["", "Time (median wall / CPU seconds of the timed runs, whole computation: layer bounds, Jacobian bounds, "
+          "norms) and peak traced memory (MiB, one separate traced run). \"no skip\": every slope variant for every "
+          "objective (`linear.ADAPTIVE_AFTER = 0`); its value is the same as linear-jacobian's where the last column "
+          "says so.", "",
+          "| network | eps | " + " | ".join(METHODS) + " | linear / B (CPU) | no skip / B (CPU) | same value |",
+          "|---|---|" + "---|" * len(METHODS) + "---|---|---|"]
     for r in rows:
         cells = [f"{r[m]['wall']:.2f} / {r[m]['cpu']:.2f} s, {r[m]['mem']:.0f} MiB" for m in METHODS]
-        ratio = r["linear-jacobian"]["cpu"] / max(r["recurjac-b"]["cpu"], 1e-9)
-        L.append(f"| {r['name']} | {r['eps']} | " + " | ".join(cells) + f" | {ratio:.1f}x |")
+        b = max(r["recurjac-b"]["cpu"], 1e-9)
+        same = r["linear-jacobian"]["values"] == r["linear-jacobian (no skip)"]["values"]
+        L.append(f"| {r['name']} | {r['eps']} | " + " | ".join(cells) + f" | {r['linear-jacobian']['cpu'] / b:.1f}x | "
+                 f"{r['linear-jacobian (no skip)']['cpu'] / b:.1f}x | {'yes' if same else 'NO'} |")
     return L
 
 
@@ -188,7 +211,7 @@ def main(argv=None):
                                      *random_case((784, 1024, 512, 256, 128, 64, 32, 10)), (0.001, 0.01))]
     with threadpool_limits(1):
         rows = bench(cases, args.runs, args.opt_seconds, args.samples, rng, print)
-        rows += bench(big, max(1, args.runs - 2), args.opt_seconds, 2000, rng, print)
+        rows += bench(big, args.runs, args.opt_seconds, 2000, rng, print)
     head = [
         "# Linear-bound Jacobian (issue 16, part 1)",
         "",

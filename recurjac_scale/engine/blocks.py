@@ -167,6 +167,11 @@ class JobContext:
         Set by the plan: tasks read the weights from the store (:mod:`recurjac_scale.engine.streaming`).
     sparse_levels : tuple of int
         ``chain.sparse_levels()``, shipped to the workers.
+    name : str
+        The method asked for (``method.name`` unless it runs through a stage).
+    stage : object or None
+        :attr:`JacobianMethod.stage` of a method whose chain ``method`` is the base
+        (:mod:`recurjac_scale.engine.linear_stage`); ``None`` when the stage does not apply to the job.
     """
 
     job: Job
@@ -176,6 +181,8 @@ class JobContext:
     store_path: str | None = None
     stream: bool = False
     sparse_levels: tuple = ()
+    name: str = ""
+    stage: Any = None
     _hash_base: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -236,12 +243,14 @@ class JobContext:
     def rounding(self) -> str:
         return "see recurjac_scale.jacobian (per-method outward widening)"
 
-    def job_id(self, row_block: int, col_block: int) -> str:
+    def job_id(self, row_block: int, col_block: int, stage_block: int | None = None) -> str:
         from .checkpoint import job_hash
 
         net = self.network
         arrays = [*net.weights, *net.biases, self.x0]
         params = dict(self._hash_base, row_block=int(row_block), col_block=int(col_block))
+        if stage_block is not None:
+            params["stage_block"] = int(stage_block)
         return job_hash(arrays, params)
 
     def worker_spec(self) -> WorkerSpec:
@@ -292,20 +301,31 @@ def prepare_job(network, x0, eps, p, method, layer_bounds=None, outputs=None, sp
         store_path = str(Path(network).resolve())
         network = open_network(store_path)
     jm = get_jacobian_method(method)
-    if jm.run is not None:  # a whole-method runner (linear-jacobian): not a chain of block steps
-        raise InputError(
-            f"Jacobian method {jm.name!r} runs in memory only (recurjac-scale bounds, jacobian_bounds); the engine "
-            "accepts: " + ", ".join(sorted(n for n, m in JACOBIAN_METHODS.items() if m.run is None))
-        )
+    name, stage = jm.name, None
+    if jm.run is not None:  # a whole-method runner (linear-jacobian): runs blockwise only through its stage
+        if jm.stage is None:
+            raise InputError(
+                f"Jacobian method {jm.name!r} runs in memory only (recurjac-scale bounds, jacobian_bounds); the "
+                "engine accepts: "
+                + ", ".join(sorted(n for n, m in JACOBIAN_METHODS.items() if m.run is None or m.stage is not None))
+            )
+        stage = jm.stage
+        jm = get_jacobian_method(stage.base)  # the chain run first (its states bound the gradients)
     job = prepare(network, x0, eps, p, outputs, layer_bounds)
+    if stage is not None:
+        from .linear_stage import stage_applies
+
+        if not stage_applies(job):  # no hidden layer or unbounded region: the result is the base method's
+            stage = None
     chain = sparse_chain(jm.build_chain(job.network, job.derivative_bounds), sparse_threshold, job.sparse_layers)
     sparse_levels = tuple(chain.sparse_levels())
     region, lb, db = job.region, job.layer_bounds, job.derivative_bounds
     ctx = JobContext(
-        job=job, method=jm, chain=chain, cost=jm.cost(chain), store_path=store_path, sparse_levels=sparse_levels
+        job=job, method=jm, chain=chain, cost=jm.cost(chain), store_path=store_path, sparse_levels=sparse_levels,
+        name=name, stage=stage,
     )
     ctx._hash_base = {
-        "method": jm.name,
+        "method": name,
         "layer_bounds": job.layer_bound_method,
         "eps": repr(float(region.eps)),
         "p": repr(float(region.p)),

@@ -42,6 +42,11 @@ CHECKPOINT_FORMAT = 1
 """Version of the checkpoint layout; part of the job hash."""
 
 
+
+def state_array_path(state: str, t: int, key: str) -> str:
+    """Path of the state array ``key`` (``"lower"`` / ``"upper"``) of step ``t`` inside a run's state folder."""
+    return os.path.join(state, f"step-{t:03d}", key)
+
 def _hash_array(h, a) -> None:
     """Feed an array (numpy or dask/zarr-backed) to a hash in row panels, with its shape and dtype."""
     if hasattr(a, "compute") and hasattr(a, "chunks") and not isinstance(a, np.ndarray):

@@ -157,6 +157,10 @@ class Plan:
     budget_source : str
         Where ``memory_budget`` comes from: ``"given"``, the cluster's worker limit, or the machine's available
         memory (:func:`recurjac_scale.engine.memory.default_memory_budget`).
+    stage : StagePlan or None
+        The second stage of a method with a blockwise form (``linear-jacobian``,
+        :mod:`recurjac_scale.engine.linear_stage`), run after the layer steps of its base method (counted in
+        ``n_tasks`` and ``peak_worker_bytes``).
     """
 
     method: str
@@ -186,6 +190,7 @@ class Plan:
     baseline_source: str = "constant"
     cache_bytes: int = 0
     budget_source: str = "given"
+    stage: Any = None
     context: Any = field(default=None, repr=False, compare=False)
 
     def compute(self, **kwargs):
@@ -198,6 +203,7 @@ class Plan:
         """JSON-able summary (what ``recurjac-scale plan --json`` prints)."""
         d = {k: v for k, v in self.__dict__.items() if k != "context"}
         d["steps"] = [s.to_dict() for s in self.steps]
+        d["stage"] = None if self.stage is None else self.stage.to_dict()
         for k in ("widths", "chain_widths", "unstable", "dead", "sparse_levels"):
             d[k] = list(d[k])
         d["p"] = json_float(self.p)
@@ -223,8 +229,9 @@ class Plan:
                 f"{format_bytes(s.task_peak_bytes):>10}"
             )
         task_peak = max((s.task_peak_bytes for s in self.steps), default=0)
-        held = (self.peak_worker_bytes - self.worker_baseline_bytes - self.cache_bytes
-                - self.threads_per_worker * task_peak)
+        base_peak = self.peak_worker_bytes if self.stage is None else self.stage.held_bytes + (
+            self.threads_per_worker * task_peak)
+        held = base_peak - self.worker_baseline_bytes - self.cache_bytes - self.threads_per_worker * task_peak
         lines.append(
             f"total: {self.n_tasks} tasks ({self.n_finish_tasks} finishing), {self.flops / 1e9:.3f} GFLOP; weights "
             f"{format_bytes(self.weights_bytes)}"
@@ -232,11 +239,14 @@ class Plan:
         )
         if self.sparse_levels:
             lines.append(f"sparse x dense (CSR) products for {', '.join(self.sparse_levels)}")
+        if self.stage is not None:
+            lines.append(self.stage.describe())
         lines.append(
             f"peak memory per worker: baseline {format_bytes(self.worker_baseline_bytes)} ({self.baseline_source}) + "
             f"caches {format_bytes(self.cache_bytes)} + "
             f"held weights {format_bytes(held)} + {self.threads_per_worker} thread(s) x peak task "
-            f"{format_bytes(task_peak)} = {format_bytes(self.peak_worker_bytes)}"
+            f"{format_bytes(task_peak)} = {format_bytes(base_peak)}"
+            + (f"; second stage {format_bytes(self.stage.peak_worker_bytes)}" if self.stage is not None else "")
             + (f" (budget {format_bytes(self.memory_budget)}, {self.budget_source})" if self.memory_budget
                else " (no budget)")
         )
@@ -275,6 +285,7 @@ def plan_jacobian(
     sparse_threshold="auto",
     client=None,
     n_workers: int | None = None,
+    stage_block: int | None = None,
 ) -> Plan:
     """Plan a blockwise Jacobian-bound job.
 
@@ -322,6 +333,10 @@ def plan_jacobian(
         Without ``memory_budget`` and ``client`` the budget per worker is the machine's available memory times
         :data:`~recurjac_scale.engine.memory.SAFETY_FRACTION` divided among them; a job whose smallest blocks do
         not fit is refused (:class:`~recurjac_scale.errors.InputError` saying how much memory it needs).
+
+    stage_block : int, optional
+        Objective pairs per task of the second stage of ``linear-jacobian`` (neurons of a hidden layer or
+        Jacobian columns; :func:`recurjac_scale.engine.linear_stage.plan_stage`); default chosen for the budget.
 
     Returns
     -------
@@ -421,9 +436,21 @@ def plan_jacobian(
         peak = baseline + caches + int(shape.sparse_bytes) + tpw * task_peak
     else:
         peak = baseline + caches + wbytes + tpw * task_peak
+    stage = None
+    if ctx.stage is not None:
+        from .linear_stage import plan_stage
+
+        held = peak - tpw * task_peak  # baseline, caches and the base method's chain stay in the worker
+        db = ctx.derivative_bounds
+        counts = [ctx.stage.tightened_neurons(*db[k]).size for k in range(len(ctx.widths) - 3)]
+        stage = plan_stage(ctx.stage, ctx.widths, ctx.n_outputs, block=stage_block, budget=budget,
+                           threads_per_worker=tpw, held_bytes=held, budget_source=budget_source, tightened=counts)
+        peak = max(peak, stage.peak_worker_bytes)
     job_id = ctx.job_id(rb, cb)
+    if stage is not None:
+        job_id = ctx.job_id(rb, cb, stage.block)
     return Plan(
-        method=ctx.method.name,
+        method=ctx.name or ctx.method.name,
         layer_bound_method=ctx.layer_bound_method,
         eps=float(ctx.eps),
         p=float(ctx.p),
@@ -434,7 +461,7 @@ def plan_jacobian(
         col_block=cb,
         steps=tuple(steps),
         n_finish_tasks=n_finish,
-        n_tasks=sum(s.n_tasks for s in steps) + n_finish,
+        n_tasks=sum(s.n_tasks for s in steps) + n_finish + (stage.n_tasks if stage is not None else 0),
         flops=float(sum(s.flops for s in steps)),
         weights_bytes=int(wbytes),
         peak_worker_bytes=int(peak),
@@ -450,5 +477,6 @@ def plan_jacobian(
         baseline_source=baseline_source,
         cache_bytes=int(caches),
         budget_source=budget_source,
+        stage=stage,
         context=ctx,
     )

@@ -41,6 +41,7 @@ import numpy as np
 from .._json import json_safe
 from ..errors import IncompleteRunError, OutputExistsError, StoreError
 from .checkpoint import Checkpoint
+from .checkpoint import state_array_path as _state_array_path
 from .result_store import RESULT_FORMAT  # noqa: F401 (re-exported)
 from .result_store import EngineResult, create_result_store, seal_result_store
 from .schedulers import blas_single_thread, open_executor
@@ -103,10 +104,6 @@ def _read_prior(path: str, job_id: str, r0: int, r1: int, cache: bool = True) ->
                 _, old = _PRIORS.popitem(last=False)
                 _PRIORS_BYTES[0] -= old.nbytes
     return a
-
-
-def _state_array_path(state: str, t: int, key: str) -> str:
-    return os.path.join(state, f"step-{t:03d}", key)
 
 
 # -- task functions (run on workers; module-level so every scheduler can import them) -------------------------
@@ -387,6 +384,7 @@ def run_plan(
         n0 = ctx.n_inputs
         m = ctx.n_outputs
         finish_keys = []
+        stage_keys: list = []
         tmp_out = None
         if complete:
             if output is not None:
@@ -395,8 +393,19 @@ def run_plan(
                 tmp_out = ckpt.path / "result.zarr"
             create_result_store(tmp_out, plan, m, n0)
             row_bars = [("rj-rows-%03d" % plan.steps[-1].step, rb) for rb in range(plan.steps[-1].n_row_blocks)] if plan.steps else []
+            finish_fn, finish_spec = _finish_task, spec_key
+            if plan.stage is not None:  # a method's second stage (linear-jacobian) after the base chain's steps
+                from .linear_stage import add_stage_graph, create_stage_arrays, stage_finish_task, stage_spec
+
+                sspec = stage_spec(ctx, plan, spec)
+                create_stage_arrays(state, plan, sspec)
+                stage_keys, row_bars, finish_spec = add_stage_graph(dsk, plan, sspec, str(state), str(ckpt.path),
+                                                                    bool(durable))
+                finish_fn = stage_finish_task
+                log(f"second stage ({plan.method}): {len(stage_keys)} task(s) after the layer steps (finished ones "
+                    "recorded in the checkpoint are skipped)")
             key = ("rj-finish", 0)
-            dsk[key] = (_finish_task, spec_key, str(state), str(tmp_out), plan.job_id, 0, (0, n0), *row_bars)
+            dsk[key] = (finish_fn, finish_spec, str(state), str(tmp_out), plan.job_id, 0, (0, n0), *row_bars)
             finish_keys.append(key)
         log(
             f"job {plan.job_id[:12]}: {total} blocks in {len(plan.steps)} layer steps; reusing {reused} finished "
@@ -421,7 +430,7 @@ def run_plan(
         with ex_cm as ex:
             if ex.dashboard_link:
                 log(f"dask dashboard: {ex.dashboard_link}")
-            keys = block_keys + finish_keys
+            keys = block_keys + stage_keys + finish_keys
             bars = None
             if progress and ex.client is None:
                 bars = _Progress(todo_per_step, len(finish_keys), 0)
@@ -460,6 +469,12 @@ def run_plan(
                 f"checkpoint {ckpt.path} may be damaged: rerun with a fresh checkpoint"
             )
         lip = _lipschitz(lower, upper, plan.p)
+        finished = values[len(block_keys) + len(stage_keys):]
+        if plan.stage is not None:
+            from .linear_stage import stage_lipschitz, stage_seconds
+
+            lip = stage_lipschitz(lip, finished, plan.p)
+            step_seconds.update(stage_seconds(values[len(block_keys): len(block_keys) + len(stage_keys)]))
         seconds = time.perf_counter() - t_start
         res = EngineResult(
             lower=lower,
@@ -478,7 +493,7 @@ def run_plan(
             lipschitz=lip,
             output=str(output) if output is not None else None,
             executor=exinfo,
-            rounding_share=_max_share(values[len(block_keys) :]),
+            rounding_share=_max_share(finished),
         )
         if output is not None:
             seal_result_store(g, tmp_out, output, res, plan, ctx, lower, upper)

@@ -3,7 +3,7 @@
 Methods (one registry, :data:`JACOBIAN_METHODS`): ``fastlip`` (Weng et al. 2018a), ``recurjac-b`` (Algorithm 1,
 backward), ``recurjac-f0`` (forward on the transposed chain), ``recurjac-f1`` (forward from ``h(1)`` plus one
 interval product), ``linear-jacobian`` (linear bound propagation through the gradient graph, :mod:`.linear`,
-:mod:`.linear_method`; in memory only).  Entry point: :func:`jacobian_bounds`.  Every runner (the in-memory driver, the scale engine)
+:mod:`.linear_method`; blockwise in the engine through :mod:`.linear_blocks`).  Entry point: :func:`jacobian_bounds`.  Every runner (the in-memory driver, the scale engine)
 uses a method only through :class:`JacobianMethod` (chain, priors, step, finish, cost model: :mod:`.methods`);
 :func:`prepare` computes what every method starts from (:mod:`.prepare`).  The block interface is documented in
 :mod:`recurjac_scale.jacobian.chain`.

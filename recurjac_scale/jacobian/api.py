@@ -53,7 +53,7 @@ def jacobian_bounds(
         Input norm.
     method : str
         ``recurjac-b`` (default), ``recurjac-f0``, ``recurjac-f1``, ``fastlip`` or ``linear-jacobian`` (linear
-        bound propagation through the gradient graph, :mod:`recurjac_scale.jacobian.linear`; in memory only)
+        bound propagation through the gradient graph, :mod:`recurjac_scale.jacobian.linear`)
         (:data:`JACOBIAN_METHODS`).
     layer_bounds : str, LayerBounds or None
         Pre-activation bound method (``crown``, ``fastlin``, ``ibp``; ``None``: ``crown`` when registered, else
@@ -90,7 +90,7 @@ def jacobian_bounds(
     compile_s = kernels.ensure_compiled(dtype)
     t1 = time.perf_counter()
     timings, extra = {}, {}
-    if jm.run is not None:  # a whole-method runner (linear-jacobian), in memory only
+    if jm.run is not None:  # a whole-method runner (linear-jacobian)
         lower, upper, chain, states, info = jm.run(
             job.network, job.region, job.layer_bounds, db, dtype=dtype, panel=panel,
             sparse_threshold=sparse_threshold, stored_sparse=job.sparse_layers,

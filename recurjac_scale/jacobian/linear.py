@@ -27,42 +27,49 @@ Every entry is intersected with RecurJac-B's bounds on the same layer bounds, so
 ``eps = 0`` the layer bounds are points and the result is RecurJac's (exact up to rounding).  Rows (outputs) and
 objectives are independent; the objectives of a row run as one block of GEMMs (:data:`OBJECTIVE_BLOCK` columns).
 
-Rounding
---------
-All arithmetic is float64 (float32 weights are converted exactly).  The coefficient matrices are taken as exact
-for whatever values they hold (as in :mod:`recurjac_scale.layer_bounds.backsub`); each step's rounding changes
-the value of the linear form by at most a matrix-vector product of the absolute coefficients with a magnitude
-vector of the variable they multiply, which is added to the bound:
+The propagation is split by concept:
 
-- McCormick step at layer ``k``: ``gamma(d_k + 16) |Lam| ymax(k)``, ``ymax = du max(|gl|, |gu|)`` (each of the
-  three products per neuron and the constant's sum);
-- ``sigma'`` lines: ``gamma(d_k + 8) |mu| (max|s| zmax + max|t|)``;
-- gradient step ``Lam' = kappa W[k+1]^T``: ``gamma(d_k + 2) |kappa| (|W[k+1]|^T ymax(k+1))``;
-- back-substitution: as :mod:`recurjac_scale.layer_bounds.backsub` (affine ``gamma(n + 2) |Gam| (|W| hmax +
-  |b|)``, relaxation ``gamma(n + 2) |Gam| (|a| zmax + |b|)``, the addition of ``nu`` ``4 u |Gam| zmax``,
-  concretisation);
-- the running constant: ``gamma(4 H + 8)`` times the sum of the absolute values of its terms.
+- this module: the settings, :func:`linear_context` (builds the per-network :class:`LinearContext`: certified lines
+  of ``sigma'`` and ``sigma`` on the layer bounds, magnitude bounds, the weight blocks that skip exact zeros), and
+  the per-row drivers :func:`tighten_gradient_bounds` (certified bounds of ``∂f_i/∂h(k)``, intersected with
+  RecurJac-B's) and :func:`entry_bounds` (certified bounds of every Jacobian entry, intersected with RecurJac-B's);
+- :mod:`.linear_planes`: per output row, the valid planes of ``y = a g`` (:func:`row_bounds`, :func:`layer_planes`);
+- :mod:`.linear_passes`: the two passes above for a block of objectives (:func:`bound_objectives`,
+  :func:`bound_objectives_variants`: certified upper bounds of ``Lam · y(start)``), with the rounding argument
+  (its "Rounding" section) and the underflow allowance;
+- :mod:`.linear_base`: the data they share (:class:`LinearContext`, :class:`RowBounds`; no computation).
 
-:func:`recurjac_scale._fp.gamma` is twice Higham's factor, which covers the rounding of the allowances
-themselves.  The total is reported (``allowance``: the largest allowance relative to the width of its entry).
+The names listed in ``__all__`` are importable from this module whichever of these defines them.
+
+Cost: pass 1 runs once per block for all slope variants of the lines of ``sigma'`` (:data:`SLOPE_VARIANTS`; each
+objective keeps the smallest bound); pass 2 runs once per variant with slopes (constant lines put no coefficient on
+any ``z``).  The gradient bounds are tightened only where ``dl < du`` (elsewhere ``a`` is the constant ``du`` and
+every plane is exact).  GEMMs skip exact zeros (dead neurons, zero relaxation lines, :func:`_compact`); the
+first hidden layer's stable neurons are folded into one GEMM (:data:`FOLD_FIRST_LAYER`); the elementwise steps
+are numba kernels (:mod:`.linear_kernels`).  Optionally (:data:`ADAPTIVE_AFTER`, on by default)
+a row's later objectives skip the variants with slopes once they never won on its first objectives.
+
+Rounding: all arithmetic is float64 (float32 weights are converted exactly); every bound includes an allowance for
+the rounding of the propagation (:mod:`.linear_passes`, "Rounding"), reported as ``allowance`` (the largest
+allowance relative to the width of its entry).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
-from .._fp import TINY, gamma, underflow_unit
-from ..layer_bounds.backsub import _concretise_upper
 from ..layer_bounds.crown import crown_relaxation
 from ..relaxations import value_bounds
 from .derivative_lines import derivative_lines
+from .linear_base import LinearContext, RowBounds
+from .linear_collapse import first_layer_collapse
+from .linear_passes import bound_objectives, bound_objectives_variants
+from .linear_planes import _v, layer_planes, row_bounds
 
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
-    "bound_objectives", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS", "OBJECTIVE_BLOCK",
+    "bound_objectives", "bound_objectives_variants", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS",
+    "OBJECTIVE_BLOCK", "ADAPTIVE_AFTER", "FOLD_FIRST_LAYER",
 ]
 
 SLOPE_VARIANTS = ("centre", "area", "constant")
@@ -72,58 +79,17 @@ the tightest (each is certified, so their intersection is)."""
 OBJECTIVE_BLOCK = 256
 """Jacobian columns per block of objectives (``2 x`` this many objectives: upper and lower bounds)."""
 
-_U = np.finfo(np.float64).eps / 2
+FOLD_FIRST_LAYER = True
+"""Fold the first hidden layer's exact-line neurons (stable ReLUs) into one precomputed GEMM in the network pass
+(:mod:`.linear_collapse`; used where it saves GEMM work).  Same bounds up to the rounding allowance, which is
+computed from ``|Gam| |W[1]|`` instead of ``|Gam W[1]|`` there (about 1e-9 relative on the 784-1024-...-10 benchmark
+net at eps 0.001)."""
 
-
-@dataclass
-class LinearContext:
-    """Everything the propagation needs for one network, region and set of layer bounds (all float64).
-
-    Attributes
-    ----------
-    W, b : list of ndarray
-        ``W[k]`` of shape ``(d_k, d_{k-1})`` (``d_{-1} = n_0``), ``b[k]`` of shape ``(d_k,)``, ``k = 0..H-1``.
-    dl, du : list of ndarray
-        Derivative bounds of the hidden layers ``k = 0..H-2``.
-    variants : dict
-        Slope choice -> ``(s_low, t_low, s_up, t_up)``, lists of ``(d_k,)`` arrays: certified lines of ``sigma_k'``
-        on the layer bounds (:func:`derivative_lines`).
-    a_low, b_low, a_up, b_up : list of ndarray
-        CROWN's certified lines of ``sigma_k`` (back-substitution).
-    zmax, hmax : list of ndarray
-        Bounds of ``|z(k)|`` and ``|h(k)|``.
-    bounds : list of (ndarray, ndarray)
-        The pre-activation bounds ``(l, u)`` of the hidden layers.
-    compact : dict
-        The weights restricted to the neurons whose terms can be non-zero (:func:`_compact`).
-    a0 : list of ndarray
-        ``sigma_k'(z0(k))`` at the centre (steers the choice of McCormick planes).
-    region : Region
-    """
-
-    W: list
-    b: list
-    absW: list
-    dl: list
-    du: list
-    variants: dict
-    a_low: list
-    b_low: list
-    a_up: list
-    b_up: list
-    relax_err_up: list
-    relax_err_low: list
-    zmax: list
-    hmax: list
-    xmax: np.ndarray
-    a0: list
-    region: object
-    bounds: list = None
-    compact: dict = None
-
-    @property
-    def H(self) -> int:
-        return len(self.W)
+ADAPTIVE_AFTER = 256
+"""Default :attr:`LinearContext.adaptive`: after this many objectives of one output row bounded with every slope
+variant, where the lines of ``sigma'`` with slopes never gave a smaller bound than the constant lines, the row's
+remaining objectives run with the constant lines only (their network passes are skipped).  A heuristic for speed:
+every bound stays certified, but a skipped variant could have been tighter for a later objective.  0 disables it."""
 
 
 def _safe_mul(a, v):
@@ -131,7 +97,8 @@ def _safe_mul(a, v):
         return np.where(a == 0, 0.0, a * v)
 
 
-def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_VARIANTS) -> LinearContext | None:
+def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_VARIANTS,
+                   adaptive: int | None = None) -> LinearContext | None:
     """Build the :class:`LinearContext`, or ``None`` when a hidden layer's bounds are not finite (``eps = inf``
     without a domain: the method then returns RecurJac's bounds).
 
@@ -147,10 +114,13 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
     slopes : sequence of str
         Slope choices of the lines of ``sigma'`` (:func:`derivative_lines` ``mode``), one set of lines each
         (:attr:`LinearContext.variants`).
+    adaptive : int
+        :attr:`LinearContext.adaptive` (``None``: :data:`ADAPTIVE_AFTER` as set at the call; 0: every variant for
+        every objective).
     """
     H = netc.n_layers
     W = [np.asarray(w, dtype=np.float64) for w in netc.weights]
-    b = [np.asarray(v, dtype=np.float64) for v in netc.biases]
+    b = [np.ascontiguousarray(v, dtype=np.float64) for v in netc.biases]
     acts = list(netc.activations)
     lows = [np.asarray(v, np.float64) for v in layer_bounds.lower[: H - 1]]
     ups = [np.asarray(v, np.float64) for v in layer_bounds.upper[: H - 1]]
@@ -165,6 +135,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         W=W, b=b, absW=[np.abs(w) for w in W], dl=[], du=[], variants={}, a_low=[],
         b_low=[], a_up=[], b_up=[], relax_err_up=[], relax_err_low=[], zmax=[], hmax=[],
         xmax=np.maximum(np.abs(box_lo), np.abs(box_hi)), a0=[], region=region, bounds=list(zip(lows, ups)),
+        adaptive=int(ADAPTIVE_AFTER if adaptive is None else adaptive),
     )
     for k in range(H - 1):
         act, l, u = acts[k], lows[k], ups[k]
@@ -179,17 +150,19 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         hl, hu = value_bounds(act.value, l, u)
         ctx.dl.append(dl)
         ctx.du.append(du)
-        ctx.a_low.append(np.asarray(al, np.float64))
-        ctx.b_low.append(np.asarray(bl, np.float64))
-        ctx.a_up.append(np.asarray(au, np.float64))
-        ctx.b_up.append(np.asarray(bu, np.float64))
+        ctx.a_low.append(np.ascontiguousarray(al, np.float64))
+        ctx.b_low.append(np.ascontiguousarray(bl, np.float64))
+        ctx.a_up.append(np.ascontiguousarray(au, np.float64))
+        ctx.b_up.append(np.ascontiguousarray(bu, np.float64))
         ctx.relax_err_up.append(_safe_mul(np.abs(au), zmax) + np.abs(bu))
         ctx.relax_err_low.append(_safe_mul(np.abs(al), zmax) + np.abs(bl))
         ctx.zmax.append(zmax)
         ctx.hmax.append(np.maximum(np.abs(hl), np.abs(hu)))
         ctx.a0.append(np.clip(act.derivative(z0), dl, du))
     ctx.compact = _compact(ctx)
+    ctx.compact["fold"] = first_layer_collapse(ctx) if FOLD_FIRST_LAYER else None
     return ctx
+
 
 
 def _compact(ctx: LinearContext) -> dict:
@@ -211,138 +184,19 @@ def _compact(ctx: LinearContext) -> dict:
     grad = [np.ascontiguousarray(ctx.W[k + 1][np.ix_(live[k + 1], live[k])].T) for k in range(H - 2)]
     net = [None] + [np.ascontiguousarray(ctx.W[k][np.ix_(act[k], kept[k - 1])]) for k in range(1, H - 1)]
     first = np.ascontiguousarray(ctx.W[0][act[0], :])
-    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first}
-
-
-@dataclass
-class RowBounds:
-    """Per output row: RecurJac's certified bounds ``gl(k) <= ∂f_i/∂h(k) <= gu(k)`` (``k = 0..H-2``) and the
-    McCormick plane coefficients chosen for them."""
-
-    gl: list
-    gu: list
-    ymax: list
-    up: list  # per k: (coef_g, coef_a, const) of the upper plane
-    lo: list  # per k: lower plane
-    v: list  # per k < H-2: |W[k+1]|^T ymax(k+1)
-    top: np.ndarray  # W[H-1][i]
-    g0: list = None  # the gradient at the centre (heuristics)
-    planes: str = "auto"
-    under: float = 0.0  # underflow allowance of one objective (:func:`_underflow`)
-
-
-def _chord_planes(dl, du, l, u):
-    """Planes of ``y = a g`` that ignore ``a``: ``min(dl g, du g) <= y <= max(dl g, du g)`` relaxed by the chords
-    of these convex / concave functions of ``g`` on ``[l, u]``; returns ``(s_up, c_up, s_low, c_low)`` with
-    ``s_low g + c_low <= a g <= s_up g + c_up`` for every ``a`` in ``[dl, du]``, ``g`` in ``[l, u]`` (the constants
-    are the extremes of ``a g - s g`` over the four vertices, where a bilinear function attains them, pushed
-    outward by the rounding of their evaluation)."""
-    w = u - l
-    ok = w > 0
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s_up = np.where(ok, (du * u - dl * l) / np.where(ok, w, 1.0), du)
-        s_low = np.where(ok, (dl * u - du * l) / np.where(ok, w, 1.0), dl)
-    gmax = np.maximum(np.abs(l), np.abs(u))
-    vals_up = [a * g - s_up * g for a in (dl, du) for g in (l, u)]
-    vals_low = [a * g - s_low * g for a in (dl, du) for g in (l, u)]
-    c_up = np.maximum.reduce(vals_up) + 8 * _U * (du + np.abs(s_up)) * gmax
-    c_low = np.minimum.reduce(vals_low) - 8 * _U * (du + np.abs(s_low)) * gmax
-    return s_up, c_up, s_low, c_low
-
-
-PLANES = ("auto", "mccormick")
-"""Plane choices of :func:`row_bounds`."""
-
-
-def layer_planes(ctx: LinearContext, k: int, l: np.ndarray, u: np.ndarray, g0: np.ndarray, planes: str = "auto"):
-    """The planes of layer ``k`` for gradient bounds ``l <= ∂f_i/∂h(k) <= u`` (see :func:`row_bounds`): returns
-    ``(upper, lower, ymax)``, each plane a tuple ``(coef_g, coef_a, const)`` of ``(d_k,)`` arrays and ``ymax`` a
-    bound of ``|y(k)|``."""
-    if planes not in PLANES:
-        raise ValueError(f"planes={planes!r}; accepted: {', '.join(PLANES)}")
-    dl, du, a0 = ctx.dl[k], ctx.du[k], ctx.a0[k]
-    g = np.clip(g0, l, u)
-    centre_up = (du - a0) * (g - l) <= (a0 - dl) * (u - g)
-    m1 = np.maximum(du * u, dl * u) + np.maximum(l * dl, l * du) - du * l
-    m2 = np.maximum(dl * u, dl * l) + np.maximum(u * dl, u * du) - dl * u
-    tie = np.abs(m1 - m2) <= 1e-12 * (np.abs(m1) + np.abs(m2))
-    p1 = np.where(tie, np.where(l >= 0, True, np.where(u <= 0, False, centre_up)), m1 < m2)
-    cg, ca, cc = np.where(p1, du, dl), np.where(p1, l, u), -np.where(p1, du * l, dl * u)
-    centre_lo = (a0 - dl) * (g - l) <= (du - a0) * (u - g)
-    n1 = np.minimum(dl * l, dl * u) + np.minimum(l * dl, l * du) - dl * l
-    n2 = np.minimum(du * l, du * u) + np.minimum(u * dl, u * du) - du * u
-    tie = np.abs(n1 - n2) <= 1e-12 * (np.abs(n1) + np.abs(n2))
-    l1 = np.where(tie, np.where(l >= 0, True, np.where(u <= 0, False, centre_lo)), n1 > n2)
-    dg, da, dc = np.where(l1, dl, du), np.where(l1, l, u), -np.where(l1, dl * l, du * u)
-    if planes == "auto":
-        straddle = (l < 0) & (u > 0) & (dl < du)
-        s_up, c_up, s_low, c_low = _chord_planes(dl, du, l, u)
-        cg, ca, cc = np.where(straddle, s_up, cg), np.where(straddle, 0.0, ca), np.where(straddle, c_up, cc)
-        dg, da, dc = np.where(straddle, s_low, dg), np.where(straddle, 0.0, da), np.where(straddle, c_low, dc)
-    ymax = du * np.maximum(np.abs(l), np.abs(u)) * (1.0 + 4 * _U)
-    return (cg, ca, cc), (dg, da, dc), ymax
-
-
-def _v(ctx: LinearContext, ymax_next: np.ndarray, k: int) -> np.ndarray:
-    """``|W[k+1]|^T ymax(k+1)`` rounded up: the magnitude of ``g(k)`` products (gradient-step allowance)."""
-    return ctx.absW[k + 1].T @ ymax_next * (1.0 + gamma(ctx.W[k + 1].shape[0] + 2))
-
-
-def row_bounds(ctx: LinearContext, i: int, gl: list, gu: list, g0: list, planes: str = "auto") -> RowBounds:
-    """Plane choice for output row ``i`` from the gradient bounds and the gradient ``g0`` at the centre.
-
-    Per neuron and side, one of the McCormick planes of ``y = a g`` (upper: ``P1 = du g + gl a - du gl``, exact on
-    ``a = du`` or ``g = gl``; ``P2 = dl g + gu a - dl gu``; lower: ``L1 = dl g + gl a - dl gl``, ``L2 = du g + gu a -
-    du gu``) or, with ``planes="auto"`` where ``g`` may take both signs, the chord plane of :func:`_chord_planes`
-    (linear in ``g`` alone: RecurJac's interval value for the neuron, with ``g`` kept correlated).  A McCormick
-    plane is chosen by its maximum (minimum) over the box; on ties (``g`` of known sign) the one that keeps ``g``
-    with RecurJac's choice of derivative (``du`` for ``g >= 0`` upper, ...), else by the gap at the centre's
-    ``(sigma'(z0), g0)``.  Each choice is a valid plane (only tightness depends on it).
-    """
-    H = ctx.H
-    up, lo, ymax = [], [], []
+    pos, livepos = [], []
     for k in range(H - 1):
-        p_up, p_lo, ym = layer_planes(ctx, k, gl[k], gu[k], g0[k], planes)
-        up.append(p_up)
-        lo.append(p_lo)
-        ymax.append(ym)
-    v = [_v(ctx, ymax[k + 1], k) for k in range(H - 2)]
-    rb = RowBounds(gl=list(gl), gu=list(gu), ymax=ymax, up=up, lo=lo, v=v, top=ctx.W[H - 1][i], g0=list(g0),
-                   planes=planes)
-    rb.under = _underflow(ctx, rb)
-    return rb
-
-
-def _underflow(ctx: LinearContext, rb: RowBounds) -> float:
-    """Absolute allowance for underflow in one objective's propagation (any start layer).
-
-    A multiplication whose result underflows errs by at most ``eta`` (:func:`recurjac_scale._fp.underflow_unit`)
-    whatever its operands (additions are exact then), and the relative allowances do not see it.  As for the
-    other errors, each computed coefficient is taken as exact and its error charged once against the magnitude
-    of the variable it multiplies: per layer, the McCormick products (``eta (gmax + du + 1)`` per neuron), the
-    lines of ``sigma'`` (``eta (zmax + 1)``), the gradient GEMM (``eta d_k`` per entry of ``Lam'``, times
-    ``ymax(k+1)``), and in the network pass the affine GEMMs (``eta d_k`` per entry, times ``hmax``), the
-    relaxations (``2 eta (zmax + 1)``) and the concretisation (``eta d_0`` per entry, times ``|x|max``, and the
-    ball terms).  Far below the relative allowances for networks of ordinary scale; it matters when partial
-    products fall below the smallest normal number (weights like ``1e-170``)."""
-    eta = underflow_unit(np.float64)
-    H = ctx.H
-    tot = 0.0
-    with np.errstate(over="ignore", invalid="ignore"):
-        for k in range(H - 1):
-            d = ctx.dl[k].size
-            gmax = np.maximum(np.abs(rb.gl[k]), np.abs(rb.gu[k]))
-            tot += float(np.sum(gmax + ctx.du[k] + 1.0)) + float(np.sum(ctx.zmax[k] + 1.0))
-            nxt = float(np.sum(rb.ymax[k + 1])) if k < H - 2 else float(np.sum(np.abs(rb.top)))
-            tot += d * nxt + d
-            # network pass through layer k (affine into h(k-1) or x) and its relaxation
-            prev = float(np.sum(ctx.hmax[k - 1])) if k >= 1 else float(np.sum(ctx.xmax))
-            tot += d * prev + d + 2.0 * float(np.sum(ctx.zmax[k] + 1.0))
-        n0 = ctx.W[0].shape[1]
-        reg = ctx.region
-        tot += 2.0 * n0 * (float(np.sum(ctx.xmax)) + (reg.eps if math.isfinite(reg.eps) else 0.0) + 1.0)
-        out = 2.0 * eta * tot
-    return math.inf if math.isnan(out) else out
+        p = np.full(ctx.du[k].size, -1, dtype=np.int64)
+        p[kept[k]] = np.arange(kept[k].size)
+        pos.append(p)
+        p = np.full(ctx.du[k].size, -1, dtype=np.int64)
+        p[live[k]] = np.arange(live[k].size)
+        livepos.append(p)
+    # magnitude of the affine step into z(k): |W[k]| |h(k-1)|max + |b[k]| (|x|max for k = 0)
+    wmag = [ctx.absW[k] @ (ctx.hmax[k - 1] if k >= 1 else ctx.xmax) + np.abs(ctx.b[k]) for k in range(H - 1)]
+    act = [a.astype(np.int64) for a in act]
+    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first, "pos": pos,
+            "livepos": livepos, "wmag": wmag}
 
 
 def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256) -> None:
@@ -351,137 +205,25 @@ def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256)
     the layers above, already tightened), intersected with the current (RecurJac) bounds; the planes of layer
     ``k`` are then rebuilt.  Every bound stays certified."""
     for k in range(ctx.H - 3, -1, -1):
-        WT = np.ascontiguousarray(ctx.W[k + 1].T)  # (d_k, d_{k+1}): row r is W[k+1][:, r]
+        # only neurons with dl < du: elsewhere a(k) is the constant du and every plane is exact whatever the bounds
+        # of g (they only enter the rounding allowance through ymax)
+        rows = np.flatnonzero(ctx.dl[k] < ctx.du[k])
+        WT = np.ascontiguousarray(ctx.W[k + 1][:, rows].T)  # row t is W[k+1][:, rows[t]]
         d = WT.shape[0]
         lo_new = rb.gl[k].copy()
         up_new = rb.gu[k].copy()
         for r0 in range(0, d, block):
             r1 = min(d, r0 + block)
             Lam = np.concatenate([WT[r0:r1], -WT[r0:r1]], axis=0)
-            ub = np.minimum.reduce([bound_objectives(ctx, rb, Lam, k + 1, v) for v in ctx.variants])
+            ub = bound_objectives_variants(ctx, rb, Lam, k + 1).min(axis=0)
             nb = r1 - r0
-            up_new[r0:r1] = np.minimum(up_new[r0:r1], ub[:nb])
-            lo_new[r0:r1] = np.maximum(lo_new[r0:r1], -ub[nb:])
+            idx = rows[r0:r1]
+            up_new[idx] = np.minimum(up_new[idx], ub[:nb])
+            lo_new[idx] = np.maximum(lo_new[idx], -ub[nb:])
         rb.gl[k], rb.gu[k] = lo_new, up_new
         rb.up[k], rb.lo[k], rb.ymax[k] = layer_planes(ctx, k, lo_new, up_new, rb.g0[k], rb.planes)
         if k >= 1:
             rb.v[k - 1] = _v(ctx, rb.ymax[k], k - 1)
-
-
-def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: int = 0, slopes: str | None = None,
-                     allowance: list | None = None) -> np.ndarray:
-    """Certified upper bounds of ``Lam[q] · y(start)`` over the region, for every objective ``q``.
-
-    Parameters
-    ----------
-    ctx : LinearContext
-    rb : RowBounds
-        The output row's gradient bounds and planes.
-    Lam : ndarray, shape (K, d_start)
-        Objectives (coefficients on ``y(start) = ∂f_i/∂z(start)``), taken as exact.
-    start : int
-        The layer of the objectives' variable (0 for Jacobian entries; ``k + 1`` for the bounds of ``g(k)``).
-    slopes : str, optional
-        Which lines of ``sigma'`` (a key of :attr:`LinearContext.variants`; default the first).
-    allowance : list, optional
-        When given, the rounding allowance of every objective (shape ``(K,)``) is appended to it.
-
-    Returns
-    -------
-    ndarray, shape (K,)
-        ``max_{x in S} Lam[q] · y(0)(x) <=`` the value (rounding included).
-    """
-    H = ctx.H
-    K = Lam.shape[0]
-    S_low, T_low, S_up, T_up = ctx.variants[next(iter(ctx.variants)) if slopes is None else slopes]
-    const = np.zeros(K)
-    cabs = np.zeros(K)
-    err = np.zeros(K)
-    nus = [None] * (H - 1)
-    # -- pass 1: up the gradient graph --------------------------------------------------------------------------
-    for k in range(start, H - 1):
-        d = Lam.shape[1]
-        Lp = np.maximum(Lam, 0.0)
-        Ln = np.minimum(Lam, 0.0)
-        cgU, caU, ccU = rb.up[k]
-        cgL, caL, ccL = rb.lo[k]
-        kappa = Lp * cgU + Ln * cgL
-        mu = Lp * caU + Ln * caL
-        term = Lp @ ccU + Ln @ ccL
-        const += term
-        cabs += np.abs(term)
-        absL = np.abs(Lam)
-        err += gamma(d + 16) * (absL @ rb.ymax[k])
-        del Lp, Ln, absL
-        # sigma' lines: mu a <= mu+ (s_up z + t_up) + mu- (s_low z + t_low)
-        mp = np.maximum(mu, 0.0)
-        mn = np.minimum(mu, 0.0)
-        nu = mp * S_up[k] + mn * S_low[k]
-        term = mp @ T_up[k] + mn @ T_low[k]
-        const += term
-        cabs += np.abs(term)
-        smax = np.maximum(np.abs(S_up[k]), np.abs(S_low[k]))
-        tmax = np.maximum(np.abs(T_up[k]), np.abs(T_low[k]))
-        err += gamma(d + 8) * (np.abs(mu) @ (smax * ctx.zmax[k] + tmax))
-        del mp, mn, mu
-        nus[k] = nu
-        if k < H - 2:
-            # coefficients on y(k+1): kappa · g(k) = (kappa W[k+1]^T) · y(k+1), on the live neurons only
-            cp = ctx.compact
-            Lam = np.zeros((K, ctx.W[k + 1].shape[0]))
-            Lam[:, cp["live"][k + 1]] = kappa[:, cp["live"][k]] @ cp["grad"][k]
-            err += gamma(d + 2) * (np.abs(kappa) @ rb.v[k])
-        else:
-            term = kappa @ rb.top
-            const += term
-            cabs += np.abs(term)
-            err += gamma(d + 2) * (np.abs(kappa) @ np.abs(rb.top))
-        del kappa
-    # -- pass 2: down the network -------------------------------------------------------------------------------
-    if all(nu is None or not nu.any() for nu in nus):  # no coefficient on any z (constant lines): nothing to do
-        err += gamma(4 * H + 8) * cabs + TINY + rb.under
-        if allowance is not None:
-            allowance.append(err)
-        return np.where(np.isnan(const + err), np.inf, const + err)
-    Gam = nus[H - 2]
-    for k in range(H - 2, 0, -1):
-        n = ctx.W[k].shape[1]
-        absG = np.abs(Gam)
-        term = Gam @ ctx.b[k]
-        const += term
-        cabs += np.abs(term)
-        err += gamma(max(n, ctx.W[k].shape[0]) + 2) * (absG @ (ctx.absW[k] @ ctx.hmax[k - 1] + np.abs(ctx.b[k])))
-        cp = ctx.compact
-        Gh = np.zeros((K, ctx.W[k].shape[1]))  # (K, d_{k-1}); zero where the relaxation of sigma is the zero line
-        Gh[:, cp["kept"][k - 1]] = Gam[:, cp["act"][k]] @ cp["net"][k]
-        del absG
-        Gp = np.maximum(Gh, 0.0)
-        Gn = np.minimum(Gh, 0.0)
-        term = Gp @ ctx.b_up[k - 1] + Gn @ ctx.b_low[k - 1]
-        const += term
-        cabs += np.abs(term)
-        err += gamma(n + 2) * (Gp @ ctx.relax_err_up[k - 1] - Gn @ ctx.relax_err_low[k - 1])
-        Gam = Gp * ctx.a_up[k - 1] + Gn * ctx.a_low[k - 1]
-        if nus[k - 1] is not None:
-            Gam += nus[k - 1]
-        err += 4 * _U * (np.abs(Gam) @ ctx.zmax[k - 1])
-        del Gp, Gn, Gh
-    absG = np.abs(Gam)
-    term = Gam @ ctx.b[0]
-    const += term
-    cabs += np.abs(term)
-    n0 = ctx.W[0].shape[1]
-    err += gamma(max(n0, ctx.W[0].shape[0]) + 2) * (absG @ (ctx.absW[0] @ ctx.xmax + np.abs(ctx.b[0])))
-    Gx = Gam[:, ctx.compact["act"][0]] @ ctx.compact["first"]
-    lo, hi = ctx.region.box
-    sup = _concretise_upper(Gx, ctx.region, lo, hi, gamma(n0 + 2))
-    total = const + sup
-    err += gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY + rb.under
-    if allowance is not None:
-        allowance.append(err)
-    with np.errstate(invalid="ignore"):
-        out = total + err
-    return np.where(np.isnan(out), np.inf, out)
 
 
 def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int = OBJECTIVE_BLOCK,
@@ -526,11 +268,11 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
             j1 = min(n0, j0 + block)
             Lam = np.concatenate([W0T[j0:j1], -W0T[j0:j1]], axis=0)
             errs = []
-            ubs = [bound_objectives(ctx, rb, Lam, 0, v, errs) for v in ctx.variants]
-            ub = np.minimum.reduce(ubs)
+            ubs = bound_objectives_variants(ctx, rb, Lam, 0, None, errs)
+            ub = ubs.min(axis=0)
             nb = j1 - j0
             # the allowance of the winning variant, relative to the entry's width where the propagation won
-            win = np.argmin(np.stack(ubs), axis=0)
+            win = np.argmin(ubs, axis=0)
             err = np.stack(errs)[win, np.arange(ub.size)]
             won_up = ub[:nb] < upper[i, j0:j1]
             won_lo = -ub[nb:] > lower[i, j0:j1]

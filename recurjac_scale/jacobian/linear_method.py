@@ -4,7 +4,8 @@ row norm bounds it gives :func:`recurjac_scale.lipschitz.lipschitz` (:attr:`Jaco
 The propagation itself (relaxations, rounding allowances) is :mod:`recurjac_scale.jacobian.linear`.  The method
 runs RecurJac-B (in memory) for the gradient bounds, bounds every Jacobian entry by :func:`~recurjac_scale.jacobian.
 linear.entry_bounds` (intersected with RecurJac-B), and per output row bounds ``||J[i, :]||_q`` (``q`` = 1, 2) by
-one linear objective (:func:`~recurjac_scale.jacobian.linear_rows.row_norm_upper`).  The engine does not run it (in memory only).
+one linear objective (:func:`~recurjac_scale.jacobian.linear_rows.row_norm_upper`).  The engine runs it blockwise
+(:mod:`.linear_blocks`, :mod:`recurjac_scale.engine.linear_stage`).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=
     info["rounding"] = (
         "RecurJac-B's allowance (recurjac_scale.jacobian.chain) and, for the linear propagation, float64 with an "
         "allowance per objective: |coefficients| times the magnitudes of the variables they multiply, gamma of the "
-        "sum lengths, plus an underflow term (recurjac_scale.jacobian.linear); largest allowance relative to the "
+        "sum lengths, plus an underflow term (recurjac_scale.jacobian.linear_passes); largest allowance relative to the "
         f"width of an entry the propagation tightened: {info['allowance']:.3g}"
     )
     if rj_lower.dtype != np.float64:
@@ -123,6 +124,7 @@ def _row_norms_linear(network, jac, q):
 
 
 def _register():
+    from .linear_blocks import LINEAR_STAGE
     from .methods import JacobianMethod, register_jacobian_method
     from .recurjac import recurjac_step
 
@@ -130,9 +132,10 @@ def _register():
         JacobianMethod(
             "linear-jacobian", "backward", 0, recurjac_step, True,
             "linear bound propagation through the gradient graph (Shi et al. 2022 idea) on RecurJac-B's gradient "
-            "bounds, intersected with RecurJac-B; in memory only",
+            "bounds, intersected with RecurJac-B",
             run=run_linear_jacobian,
             row_norms=_row_norms_linear,
+            stage=LINEAR_STAGE,
         )
     )
 

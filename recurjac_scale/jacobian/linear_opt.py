@@ -1,6 +1,6 @@
 """Optimised relaxations for the row norms of ``linear-jacobian`` (alpha-CROWN-like; optional, needs torch).
 
-The row norm bound of :func:`recurjac_scale.jacobian.linear.row_norm_upper` is one linear objective per output row.
+The row norm bound of :func:`recurjac_scale.jacobian.linear_rows.row_norm_upper` is one linear objective per output row.
 Its relaxations have free parameters, each of which keeps the bound sound whatever its value:
 
 - per layer and neuron, the plane of ``y = a g`` on each side: a convex combination of the two McCormick planes
@@ -26,7 +26,9 @@ import numpy as np
 from ..activations import LeakyReLU
 from ..errors import InputError
 from .derivative_lines import relu_slope_ranges
-from .linear import LinearContext, RowBounds, _chord_planes, _safe_mul
+from .linear import _safe_mul
+from .linear_base import LinearContext, RowBounds
+from .linear_planes import _chord_planes
 from .linear_rows import row_norm_upper
 
 __all__ = ["certified_planes", "optimise_row_norm", "optimised_row_norms", "DEFAULT_STEPS"]

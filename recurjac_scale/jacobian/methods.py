@@ -143,13 +143,19 @@ class JacobianMethod:
     run : callable, optional
         A method that is not a chain of block steps (``linear-jacobian``): ``run(netc, region, layer_bounds,
         derivative_bounds, *, dtype, panel, sparse_threshold, stored_sparse) -> (lower, upper, chain, states,
-        info)``, in memory only; :func:`recurjac_scale.jacobian.jacobian_bounds` calls it instead of the chain
-        loop, and the engine does not offer it.
+        info)``, in memory; :func:`recurjac_scale.jacobian.jacobian_bounds` calls it instead of the chain
+        loop; the engine runs it only through its ``stage`` (below).
     row_norms : callable, optional
         The method's own certified upper bounds of ``max_{x in S} ||J[j, :](x)||_q`` per output row:
         ``row_norms(network, jacobian_bounds, q) -> ndarray (m,)`` or ``None`` for a norm it does not treat
         (``linear-jacobian``: one linear objective per row through the chords of ``|.|``).
         :func:`recurjac_scale.lipschitz.lipschitz` takes, per row, the smaller of this and Proposition 2's.
+    stage : object, optional
+        The blockwise form of a ``run`` method, which the engine runs instead of refusing it: an object with
+        ``base`` (the name of the chain method run first, whose states it reads), ``block`` (default block size),
+        ``context_bytes(widths)``, ``task_bytes(widths, block)`` and ``tightened_neurons(dl, du)`` (``linear-jacobian``:
+        :data:`recurjac_scale.jacobian.linear_blocks.LINEAR_STAGE`, run by
+        :mod:`recurjac_scale.engine.linear_stage`).
     """
 
     name: str
@@ -161,6 +167,7 @@ class JacobianMethod:
     cost_model: str = ""
     run: Callable | None = None
     row_norms: Callable | None = None
+    stage: object = None
 
     def build_chain(
         self, network, bounds, *, dtype=np.float64, panel: int = DEFAULT_PANEL, sparse_levels: tuple = ()
