@@ -134,12 +134,18 @@ def run_bounds(name, net, x0, c, eps, budgets, workers):
         res, m = measure(lambda: lipschitz(net, x0, eps, "inf", method=method, outputs=c))
         row[method] = {"value": float(res.points[0].lipschitz), **m}
     for budget in budgets:
+        load = os.getloadavg()[0]
         res, m = measure(lambda: bab_lipschitz(net, x0, eps, "inf", outputs=c, time_budget=budget, gap=0.0,
                                                scheduler="threads", workers=workers))
-        row[f"bab-{budget:g}s"] = {"value": res.upper, "lower": res.lower, "status": res.status,
-                                   "n_bounded": res.n_bounded, "n_frontier": res.n_frontier,
-                                   "history": [list(h) for h in res.history][-200:], **m}
-        print(f"  bab {budget:g}s: upper {res.upper:.6g} lower {res.lower:.6g} ({res.n_bounded} parts)", flush=True)
+        hist = [list(h) for h in res.history]
+        # first time the search's own bracket was within 10% (upper <= 1.1 lower)
+        t10 = next((h[0] for h in hist if h[2] > 0 and h[1] <= 1.1 * h[2]), None)
+        row[f"bab-{budget:g}s"] = {"value": res.upper, "lower": res.lower, "status": res.status, "method": res.method,
+                                   "n_bounded": res.n_bounded, "n_frontier": res.n_frontier, "t_within_10pct": t10,
+                                   "load_before": load, "load_after": os.getloadavg()[0],
+                                   "history": hist[-200:], **m}
+        print(f"  bab {budget:g}s: upper {res.upper:.6g} lower {res.lower:.6g} ({res.n_bounded} parts, "
+              f"{res.method}, cpu {m['cpu_s']:.1f} s, load {load:.2f})", flush=True)
     return row
 
 
@@ -176,19 +182,25 @@ def report(raw: dict) -> str:
         "l-inf local Lipschitz constant of logit c = max ||grad f_c||_1 over B_inf[x0, eps] (∩ [0, 1] for MNIST).",
         "`sampled`: the attack of `recurjac_scale.bab.attack` (32 restarts, 100 steps; an attained value, a lower",
         "bound). B / F0: `lipschitz(method=...)` (best of Proposition 2 and Algorithm 2). bab: `bab_lipschitz` with",
-        "recurjac-b on crown bounds, neuron splits, threads scheduler, gap 0, the given wall-time budget; `lo` is its",
-        "attained lower bound. exact: the activation-pattern MIP (`recurjac_scale.exact`, HiGHS, presolve off), with",
-        "the HiGHS dual bound in brackets when it did not finish. issue: the sampled / auto_LiRPA / best-of-B,F0",
-        "figures quoted in the issue for the same recipes.",
+        "its defaults (recurjac-b on each part, plus the one-sign-vector l1 bound for <= 64 inputs; attack and",
+        "region walk for the lower bound; the `method` of each run is in raw/bab.json) on crown bounds, neuron",
+        "splits, threads scheduler, gap 0, the given wall-time budget; `lo` is its attained lower bound (an exact",
+        "gradient norm at a point of the region, so lo <= exact <= upper). up/lo: the search's own bracket at 60 s",
+        "(<= 1.1 shows 'within 10% of the exact value' without knowing it); t(1.1): wall seconds until up/lo first",
+        "fell to <= 1.1 in the 60 s run. exact: the activation-pattern MIP (`recurjac_scale.exact`, HiGHS, presolve off), with the HiGHS",
+        "dual bound in brackets when it did not finish. issue: the sampled / auto_LiRPA / best-of-B,F0 figures",
+        "quoted in the issue for the same recipes.",
         "",
-        f"Machine: {raw.get('machine', {})}; date {raw.get('date', '?')}; shared with other jobs (loaded).",
+        f"Machine: {raw.get('machine', {})}; date {raw.get('date', '?')}; shared with other jobs (loaded: the",
+        "1-minute load average before each bab run is in the timing table; 2 cores).",
         "",
-        "| network | eps | sampled | B | F0 | bab 10 s (lo) | bab 60 s (lo) | exact | bab 60 s / exact | issue: sampled / auto_LiRPA / B,F0 |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| network | eps | sampled | B | F0 | bab 10 s (lo) | bab 60 s (lo) | up/lo 60 s | t(1.1) | exact | bab 60 s / exact | issue: sampled / auto_LiRPA / B,F0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     timing = [
         "",
-        "Time (wall / CPU of the calling process, s) and peak resident memory of the process (MiB):",
+        "Time (wall / CPU of the calling process, s) and peak resident memory of the process (MiB); bab: also",
+        "the parts bounded and the machine's 1-minute load average when the run started:",
         "",
         "| network | eps | B | F0 | bab 10 s | bab 60 s | exact |",
         "|---|---|---|---|---|---|---|",
@@ -211,12 +223,20 @@ def report(raw: dict) -> str:
                 return "-"
             return f"{fmt(r['value'], 5)} ({fmt(r['lower'], 5)})" if lo else fmt(r["value"], 5)
 
+        bracket = f"{b60['value'] / b60['lower']:.3f}" if (b60 and b60.get("lower")) else "-"
+        t10 = b60.get("t_within_10pct") if b60 else None
+        t10_s = "-" if t10 is None else f"{t10:.1f}"
         lines.append(f"| {name} | {eps:g} | {v('sampled')} | {v('recurjac-b')} | {v('recurjac-f0')} | "
-                     f"{v('bab-10s', True)} | {v('bab-60s', True)} | {exact_s} | {ratio} | {iss_s} |")
+                     f"{v('bab-10s', True)} | {v('bab-60s', True)} | {bracket} | {t10_s} | {exact_s} | {ratio} | {iss_s} |")
 
         def t(col):
             r = row.get(col)
-            return "-" if not r else f"{r['time_s']:.2f} / {r['cpu_s']:.2f} / {r['peak_mib']:.0f}"
+            if not r:
+                return "-"
+            extra = ""
+            if "n_bounded" in r:
+                extra = f" / {r['n_bounded']} parts" + (f" / load {r['load_before']:.1f}" if "load_before" in r else "")
+            return f"{r['time_s']:.2f} / {r['cpu_s']:.2f} / {r['peak_mib']:.0f}{extra}"
 
         timing.append(f"| {name} | {eps:g} | {t('recurjac-b')} | {t('recurjac-f0')} | {t('bab-10s')} | "
                       f"{t('bab-60s')} | {t('exact')} |")

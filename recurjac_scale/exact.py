@@ -357,6 +357,9 @@ def exact_lipschitz(
     time_limit: float | None = None,
     mip_rel_gap: float = 1e-9,
     presolve: bool = False,
+    lower_bound: float | None = None,
+    upper_bound: float | None = None,
+    sign_method: str | None = None,
 ) -> ExactResult:
     """The exact local Lipschitz constant ``max_{x in S} ||∇f(x)||_q`` of one output by a MIP (module docstring).
 
@@ -381,6 +384,18 @@ def exact_lipschitz(
         HiGHS's relative optimality gap.
     presolve : bool
         HiGHS presolve (off by default: see the module docstring).
+    lower_bound : float, optional
+        An attained value ``||∇f(x)||_q`` at a point of S (e.g. branch-and-bound's ``lower``): the row
+        ``objective >= lower_bound (1 - 1e-7)`` prunes every node whose relaxation is below it from the start
+        (HiGHS's own incumbents can be far lower).  A value above ``L*`` makes the problem infeasible
+        (:class:`~recurjac_scale.errors.InputError`).
+    upper_bound : float, optional
+        A certified upper bound of ``L*`` (e.g. branch-and-bound's ``upper``): the row ``objective <= upper_bound
+        (1 + 1e-7)``, a cut of the relaxation.
+    sign_method : str or None
+        A Jacobian method whose certified bounds of the gradient are intersected with the others before the
+        signs of its coordinates are fixed and the big-M constants of the l1 norm are set (default ``None``:
+        RecurJac-B and interval propagation only; a wrong bound here would cut off the optimum unnoticed).
 
     Returns
     -------
@@ -415,6 +430,12 @@ def exact_lipschitz(
 
     unstable = [np.flatnonzero((lb.lower[k] < 0) & (lb.upper[k] > 0)) for k in range(H - 1)]
     n_u = int(sum(len(u) for u in unstable))
+    if sign_method is not None and sign_method != "recurjac-b":
+        from .jacobian import jacobian_bounds
+
+        jb = jacobian_bounds(net1, region.x0, region.eps, p, method=sign_method, layer_bounds=lb, outputs=0)
+        lo0, hi0 = np.maximum(gb[0][0], jb.lower[0]), np.minimum(gb[0][1], jb.upper[0])
+        gb[0] = (np.minimum(lo0, hi0), np.maximum(lo0, hi0))
     vl, vu = _widen(*gb[0])
     mixed = np.flatnonzero((vl < 0) & (vu > 0))
     n_obj = len(mixed) * 2 if q == 1.0 else 1 + 2 * n0
@@ -528,6 +549,11 @@ def exact_lipschitz(
         n_sign = 2 * n0
 
     assert B.used == n_var
+    if lower_bound is not None and math.isfinite(float(lower_bound)):
+        cut = float(lower_bound) * (1.0 - 1e-7) - 1e-12 - obj_c
+        B.le(-obj, -cut)
+    if upper_bound is not None and math.isfinite(float(upper_bound)):
+        B.le(obj.copy(), float(upper_bound) * (1.0 + 1e-7) + 1e-12 - obj_c)
     cons = []
     if B.rows:
         cons.append(LinearConstraint(np.vstack(B.rows), -np.inf, np.asarray(B.rhs)))

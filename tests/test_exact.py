@@ -90,6 +90,22 @@ def test_mip_equals_brute_force(widths, act, p, eps, rng):
     cert = lipschitz(net, x0, eps, p).points[0].lipschitz
     assert cert >= ref * (1 - 1e-12)
     assert res.n_unstable >= 2
+    # with the cuts of an attained lower bound (a point's gradient norm) and a certified upper bound, and with
+    # linear-jacobian's sign bounds: the same value
+    X = np.random.default_rng(1).uniform(-1, 1, (200, widths[0])) * eps / (widths[0] if p == 1.0 else 1) + x0
+    seen = float(np.linalg.norm(net.jacobian(X)[:, 0, :], ord=1.0 if p == math.inf else math.inf, axis=1).max())
+    assert seen <= ref * (1 + 1e-12)
+    cut = exact_lipschitz(net, x0, eps, p, lower_bound=seen, upper_bound=cert, sign_method="linear-jacobian")
+    assert cut.optimal and cut.value == pytest.approx(ref, rel=1e-9)
+
+
+def test_mip_lower_bound_above_the_optimum_is_infeasible(rng):
+    net = random_network((3, 6, 2), "relu", rng=rng)
+    x0 = rng.uniform(0, 1, 3)
+    ex = exact_lipschitz(net, x0, 1.0, "inf", outputs=0)
+    assert ex.optimal
+    with pytest.raises(InputError, match="no solution"):
+        exact_lipschitz(net, x0, 1.0, "inf", outputs=0, lower_bound=ex.value * 1.01)
 
 
 def test_mip_margin_output_and_domain(rng):

@@ -22,7 +22,7 @@ import numpy as np
 from ..layer_bounds.base import Region
 from ..network.model import Network
 
-__all__ = ["gradient_norm_attack"]
+__all__ = ["gradient_norm_attack", "region_walk"]
 
 
 def _smoothed_gradients(network: Network, X: np.ndarray, tau: np.ndarray | None, alphas) -> np.ndarray:
@@ -157,4 +157,118 @@ def gradient_norm_attack(
         i = int(np.argmax(s))
         if s[i] > best:
             best, best_x = float(s[i]), P[i].copy()
+    return best, best_x
+
+
+def _pattern_at(network: Network, x: np.ndarray) -> list[np.ndarray]:
+    """The activation pattern (1 where ``z >= 0``) of every hidden layer at ``x``."""
+    return [(z >= 0).astype(np.int8) for z in network.pre_activations(np.asarray(x, np.float64)[None, :])[:-1]
+            for z in (z[0],)]
+
+
+def _flip_gradients(network: Network, pattern, alphas) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients of every single-neuron flip of ``pattern``: ``(layer, neuron)`` pairs (shape ``(m, 2)``) and the
+    gradients (shape ``(m, n_0)``), with ``∇f_δ = W(0)^T D_1 ... D_{H-1} w``; flipping neuron ``j`` of layer
+    ``k`` changes ``D_k[j]`` by ``±(1 - alpha)``: a rank-one change of the product."""
+    ws = [np.asarray(w, np.float64) for w in network.weights]
+    H = len(ws)
+    ds = [np.where(np.asarray(pattern[k]) > 0, 1.0, alphas[k]) for k in range(H - 1)]
+    # back[k] = ∂f/∂h_k (length n_k+1 ... ) : g after layer k's weights, before D_k
+    back = [None] * (H - 1)
+    g = ws[-1][0].copy()
+    for k in range(H - 2, -1, -1):
+        back[k] = g  # ∂f/∂h_{k+1} (output of hidden layer k)
+        g = ws[k].T @ (ds[k] * g)
+    base = g
+    # fwd[k] = ∂h_k^-/∂x rows: J_k = W(k) D_{k-1} ... W(0), shape (n_{k+1}, n_0): ∂z_{k+1}/∂x
+    fwd = []
+    J = ws[0]
+    for k in range(H - 1):
+        fwd.append(J)
+        if k + 1 < H - 1:
+            J = ws[k + 1] @ (ds[k][:, None] * J)
+    idx, grads = [], []
+    for k in range(H - 1):
+        delta = np.where(np.asarray(pattern[k]) > 0, alphas[k] - 1.0, 1.0 - alphas[k])  # change of D_k[j]
+        grads.append(base[None, :] + (delta * back[k])[:, None] * fwd[k])
+        idx.append(np.stack([np.full(len(delta), k), np.arange(len(delta))], axis=1))
+    return np.vstack(idx), np.vstack(grads)
+
+
+def region_walk(
+    network: Network,
+    region: Region,
+    q: float,
+    starts: np.ndarray,
+    *,
+    alphas,
+    max_steps: int = 200,
+    tries: int = 6,
+    time_budget: float | None = None,
+) -> tuple[float, np.ndarray]:
+    """Ascent over the linear regions of a ReLU-family network: from the region of each start point, move to the
+    adjacent region (one neuron's sign flipped) with the largest gradient norm among those that meet the interior
+    of S (an LP, :func:`recurjac_scale.exact.pattern_interior_point`), until no neighbour is better.  On a region
+    the gradient is constant, so this maximises ``||∇f||_q`` over feasible activation patterns locally.
+
+    Every value returned is recomputed by :meth:`Network.jacobian` at an interior point of the region (a point of
+    S), so it is an attained value: a lower bound of the local Lipschitz constant.
+
+    Parameters
+    ----------
+    network : Network
+        One output row, ReLU-family hidden layers.
+    region : Region
+    q : float
+    starts : ndarray, shape (k, n_0)
+        Points of S to start from.
+    alphas : sequence of float
+        Negative-side slopes of the hidden layers.
+    max_steps : int
+        Moves per start.
+    tries : int
+        Improving neighbours (best first) tested for feasibility before a start stops.
+    time_budget : float, optional
+
+    Returns
+    -------
+    value, x : float, ndarray of shape (n_0,)
+        The best attained norm and its point (``-inf`` and the first start if nothing was attained).
+    """
+    from ..exact import pattern_interior_point
+
+    t0 = time.perf_counter()
+    starts = np.atleast_2d(np.asarray(starts, np.float64))
+    best, best_x = -math.inf, starts[0].copy()
+
+    def attained(x):
+        return float(np.linalg.norm(network.jacobian(x)[0], ord=q))
+
+    for x in starts:
+        val = attained(x)
+        if val > best:
+            best, best_x = val, x.copy()
+        pattern = _pattern_at(network, x)
+        for _ in range(max_steps):
+            if time_budget is not None and time.perf_counter() - t0 > time_budget:
+                return best, best_x
+            idx, grads = _flip_gradients(network, pattern, alphas)
+            norms = np.linalg.norm(grads, ord=q, axis=1)
+            order = [i for i in np.argsort(-norms) if norms[i] > val * (1.0 + 1e-12)][: max(int(tries), 1)]
+            moved = False
+            for i in order:
+                k, j = int(idx[i, 0]), int(idx[i, 1])
+                cand = [d.copy() for d in pattern]
+                cand[k][j] = 1 - cand[k][j]
+                margin, xi = pattern_interior_point(network, region, cand)
+                if xi is None or not margin > 0:
+                    continue
+                v = attained(xi)
+                if v > val * (1.0 + 1e-12):
+                    pattern, val, moved = cand, v, True
+                    if v > best:
+                        best, best_x = v, xi.copy()
+                    break
+            if not moved:
+                break
     return best, best_x

@@ -42,6 +42,8 @@ __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "recurjac-scale-bab-checkpoint"
 CHECKPOINT_VERSION = 1
+WALK_STARTS = 64
+"""Region walks started from sample points of distinct activation patterns (within the walk's time budget)."""
 
 
 def _enc(v: float):
@@ -155,6 +157,7 @@ def _fingerprint(prob: BabProblem) -> str:
             h.update(np.ascontiguousarray(v, np.float64).tobytes())
     h.update(np.ascontiguousarray(prob.x0, np.float64).tobytes())
     h.update(json.dumps([_enc(prob.eps), _enc(prob.p), prob.method, prob.layer_bound_method, prob.split, prob.branching,
+                         prob.sign_bound,
                          [list(kv) for kv in prob.layer_bound_options],
                          [a.to_spec() for a in prob.network.activations]], sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -264,6 +267,8 @@ def bab_lipschitz(
     seed: int = 0,
     max_rounds: int | None = None,
     dives: bool = True,
+    walk: bool = True,
+    sign_bound: bool = True,
     progress=None,
 ) -> BabResult:
     """Branch-and-bound bounds ``lower <= max_{x in S} ||∇f(x)||_q <= upper`` of the local Lipschitz constant of
@@ -280,7 +285,11 @@ def bab_lipschitz(
     outputs : int, (c, j) or array (1, n_H)
         One output row (:func:`recurjac_scale.jacobian.output_matrix`).
     method : str
-        Jacobian method bounding each part (default ``recurjac-b``; ``recurjac-f0`` is tighter and slower).
+        Jacobian method bounding each part (default ``recurjac-b``).  ``linear-jacobian`` is tighter on the
+        whole region, but it is given the parts' clipped layer bounds without the split neurons' fixed
+        derivatives (:data:`recurjac_scale.bab.parts.PHASE_BLIND_METHODS`), costs about twice as much per part
+        on small networks (about 1 s per part on 784-input MNIST networks) and ended looser than
+        ``recurjac-b`` after 60 s on the 32-32-32-10 recipes (``benchmarks/results/bab.md``).
     layer_bounds : str
         Pre-activation bound method for the parts (default ``crown``).
     layer_bound_options : dict, optional
@@ -311,6 +320,13 @@ def bab_lipschitz(
     dives : bool
         Besides the best-first parts, split one part per round along a greedy path (the child with the larger
         bound) down to a leaf: its activation pattern gives an attained lower bound early.
+    walk : bool
+        ReLU family: after the attack, an ascent over adjacent linear regions
+        (:func:`recurjac_scale.bab.attack.region_walk`) from the attack's point and the best points of a sample
+        of S, and from every better point the parts give (attained values: lower bounds).
+    sign_bound : bool
+        ``p = inf``, at most ``SIGN_MAX_INPUTS`` (64) inputs: also bound each part with one sign vector for all
+        gradient coordinates (:mod:`recurjac_scale.bab.signs`); the smaller bound is kept.
     progress : callable, optional
         Called after each round with ``(elapsed_s, upper, lower, n_frontier)``.
 
@@ -320,7 +336,7 @@ def bab_lipschitz(
     """
     from ..jacobian import get_jacobian_method, output_matrix
     from ..layer_bounds import layer_bounds as compute_layer_bounds
-    from .attack import gradient_norm_attack
+    from .attack import gradient_norm_attack, region_walk
 
     t0, c0 = time.perf_counter(), time.process_time()
     p = parse_norm(p)
@@ -355,7 +371,7 @@ def bab_lipschitz(
     prob = BabProblem(
         network=net1, x0=region.x0, eps=region.eps, p=p, q=q, method=method, layer_bound_method=lbm,
         root_lower=tuple(root_lb.lower), root_upper=tuple(root_lb.upper), split=split, alphas=alphas,
-        branching=_check_branching(branching), layer_bound_options=lb_opts,
+        branching=_check_branching(branching), layer_bound_options=lb_opts, sign_bound=bool(sign_bound),
     )
     fp = _fingerprint(prob)
     ck = Path(checkpoint) if checkpoint is not None else None
@@ -369,6 +385,20 @@ def bab_lipschitz(
         net1, region, q, alphas=alphas, layer_widths=widths, restarts=attack_restarts, steps=attack_steps,
         rng=np.random.default_rng(seed), time_budget=att_budget,
     )
+    if alphas is not None and walk:
+        # ascent over adjacent linear regions from the attack's point and the best points of a sample
+        from ..testing import sample_region
+
+        # starts: the attack's point, then the best sample points of distinct activation patterns
+        S = sample_region(region, 4096, np.random.default_rng(seed + 1))
+        sc = np.linalg.norm(net1.jacobian(S)[:, 0, :], ord=q, axis=1)
+        order = np.argsort(-sc, kind="stable")
+        keys = np.hstack([z[order] > 0 for z in net1.pre_activations(S)[:-1]])
+        _, first = np.unique(keys, axis=0, return_index=True)
+        starts = np.vstack([lower_x[None, :], S[order[np.sort(first)][:WALK_STARTS]]])
+        w, wx = region_walk(net1, region, q, starts, alphas=alphas, time_budget=min(0.1 * time_budget, 10.0))
+        if w > lower:
+            lower, lower_x = w, wx
     frontier: list = []
     seq = 0
     closed_upper = -math.inf
@@ -389,6 +419,7 @@ def bab_lipschitz(
             heapq.heappush(frontier, (-_dec(e["bound"]), seq, e))
             seq += 1
 
+    walked = lower  # the lower bound after the last region walk
     dive = None  # the part being dived into (not in the heap): (bound, entry)
 
     def upper_now() -> float:
@@ -497,6 +528,13 @@ def bab_lipschitz(
                 dive = dive_items[0]
                 for it in dive_items[1:]:
                     push(it)
+            if alphas is not None and walk and lower > walked:
+                # a better point came from the parts: walk on from its region
+                w, wx = region_walk(net1, region, q, lower_x[None, :], alphas=alphas,
+                                    time_budget=min(0.02 * time_budget, 2.0))
+                if w > lower:
+                    lower, lower_x = w, wx
+                walked = lower
             rounds += 1
             rounds_total += 1
             history.append((elapsed_before + time.perf_counter() - t0, upper_now(), lower))
