@@ -144,7 +144,8 @@ def local_test_client(n_workers: int, memory_limit, security=None):
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, protocol="tls", host="127.0.0.1",
-                      security=security, dashboard_address=None, memory_limit=memory_limit,
+                      security=security, dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False},
+                      memory_limit=memory_limit,
                       env=worker_env(None)) as cluster, Client(cluster, security=security) as client:
         yield client
 

@@ -106,9 +106,14 @@ def _network(model):
         return model
     key = str(model)
     if key not in _MODELS:
+        import dask
+
         from ..network.store_read import open_network
 
-        _MODELS[key] = open_network(key).materialize()
+        # read with the synchronous scheduler: never back to the cluster from inside a task (on a worker whose
+        # configuration names the distributed scheduler, compute() would look for a client there)
+        with dask.config.set(scheduler="synchronous"):
+            _MODELS[key] = open_network(key).materialize()
     return _MODELS[key]
 
 
