@@ -166,6 +166,25 @@ def test_derivative_lines_enclose_the_derivative(act, params, rng):
             assert (tl[inside] <= params["alpha"]).all() and (tu[inside] >= 1.0).all()
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.3])
+def test_derivative_lines_respect_fixed_derivatives(alpha, rng):
+    """Split neurons (branch-and-bound phases) come with derivative bounds narrower than the activation's range on
+    [l, u]: held inactive on [l, 0] (dl = du = alpha) or active on [l, u] restricted to z >= 0 (dl = du = 1).  The
+    lines must bound the fixed derivative at every z of the part (z <= 0, resp. z >= 0)."""
+    act = get_activation("relu") if alpha == 0.0 else get_activation("leaky_relu", alpha=alpha)
+    n = 200
+    l = -rng.exponential(1.0, n) - 1e-3
+    for u, d, part in ((np.zeros(n), alpha, lambda Z: Z <= 0), (rng.exponential(1.0, n) + 1e-3, 1.0,
+                                                                 lambda Z: Z >= 0)):
+        dl = du = np.full(n, d)
+        for mode in ("centre", "area"):
+            sl, tl, su, tu = derivative_lines(act, l, u, dl, du, rng.uniform(l, u), mode)
+            Z = l[:, None] + np.linspace(0.0, 1.0, 101)[None, :] * (u - l)[:, None]
+            inside = part(Z)
+            assert ((sl[:, None] * Z + tl[:, None] <= d) | ~inside).all()
+            assert ((su[:, None] * Z + tu[:, None] >= d) | ~inside).all()
+
+
 @pytest.mark.parametrize("p", NORMS, ids=["p1", "p2", "pinf"])
 def test_lipschitz_upper_bounds_the_gradient_norm(p, rng):
     net = _net("relu", {}, rng, widths=(6, 12, 10, 4))

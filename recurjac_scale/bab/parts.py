@@ -268,9 +268,10 @@ def _method_bound(prob: BabProblem, net: Network, xc, r, lb: LayerBounds):
             upper_ys = a2_fn(net, jb, signs)
         prop2, alg2, _ = lipschitz_from_bounds(jb.lower, jb.upper, prob.p, upper_ys=upper_ys, signs=signs)
         return float(min(prop2, alg2 if alg2 is not None else math.inf)), jb
-    # linear-jacobian's entry bounds excluded the true Jacobian when LayerBounds.phases were set (measured with an
-    # earlier version: by 0.075 at an interior point of a part of the 16-16-16-10 recipe at eps 0.05; the current
-    # one passes tests/test_bab.py::test_part_bounds_hold_at_points_of_the_part without this); it gets the clipped
+    # linear-jacobian's entry bounds once excluded the true Jacobian when LayerBounds.phases were set (by 0.075 at an
+    # interior point of a part of the 16-16-16-10 recipe at eps 0.05): its ReLU lines of sigma' assumed the full
+    # derivative range [alpha, 1] on every interval with l < 0 <= u, also for a neuron held inactive on [l, 0]
+    # (fixed in jacobian/derivative_lines.py; tests/test_linear_jacobian_phases.py).  It still gets the clipped
     # bounds only, where the split neurons' derivatives follow from their clipped ranges, and RecurJac-B bounds the
     # part with the fixed derivatives as well (on a part with one pattern that is the pattern's gradient norm)
     blind = prob.method in PHASE_BLIND_METHODS

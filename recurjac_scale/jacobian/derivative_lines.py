@@ -212,6 +212,11 @@ def derivative_lines(
     if isinstance(act, LeakyReLU):
         alpha = float(act.alpha)
         s_up_max, s_low_max = relu_slope_ranges(alpha, l, u)
+        # the sloped lines pass through (0, du) and (0, dl) and are valid on [l, u] only when the derivative range
+        # is the whole [alpha, 1]: with narrower bounds (split neurons whose phase fixes the derivative, e.g. a
+        # neuron held inactive on [l, 0]: dl = du = alpha) an upper line 0 + z / (-l) would fall below alpha
+        s_up_max = np.where(du >= 1.0, s_up_max, 0.0)
+        s_low_max = np.where(dl <= alpha, s_low_max, 0.0)
         unst = s_up_max > 0
         # upper 1 + s z: tight where sigma' = 1 (z0 >= 0) with s = 0, where sigma' = alpha with the largest s
         if mode == "area":  # area above sigma': -l + s (u^2 - l^2) / 2; below: u + s (l^2 - u^2) / 2
