@@ -343,3 +343,21 @@ def test_unreachable_scheduler_leaves_no_store(tmp_path):
     with pytest.raises(ClusterError, match="cannot connect"):
         run_batch(job, out, scheduler=f"tcp://127.0.0.1:{port}", connect_timeout=2)
     assert [r["key"] for r in _records(out)] == [part[0]["key"]]
+
+
+def test_cli_unreachable_scheduler_one_line_and_no_store(tmp_path, capsys):
+    """certify --scheduler ADDRESS --connect-timeout S: one line naming the address, exit 1, no store left."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    np.save(tmp_path / "x.npy", _inputs(2))
+    out = tmp_path / "c.jsonl"
+    t0 = time.monotonic()
+    rc = main(["certify", "default", "--inputs", str(tmp_path / "x.npy"), "--method", "fastlip", "--layer-bounds",
+               "ibp", "--no-margin-bound", "--json", str(out), "--quiet", "--scheduler", f"tcp://127.0.0.1:{port}",
+               "--connect-timeout", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and f"127.0.0.1:{port}" in err[0] and "Traceback" not in err[0], err
+    assert time.monotonic() - t0 < 25
+    assert not out.exists()

@@ -8,7 +8,7 @@ import math
 import sys
 
 from ..errors import InputError
-from ._common import positive_int
+from ._common import positive_int, positive_seconds
 
 __all__ = ["add_input_arguments", "add_run_arguments", "load_job_inputs", "model_source", "execute", "print_summary"]
 
@@ -47,6 +47,8 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads per worker (threads scheduler: the pool size, default the CPU count)")
     p.add_argument("--memory-budget", default=None, metavar="SIZE",
                    help="memory limit per worker of a local cluster, e.g. 4GB (default: the machine's memory / N)")
+    p.add_argument("--connect-timeout", type=positive_seconds, default=30.0, metavar="SECONDS",
+                   help="how long to wait for a scheduler given by address (default 30)")
 
 
 def model_source(name: str) -> str:
@@ -117,7 +119,7 @@ def execute(args, job):
     try:
         res = run_batch(job, args.json, scheduler=args.scheduler, workers=args.workers,
                         threads_per_worker=args.threads_per_worker, memory_limit=mem, overwrite=args.overwrite,
-                        on_record=on_record)
+                        on_record=on_record, connect_timeout=args.connect_timeout)
     finally:
         if bar is not None:
             bar.close()

@@ -36,6 +36,17 @@ def positive_int(text: str) -> int:
     return v
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type: a positive, finite number of seconds (a usage error, exit 2, otherwise)."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not (v > 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return v
+
+
 def add_output_arguments(parser, metavar: str = "OUT.npz") -> None:
     """``-o/--output`` (required), ``--overwrite`` and ``--quiet``, as every command writing one file has them."""
     parser.add_argument("-o", "--output", required=True, metavar=metavar, help="output file")

@@ -12,22 +12,10 @@ import json
 import math
 import sys
 
-from ._common import check_output, load_inputs, load_model, positive_int
+from ._common import check_output, load_inputs, load_model, positive_int, positive_seconds
 from .bounds import NORM_CHOICES, check_eps, check_jacobian_method, check_layer_bounds, parse_eps, parse_outputs, select_input
 
 __all__ = ["register", "run"]
-
-
-def _seconds(text: str) -> float:
-    import argparse
-
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"expected finite seconds > 0, got {text!r}")
-    return v
 
 
 def _tolerance(text: str) -> float:
@@ -67,14 +55,14 @@ def register(subparsers) -> None:
     p.add_argument("--layer-bounds", default=None, metavar="B", help="pre-activation bounds: ibp, fastlin, crown (default)")
     p.add_argument("--split", choices=("auto", "neuron", "input"), default="auto",
                    help="what to split: neuron signs (relu / leaky_relu; auto's choice there), input coordinates (p = inf)")
-    p.add_argument("--time-budget", type=_seconds, default=60.0, metavar="S", help="seconds of search (default 60)")
+    p.add_argument("--time-budget", type=positive_seconds, default=60.0, metavar="S", help="seconds of search (default 60)")
     p.add_argument("--gap", type=_tolerance, default=0.01, metavar="TOL", help="stop when upper <= (1 + TOL) lower (default 0.01)")
     p.add_argument("--scheduler", default=None, metavar="S",
                    help="synchronous, threads (default), processes, distributed (a local cluster of --workers), or tcp://host:port")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="worker processes (processes / distributed)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="JSON checkpoint of the frontier; an existing one is resumed")
     p.add_argument("--exact", action="store_true", help="also solve the exact MIP (relu / leaky_relu, p = 1 or inf; small networks)")
-    p.add_argument("--exact-time-limit", type=_seconds, default=600.0, metavar="S", help="time limit of the MIP (default 600)")
+    p.add_argument("--exact-time-limit", type=positive_seconds, default=600.0, metavar="S", help="time limit of the MIP (default 600)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")

@@ -8,7 +8,6 @@ per input, misclassified and failed inputs) unless ``--quiet``.
 
 from __future__ import annotations
 
-import math
 
 from ._batch import add_input_arguments, add_run_arguments, execute, load_job_inputs, model_source, print_summary
 from ._common import add_model_argument, load_model

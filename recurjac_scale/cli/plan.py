@@ -15,7 +15,7 @@ from .bounds import (
     parse_eps,
     select_input,
 )
-from ._common import load_inputs, positive_int
+from ._common import load_inputs, positive_int, positive_seconds
 
 __all__ = ["register", "run", "add_engine_arguments", "make_plan"]
 
@@ -39,26 +39,12 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="worker processes (starts a local dask cluster on 127.0.0.1 unless --scheduler says otherwise)")
     p.add_argument("--threads-per-worker", type=positive_int, default=None, metavar="N",
                    help="threads per worker (threads scheduler: the pool size, default the CPU count)")
-    p.add_argument("--connect-timeout", type=_seconds, default=None, metavar="SECONDS",
+    p.add_argument("--connect-timeout", type=positive_seconds, default=None, metavar="SECONDS",
                    help="how long to wait for a scheduler given by address (default 30)")
-
-
-def _seconds(text: str) -> float:
-    """argparse type: a positive, finite number of seconds."""
-    import math
-
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return v
 
 
 def make_plan(args, net, *, scheduler: str | None = None):
     """Validate the arguments and plan the job."""
-    from ..engine import plan_jacobian
     from ..engine.schedulers import parse_scheduler
 
     check_eps([args.eps])
