@@ -43,6 +43,28 @@ CHECKPOINT_FORMAT = 1
 
 
 
+_ARRAYS: dict = {}
+_ARRAYS_LOCK = threading.Lock()
+
+
+def open_state_array(path: str, job_id: str):
+    """Open (and cache per process) a zarr array of the state / result stores.  The cache key includes the job:
+    a folder reused by another job (``--overwrite``) has other shapes and chunks."""
+    key = (path, job_id)
+    a = _ARRAYS.get(key)
+    if a is None:
+        import zarr
+
+        with _ARRAYS_LOCK:
+            a = _ARRAYS.get(key)
+            if a is None:
+                a = zarr.open_array(path, mode="r+")
+                if len(_ARRAYS) > 256:
+                    _ARRAYS.clear()
+                _ARRAYS[key] = a
+    return a
+
+
 def state_array_path(state: str, t: int, key: str) -> str:
     """Path of the state array ``key`` (``"lower"`` / ``"upper"``) of step ``t`` inside a run's state folder."""
     return os.path.join(state, f"step-{t:03d}", key)

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError, StoreError
-from .checkpoint import Checkpoint, state_array_path
+from .checkpoint import Checkpoint, open_state_array, state_array_path
 from .memory import format_bytes
 
 __all__ = ["StagePlan", "StageSpec", "plan_stage", "stage_applies", "create_stage_arrays", "add_stage_graph",
@@ -216,19 +216,6 @@ class StageSpec:
             return ctx, centre_gradients_ctx(ctx)
 
 
-_ARRAYS: dict = {}
-
-
-def _arr(path: str):
-    import zarr
-
-    a = _ARRAYS.get(path)
-    if a is None:
-        a = zarr.open_array(path, mode="r+")
-        if len(_ARRAYS) > 512:
-            _ARRAYS.clear()
-        _ARRAYS[path] = a
-    return a
 
 
 def _g_path(state: str, k: int, key: str) -> str:
@@ -251,8 +238,8 @@ def _rj_row(spec: StageSpec, state: str, i: int):
         if t == 0:
             gl[k] = gu[k] = np.asarray(ctx.W[H - 1][i], np.float64)
         else:
-            gl[k] = np.asarray(_arr(state_array_path(state, t, "lower"))[i, :], np.float64)
-            gu[k] = np.asarray(_arr(state_array_path(state, t, "upper"))[i, :], np.float64)
+            gl[k] = np.asarray(open_state_array(state_array_path(state, t, "lower"), spec.key)[i, :], np.float64)
+            gu[k] = np.asarray(open_state_array(state_array_path(state, t, "upper"), spec.key)[i, :], np.float64)
     return gl, gu
 
 
@@ -267,8 +254,8 @@ def _row(spec: StageSpec, state: str, i: int, k_min: int):
         lo, up = gl[k].copy(), gu[k].copy()
         idx = spec.tightened[k]
         if idx.size:
-            lo[idx] = np.asarray(_arr(_g_path(state, k, "lower"))[i, :], np.float64)
-            up[idx] = np.asarray(_arr(_g_path(state, k, "upper"))[i, :], np.float64)
+            lo[idx] = np.asarray(open_state_array(_g_path(state, k, "lower"), spec.key)[i, :], np.float64)
+            up[idx] = np.asarray(open_state_array(_g_path(state, k, "upper"), spec.key)[i, :], np.float64)
         if np.isnan(lo).any() or np.isnan(up).any():
             raise StoreError(f"tightened bounds of layer {k}, row {i} are missing")
         tightened[k] = (lo, up)
@@ -300,7 +287,7 @@ def _tighten_task(spec: StageSpec, state: str, ckpt: str, job_id: str, durable: 
         lo, up = tighten_block(ctx, rb, k, idx)
     paths = []
     for key, v in (("lower", lo), ("upper", up)):
-        _arr(_g_path(state, k, key))[i : i + 1, r0:r1] = v[None, :]
+        open_state_array(_g_path(state, k, key), spec.key)[i : i + 1, r0:r1] = v[None, :]
         paths.append(Path(_g_path(state, k, key)) / "c" / str(i) / str(b))
     info = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.thread_time() - c0, "pid": os.getpid()}
     _record(ck, TIGHTEN_STEP + k, i, b, info, paths, durable)
@@ -320,15 +307,15 @@ def _entry_task(spec: StageSpec, state: str, ckpt: str, job_id: str, durable: bo
     n0 = ctx.W[0].shape[1]
     j0, j1 = b * spec.block, min(n0, (b + 1) * spec.block)
     T = spec.n_steps
-    rj_lo = np.asarray(_arr(state_array_path(state, T, "lower"))[i, j0:j1], np.float64)
-    rj_up = np.asarray(_arr(state_array_path(state, T, "upper"))[i, j0:j1], np.float64)
+    rj_lo = np.asarray(open_state_array(state_array_path(state, T, "lower"), spec.key)[i, j0:j1], np.float64)
+    rj_up = np.asarray(open_state_array(state_array_path(state, T, "upper"), spec.key)[i, j0:j1], np.float64)
     with blas_single_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         lo, up, worst = entry_block(ctx, rb, j0, j1, rj_lo, rj_up)
     paths = []
     for key, v in (("lower", lo), ("upper", up)):
-        _arr(_e_path(state, key))[i : i + 1, j0:j1] = v[None, :]
+        open_state_array(_e_path(state, key), spec.key)[i : i + 1, j0:j1] = v[None, :]
         paths.append(Path(_e_path(state, key)) / "c" / str(i) / str(b))
-    _arr(_e_path(state, "worst"))[i : i + 1, b : b + 1] = worst
+    open_state_array(_e_path(state, "worst"), spec.key)[i : i + 1, b : b + 1] = worst
     paths.append(Path(_e_path(state, "worst")) / "c" / str(i) / str(b))
     info = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.thread_time() - c0, "pid": os.getpid()}
     _record(ck, ENTRY_STEP, i, b, info, paths, durable)
@@ -347,11 +334,11 @@ def _rownorm_task(spec: StageSpec, state: str, ckpt: str, job_id: str, durable: 
     t0, c0 = time.perf_counter(), time.thread_time()
     ctx, _ = spec.context()
     rb = _row(spec, state, i, 0)
-    lo = np.asarray(_arr(_e_path(state, "lower"))[i, :], np.float64)
-    up = np.asarray(_arr(_e_path(state, "upper"))[i, :], np.float64)
+    lo = np.asarray(open_state_array(_e_path(state, "lower"), spec.key)[i, :], np.float64)
+    up = np.asarray(open_state_array(_e_path(state, "upper"), spec.key)[i, :], np.float64)
     with blas_single_thread(), np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         v = row_norm(ctx, rb, lo, up, spec.q)
-    _arr(os.path.join(state, "linear", "rows"))[i : i + 1] = v
+    open_state_array(os.path.join(state, "linear", "rows"), spec.key)[i : i + 1] = v
     info = {"seconds": time.perf_counter() - t0, "cpu_seconds": time.thread_time() - c0, "pid": os.getpid()}
     _record(ck, ROWNORM_STEP, i, 0, info, [Path(state) / "linear" / "rows" / "c" / str(i)], durable)
     return {"stage": "rownorm", "i": i, **info}
@@ -362,15 +349,15 @@ def stage_finish_task(spec: StageSpec, state: str, result: str, job_id: str, j: 
     norm bounds (``None`` for other norms) and the largest relative rounding allowance."""
     import zarr
 
-    lo = np.asarray(_arr(_e_path(state, "lower"))[...])
-    up = np.asarray(_arr(_e_path(state, "upper"))[...])
+    lo = np.asarray(open_state_array(_e_path(state, "lower"), spec.key)[...])
+    up = np.asarray(open_state_array(_e_path(state, "upper"), spec.key)[...])
     c0, c1 = cols
     zarr.open_array(os.path.join(result, "lower"), mode="r+")[:, c0:c1] = lo[:, c0:c1]
     zarr.open_array(os.path.join(result, "upper"), mode="r+")[:, c0:c1] = up[:, c0:c1]
-    worst = np.asarray(_arr(_e_path(state, "worst"))[...])
+    worst = np.asarray(open_state_array(_e_path(state, "worst"), spec.key)[...])
     rows = None
     if spec.q in (1.0, 2.0):
-        rows = [float(v) for v in np.asarray(_arr(os.path.join(state, "linear", "rows"))[...])]
+        rows = [float(v) for v in np.asarray(open_state_array(os.path.join(state, "linear", "rows"), spec.key)[...])]
     return {"finish": j, "rounding_share": None, "row_norms": rows,
             "allowance": float(np.nanmax(worst)) if worst.size else 0.0}
 

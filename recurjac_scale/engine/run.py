@@ -34,13 +34,13 @@ import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .._json import json_safe
 from ..errors import IncompleteRunError, OutputExistsError, StoreError
 from .checkpoint import Checkpoint
+from .checkpoint import open_state_array as _array
 from .checkpoint import state_array_path as _state_array_path
 from .result_store import RESULT_FORMAT  # noqa: F401 (re-exported)
 from .result_store import EngineResult, create_result_store, seal_result_store
@@ -49,8 +49,6 @@ from .schedulers import blas_single_thread, open_executor
 __all__ = ["EngineResult", "run_plan", "RESULT_FORMAT"]
 
 
-_ARRAYS: dict[str, Any] = {}
-_ARRAYS_LOCK = threading.Lock()
 
 PRIOR_CACHE_BYTES = 128 * 2**20
 """Per process: rows of earlier states kept after a task read them, least recently used dropped first.  The column
@@ -62,24 +60,6 @@ are streamed (out-of-core runs)."""
 _PRIORS: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 _PRIORS_BYTES = [0]
 _PRIORS_LOCK = threading.Lock()
-
-
-def _array(path: str, job_id: str):
-    """Open (and cache per process) a zarr array of the state / result stores.  The cache key includes the job:
-    a folder reused by another job (``--overwrite``) has other shapes and chunks."""
-    key = (path, job_id)
-    a = _ARRAYS.get(key)
-    if a is None:
-        import zarr
-
-        with _ARRAYS_LOCK:
-            a = _ARRAYS.get(key)
-            if a is None:
-                a = zarr.open_array(path, mode="r+")
-                if len(_ARRAYS) > 256:
-                    _ARRAYS.clear()
-                _ARRAYS[key] = a
-    return a
 
 
 def _read_prior(path: str, job_id: str, r0: int, r1: int, cache: bool = True) -> np.ndarray:
