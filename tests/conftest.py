@@ -58,3 +58,19 @@ def _single_threaded_blas():
 
     with threadpool_limits(limits=1):
         yield
+
+
+@pytest.fixture(scope="module")
+def client():
+    """A real 2-process dask LocalCluster on loopback, with the engine's worker environment, for one test module."""
+    distributed = pytest.importorskip("distributed")
+    from recurjac_scale.engine.schedulers import WORKER_ENV
+
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                       dashboard_address="127.0.0.1:0", env=dict(WORKER_ENV))
+    c = distributed.Client(cluster)
+    try:
+        yield c
+    finally:
+        c.close()
+        cluster.close()

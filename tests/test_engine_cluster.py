@@ -14,32 +14,12 @@ import numpy as np
 import pytest
 
 from recurjac_scale.engine import plan_jacobian
-from recurjac_scale.engine.schedulers import WORKER_ENV
 from recurjac_scale.jacobian import JACOBIAN_METHODS, jacobian_bounds
 from recurjac_scale.testing import random_network
 
 pytestmark = pytest.mark.cluster
 
 METHODS = sorted(n for n, m in JACOBIAN_METHODS.items() if m.run is None)  # the engine's methods
-
-
-@pytest.fixture(scope="module")
-def client():
-    distributed = pytest.importorskip("distributed")
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        env=dict(WORKER_ENV),
-    )
-    c = distributed.Client(cluster)
-    try:
-        yield c
-    finally:
-        c.close()
-        cluster.close()
 
 
 def _loopback(addr: str) -> bool:

@@ -172,21 +172,6 @@ def test_no_hidden_layer_gives_recurjac(tmp_path, rng):
     np.testing.assert_array_equal(res.upper, ref.upper)
 
 
-@pytest.fixture(scope="module")
-def client():
-    distributed = pytest.importorskip("distributed")
-    from recurjac_scale.engine.schedulers import WORKER_ENV
-
-    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                       dashboard_address="127.0.0.1:0", env=dict(WORKER_ENV))
-    c = distributed.Client(cluster)
-    try:
-        yield c
-    finally:
-        c.close()
-        cluster.close()
-
-
 @pytest.mark.cluster
 def test_local_cluster_two_workers_equals_in_memory(client, tmp_path, rng):
     net, x0, store = _case(tmp_path, rng, widths=(14, 18, 16, 12, 3))
