@@ -18,7 +18,6 @@ from recurjac_scale.network.sparse import prune
 from recurjac_scale.network.store import open_network, save_network
 from recurjac_scale.testing import random_network
 
-from test_engine_cluster import client  # noqa: F401  (the module-scoped 2-worker LocalCluster fixture)
 
 METHODS = sorted(n for n, m in JACOBIAN_METHODS.items() if m.run is None)  # the engine's methods
 
