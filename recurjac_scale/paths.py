@@ -1,14 +1,27 @@
-"""Paths named inside user-given files (JSON job lists, VNN-LIB specifications) must stay inside the folder they
-are resolved against: ``../../etc/passwd``, an absolute path or a symlink pointing out is refused."""
+"""Safe paths.
+
+- Paths named inside user-given files (JSON job lists, VNN-LIB specifications) must stay inside the folder they are
+  resolved against: ``../../etc/passwd``, an absolute path or a symlink pointing out is refused (`resolve_inside`).
+- Output files are replaced atomically through a fresh temporary file in the same folder (`write_atomic`). The
+  temporary file is created exclusively under an unpredictable name, so a file or symlink that already sits at a
+  predictable name such as ``out.json.tmp`` is never followed or overwritten.
+"""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
+from typing import Callable, IO
 
 from .errors import InputError
 
-__all__ = ["resolve_inside"]
+__all__ = ["resolve_inside", "write_atomic"]
+
+# The process umask, read once at import (reading it means setting it, which is not thread-safe later on); files
+# written by `write_atomic` get the permissions a plain ``open(path, "w")`` would give them.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def resolve_inside(base: str | os.PathLike, relative: str | os.PathLike) -> Path:
@@ -39,3 +52,41 @@ def resolve_inside(base: str | os.PathLike, relative: str | os.PathLike) -> Path
     if target != root and not target.is_relative_to(root):
         raise InputError(f"path {str(relative)!r} leaves the folder {str(root)!r}; accepted: a path inside it")
     return target
+
+
+def write_atomic(path: str | os.PathLike, write: Callable[[IO], None], *, binary: bool = False,
+                 fsync: bool = True) -> None:
+    """Replace ``path`` by what ``write`` writes, atomically.
+
+    Parameters
+    ----------
+    path : path
+        The file to create or replace. A reader sees either the old file or the complete new one, never a part.
+    write : callable
+        Called once with an open file object (text, UTF-8; or binary with ``binary=True``).
+    binary : bool
+        Open the temporary file in binary mode.
+    fsync : bool
+        Flush the data to disk before the rename.
+
+    Notes
+    -----
+    The temporary file is made by `tempfile.mkstemp` in the folder of ``path`` (``O_CREAT | O_EXCL``, random name),
+    so no existing file or symlink is followed. It is removed if ``write`` raises.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as fh:
+            write(fh)
+            fh.flush()
+            if fsync:
+                os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -13,7 +13,7 @@ import pytest
 
 from recurjac_scale.engine import plan_jacobian
 from recurjac_scale.errors import InputError
-from recurjac_scale.paths import resolve_inside
+from recurjac_scale.paths import resolve_inside, write_atomic
 from recurjac_scale.testing import random_network
 
 PICKLE_HEADERS = (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
@@ -66,6 +66,64 @@ def test_resolve_inside(tmp_path):
     (out / "link").symlink_to(tmp_path)
     with pytest.raises(InputError, match="leaves the folder"):
         resolve_inside(out, "link/escape.npz")
+
+
+def test_write_atomic_never_follows_a_planted_file(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "r.json"
+    # Every name an older version (or a careless writer) would use for its temporary file.
+    for name in ("r.json.tmp", ".r.json.tmp", "r.json~"):
+        (out / name).symlink_to(victim)
+    write_atomic(target, lambda fh: fh.write("new"))
+    assert victim.read_text() == "keep" and target.read_text() == "new" and not target.is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == [".r.json.tmp", "r.json", "r.json.tmp", "r.json~"]
+    assert (target.stat().st_mode & 0o777) == 0o666 & ~_umask()
+
+    def fail(fh):
+        fh.write("partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_atomic(target, fail)
+    assert target.read_text() == "new"  # the old file stays whole and no temporary file is left behind
+    assert sorted(p.name for p in out.iterdir()) == [".r.json.tmp", "r.json", "r.json.tmp", "r.json~"]
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_cli_outputs_never_follow_a_planted_tmp_symlink(tmp_path):
+    """Each CLI writer that replaces an output file goes through a fresh temporary file: a symlink planted at
+    ``OUT.tmp`` (the name these writers used to write through) leaves its target untouched."""
+    from recurjac_scale.cli import main
+    from recurjac_scale.network.store import save_network
+
+    rng = np.random.default_rng(3)
+    net = random_network([4, 6, 3], "relu", rng, domain=(0.0, 1.0))
+    model = tmp_path / "m.zarr"
+    save_network(net, model)
+    x = tmp_path / "x.npy"
+    np.save(x, rng.uniform(0.2, 0.8, (1, 4)))
+    victim = tmp_path / "victim.bin"
+    victim.write_bytes(b"keep")
+    runs = {
+        "b.npz": ["bounds", str(model), "--input", str(x), "--eps", "0.05", "--method", "recurjac-b", "--output"],
+        "lb.npz": ["layer-bounds", str(model), "--input", str(x), "--eps", "0.05", "--output"],
+        "l.json": ["lipschitz", str(model), "--input", str(x), "--eps", "0.05", "--json"],
+        "bab.json": ["bab", str(model), "--input", str(x), "--eps", "0.05", "--time-budget", "2", "--json"],
+    }
+    for name, argv in runs.items():
+        out = tmp_path / name
+        (tmp_path / (name + ".tmp")).symlink_to(victim)
+        assert main([*argv, str(out), "--quiet"]) == 0, name
+        assert out.is_file() and not out.is_symlink() and out.stat().st_size > 0, name
+    assert victim.read_bytes() == b"keep"
 
 
 def _slurm_script():

@@ -44,6 +44,7 @@ import numpy as np
 
 from ..cluster import MALLOC_ENV
 from ..errors import InputError, RecurJacError, StoreError
+from ..paths import write_atomic
 
 __all__ = [
     "FORMAT",
@@ -321,13 +322,7 @@ def read_store(path, job: BatchJob | None = None) -> tuple[dict | None, dict, in
 
 
 def _write_lines(path: Path, objs) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        for o in objs:
-            fh.write(_canonical(o) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    write_atomic(path, lambda fh: fh.writelines(_canonical(o) + "\n" for o in objs))
 
 
 # -- summaries ------------------------------------------------------------------------------------------------

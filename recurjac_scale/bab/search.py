@@ -36,6 +36,7 @@ import numpy as np
 from ..errors import InputError, StoreError
 from ..layer_bounds.base import Region, dual_norm, get_layer_bound_method, parse_norm
 from ..network.model import Network
+from ..paths import write_atomic
 from .parts import SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
 
 __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
@@ -167,9 +168,7 @@ def _write_checkpoint(path: Path, state: dict) -> None:
     body = json.dumps(state, sort_keys=True, separators=(",", ":"))
     doc = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION,
            "sha256": hashlib.sha256(body.encode()).hexdigest(), "state": state}
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, sort_keys=True, separators=(",", ":")))
-    os.replace(tmp, path)
+    write_atomic(path, lambda fh: fh.write(json.dumps(doc, sort_keys=True, separators=(",", ":"))))
 
 
 def _read_checkpoint(path: Path, fingerprint: str) -> dict:

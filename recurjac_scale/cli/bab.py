@@ -12,6 +12,7 @@ import json
 import math
 import sys
 
+from ..paths import write_atomic
 from ._common import check_output, load_inputs, load_model, positive_int, positive_seconds
 from .bounds import NORM_CHOICES, check_eps, check_jacobian_method, check_layer_bounds, parse_eps, parse_outputs, select_input
 
@@ -114,8 +115,6 @@ def run(args) -> int:
         d["outputs"] = list(outputs) if isinstance(outputs, tuple) else outputs
         if exact is not None:
             d["exact"] = exact.to_dict()
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(d, indent=2) + "\n")
-        tmp.replace(out)
+        write_atomic(out, lambda fh: fh.write(json.dumps(d, indent=2) + "\n"))
     sys.stdout.flush()
     return 0

@@ -15,6 +15,7 @@ import time
 import numpy as np
 
 from ..errors import InputError
+from ..paths import write_atomic
 from ._common import add_clip_argument, add_model_argument, add_output_arguments, check_output, load_inputs, load_model
 
 __all__ = [
@@ -223,10 +224,7 @@ def run(args) -> int:
         dtype=np.array(str(getattr(res, "dtype", lower.dtype))),
         rounding_share=np.array(float(getattr(res, "rounding_share", float("nan")))),
     )
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp.replace(out)
+    write_atomic(out, lambda fh: np.savez(fh, **arrays), binary=True)
     if not args.quiet:
         width = upper - lower
         print(

@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 
+from ..paths import write_atomic
 from ._common import add_clip_argument, add_model_argument, add_output_arguments, check_output, load_inputs, load_model
 from .bounds import NORM_CHOICES, check_eps, parse_eps, select_input
 
@@ -80,10 +81,7 @@ def run(args) -> int:
         rounding=np.array(res.rounding),
         seconds=np.array(elapsed),
     )
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp.replace(out)
+    write_atomic(out, lambda fh: np.savez(fh, **arrays), binary=True)
     if not args.quiet:
         widths = ", ".join(
             f"{float(np.mean(arrays[f'upper{i}'] - arrays[f'lower{i}'])):.4g}" for i in range(len(layers))

@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from ..paths import write_atomic
 from ._batch import add_input_arguments, add_run_arguments, execute, load_job_inputs, model_source, print_summary
 from ._common import check_output, load_inputs, load_model
 from .bounds import (
@@ -123,9 +124,7 @@ def run(args) -> int:
         d["outputs"] = (
             "all" if args.outputs is None else (list(args.outputs) if isinstance(args.outputs, tuple) else args.outputs)
         )
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(d, indent=2) + "\n")
-        tmp.replace(out)
+        write_atomic(out, lambda fh: fh.write(json.dumps(d, indent=2) + "\n"))
     return 0
 
 

@@ -34,7 +34,7 @@ from typing import Iterable
 import numpy as np
 
 from ..errors import InputError, StoreError
-from ..paths import resolve_inside
+from ..paths import resolve_inside, write_atomic
 
 __all__ = ["Checkpoint", "job_hash", "CHECKPOINT_FORMAT"]
 
@@ -97,13 +97,7 @@ def job_hash(arrays: Iterable, params: dict) -> str:
 
 
 def _atomic_write_json(path: Path, obj: dict, fsync: bool = True) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.{time.monotonic_ns()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: json.dump(obj, f), fsync=fsync)
 
 
 def _sha256_file(path: Path) -> str:
