@@ -277,8 +277,8 @@ def certify(
     n, steps : int
         Intervals and bisection steps of ``search="paper"`` (and bisection steps of the margin bound).
     budget : int, optional
-        Local-constant evaluations of ``search="grid"`` (default :data:`~recurjac_scale.applications.search.GRID_BUDGET`)
-        or of the grid phase of ``search="replay"`` (default ``REPLAY_BUDGET``; the replay adds its own).
+        Local-constant evaluations of ``search="grid"`` (default
+        :data:`~recurjac_scale.applications.search.GRID_BUDGET`) or of the grid phase of ``search="replay"`` (default ``REPLAY_BUDGET``; the replay adds its own).
     reuse : bool, optional
         Reuse work across radii and targets where the constants provably stay the same bytes
         (:mod:`recurjac_scale.applications.search`, "Reuse"); default: for every search but ``"paper"``, which
