@@ -218,6 +218,31 @@ def _slurm_script():
     return mod
 
 
+def test_cli_certify_search_names(tmp_path, capsys):
+    """--search grid (the default) / replay / paper reach certify: each record names its search and has the radius
+    and evaluation count of the API call with that search; replay is never below paper."""
+    from recurjac_scale.applications import certify
+    from recurjac_scale.network.store import open_network
+
+    x = _inputs(1)
+    np.save(tmp_path / "x.npy", x)
+    net = open_network(default_model_path()).materialize()
+    radii = {}
+    for search in (None, "grid", "replay", "paper"):
+        out = tmp_path / f"{search}.jsonl"
+        extra = [] if search is None else ["--search", search]
+        assert main(["certify", "default", "--inputs", str(tmp_path / "x.npy"), "--method", "fastlip",
+                     "--layer-bounds", "ibp", "--no-margin-bound", "--json", str(out), *extra]) == 0
+        (rec,) = _records(out)
+        want = certify(net, x[0], None, "runnerup", "inf", method="fastlip", layer_bounds="ibp",
+                       search=search or "grid", margin_bound=False)
+        assert rec["search"] == (search or "grid")
+        assert (rec["radius"], rec["evaluations"]) == (want.radius, want.evaluations)
+        radii[search] = rec["radius"]
+    capsys.readouterr()
+    assert radii["replay"] >= radii["paper"] > 0
+
+
 def test_slurm_recipe_certify_dry_run(capsys):
     pytest.importorskip("dask_jobqueue")
     mod = _slurm_script()
