@@ -5,6 +5,7 @@ uninterrupted run; a store of another job refused; corrupted and truncated recor
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -115,6 +116,24 @@ def test_store_of_another_job_refused(tmp_path):
     assert out.read_text() == text
     res = run_batch(_job(x, ("least",)), out, scheduler="synchronous", overwrite=True)
     assert res.reused == 0 and res.computed == 3
+
+
+def test_store_of_another_search_revision_refused(tmp_path):
+    """A store written when ``search="grid"`` named another procedure (no or another ``search_revision`` in its job)
+    is not resumed: its radii could differ from what this version computes."""
+    x = _inputs(2)
+    out = tmp_path / "c.jsonl"
+    run_batch(_job(x), out, scheduler="synchronous")
+    lines = out.read_text().splitlines()
+    header = json.loads(lines[0])
+    assert header["job"]["search_revision"] == 2
+    del header["job"]["search_revision"]  # as the previous version wrote it
+    header["job_id"] = hashlib.sha256(json.dumps(header["job"], sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    out.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    text = out.read_text()
+    with pytest.raises(StoreError, match="different job.*search_revision"):
+        run_batch(_job(x), out, scheduler="synchronous")
+    assert out.read_text() == text
 
 
 def test_corrupted_and_truncated_records_recomputed(tmp_path):

@@ -252,6 +252,10 @@ class BatchJob:
             "options": _jsonable(dict(self.options)),
             "boxes_sha256": None if self.boxes is None else _digest(*self.boxes),
         }
+        if self.kind == "certify":
+            from .search import SEARCH_REVISIONS
+
+            d["search_revision"] = SEARCH_REVISIONS.get(str(self.options.get("search")))
         d.update(_jsonable(dict(self.description)))
         return d
 

@@ -123,7 +123,7 @@ import numpy as np
 
 from ..network.model import Network
 
-__all__ = ["SEARCHES", "SHRINK", "GRID_BUDGET", "REPLAY_BUDGET", "LAYER_BOUNDS_CACHE", "LocalConstants",
+__all__ = ["SEARCHES", "SEARCH_REVISIONS", "SHRINK", "GRID_BUDGET", "REPLAY_BUDGET", "LAYER_BOUNDS_CACHE", "LocalConstants",
            "integral_radius"]
 
 SHRINK = 1e-12
@@ -355,6 +355,12 @@ class LocalConstants:
 SearchFn = Callable[..., float]
 SEARCHES: dict[str, SearchFn] = {}
 """Registry: search name -> ``fn(lc: LocalConstants, g0 (m,), r_cap, **options) -> radius``."""
+
+SEARCH_REVISIONS: dict[str, int] = {"grid": 2, "replay": 1, "paper": 1}
+"""Search name -> revision of the procedure behind it, part of a batch job's identity
+(:class:`recurjac_scale.applications.batch.BatchJob`), so that a store written by another procedure under the same
+name is not resumed as if it were this one.  Revision 1 of ``grid`` was today's ``replay``; raise a revision whenever a
+search can return a different radius for the same arguments."""
 
 
 def _register_search(name):
