@@ -65,6 +65,7 @@ from .linear_base import LinearContext, RowBounds
 from .linear_collapse import first_layer_collapse
 from .linear_passes import bound_objectives, bound_objectives_variants
 from .linear_planes import _v, layer_planes, row_bounds
+from .linear_stable import bound_gradient_variants, stable_collapse
 
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
@@ -161,6 +162,7 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         ctx.a0.append(np.clip(act.derivative(z0), dl, du))
     ctx.compact = _compact(ctx)
     ctx.compact["fold"] = first_layer_collapse(ctx) if FOLD_FIRST_LAYER else None
+    ctx.compact["stable"] = stable_collapse(ctx)
     return ctx
 
 
@@ -208,15 +210,13 @@ def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256)
         # only neurons with dl < du: elsewhere a(k) is the constant du and every plane is exact whatever the bounds
         # of g (they only enter the rounding allowance through ymax)
         rows = np.flatnonzero(ctx.dl[k] < ctx.du[k])
-        WT = np.ascontiguousarray(ctx.W[k + 1][:, rows].T)  # row t is W[k+1][:, rows[t]]
-        d = WT.shape[0]
+        d = rows.size
         lo_new = rb.gl[k].copy()
         up_new = rb.gu[k].copy()
         for r0 in range(0, d, block):
             r1 = min(d, r0 + block)
-            Lam = np.concatenate([WT[r0:r1], -WT[r0:r1]], axis=0)
-            ub = bound_objectives_variants(ctx, rb, Lam, k + 1).min(axis=0)
             nb = r1 - r0
+            ub = bound_gradient_variants(ctx, rb, k, unit=_unit(rows[r0:r1])).min(axis=0)
             idx = rows[r0:r1]
             up_new[idx] = np.minimum(up_new[idx], ub[:nb])
             lo_new[idx] = np.maximum(lo_new[idx], -ub[nb:])
@@ -224,6 +224,12 @@ def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256)
         rb.up[k], rb.lo[k], rb.ymax[k] = layer_planes(ctx, k, lo_new, up_new, rb.g0[k], rb.planes)
         if k >= 1:
             rb.v[k - 1] = _v(ctx, rb.ymax[k], k - 1)
+
+
+def _unit(idx: np.ndarray):
+    """Unit objectives ``+g[idx]`` then ``-g[idx]`` (:func:`bound_gradient_variants` ``unit``)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return np.concatenate([idx, idx]), np.concatenate([np.ones(idx.size), -np.ones(idx.size)])
 
 
 def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int = OBJECTIVE_BLOCK,
@@ -254,7 +260,6 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
     g0 = centre_gradients_ctx(ctx)
     lower = np.array(rj_lower, dtype=np.float64, copy=True)
     upper = np.array(rj_upper, dtype=np.float64, copy=True)
-    W0T = np.ascontiguousarray(ctx.W[0].T)  # (n0, d_0)
     rows = []
     worst = 0.0
     for i in range(m):
@@ -266,9 +271,8 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
         rows.append(rb)
         for j0 in range(0, n0, block):
             j1 = min(n0, j0 + block)
-            Lam = np.concatenate([W0T[j0:j1], -W0T[j0:j1]], axis=0)
             errs = []
-            ubs = bound_objectives_variants(ctx, rb, Lam, 0, None, errs)
+            ubs = bound_gradient_variants(ctx, rb, -1, unit=_unit(np.arange(j0, j1)), allowance=errs)
             ub = ubs.min(axis=0)
             nb = j1 - j0
             # the allowance of the winning variant, relative to the entry's width where the propagation won

@@ -86,3 +86,4 @@ class RowBounds:
     planes: str = "auto"
     under: float = 0.0  # underflow allowance of one objective (:func:`.linear_passes._underflow`)
     slope_stats: list = field(default_factory=lambda: [0, 0])  # objectives bounded with every variant, slope wins
+    row: int = 0  # the output row (index into the selected outputs)

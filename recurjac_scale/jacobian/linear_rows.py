@@ -13,12 +13,12 @@ from .._fp import TINY, gamma
 from .linear import (
     LinearContext,
     RowBounds,
-    bound_objectives,
     centre_gradients_ctx,
     linear_context,
     row_bounds,
     tighten_gradient_bounds,
 )
+from .linear_stable import bound_gradient_variants
 
 __all__ = ["row_norm_upper", "row_norms", "result_rows"]
 
@@ -32,11 +32,10 @@ def row_norm_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: 
 
     ``q = 1``: each ``|J_j|`` is bounded above on its certified interval ``[l_j, u_j]`` by its chord
     ``alpha_j J_j + beta_j`` (``alpha = (u + l) / (u - l)``, ``beta = -2 u l / (u - l)``; ``alpha = sign`` where the
-    sign is known).  ``q = 2``: ``J_j^2 <= (l_j + u_j) J_j - l_j u_j``.  The sum is ``y(0) · (W[0] alpha) + sum
-    beta``, one objective bounded by :func:`bound_objectives`: the entries stay correlated, unlike the sum of
-    per-entry maxima.  Rounding: ``|J_j|`` (or ``J_j^2``) exceeds the computed chord by at most
-    ``16 u (|alpha| M_j + |beta_j|)``, ``W[0] alpha`` errs by at most ``gamma(n_0 + 2) |W[0]| |alpha|`` (times
-    ``ymax(0)``), and the final sums and the square root are rounded up.
+    sign is known).  ``q = 2``: ``J_j^2 <= (l_j + u_j) J_j - l_j u_j``.  The sum is the objective ``alpha · J[i, :]``
+    (bounded by :func:`~.linear_stable.bound_gradient_variants`, ``i0 = -1``) plus ``sum beta``: the entries stay
+    correlated, unlike the sum of per-entry maxima.  Rounding: ``|J_j|`` (or ``J_j^2``) exceeds the computed chord by at most
+    ``16 u (|alpha| M_j + |beta_j|)``, and the final sums and the square root are rounded up.
 
     Parameters
     ----------
@@ -75,12 +74,11 @@ def row_norm_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: 
         return math.inf
     c_err = 16 * _U * (np.abs(alpha) * M + np.abs(beta))
     n0 = l.size
-    lam = ctx.W[0] @ alpha  # (d_0,)
-    lam_err = gamma(n0 + 2) * ((ctx.absW[0] @ np.abs(alpha)) @ rb.ymax[0])
-    ub = float(bound_objectives(ctx, rb, lam[None, :], 0, slopes)[0])
+    key = next(iter(ctx.variants)) if slopes is None else slopes
+    ub = float(bound_gradient_variants(ctx, rb, -1, c=alpha[None, :], variants=(key,))[0, 0])
     rest = float(np.sum(beta + c_err)) + gamma(n0 + 2) * float(np.sum(np.abs(beta) + c_err))
-    total = ub + rest + lam_err
-    total = total + gamma(4) * (abs(ub) + abs(rest) + lam_err) + TINY
+    total = ub + rest
+    total = total + gamma(4) * (abs(ub) + abs(rest)) + TINY
     if q == 2.0:
         return math.sqrt(max(total, 0.0)) * (1.0 + 4 * _U) + TINY
     return total

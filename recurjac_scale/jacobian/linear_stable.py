@@ -1,0 +1,384 @@
+"""Both passes of the ``linear-jacobian`` propagation with the exact-line neurons eliminated.
+
+A hidden neuron ``r`` of layer ``k`` is *exact* on the region when its derivative is one number (``dl = du``), its
+relaxation of ``sigma`` is one line (``a_up = a_low = a``, ``b_up = b_low = beta``: ``h_r = a z_r + beta``) and no
+line of ``sigma'`` has a slope there (stable ReLUs, for example).  Then ``y_r = du g_r`` exactly in the gradient
+graph and ``h_r = a z_r + beta`` exactly in the network, so the propagation is linear through it: only the other
+neurons ``U(k)`` (unstable ones, where relaxations are chosen by the sign of a coefficient) need per-objective work.
+Neurons with ``du = a = beta = 0`` (dead ReLUs) contribute nothing and are dropped.
+
+:func:`stable_collapse` precomputes, once per context, the maps through the exact neurons (``S(k)``):
+
+    z(t)[U(t)] = R(t) x + sum_{i < t} C(t, i) h(i)[U(i)] + c(t)        (t = 0 .. H-1; t = H-1: the output rows)
+
+(``C(t, i)`` of shape ``(|U(t)|, |U(i)|)``, ``R(t)`` of shape ``(|U(t)|, n_0)``; blocks that are exactly zero, because
+some layer between has no exact neuron, are absent).  The same blocks, transposed, carry the gradient graph
+upward: ``g(i)[U(i)] = sum_{t > i} C(t, i)^T y(t)[U(t)] + C(H-1, i)[row]^T`` and ``g(-1) = J[row] = sum_t R(t)^T
+y(t)[U(t)] + R(H-1)[row]``.  :func:`bound_gradient_variants` bounds objectives ``c · g(i0)`` (``i0 = -1``: a
+combination of Jacobian entries; ``i0 >= 0``: of the gradient of hidden layer ``i0``, supported on ``U(i0)``) with
+the planes and lines of :mod:`.linear_passes` applied on ``U`` only (same relaxations, same values in real
+arithmetic), then back-substitutes the coefficients on ``z(t)[U(t)]`` through these maps.
+
+Rounding (added per objective, on top of the per-step allowances of :mod:`.linear_passes`, which are charged as
+there on the ``U`` neurons): every block as computed differs from the exact one by at most ``G`` times the same
+product of absolute values (``G = gamma(2 (n_0 + sum d_k) + 8 H + 16)`` covers the chains, the GEMMs of a pass and
+the sums of their results), so
+
+- pass 1: a coefficient ``kappa`` on ``g(i)[U(i)]`` (or ``c`` on ``g(i0)``) carried upward errs by at most
+  ``G |kappa| · m(i)``, ``m(i) = |W[i+1]|^T q(i+1)`` with ``q = ymax`` on ``U``, ``|du| m`` on ``S`` and ``m(H-2) =
+  |W[H-1][row]|`` (per row, :func:`grad_magnitudes`);
+- pass 2: a coefficient ``G(t)`` on ``z(t)[U(t)]`` carried downward errs by at most ``G |G(t)| · Z(t)``, ``Z(t) =
+  |W[t]| p(t-1) + |b[t]|`` with ``p = hmax`` on ``U``, ``|a| Z + |beta|`` on ``S`` and ``p(-1) = |x|max``;
+- underflow: ``eta`` per product (:func:`recurjac_scale._fp.underflow_unit`), charged generously as ``2 eta N``
+  times the l1 norms of the coefficients and the sum of all magnitudes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._fp import TINY, gamma, underflow_unit
+from ..layer_bounds.backsub import _concretise_upper
+from .linear_base import LinearContext, RowBounds
+from .linear_kernels import plane_lines_step, relax_step
+
+__all__ = ["stable_collapse", "grad_magnitudes", "bound_gradient_variants"]
+
+_U = np.finfo(np.float64).eps / 2
+
+
+def stable_collapse(ctx: LinearContext) -> dict:
+    """The maps through the exact neurons (module docstring) for ``ctx``.
+
+    Returns
+    -------
+    dict
+        ``U``, ``S``: per hidden layer, the indices of the other and of the exact (not dropped) neurons; ``C``:
+        ``C[t][i]`` (``None`` where exactly zero), ``R``: ``R[t]`` (``(|U(t)|, n_0)`` or ``None``), ``c``: ``c[t]``
+        (``t = 0..H-1``, ``U(H-1)`` = every output row); ``Z``: the magnitude ``Z(t)[U(t)]``; ``G``: the
+        relative allowance factor; ``mag``: the sum of all magnitudes (underflow); per layer the relaxation arrays
+        restricted to ``U`` (``a_up``, ``a_low``, ``b_up``, ``b_low``, ``r_up``, ``r_low``, ``zmax``).
+    """
+    H = ctx.H
+    n0 = ctx.W[0].shape[1]
+    U, S, aS, bS = [], [], [], []
+    for k in range(H - 1):
+        dl, du = ctx.dl[k], ctx.du[k]
+        au, al, bu, bl = ctx.a_up[k], ctx.a_low[k], ctx.b_up[k], ctx.b_low[k]
+        with np.errstate(invalid="ignore"):
+            ex = (dl == du) & (au == al) & (au == du) & (bu == bl) & np.isfinite(au) & np.isfinite(bu) & np.isfinite(du)
+        for s_low, _, s_up, _ in ctx.variants.values():
+            ex &= (s_low[k] == 0) & (s_up[k] == 0)
+        drop = ex & (du == 0) & (au == 0) & (bu == 0)
+        U.append(np.flatnonzero(~ex))
+        s = np.flatnonzero(ex & ~drop)
+        S.append(s)
+        aS.append(au[s])
+        bS.append(bu[s])
+    C = [[None] * H for _ in range(H)]
+    R = [None] * H
+    cst = [None] * H
+    for t in range(H):
+        rows = U[t] if t < H - 1 else np.arange(ctx.W[H - 1].shape[0])
+        T = ctx.W[t][rows]
+        c = ctx.b[t][rows].copy()
+        for i in range(t - 1, -1, -1):
+            if U[i].size:
+                C[t][i] = np.ascontiguousarray(T[:, U[i]])
+            s = S[i]
+            if s.size == 0 or T.shape[0] == 0:
+                T = None
+                break
+            Ts = T[:, s]
+            Ta = Ts * aS[i]
+            c = c + Ta @ ctx.b[i][s] + Ts @ bS[i]
+            T = Ta @ ctx.W[i][s]
+        R[t] = None if T is None else np.ascontiguousarray(T)
+        cst[t] = c
+    # magnitudes of z(t) through the exact neurons (pass 2) and the sum of all magnitudes (underflow)
+    Z = []
+    p = ctx.xmax
+    mag = float(np.sum(ctx.xmax))
+    for k in range(H - 1):
+        z = (ctx.absW[k] @ p + np.abs(ctx.b[k])) * (1.0 + gamma(ctx.W[k].shape[1] + 2))
+        Z.append(np.ascontiguousarray(z[U[k]]))
+        p = np.zeros(z.size)
+        p[U[k]] = ctx.hmax[k][U[k]]
+        p[S[k]] = (np.abs(aS[k]) * z[S[k]] + np.abs(bS[k])) * (1.0 + 4 * _U)
+        mag += float(np.sum(z)) + float(np.sum(p)) + float(np.sum(ctx.hmax[k])) + float(np.sum(ctx.zmax[k]))
+    widths = n0 + sum(w.shape[0] for w in ctx.W)
+    out = {
+        "U": U, "S": S, "aS": aS, "C": C, "R": R, "c": cst, "Z": Z,
+        "G": gamma(2 * widths + 8 * H + 16), "N": 2 * widths + 8 * H + 16, "mag": mag,
+        # C(t, i)^T stacked over t > i (pass 1 carries kappa on g(i)[U(i)] upward with one GEMM): Up[i] and the
+        # column offsets of each t in it; the output rows' block is kept apart (only the row's column is needed)
+        "Up": [], "Up_off": [], "Top": [C[H - 1][i] for i in range(H - 1)],
+    }
+    for i in range(H - 1):
+        blocks, offs, o = [], {}, 0
+        for t in range(i + 1, H - 1):
+            if C[t][i] is not None and U[t].size:
+                blocks.append(C[t][i].T)
+                offs[t] = (o, o + U[t].size)
+                o += U[t].size
+        out["Up"].append(np.ascontiguousarray(np.concatenate(blocks, axis=1)) if blocks else None)
+        out["Up_off"].append(offs)
+    # per target layer t: [C(t, t-1) | ... | C(t, 0)] with column offsets (pass 2, one GEMM per layer)
+    down, down_off = [], []
+    for t in range(H - 1):
+        blocks, offs, o = [], {}, 0
+        for i in range(t - 1, -1, -1):
+            if C[t][i] is not None:
+                blocks.append(C[t][i])
+                offs[i] = (o, o + U[i].size)
+                o += U[i].size
+        down.append(np.ascontiguousarray(np.concatenate(blocks, axis=1)) if blocks else None)
+        down_off.append(offs)
+    out["Down"], out["Down_off"] = down, down_off
+    # the R(t), stacked (rows: the layers with R(t), in order), for one GEMM to x per pass, and transposed (the
+    # projections of unit objectives on g(-1) are rows of it)
+    r_off, o = {}, 0
+    for t in range(H - 1):
+        if R[t] is not None and U[t].size:
+            r_off[t] = (o, o + U[t].size)
+            o += U[t].size
+    out["R_off"] = r_off
+    out["Rstack"] = np.ascontiguousarray(np.concatenate([R[t] for t in r_off], axis=0)) if r_off else None
+    out["RT"] = np.ascontiguousarray(out["Rstack"].T) if r_off else None
+    for name, src in (("a_up", ctx.a_up), ("a_low", ctx.a_low), ("b_up", ctx.b_up), ("b_low", ctx.b_low),
+                      ("r_up", ctx.relax_err_up), ("r_low", ctx.relax_err_low), ("zmax", ctx.zmax)):
+        out[name] = [np.ascontiguousarray(src[k][U[k]]) for k in range(H - 1)]
+    out["Rtop"] = R[H - 1]  # (m, n_0) or None: the Jacobian through exact neurons only
+    return out
+
+
+def grad_magnitudes(ctx: LinearContext, rb: RowBounds, i0: int) -> list:
+    """``m(j)`` for ``j = i0 .. H-2`` (module docstring; index ``j - i0`` of the list; ``m(-1)`` has ``n_0``
+    entries), rounded up; cached on ``rb`` for its current ``ymax`` arrays."""
+    cl = ctx.compact["stable"]
+    H = ctx.H
+    cache = getattr(rb, "_stable_m", None)
+    if cache is not None and cache[0] <= i0 and all(a is b for a, b in zip(cache[1], rb.ymax)):
+        return cache[2][i0 - cache[0]:]
+    m = [None] * (H - 1 - i0)
+    cur = np.abs(rb.top) * (1.0 + 4 * _U)
+    m[H - 2 - i0] = cur
+    for j in range(H - 3, i0 - 1, -1):
+        k = j + 1  # the layer whose y / g the magnitude goes through
+        q = np.zeros(ctx.du[k].size)
+        U, S = cl["U"][k], cl["S"][k]
+        q[U] = rb.ymax[k][U]
+        q[S] = np.abs(ctx.du[k][S]) * cur[S] * (1.0 + 4 * _U)
+        cur = (ctx.absW[k].T @ q) * (1.0 + gamma(ctx.W[k].shape[0] + 2))
+        m[j - i0] = cur
+    rb._stable_m = (i0, list(rb.ymax), m)
+    return m
+
+
+def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=None, c=None, variants=None,
+                            allowance: list | None = None) -> np.ndarray:
+    """Certified upper bounds of the objectives ``c[q] · g(i0)`` over the region, rounding included, for several
+    slope variants of the lines of ``sigma'`` (as :func:`.linear_passes.bound_objectives_variants`, whose
+    objectives on ``y(i0 + 1)`` are these after the gradient step; same relaxations, exact neurons eliminated).
+
+    Parameters
+    ----------
+    i0 : int
+        ``-1``: objectives on the Jacobian row ``g(-1) = J[row, :]`` (``n_0`` coefficients); ``0 .. H-3``: on the
+        gradient ``g(i0)`` of hidden layer ``i0``, whose support must lie in ``U(i0)`` (neurons that are not exact).
+    unit : (ndarray of int, ndarray), optional
+        ``(idx, sign)``: objective ``q`` is ``sign[q] * g(i0)[idx[q]]`` (``sign`` = +-1).
+    c : ndarray, shape (K, d_{i0}), optional
+        General coefficients (instead of ``unit``).
+    variants, allowance
+        As :func:`.linear_passes.bound_objectives_variants`.
+
+    Returns
+    -------
+    ndarray, shape (V, K)
+    """
+    variants = tuple(ctx.variants) if variants is None else tuple(variants)
+    cl = ctx.compact["stable"]
+    H = ctx.H
+    U = cl["U"]
+    G = cl["G"]
+    m = grad_magnitudes(ctx, rb, i0)
+    row = rb.row
+    if unit is not None:
+        idx, sign = (np.asarray(a) for a in unit)
+        sign = sign.astype(np.float64)
+        K = idx.size
+        if i0 >= 0:
+            pos = np.full(ctx.du[i0].size, -1, dtype=np.int64)
+            pos[U[i0]] = np.arange(U[i0].size)
+            pidx = pos[idx]
+            if (pidx < 0).any():
+                raise ValueError("objectives on g(i0) must lie on the neurons that are not exact (U(i0))")
+        c_abs1 = np.ones(K)
+        err = G * m[0][idx]
+    else:
+        c = np.asarray(c, dtype=np.float64)
+        K = c.shape[0]
+        if i0 >= 0:
+            off = np.ones(ctx.du[i0].size, dtype=bool)
+            off[U[i0]] = False
+            if (c[:, off] != 0).any():
+                raise ValueError("objectives on g(i0) must lie on the neurons that are not exact (U(i0))")
+        c_abs1 = np.abs(c).sum(axis=1)
+        err = G * (np.abs(c) @ m[0])
+    const = np.zeros(K)
+    cabs = np.zeros(K)
+    sabs = c_abs1.copy()  # l1 norms of every coefficient carried through a collapsed map (underflow)
+    # the objectives' own coefficients on y(t)[U(t)] (t > i0) and the constant (output row) through exact neurons
+    Lacc = [None] * (H - 1)
+    if i0 == -1:
+        if cl["RT"] is not None:
+            A = (cl["RT"][idx] * sign[:, None]) if unit is not None else c @ cl["RT"]
+            for t, (o0, o1) in cl["R_off"].items():
+                Lacc[t] = A[:, o0:o1]
+        if cl["Rtop"] is not None:
+            top = (sign * cl["Rtop"][row, idx]) if unit is not None else c @ cl["Rtop"][row]
+            const += top
+            cabs += np.abs(top)
+    else:
+        cU = None if unit is not None else np.ascontiguousarray(c[:, U[i0]])
+        up = cl["Up"][i0]
+        if up is not None:
+            A = (up[pidx] * sign[:, None]) if unit is not None else cU @ up
+            for t, (o0, o1) in cl["Up_off"][i0].items():
+                Lacc[t] = A[:, o0:o1]
+        topb = cl["Top"][i0]
+        if topb is not None:
+            top = (sign * topb[row, pidx]) if unit is not None else cU @ topb[row]
+            const += top
+            cabs += np.abs(top)
+    const_lines = [iv for iv, key in enumerate(variants)
+                   if not any(ctx.variants[key][j][k].any() for j in (0, 2) for k in range(i0 + 1, H - 1))]
+    skip = (ctx.adaptive > 0 and len(const_lines) > 0 and rb.slope_stats[0] >= ctx.adaptive
+            and rb.slope_stats[1] == 0)
+    active = const_lines + [iv for iv in range(len(variants)) if iv not in const_lines and not skip]
+    V = len(active)
+    lines = [ctx.variants[variants[iv]] for iv in active]
+    nus = [[None] * (H - 1) for _ in range(V)]
+    nnz = np.zeros(V, dtype=np.int64)
+    c_l, cabs_l, err_l = np.zeros((V, K)), np.zeros((V, K)), np.zeros((V, K))
+    term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
+    lterm, le = np.empty((V, K)), np.empty((V, K))
+    # -- pass 1: up the gradient graph on the U neurons ----------------------------------------------------------
+    for k in range(i0 + 1, H - 1):
+        u = U[k]
+        n = u.size
+        if n == 0:
+            continue
+        d = ctx.dl[k].size
+        if Lacc[k] is None:  # no coefficient reaches y(k)[U(k)]: every term of this layer is zero
+            continue
+        Lam = np.ascontiguousarray(Lacc[k])
+        kappa = np.empty((K, n))
+        mk = m[k - i0][u]
+        S_low, T_low, S_up, T_up = (np.stack([ln[j][k][u] for ln in lines]) for j in range(4))
+        w = np.maximum(np.abs(S_up), np.abs(S_low)) * cl["zmax"][k] + np.maximum(np.abs(T_up), np.abs(T_low))
+        has = [bool(S_up[v].any() or S_low[v].any()) for v in range(V)]
+        slot = np.cumsum(has, dtype=np.int64) - 1
+        slot[~np.asarray(has, dtype=bool)] = -1
+        nu_k = np.empty((int(sum(has)), K, n))
+        plane_lines_step(Lam, *(p[u] for p in rb.up[k]), *(p[u] for p in rb.lo[k]), rb.ymax[k][u], mk, S_up,
+                         S_low, T_up, T_low, w, slot, kappa, nu_k, term, ey, ek, lterm, le, nnz)
+        for v in range(V):
+            if slot[v] >= 0:
+                nus[v][k] = nu_k[slot[v]]
+        const += term
+        cabs += np.abs(term)
+        err += gamma(d + 16) * ey + G * ek
+        c_l += lterm
+        cabs_l += np.abs(lterm)
+        err_l += gamma(d + 8) * le
+        sabs += np.abs(kappa).sum(axis=1)
+        up = cl["Up"][k]
+        if up is not None:
+            A = kappa @ up
+            for t, (o0, o1) in cl["Up_off"][k].items():
+                Lacc[t] = A[:, o0:o1] if Lacc[t] is None else Lacc[t] + A[:, o0:o1]
+        topb = cl["Top"][k]
+        if topb is not None:
+            tt = kappa @ topb[row]
+            const += tt
+            cabs += np.abs(tt)
+    # -- per variant: the network pass ---------------------------------------------------------------------------
+    out = np.full((len(variants), K), np.inf)
+    errs = [np.zeros(K) for _ in variants]
+    for v, iv in enumerate(active):
+        out[iv], errs[iv] = _network_pass_stable(ctx, rb, nus[v] if nnz[v] else None, c_l[v] + const,
+                                                 cabs_l[v] + cabs, err_l[v] + err, sabs)
+    if not skip and const_lines and len(const_lines) < len(variants):
+        rb.slope_stats[0] += K
+        rb.slope_stats[1] += int(np.count_nonzero(np.delete(out, const_lines, axis=0).min(axis=0)
+                                                  < out[const_lines].min(axis=0)))
+    if allowance is not None:
+        allowance.extend(errs)
+    return out
+
+
+def _network_pass_stable(ctx, rb, nus, const, cabs, err, sabs):
+    """Pass 2 on the ``U`` neurons (module docstring): the coefficients ``nus[t]`` on ``z(t)[U(t)]`` (``None``:
+    none) back-substituted through the collapsed maps and concretised; returns ``(bounds, allowances)``."""
+    H = ctx.H
+    K = const.size
+    cl = ctx.compact["stable"]
+    G = cl["G"]
+    eta = underflow_unit(np.float64)
+    if nus is None:  # no coefficient on any z (constant lines): nothing to do
+        err = err + gamma(4 * H + 8) * cabs + TINY + rb.under + 2.0 * eta * cl["N"] * sabs * cl["mag"]
+        return np.where(np.isnan(const + err), np.inf, const + err), err
+    U = cl["U"]
+    n0 = ctx.W[0].shape[1]
+    Hacc = [None] * (H - 1)
+    r_off = cl["R_off"]
+    Gall = np.zeros((K, cl["Rstack"].shape[0])) if r_off else None  # the G(t) of the layers with R(t)
+    out5 = np.empty((5, K))
+    sabs = sabs.copy()
+    top = max((k for k in range(H - 1) if nus[k] is not None), default=-1)
+    for t in range(top, -1, -1):
+        n = U[t].size
+        if n == 0:
+            continue
+        nu = nus[t]
+        if Hacc[t] is None:
+            if nu is None:
+                continue
+            Gt = nu
+            tb = Gt @ cl["c"][t]
+            ew = np.abs(Gt) @ cl["Z"][t]
+        else:
+            Gt = np.empty((K, n))
+            ar = np.arange(n, dtype=np.int64)
+            relax_step(np.ascontiguousarray(Hacc[t]), ar, np.empty((0, 0)) if nu is None else nu, ar,
+                       nu is not None, cl["a_up"][t], cl["a_low"][t], cl["b_up"][t], cl["b_low"][t],
+                       cl["r_up"][t], cl["r_low"][t], cl["zmax"][t], cl["c"][t], cl["Z"][t], ar, Gt, out5)
+            const += out5[0]
+            cabs += np.abs(out5[0])
+            err += gamma(ctx.dl[t].size + 2) * out5[1] + 4 * _U * out5[2]
+            tb, ew = out5[3].copy(), out5[4].copy()
+        const += tb
+        cabs += np.abs(tb)
+        err += G * ew
+        sabs += np.abs(Gt).sum(axis=1)
+        if t in r_off:
+            Gall[:, r_off[t][0]:r_off[t][1]] = Gt
+        dn = cl["Down"][t]
+        if dn is None:
+            continue
+        A = Gt @ dn
+        for i, (o0, o1) in cl["Down_off"][t].items():
+            Hacc[i] = A[:, o0:o1] if Hacc[i] is None else Hacc[i] + A[:, o0:o1]
+    if Gall is None:
+        sup = np.zeros(K)
+    else:
+        lo, hi = ctx.region.box
+        sup = _concretise_upper(Gall @ cl["Rstack"], ctx.region, lo, hi, gamma(n0 + 2))
+    total = const + sup
+    err = (err + gamma(4 * H + 8) * (cabs + np.abs(sup)) + TINY + rb.under
+           + 2.0 * eta * cl["N"] * sabs * cl["mag"])
+    with np.errstate(invalid="ignore"):
+        res = total + err
+    return np.where(np.isnan(res), np.inf, res), err
