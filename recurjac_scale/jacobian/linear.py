@@ -62,7 +62,6 @@ from ..layer_bounds.crown import crown_relaxation
 from ..relaxations import value_bounds
 from .derivative_lines import derivative_lines
 from .linear_base import LinearContext, RowBounds
-from .linear_collapse import first_layer_collapse
 from .linear_passes import bound_objectives, bound_objectives_variants
 from .linear_planes import _v, layer_planes, row_bounds
 from .linear_stable import bound_gradient_variants, stable_collapse
@@ -160,8 +159,8 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         ctx.zmax.append(zmax)
         ctx.hmax.append(np.maximum(np.abs(hl), np.abs(hu)))
         ctx.a0.append(np.clip(act.derivative(z0), dl, du))
+    ctx.fold_first = bool(FOLD_FIRST_LAYER)
     ctx.compact = _compact(ctx)
-    ctx.compact["fold"] = first_layer_collapse(ctx) if FOLD_FIRST_LAYER else None
     ctx.compact["stable"] = stable_collapse(ctx)
     return ctx
 
@@ -176,6 +175,8 @@ def _compact(ctx: LinearContext) -> dict:
     - ``act[k]``: neurons whose coefficient in the network pass can be non-zero (a slope of ``sigma`` or ``du > 0``);
     - ``kept[k]``: neurons whose relaxation of ``sigma`` is not the zero line (dead ReLUs are): the affine step of
       the network pass only needs ``W[k][act(k)][:, kept(k-1)]``.
+    The restricted weight blocks themselves (``grad``, ``net``, ``first``, and ``fold``) are built on first use
+    (:func:`.linear_passes.dense_blocks`).
     Dropping terms that are exact zeros leaves every real-number sum unchanged and the summations shorter, so the
     rounding allowances still hold."""
     H = ctx.H
@@ -183,9 +184,6 @@ def _compact(ctx: LinearContext) -> dict:
     act = [np.flatnonzero((au != 0) | (al != 0) | (du > 0)) for au, al, du in zip(ctx.a_up, ctx.a_low, ctx.du)]
     kept = [np.flatnonzero((au != 0) | (al != 0) | (bu != 0) | (bl != 0))
             for au, al, bu, bl in zip(ctx.a_up, ctx.a_low, ctx.b_up, ctx.b_low)]
-    grad = [np.ascontiguousarray(ctx.W[k + 1][np.ix_(live[k + 1], live[k])].T) for k in range(H - 2)]
-    net = [None] + [np.ascontiguousarray(ctx.W[k][np.ix_(act[k], kept[k - 1])]) for k in range(1, H - 1)]
-    first = np.ascontiguousarray(ctx.W[0][act[0], :])
     pos, livepos = [], []
     for k in range(H - 1):
         p = np.full(ctx.du[k].size, -1, dtype=np.int64)
@@ -197,8 +195,7 @@ def _compact(ctx: LinearContext) -> dict:
     # magnitude of the affine step into z(k): |W[k]| |h(k-1)|max + |b[k]| (|x|max for k = 0)
     wmag = [ctx.absW[k] @ (ctx.hmax[k - 1] if k >= 1 else ctx.xmax) + np.abs(ctx.b[k]) for k in range(H - 1)]
     act = [a.astype(np.int64) for a in act]
-    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first, "pos": pos,
-            "livepos": livepos, "wmag": wmag}
+    return {"live": live, "act": act, "kept": kept, "pos": pos, "livepos": livepos, "wmag": wmag}
 
 
 def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256) -> None:

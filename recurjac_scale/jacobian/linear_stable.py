@@ -48,16 +48,18 @@ _U = np.finfo(np.float64).eps / 2
 
 
 def stable_collapse(ctx: LinearContext) -> dict:
-    """The maps through the exact neurons (module docstring) for ``ctx``.
+    """The maps through the exact neurons (module docstring) for ``ctx``, and their rounding allowances.
 
     Returns
     -------
     dict
-        ``U``, ``S``: per hidden layer, the indices of the other and of the exact (not dropped) neurons; ``C``:
-        ``C[t][i]`` (``None`` where exactly zero), ``R``: ``R[t]`` (``(|U(t)|, n_0)`` or ``None``), ``c``: ``c[t]``
-        (``t = 0..H-1``, ``U(H-1)`` = every output row); ``Z``: the magnitude ``Z(t)[U(t)]``; ``G``: the
-        relative allowance factor; ``mag``: the sum of all magnitudes (underflow); per layer the relaxation arrays
-        restricted to ``U`` (``a_up``, ``a_low``, ``b_up``, ``b_low``, ``r_up``, ``r_low``, ``zmax``).
+        ``U``, ``S``: per hidden layer, the indices of the other and of the exact (not dropped) neurons.  Pass 2
+        (computed downward, per target layer ``t``): ``Down[t]`` = ``[C(t, t-1) | ... | C(t, 0)]`` (existing blocks,
+        offsets ``Down_off[t]``), ``Rstack`` (the ``R(t)`` stacked, offsets ``R_off``), ``c[t]``, and ``E2[t]``:
+        the allowance per unit of ``|G(t)|``.  Pass 1 (computed upward, per source ``i = -1 .. H-2``): ``Up[i]`` =
+        ``[C(i+1, i)^T | ...]`` (offsets ``Up_off[i]``), ``Top[i]`` (``|U(i)| x m``: the output rows), and what
+        :func:`grad_magnitudes` needs for the allowance per row.  Per layer the relaxation arrays restricted to
+        ``U`` (``a_up``, ``a_low``, ``b_up``, ``b_low``, ``r_up``, ``r_low``, ``zmax``).
     """
     H = ctx.H
     n0 = ctx.W[0].shape[1]
@@ -66,64 +68,55 @@ def stable_collapse(ctx: LinearContext) -> dict:
         dl, du = ctx.dl[k], ctx.du[k]
         au, al, bu, bl = ctx.a_up[k], ctx.a_low[k], ctx.b_up[k], ctx.b_low[k]
         with np.errstate(invalid="ignore"):
-            ex = (dl == du) & (au == al) & (au == du) & (bu == bl) & np.isfinite(au) & np.isfinite(bu) & np.isfinite(du)
+            ex = (dl == du) & (au == al) & (au == du) & (bu == bl) & np.isfinite(au) & np.isfinite(bu)
         for s_low, _, s_up, _ in ctx.variants.values():
             ex &= (s_low[k] == 0) & (s_up[k] == 0)
-        drop = ex & (du == 0) & (au == 0) & (bu == 0)
+        drop = ex & (du == 0) & (bu == 0)
         U.append(np.flatnonzero(~ex))
         s = np.flatnonzero(ex & ~drop)
         S.append(s)
         aS.append(au[s])
         bS.append(bu[s])
-    C = [[None] * H for _ in range(H)]
-    R = [None] * H
-    cst = [None] * H
-    for t in range(H):
-        rows = U[t] if t < H - 1 else np.arange(ctx.W[H - 1].shape[0])
-        T = ctx.W[t][rows]
-        c = ctx.b[t][rows].copy()
+    width = n0 + sum(w.shape[0] for w in ctx.W)
+    g_pass = gamma(width + H + 4)  # the GEMMs of a pass with these blocks (inner lengths <= sum |U|) and their sums
+    wmag = [(ctx.absW[k] @ (ctx.hmax[k - 1] if k >= 1 else ctx.xmax) + np.abs(ctx.b[k]))
+            * (1.0 + gamma(ctx.W[k].shape[1] + 2)) for k in range(H - 1)]
+    out = {"U": U, "S": S, "N": 2 * width + 8 * H + 16}
+    # -- pass 2: downward, per target layer t; allowance of each step with the magnitudes of h (hmax, |x|max) ----
+    C = [[None] * (H - 1) for _ in range(H - 1)]
+    R, cst, E2 = [None] * (H - 1), [None] * (H - 1), [None] * (H - 1)
+    # T runs over the neurons of layer i in the order [U(i), S(i)] (dropped neurons: h = 0 exactly), over x at the end
+    order = [np.concatenate([U[k], S[k]]) for k in range(H - 1)]
+    WS = [ctx.W[i][np.ix_(S[i], order[i - 1])] if i >= 1 else ctx.W[0][S[0]] for i in range(H - 1)]
+    for t in range(H - 1):
+        T = ctx.W[t][np.ix_(U[t], order[t - 1])] if t >= 1 else ctx.W[0][U[0]]
+        c = ctx.b[t][U[t]].copy()
+        e = np.zeros(U[t].size)
         for i in range(t - 1, -1, -1):
-            if U[i].size:
-                C[t][i] = np.ascontiguousarray(T[:, U[i]])
+            nu_ = U[i].size
+            if nu_:
+                C[t][i] = np.ascontiguousarray(T[:, :nu_])
             s = S[i]
             if s.size == 0 or T.shape[0] == 0:
                 T = None
                 break
-            Ts = T[:, s]
+            Ts = T[:, nu_:]
             Ta = Ts * aS[i]
+            # h(i)_S = a (W[i]_S h(i-1) + b[i]_S) + beta: the products and sums of this step err by at most
+            # gamma(d_i + 4) |T_S| (|a| (|W[i]_S| |h(i-1)|max + |b[i]_S|) + |beta|)
+            e += gamma(ctx.W[i].shape[0] + 4) * (np.abs(Ts) @ (np.abs(aS[i]) * wmag[i][s] + np.abs(bS[i])))
             c = c + Ta @ ctx.b[i][s] + Ts @ bS[i]
-            T = Ta @ ctx.W[i][s]
+            T = Ta @ WS[i]
         R[t] = None if T is None else np.ascontiguousarray(T)
         cst[t] = c
-    # magnitudes of z(t) through the exact neurons (pass 2) and the sum of all magnitudes (underflow)
-    Z = []
-    p = ctx.xmax
-    mag = float(np.sum(ctx.xmax))
-    for k in range(H - 1):
-        z = (ctx.absW[k] @ p + np.abs(ctx.b[k])) * (1.0 + gamma(ctx.W[k].shape[1] + 2))
-        Z.append(np.ascontiguousarray(z[U[k]]))
-        p = np.zeros(z.size)
-        p[U[k]] = ctx.hmax[k][U[k]]
-        p[S[k]] = (np.abs(aS[k]) * z[S[k]] + np.abs(bS[k])) * (1.0 + 4 * _U)
-        mag += float(np.sum(z)) + float(np.sum(p)) + float(np.sum(ctx.hmax[k])) + float(np.sum(ctx.zmax[k]))
-    widths = n0 + sum(w.shape[0] for w in ctx.W)
-    out = {
-        "U": U, "S": S, "aS": aS, "C": C, "R": R, "c": cst, "Z": Z,
-        "G": gamma(2 * widths + 8 * H + 16), "N": 2 * widths + 8 * H + 16, "mag": mag,
-        # C(t, i)^T stacked over t > i (pass 1 carries kappa on g(i)[U(i)] upward with one GEMM): Up[i] and the
-        # column offsets of each t in it; the output rows' block is kept apart (only the row's column is needed)
-        "Up": [], "Up_off": [], "Top": [C[H - 1][i] for i in range(H - 1)],
-    }
-    for i in range(H - 1):
-        blocks, offs, o = [], {}, 0
-        for t in range(i + 1, H - 1):
-            if C[t][i] is not None and U[t].size:
-                blocks.append(C[t][i].T)
-                offs[t] = (o, o + U[t].size)
-                o += U[t].size
-        out["Up"].append(np.ascontiguousarray(np.concatenate(blocks, axis=1)) if blocks else None)
-        out["Up_off"].append(offs)
-    # per target layer t: [C(t, t-1) | ... | C(t, 0)] with column offsets (pass 2, one GEMM per layer)
+        # the pass's own products with these blocks: gamma times the magnitudes of the computed map
+        y = np.abs(c)
+        for i in range(t):
+            if C[t][i] is not None:
+                y = y + np.abs(C[t][i]) @ ctx.hmax[i][U[i]]
+        if R[t] is not None:
+            y = y + np.abs(R[t]) @ ctx.xmax
+        E2[t] = (e + g_pass * y) * (1.0 + 8 * _U)
     down, down_off = [], []
     for t in range(H - 1):
         blocks, offs, o = [], {}, 0
@@ -134,45 +127,86 @@ def stable_collapse(ctx: LinearContext) -> dict:
                 o += U[i].size
         down.append(np.ascontiguousarray(np.concatenate(blocks, axis=1)) if blocks else None)
         down_off.append(offs)
-    out["Down"], out["Down_off"] = down, down_off
-    # the R(t), stacked (rows: the layers with R(t), in order), for one GEMM to x per pass, and transposed (the
-    # projections of unit objectives on g(-1) are rows of it)
     r_off, o = {}, 0
     for t in range(H - 1):
         if R[t] is not None and U[t].size:
             r_off[t] = (o, o + U[t].size)
             o += U[t].size
-    out["R_off"] = r_off
-    out["Rstack"] = np.ascontiguousarray(np.concatenate([R[t] for t in r_off], axis=0)) if r_off else None
-    out["RT"] = np.ascontiguousarray(out["Rstack"].T) if r_off else None
+    out.update(Down=down, Down_off=down_off, R_off=r_off, c=cst, E2=E2,
+               Rstack=np.ascontiguousarray(np.concatenate([R[t] for t in r_off], axis=0)) if r_off else None)
+    # -- pass 1: upward, per source i (g(i)[U(i)]; i = -1: the Jacobian row, every input) ----------------------
+    # M: coefficients on y(s) (all neurons of layer s) of the sources; y(s)_S = du g(s)_S, g(s) = W[s+1]^T y(s+1)
+    Up, Up_off, Top, steps = [], [], [], []
+    # M runs over the neurons of layer s in the order [U(s), S(s)] (dead neurons: y = 0 exactly), over the output
+    # rows at the top
+    WU = [ctx.W[s_ + 1][np.ix_(order[s_ + 1], S[s_])].T if s_ + 1 < H - 1 else ctx.W[H - 1][:, S[s_]].T
+          for s_ in range(H - 1)]
+    for i in range(-1, H - 1):
+        rows = slice(None) if i == -1 else U[i]
+        M = (ctx.W[i + 1][order[i + 1]][:, rows].T if i + 1 < H - 1 else ctx.W[H - 1][:, rows].T)
+        blocks, offs, o, st = [], {}, 0, []
+        top = M if i == H - 2 else None
+        for s_ in range(i + 1, H - 1):
+            u, s = U[s_], S[s_]
+            if u.size:
+                blocks.append(M[:, :u.size])
+                offs[s_] = (o, o + u.size)
+                o += u.size
+            if s.size == 0 or M.shape[0] == 0:
+                M = None
+                break
+            Ms = M[:, u.size:] * aS[s_]
+            # this step errs by at most gamma(|S| + 2) |Ms| |W[s+1]_S|^T |y(s+1)|: per row (grad_magnitudes)
+            st.append((s_, s, np.abs(Ms), gamma(s.size + 2)))
+            M = Ms @ WU[s_]
+            if s_ == H - 2:
+                top = M
+        Up.append(np.ascontiguousarray(np.concatenate(blocks, axis=1)) if blocks else None)
+        Up_off.append(offs)
+        Top.append(None if top is None else np.ascontiguousarray(top))
+        steps.append(st)
+    # index i + 1 holds source i
+    out.update(Up=Up, Up_off=Up_off, Top=Top, steps=steps, absUp=[None if a is None else np.abs(a) for a in Up],
+               g_pass=g_pass)
     for name, src in (("a_up", ctx.a_up), ("a_low", ctx.a_low), ("b_up", ctx.b_up), ("b_low", ctx.b_low),
                       ("r_up", ctx.relax_err_up), ("r_low", ctx.relax_err_low), ("zmax", ctx.zmax)):
         out[name] = [np.ascontiguousarray(src[k][U[k]]) for k in range(H - 1)]
-    out["Rtop"] = R[H - 1]  # (m, n_0) or None: the Jacobian through exact neurons only
+    mag = float(np.sum(ctx.xmax)) + sum(float(np.sum(w)) + float(np.sum(h)) + float(np.sum(z)) + float(np.sum(e))
+                                        for w, h, z, e in zip(wmag, ctx.hmax, ctx.zmax, E2))
+    out["mag"] = mag
     return out
 
 
 def grad_magnitudes(ctx: LinearContext, rb: RowBounds, i0: int) -> list:
-    """``m(j)`` for ``j = i0 .. H-2`` (module docstring; index ``j - i0`` of the list; ``m(-1)`` has ``n_0``
-    entries), rounded up; cached on ``rb`` for its current ``ymax`` arrays."""
+    """Pass 1's allowance per unit of ``|kappa|`` for the sources ``i = i0 .. H-2`` (index ``i - i0``; source -1 has
+    ``n_0`` entries, source ``i >= 0`` has ``|U(i)|``): the steps of the upward chains, ``gamma |Ms| (|W[s+1]_S|^T
+    ymax(s+1))`` (``rb.v``; the output row's ``|W[H-1][row]|`` at the top), plus the pass's products, ``g_pass``
+    times ``|Up| ymax(U) + |Top[:, row]|``; rounded up.  Cached on ``rb`` for its current ``ymax`` and ``v``."""
     cl = ctx.compact["stable"]
     H = ctx.H
+    U = cl["U"]
     cache = getattr(rb, "_stable_m", None)
-    if cache is not None and cache[0] <= i0 and all(a is b for a, b in zip(cache[1], rb.ymax)):
-        return cache[2][i0 - cache[0]:]
-    m = [None] * (H - 1 - i0)
-    cur = np.abs(rb.top) * (1.0 + 4 * _U)
-    m[H - 2 - i0] = cur
-    for j in range(H - 3, i0 - 1, -1):
-        k = j + 1  # the layer whose y / g the magnitude goes through
-        q = np.zeros(ctx.du[k].size)
-        U, S = cl["U"][k], cl["S"][k]
-        q[U] = rb.ymax[k][U]
-        q[S] = np.abs(ctx.du[k][S]) * cur[S] * (1.0 + 4 * _U)
-        cur = (ctx.absW[k].T @ q) * (1.0 + gamma(ctx.W[k].shape[0] + 2))
-        m[j - i0] = cur
-    rb._stable_m = (i0, list(rb.ymax), m)
-    return m
+    if (cache is not None and cache[0] <= i0 and all(a is b for a, b in zip(cache[1], rb.ymax))
+            and all(a is b for a, b in zip(cache[2], rb.v))):
+        return cache[3][i0 - cache[0]:]
+    ytop = np.abs(rb.top)
+    ystack = [np.ascontiguousarray(rb.ymax[s][U[s]]) for s in range(H - 1)]
+    out = []
+    for i in range(i0, H - 1):
+        n = (ctx.W[0].shape[1] if i == -1 else U[i].size)
+        e = np.zeros(n)
+        for s_, s, absMs, g in cl["steps"][i + 1]:
+            vv = rb.v[s_] if s_ < H - 2 else ytop
+            e += g * (absMs @ vv[s])
+        y = np.zeros(n)
+        if cl["absUp"][i + 1] is not None:
+            ys = np.concatenate([ystack[t] for t in cl["Up_off"][i + 1]])
+            y += cl["absUp"][i + 1] @ ys
+        if cl["Top"][i + 1] is not None:
+            y += np.abs(cl["Top"][i + 1][:, rb.row])
+        out.append((e + cl["g_pass"] * y) * (1.0 + 8 * _U))
+    rb._stable_m = (i0, list(rb.ymax), list(rb.v), out)
+    return out
 
 
 def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=None, c=None, variants=None,
@@ -201,7 +235,6 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
     cl = ctx.compact["stable"]
     H = ctx.H
     U = cl["U"]
-    G = cl["G"]
     m = grad_magnitudes(ctx, rb, i0)
     row = rb.row
     if unit is not None:
@@ -215,7 +248,7 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
             if (pidx < 0).any():
                 raise ValueError("objectives on g(i0) must lie on the neurons that are not exact (U(i0))")
         c_abs1 = np.ones(K)
-        err = G * m[0][idx]
+        err = m[0][pidx if i0 >= 0 else idx]
     else:
         c = np.asarray(c, dtype=np.float64)
         K = c.shape[0]
@@ -225,33 +258,25 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
             if (c[:, off] != 0).any():
                 raise ValueError("objectives on g(i0) must lie on the neurons that are not exact (U(i0))")
         c_abs1 = np.abs(c).sum(axis=1)
-        err = G * (np.abs(c) @ m[0])
+        err = np.abs(c if i0 == -1 else c[:, U[i0]]) @ m[0]
     const = np.zeros(K)
     cabs = np.zeros(K)
     sabs = c_abs1.copy()  # l1 norms of every coefficient carried through a collapsed map (underflow)
     # the objectives' own coefficients on y(t)[U(t)] (t > i0) and the constant (output row) through exact neurons
     Lacc = [None] * (H - 1)
-    if i0 == -1:
-        if cl["RT"] is not None:
-            A = (cl["RT"][idx] * sign[:, None]) if unit is not None else c @ cl["RT"]
-            for t, (o0, o1) in cl["R_off"].items():
-                Lacc[t] = A[:, o0:o1]
-        if cl["Rtop"] is not None:
-            top = (sign * cl["Rtop"][row, idx]) if unit is not None else c @ cl["Rtop"][row]
-            const += top
-            cabs += np.abs(top)
-    else:
-        cU = None if unit is not None else np.ascontiguousarray(c[:, U[i0]])
-        up = cl["Up"][i0]
-        if up is not None:
-            A = (up[pidx] * sign[:, None]) if unit is not None else cU @ up
-            for t, (o0, o1) in cl["Up_off"][i0].items():
-                Lacc[t] = A[:, o0:o1]
-        topb = cl["Top"][i0]
-        if topb is not None:
-            top = (sign * topb[row, pidx]) if unit is not None else cU @ topb[row]
-            const += top
-            cabs += np.abs(top)
+    # the objectives' coefficients on y(t)[U(t)] (t > i0) and the constant (output row), through exact neurons
+    cU = None if unit is not None else (c if i0 == -1 else np.ascontiguousarray(c[:, U[i0]]))
+    sel = None if unit is None else (idx if i0 == -1 else pidx)
+    up = cl["Up"][i0 + 1]
+    if up is not None:
+        A = (up[sel] * sign[:, None]) if unit is not None else cU @ up
+        for t, (o0, o1) in cl["Up_off"][i0 + 1].items():
+            Lacc[t] = A[:, o0:o1]
+    topb = cl["Top"][i0 + 1]
+    if topb is not None:
+        top = (sign * topb[sel, row]) if unit is not None else cU @ topb[:, row]
+        const += top
+        cabs += np.abs(top)
     const_lines = [iv for iv, key in enumerate(variants)
                    if not any(ctx.variants[key][j][k].any() for j in (0, 2) for k in range(i0 + 1, H - 1))]
     skip = (ctx.adaptive > 0 and len(const_lines) > 0 and rb.slope_stats[0] >= ctx.adaptive
@@ -275,7 +300,7 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
             continue
         Lam = np.ascontiguousarray(Lacc[k])
         kappa = np.empty((K, n))
-        mk = m[k - i0][u]
+        mk = m[k - i0]
         S_low, T_low, S_up, T_up = (np.stack([ln[j][k][u] for ln in lines]) for j in range(4))
         w = np.maximum(np.abs(S_up), np.abs(S_low)) * cl["zmax"][k] + np.maximum(np.abs(T_up), np.abs(T_low))
         has = [bool(S_up[v].any() or S_low[v].any()) for v in range(V)]
@@ -289,19 +314,19 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
                 nus[v][k] = nu_k[slot[v]]
         const += term
         cabs += np.abs(term)
-        err += gamma(d + 16) * ey + G * ek
+        err += gamma(d + 16) * ey + ek
         c_l += lterm
         cabs_l += np.abs(lterm)
         err_l += gamma(d + 8) * le
         sabs += np.abs(kappa).sum(axis=1)
-        up = cl["Up"][k]
+        up = cl["Up"][k + 1]
         if up is not None:
             A = kappa @ up
-            for t, (o0, o1) in cl["Up_off"][k].items():
+            for t, (o0, o1) in cl["Up_off"][k + 1].items():
                 Lacc[t] = A[:, o0:o1] if Lacc[t] is None else Lacc[t] + A[:, o0:o1]
-        topb = cl["Top"][k]
+        topb = cl["Top"][k + 1]
         if topb is not None:
-            tt = kappa @ topb[row]
+            tt = kappa @ topb[:, row]
             const += tt
             cabs += np.abs(tt)
     # -- per variant: the network pass ---------------------------------------------------------------------------
@@ -325,7 +350,6 @@ def _network_pass_stable(ctx, rb, nus, const, cabs, err, sabs):
     H = ctx.H
     K = const.size
     cl = ctx.compact["stable"]
-    G = cl["G"]
     eta = underflow_unit(np.float64)
     if nus is None:  # no coefficient on any z (constant lines): nothing to do
         err = err + gamma(4 * H + 8) * cabs + TINY + rb.under + 2.0 * eta * cl["N"] * sabs * cl["mag"]
@@ -348,20 +372,20 @@ def _network_pass_stable(ctx, rb, nus, const, cabs, err, sabs):
                 continue
             Gt = nu
             tb = Gt @ cl["c"][t]
-            ew = np.abs(Gt) @ cl["Z"][t]
+            ew = np.abs(Gt) @ cl["E2"][t]
         else:
             Gt = np.empty((K, n))
             ar = np.arange(n, dtype=np.int64)
             relax_step(np.ascontiguousarray(Hacc[t]), ar, np.empty((0, 0)) if nu is None else nu, ar,
                        nu is not None, cl["a_up"][t], cl["a_low"][t], cl["b_up"][t], cl["b_low"][t],
-                       cl["r_up"][t], cl["r_low"][t], cl["zmax"][t], cl["c"][t], cl["Z"][t], ar, Gt, out5)
+                       cl["r_up"][t], cl["r_low"][t], cl["zmax"][t], cl["c"][t], cl["E2"][t], ar, Gt, out5)
             const += out5[0]
             cabs += np.abs(out5[0])
             err += gamma(ctx.dl[t].size + 2) * out5[1] + 4 * _U * out5[2]
             tb, ew = out5[3].copy(), out5[4].copy()
         const += tb
         cabs += np.abs(tb)
-        err += G * ew
+        err += ew
         sabs += np.abs(Gt).sum(axis=1)
         if t in r_off:
             Gall[:, r_off[t][0]:r_off[t][1]] = Gt
