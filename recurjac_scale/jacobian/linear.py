@@ -85,7 +85,7 @@ FOLD_FIRST_LAYER = True
 computed from ``|Gam| |W[1]|`` instead of ``|Gam W[1]|`` there (about 1e-9 relative on the 784-1024-...-10 benchmark
 net at eps 0.001)."""
 
-ADAPTIVE_AFTER = 256
+ADAPTIVE_AFTER = 128
 """Default :attr:`LinearContext.adaptive`: after this many objectives of one output row bounded with every slope
 variant, where the lines of ``sigma'`` with slopes never gave a smaller bound than the constant lines, the row's
 remaining objectives run with the constant lines only (their network passes are skipped).  A heuristic for speed:

@@ -42,7 +42,12 @@ from ..layer_bounds.backsub import _concretise_upper
 from .linear_base import LinearContext, RowBounds
 from .linear_kernels import plane_lines_step, relax_step
 
-__all__ = ["stable_collapse", "grad_magnitudes", "bound_gradient_variants"]
+__all__ = ["stable_collapse", "grad_magnitudes", "bound_gradient_variants", "ELIMINATE_SHARE"]
+
+ELIMINATE_SHARE = 0.5
+"""A layer's exact neurons are eliminated only when they are at least this share of its neurons that are not
+dropped; otherwise they are handled as the others (exactly as well: their planes and relaxations are exact), which is
+cheaper when they are few (the maps through them would cost more GEMM work than they save)."""
 
 _U = np.finfo(np.float64).eps / 2
 
@@ -72,6 +77,8 @@ def stable_collapse(ctx: LinearContext) -> dict:
         for s_low, _, s_up, _ in ctx.variants.values():
             ex &= (s_low[k] == 0) & (s_up[k] == 0)
         drop = ex & (du == 0) & (bu == 0)
+        if np.count_nonzero(ex & ~drop) < ELIMINATE_SHARE * np.count_nonzero(~drop):
+            ex = drop  # few exact neurons: eliminating them would cost more than it saves; they run as the others
         U.append(np.flatnonzero(~ex))
         s = np.flatnonzero(ex & ~drop)
         S.append(s)
