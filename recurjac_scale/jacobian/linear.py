@@ -34,20 +34,25 @@ The propagation is split by concept:
   the per-row drivers :func:`tighten_gradient_bounds` (certified bounds of ``∂f_i/∂h(k)``, intersected with
   RecurJac-B's) and :func:`entry_bounds` (certified bounds of every Jacobian entry, intersected with RecurJac-B's);
 - :mod:`.linear_planes`: per output row, the valid planes of ``y = a g`` (:func:`row_bounds`, :func:`layer_planes`);
-- :mod:`.linear_passes`: the two passes above for a block of objectives (:func:`bound_objectives`,
-  :func:`bound_objectives_variants`: certified upper bounds of ``Lam · y(start)``), with the rounding argument
-  (its "Rounding" section) and the underflow allowance;
+- :mod:`.linear_stable`: the two passes above with the exact neurons eliminated, for objectives on a gradient
+  (:func:`bound_gradient_variants`: the entries, the tightening and the row norms use it);
+- :mod:`.linear_passes`: the two passes above for a block of objectives on ``y(start)`` over every live neuron
+  (:func:`bound_objectives`, :func:`bound_objectives_variants`), with the rounding argument (its "Rounding"
+  section) and the underflow allowance;
 - :mod:`.linear_base`: the data they share (:class:`LinearContext`, :class:`RowBounds`; no computation).
 
 The names listed in ``__all__`` are importable from this module whichever of these defines them.
 
-Cost: pass 1 runs once per block for all slope variants of the lines of ``sigma'`` (:data:`SLOPE_VARIANTS`; each
+Cost: the passes run on the neurons that are not exact only (:mod:`.linear_stable`: stable neurons are linear in
+both passes, so the maps through them are precomputed once per context and the per-objective work is on the unstable
+ones); pass 1 runs once per block for all slope variants of the lines of ``sigma'`` (:data:`SLOPE_VARIANTS`; each
 objective keeps the smallest bound); pass 2 runs once per variant with slopes (constant lines put no coefficient on
 any ``z``).  The gradient bounds are tightened only where ``dl < du`` (elsewhere ``a`` is the constant ``du`` and
-every plane is exact).  GEMMs skip exact zeros (dead neurons, zero relaxation lines, :func:`_compact`); the
-first hidden layer's stable neurons are folded into one GEMM (:data:`FOLD_FIRST_LAYER`); the elementwise steps
-are numba kernels (:mod:`.linear_kernels`).  Optionally (:data:`ADAPTIVE_AFTER`, on by default)
-a row's later objectives skip the variants with slopes once they never won on its first objectives.
+every plane is exact).  The elementwise steps are numba kernels (:mod:`.linear_kernels`).  Optionally
+(:data:`ADAPTIVE_AFTER`, on by default) a row's later objectives skip the variants with slopes once they never won on
+its first objectives.  :func:`bound_objectives_variants` (objectives on ``y(start)``) keeps the dense passes over
+every live neuron (:func:`.linear_passes.dense_blocks`, with the first hidden layer's stable neurons folded into one
+GEMM, :data:`FOLD_FIRST_LAYER`).
 
 Rounding: all arithmetic is float64 (float32 weights are converted exactly); every bound includes an allowance for
 the rounding of the propagation (:mod:`.linear_passes`, "Rounding"), reported as ``allowance`` (the largest
@@ -68,8 +73,8 @@ from .linear_stable import bound_gradient_variants, stable_collapse
 
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
-    "bound_objectives", "bound_objectives_variants", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS",
-    "OBJECTIVE_BLOCK", "ADAPTIVE_AFTER", "FOLD_FIRST_LAYER",
+    "bound_objectives", "bound_objectives_variants", "bound_gradient_variants", "entry_bounds",
+    "centre_gradients_ctx", "SLOPE_VARIANTS", "OBJECTIVE_BLOCK", "ADAPTIVE_AFTER", "FOLD_FIRST_LAYER",
 ]
 
 SLOPE_VARIANTS = ("centre", "area", "constant")

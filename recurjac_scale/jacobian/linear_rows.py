@@ -34,8 +34,8 @@ def row_norm_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: 
     ``alpha_j J_j + beta_j`` (``alpha = (u + l) / (u - l)``, ``beta = -2 u l / (u - l)``; ``alpha = sign`` where the
     sign is known).  ``q = 2``: ``J_j^2 <= (l_j + u_j) J_j - l_j u_j``.  The sum is the objective ``alpha · J[i, :]``
     (bounded by :func:`~.linear_stable.bound_gradient_variants`, ``i0 = -1``) plus ``sum beta``: the entries stay
-    correlated, unlike the sum of per-entry maxima.  Rounding: ``|J_j|`` (or ``J_j^2``) exceeds the computed chord by at most
-    ``16 u (|alpha| M_j + |beta_j|)``, and the final sums and the square root are rounded up.
+    correlated, unlike the sum of per-entry maxima.  Rounding: ``|J_j|`` (or ``J_j^2``) exceeds the computed chord by at
+    most ``16 u (|alpha| M_j + |beta_j|)``, and the final sums and the square root are rounded up.
 
     Parameters
     ----------

@@ -20,17 +20,25 @@ the planes and lines of :mod:`.linear_passes` applied on ``U`` only (same relaxa
 arithmetic), then back-substitutes the coefficients on ``z(t)[U(t)]`` through these maps.
 
 Rounding (added per objective, on top of the per-step allowances of :mod:`.linear_passes`, which are charged as
-there on the ``U`` neurons): every block as computed differs from the exact one by at most ``G`` times the same
-product of absolute values (``G = gamma(2 (n_0 + sum d_k) + 8 H + 16)`` covers the chains, the GEMMs of a pass and
-the sums of their results), so
+there on the ``U`` neurons).  As there, each computed map is taken as exact for the values it holds, and each step
+of its computation is charged with the absolute values of its actual (computed) factors times certified magnitudes
+of the variables they multiply, never with products of absolute weight matrices:
 
-- pass 1: a coefficient ``kappa`` on ``g(i)[U(i)]`` (or ``c`` on ``g(i0)``) carried upward errs by at most
-  ``G |kappa| · m(i)``, ``m(i) = |W[i+1]|^T q(i+1)`` with ``q = ymax`` on ``U``, ``|du| m`` on ``S`` and ``m(H-2) =
-  |W[H-1][row]|`` (per row, :func:`grad_magnitudes`);
-- pass 2: a coefficient ``G(t)`` on ``z(t)[U(t)]`` carried downward errs by at most ``G |G(t)| · Z(t)``, ``Z(t) =
-  |W[t]| p(t-1) + |b[t]|`` with ``p = hmax`` on ``U``, ``|a| Z + |beta|`` on ``S`` and ``p(-1) = |x|max``;
-- underflow: ``eta`` per product (:func:`recurjac_scale._fp.underflow_unit`), charged generously as ``2 eta N``
-  times the l1 norms of the coefficients and the sum of all magnitudes.
+- pass 2 (maps computed downward, per target layer): the step through ``S(i)`` errs by at most ``gamma(d_i + 4)
+  |T_S| (|a| (|W[i]_S| |h(i-1)|max + |b[i]_S|) + |beta|)`` (``|h|max`` from the layer bounds, ``|x|max`` at the
+  input), and the pass's own products with the blocks by ``g_pass`` times ``|C| |h|max + |R| |x|max + |c|``; the sum
+  ``E2(t)`` is charged per unit of ``|G(t)|``;
+- pass 1 (maps computed upward, per source layer, so that the objective's coefficients flow the way the maps were
+  built): the step through ``S(s)`` errs by at most ``gamma(|S| + 2) |Ms| (|W[s+1]_S|^T ymax(s+1))`` (the row's
+  ``v``; ``|W[H-1][row]|`` at the output), plus ``g_pass`` times ``|Up| ymax + |Top[:, row]|``; charged per unit of
+  ``|kappa|`` (:func:`grad_magnitudes`, per output row);
+- ``g_pass = gamma(n_0 + sum d_k + H + 4)`` covers the inner lengths of a pass's GEMMs and the sums of their
+  results;
+- underflow: ``eta`` per product (:func:`recurjac_scale._fp.underflow_unit`), charged generously as ``2 eta N`` times
+  the l1 norms of the coefficients carried through the maps and the sum of the context's magnitudes.
+
+Exact neurons are eliminated only in layers where they are at least :data:`ELIMINATE_SHARE` of the neurons that are
+not dropped (the others run as the unstable ones, exactly as well).
 """
 
 from __future__ import annotations
