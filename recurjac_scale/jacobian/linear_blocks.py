@@ -28,7 +28,7 @@ import numpy as np
 
 from .linear import OBJECTIVE_BLOCK, _unit
 from .linear_planes import _v, layer_planes, row_bounds
-from .linear_rows import row_norm_upper
+from .linear_rows import row_norm as _row_norm
 from .linear_stable import bound_gradient_variants
 
 __all__ = [
@@ -128,10 +128,10 @@ def entry_block(ctx, rb, j0: int, j1: int, rj_lower: np.ndarray, rj_upper: np.nd
 
 
 def row_norm(ctx, rb, lower: np.ndarray, upper: np.ndarray, q: float) -> float:
-    """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_q`` of the row of ``rb`` (``q`` in {1, 2}): the
-    smallest :func:`~recurjac_scale.jacobian.linear_rows.row_norm_upper` over the slope variants (one objective
-    each), as :func:`~recurjac_scale.jacobian.linear_rows.row_norms` computes it."""
-    return min(row_norm_upper(ctx, rb, lower, upper, q, v) for v in ctx.variants)
+    """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_q`` of the row of ``rb`` (``q`` in {1, 2}), as
+    :func:`~recurjac_scale.jacobian.linear_rows.row_norms` computes it
+    (:func:`~recurjac_scale.jacobian.linear_rows.row_norm`)."""
+    return _row_norm(ctx, rb, lower, upper, q)
 
 
 # -- sizes, for the engine's memory plan ---------------------------------------------------------------------------

@@ -236,7 +236,8 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
         ``-1``: objectives on the Jacobian row ``g(-1) = J[row, :]`` (``n_0`` coefficients); ``0 .. H-3``: on the
         gradient ``g(i0)`` of hidden layer ``i0``, whose support must lie in ``U(i0)`` (neurons that are not exact).
     unit : (ndarray of int, ndarray), optional
-        ``(idx, sign)``: objective ``q`` is ``sign[q] * g(i0)[idx[q]]`` (``sign`` = +-1).
+        ``(idx, sign)``, shape ``(K,)`` each: objective ``q`` is ``sign[q] * g(i0)[idx[q]]`` (``sign`` = +-1); or
+        shape ``(K, r)`` each: ``sum_j sign[q, j] * g(i0)[idx[q, j]]`` (a few coordinates per objective).
     c : ndarray, shape (K, d_{i0}), optional
         General coefficients (instead of ``unit``).
     variants, allowance
@@ -255,15 +256,18 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
     if unit is not None:
         idx, sign = (np.asarray(a) for a in unit)
         sign = sign.astype(np.float64)
-        K = idx.size
+        if idx.ndim == 1:
+            idx, sign = idx[:, None], sign[:, None]
+        K = idx.shape[0]
         if i0 >= 0:
             pos = np.full(ctx.du[i0].size, -1, dtype=np.int64)
             pos[U[i0]] = np.arange(U[i0].size)
             pidx = pos[idx]
             if (pidx < 0).any():
                 raise ValueError("objectives on g(i0) must lie on the neurons that are not exact (U(i0))")
-        c_abs1 = np.ones(K)
-        err = m[0][pidx if i0 >= 0 else idx]
+        asg = np.abs(sign)
+        c_abs1 = asg.sum(axis=1)
+        err = (asg * m[0][pidx if i0 >= 0 else idx]).sum(axis=1)
     else:
         c = np.asarray(c, dtype=np.float64)
         K = c.shape[0]
@@ -284,12 +288,17 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
     sel = None if unit is None else (idx if i0 == -1 else pidx)
     up = cl["Up"][i0 + 1]
     if up is not None:
-        A = (up[sel] * sign[:, None]) if unit is not None else cU @ up
+        if unit is not None:
+            A = up[sel[:, 0]] * sign[:, :1]
+            for j in range(1, sel.shape[1]):
+                A += up[sel[:, j]] * sign[:, j:j + 1]
+        else:
+            A = cU @ up
         for t, (o0, o1) in cl["Up_off"][i0 + 1].items():
             Lacc[t] = A[:, o0:o1]
     topb = cl["Top"][i0 + 1]
     if topb is not None:
-        top = (sign * topb[sel, row]) if unit is not None else cU @ topb[:, row]
+        top = (sign * topb[sel, row]).sum(axis=1) if unit is not None else cU @ topb[:, row]
         const += top
         cabs += np.abs(top)
     const_lines = [iv for iv, key in enumerate(variants)
@@ -298,7 +307,6 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
             and rb.slope_stats[1] == 0)
     active = const_lines + [iv for iv in range(len(variants)) if iv not in const_lines and not skip]
     V = len(active)
-    lines = [ctx.variants[variants[iv]] for iv in active]
     nus = [[None] * (H - 1) for _ in range(V)]
     nnz = np.zeros(V, dtype=np.int64)
     c_l, cabs_l, err_l = np.zeros((V, K)), np.zeros((V, K)), np.zeros((V, K))
@@ -316,11 +324,7 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
         Lam = np.ascontiguousarray(Lacc[k])
         kappa = np.empty((K, n))
         mk = m[k - i0]
-        S_low, T_low, S_up, T_up = (np.stack([ln[j][k][u] for ln in lines]) for j in range(4))
-        w = np.maximum(np.abs(S_up), np.abs(S_low)) * cl["zmax"][k] + np.maximum(np.abs(T_up), np.abs(T_low))
-        has = [bool(S_up[v].any() or S_low[v].any()) for v in range(V)]
-        slot = np.cumsum(has, dtype=np.int64) - 1
-        slot[~np.asarray(has, dtype=bool)] = -1
+        S_low, T_low, S_up, T_up, w, has, slot = _lines_on_U(ctx, k, tuple(variants[iv] for iv in active))
         nu_k = np.empty((int(sum(has)), K, n))
         plane_lines_step(Lam, *(p[u] for p in rb.up[k]), *(p[u] for p in rb.lo[k]), rb.ymax[k][u], mk, S_up,
                          S_low, T_up, T_low, w, slot, kappa, nu_k, term, ey, ek, lterm, le, nnz)
@@ -357,6 +361,24 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
     if allowance is not None:
         allowance.extend(errs)
     return out
+
+
+def _lines_on_U(ctx, k: int, keys: tuple):
+    """The lines of ``sigma'`` of the variants ``keys`` on ``U(k)``, stacked ``(V, |U(k)|)``, their allowance
+    magnitude, which variants have a slope, and the slots of their coefficients on ``z`` (cached per context)."""
+    cache = ctx.compact["stable"].setdefault("lines", {})
+    hit = cache.get((k, keys))
+    if hit is None:
+        u = ctx.compact["stable"]["U"][k]
+        lines = [ctx.variants[key] for key in keys]
+        S_low, T_low, S_up, T_up = (np.stack([ln[j][k][u] for ln in lines]) for j in range(4))
+        w = np.maximum(np.abs(S_up), np.abs(S_low)) * ctx.compact["stable"]["zmax"][k] + np.maximum(
+            np.abs(T_up), np.abs(T_low))
+        has = [bool(S_up[v].any() or S_low[v].any()) for v in range(len(keys))]
+        slot = np.cumsum(has, dtype=np.int64) - 1
+        slot[~np.asarray(has, dtype=bool)] = -1
+        hit = cache[(k, keys)] = (S_low, T_low, S_up, T_up, w, has, slot)
+    return hit
 
 
 def _network_pass_stable(ctx, rb, nus, const, cabs, err, sabs):
