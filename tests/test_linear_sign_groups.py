@@ -45,6 +45,7 @@ def _l1_reached(netc, region, rng):
 @pytest.mark.parametrize("group,share", [(2, 4.0), (3, 4.0), (2, 1.0), (4, 0.5)])
 def test_sign_groups_bound_the_l1_norm(monkeypatch, act, group, share):
     monkeypatch.setattr(linear_rows, "SIGN_SHARE", share)
+    monkeypatch.setattr(linear_rows, "SIGN_MIN", 0)
     netc, region, ctx, rb, lo, up, rng = _row((8, 20, 16, 3), act, 1.0 if act == "sigmoid" else 0.25, seed=7)
     assert ((lo < 0) & (up > 0)).sum() >= 4  # straddling entries: the chords are loose, the groups matter
     bound = sign_group_norm(ctx, rb, lo, up, group)
@@ -76,6 +77,7 @@ def test_sign_groups_exact_at_eps_zero(monkeypatch, group, share):
     ``||J(x0)||_1`` up to rounding (every sign pattern must be tried: half of them would miss coordinates of negative
     sign)."""
     monkeypatch.setattr(linear_rows, "SIGN_SHARE", share)
+    monkeypatch.setattr(linear_rows, "SIGN_MIN", 0)
     netc, region, ctx, rb, lo, up, rng = _row((9, 20, 16, 3), "relu", 0.0, seed=3)
     exact = float(np.abs(netc.jacobian(region.x0[None, :])[0, 0]).sum())
     assert (netc.jacobian(region.x0[None, :])[0, 0] < 0).sum() >= 3

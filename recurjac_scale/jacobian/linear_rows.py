@@ -20,7 +20,7 @@ from .linear import (
 )
 from .linear_stable import bound_gradient_variants
 
-__all__ = ["row_norm_upper", "sign_group_norm", "row_norm", "row_norms", "result_rows", "SIGN_GROUP"]
+__all__ = ["row_norm_upper", "chord_norms", "sign_group_norm", "row_norm", "row_norms", "result_rows", "SIGN_GROUP"]
 
 _U = np.finfo(np.float64).eps / 2
 
@@ -98,9 +98,12 @@ put no coefficient on any pre-activation, so these objectives need no network pa
 others within 0.5% on the benchmark networks."""
 
 SIGN_SHARE = 1.0
-"""At most this many objectives per input coordinate in :func:`sign_group_norm` (its cost against the entries'
+"""At most ``max(SIGN_SHARE n_0, SIGN_MIN)`` objectives in :func:`sign_group_norm` (its cost against the entries'
 ``2 n_0``): the coordinates with the largest chord gaps are grouped, the others bounded together by the chord
 objective of :func:`row_norm_upper`."""
+
+SIGN_MIN = 256
+"""See :data:`SIGN_SHARE` (small inputs: every coordinate in a group)."""
 
 SIGN_BLOCK = 512
 """Objectives per call of the propagation in :func:`sign_group_norm`."""
@@ -117,7 +120,9 @@ def sign_group_norm(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper:
     which the chords of :func:`row_norm_upper` lose where an entry's interval straddles 0), and each group's value
     is also at most ``sum_{j in G} max(|l_j|, |u_j|)``.  The coordinates are grouped in the order of their chord gaps
     (``-2 u l / (u - l)`` where the interval straddles 0), largest first; a last incomplete group is bounded by its
-    entries.  At most :data:`SIGN_SHARE` ``n_0`` objectives are used: the coordinates left out of the groups are
+    entries.  At most ``max(SIGN_SHARE n_0, SIGN_MIN)`` objectives are used (:data:`SIGN_SHARE`), and the bound is the
+    smallest of those with all these groups, with the first half of them and with none (the chords of
+    :func:`row_norm_upper` alone): the coordinates left out of the groups are
     bounded together by their chords (:func:`row_norm_upper` on them).  Rounding: the final sum is rounded up with
     ``gamma(n_0 + 2)``.
 
@@ -135,13 +140,12 @@ def sign_group_norm(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper:
     if not np.isfinite(M).all():
         return math.inf
     n = l.size
-    if g < 2 or n < g:
-        return float(np.sum(M)) * (1.0 + gamma(n + 2)) + TINY
     w = u - l
     with np.errstate(divide="ignore", invalid="ignore"):
         gap = np.where((l < 0) & (u > 0), -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
     order = np.argsort(-gap, kind="stable")
-    ng = min(n // g, int(SIGN_SHARE * n) // 2 ** g)
+    ng = min(n // g, max(int(SIGN_SHARE * n), SIGN_MIN) // 2 ** g) if g >= 2 else 0
+    g = max(g, 1)
     G = order[: ng * g].reshape(ng, g)
     S = np.array([[1.0 - 2.0 * ((b >> j) & 1) for j in range(g)] for b in range(2 ** g)])  # (2^g, g)
     idx = np.repeat(G, S.shape[0], axis=0)
@@ -151,29 +155,59 @@ def sign_group_norm(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper:
     for b0 in range(0, idx.shape[0], SIGN_BLOCK):
         b1 = min(idx.shape[0], b0 + SIGN_BLOCK)
         ub[b0:b1] = bound_gradient_variants(ctx, rb, -1, unit=(idx[b0:b1], sign[b0:b1]), variants=variants).min(axis=0)
-    per = np.minimum(ub.reshape(ng, S.shape[0]).max(axis=1), M[G].sum(axis=1) * (1.0 + gamma(g + 2)))
-    rest = order[ng * g:]
-    if rest.size > g:  # the others together by their chords (one objective per slope variant)
+    per = np.minimum(ub.reshape(ng, S.shape[0]).max(axis=1) if ng else np.zeros(0),
+                     M[G].sum(axis=1) * (1.0 + gamma(g + 2)))
+    cuts = sorted({ng, ng // 2, 0})  # the first k groups (same objectives), the others by their chords
+    masks = []
+    for k in cuts:
         mask = np.zeros(n, dtype=bool)
-        mask[rest] = True
-        r = min(row_norm_upper(ctx, rb, l, u, 1.0, v, mask=mask) for v in ctx.variants)
-        r = min(r, float(np.sum(M[rest])) * (1.0 + gamma(rest.size + 2)))
-        terms = np.concatenate([per, [r]])
-    else:
-        terms = np.concatenate([per, M[rest]])
-    if not np.isfinite(terms).all():
-        return math.inf
-    total = float(np.sum(terms))
-    return total + gamma(n + 2) * float(np.sum(np.abs(terms))) + TINY
+        mask[order[k * g:]] = True
+        masks.append(mask)
+    chords = chord_norms(ctx, rb, l, u, masks)
+    best = math.inf
+    for k, mask, r in zip(cuts, masks, chords):
+        rest = order[k * g:]
+        r = min(r, float(np.sum(M[rest])) * (1.0 + gamma(rest.size + 2)) + TINY)
+        terms = np.concatenate([per[:k], [r]])
+        if np.isfinite(terms).all():
+            best = min(best, float(np.sum(terms)) + gamma(n + 2) * float(np.sum(np.abs(terms))) + TINY)
+    return best
+
+
+def chord_norms(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.ndarray, masks: list) -> list:
+    """:func:`row_norm_upper` (``q = 1``, the smallest over the slope variants, each run) of
+    ``sum_{j in mask} |J_j|`` for every mask, all bounded in one call of the propagation."""
+    l = np.asarray(lower, np.float64)
+    u = np.asarray(upper, np.float64)
+    M = np.maximum(np.abs(l), np.abs(u))
+    w = u - l
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = np.where(l >= 0, 1.0, np.where(u <= 0, -1.0, (u + l) / np.where(w > 0, w, 1.0)))
+        beta = np.where((l < 0) & (u > 0), -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
+    alpha = np.clip(alpha, -1.0, 1.0)
+    beta = np.maximum(beta, 0.0)
+    if not (np.isfinite(alpha).all() and np.isfinite(beta).all() and np.isfinite(M).all()):
+        return [math.inf] * len(masks)
+    n0 = l.size
+    C = np.stack([np.where(m, alpha, 0.0) for m in masks])
+    ub = bound_gradient_variants(ctx, rb, -1, c=C, adaptive=False)  # (V, len(masks))
+    out = []
+    for q, m in enumerate(masks):
+        a, b, Mm = (np.where(m, v, 0.0) for v in (alpha, beta, M))
+        c_err = 16 * _U * (np.abs(a) * Mm + np.abs(b))
+        rest = float(np.sum(b + c_err)) + gamma(n0 + 2) * float(np.sum(np.abs(b) + c_err))
+        tot = [float(x) + rest + gamma(4) * (abs(float(x)) + abs(rest)) + TINY for x in ub[:, q]]
+        out.append(min(tot))
+    return out
 
 
 def row_norm(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.ndarray, q: float) -> float:
     """The row's best certified bound of ``max_{x in S} ||J[i, :](x)||_q`` (``q`` in {1, 2}): the smallest
-    :func:`row_norm_upper` over the slope variants and, for ``q = 1``, :func:`sign_group_norm`."""
-    best = min(row_norm_upper(ctx, rb, lower, upper, q, v) for v in ctx.variants)
-    if q == 1.0 and SIGN_GROUP >= 2:
-        best = min(best, sign_group_norm(ctx, rb, lower, upper))
-    return best
+    :func:`row_norm_upper` over the slope variants, for ``q = 1`` through :func:`sign_group_norm` (which includes
+    it)."""
+    if q == 1.0:
+        return sign_group_norm(ctx, rb, lower, upper)  # the chords of every coordinate included
+    return min(row_norm_upper(ctx, rb, lower, upper, q, v) for v in ctx.variants)
 
 
 def row_norms(ctx: LinearContext, rows: list, lower: np.ndarray, upper: np.ndarray, q: float) -> np.ndarray | None:

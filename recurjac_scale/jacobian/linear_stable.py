@@ -173,7 +173,14 @@ def stable_collapse(ctx: LinearContext) -> dict:
             Ms = M[:, u.size:] * aS[s_]
             # this step errs by at most gamma(|S| + 2) |Ms| |W[s+1]_S|^T |y(s+1)|: per row (grad_magnitudes)
             st.append((s_, s, np.abs(Ms), gamma(s.size + 2)))
-            M = Ms @ WU[s_]
+            t1 = s_ + 1
+            done = (R[t1] if i == -1 else C[t1][i]) if (t1 < H - 1 and S[t1].size == 0 and s_ == i + 1) else None
+            if done is not None:
+                # one step only, and the chain ends at layer t1: the same product as pass 2's block (one GEMM,
+                # either way round, with the same entrywise error bound gamma(|S| + 2) |W[t1]_S| |a| |W[s]_S|)
+                M = done.T
+            else:
+                M = Ms @ WU[s_]
             if s_ == H - 2:
                 top = M
         Up.append(np.ascontiguousarray(np.concatenate(blocks, axis=1)) if blocks else None)
@@ -225,7 +232,7 @@ def grad_magnitudes(ctx: LinearContext, rb: RowBounds, i0: int) -> list:
 
 
 def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=None, c=None, variants=None,
-                            allowance: list | None = None) -> np.ndarray:
+                            allowance: list | None = None, adaptive: bool = True) -> np.ndarray:
     """Certified upper bounds of the objectives ``c[q] · g(i0)`` over the region, rounding included, for several
     slope variants of the lines of ``sigma'`` (as :func:`.linear_passes.bound_objectives_variants`, whose
     objectives on ``y(i0 + 1)`` are these after the gradient step; same relaxations, exact neurons eliminated).
@@ -242,6 +249,9 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
         General coefficients (instead of ``unit``).
     variants, allowance
         As :func:`.linear_passes.bound_objectives_variants`.
+    adaptive : bool
+        ``False``: every variant runs whatever :attr:`LinearContext.adaptive` says (and the objectives are not
+        counted for it).
 
     Returns
     -------
@@ -303,7 +313,7 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
         cabs += np.abs(top)
     const_lines = [iv for iv, key in enumerate(variants)
                    if not any(ctx.variants[key][j][k].any() for j in (0, 2) for k in range(i0 + 1, H - 1))]
-    skip = (ctx.adaptive > 0 and len(const_lines) > 0 and rb.slope_stats[0] >= ctx.adaptive
+    skip = (adaptive and ctx.adaptive > 0 and len(const_lines) > 0 and rb.slope_stats[0] >= ctx.adaptive
             and rb.slope_stats[1] == 0)
     active = const_lines + [iv for iv in range(len(variants)) if iv not in const_lines and not skip]
     V = len(active)
@@ -354,7 +364,7 @@ def bound_gradient_variants(ctx: LinearContext, rb: RowBounds, i0: int, unit=Non
     for v, iv in enumerate(active):
         out[iv], errs[iv] = _network_pass_stable(ctx, rb, nus[v] if nnz[v] else None, c_l[v] + const,
                                                  cabs_l[v] + cabs, err_l[v] + err, sabs)
-    if not skip and const_lines and len(const_lines) < len(variants):
+    if adaptive and not skip and const_lines and len(const_lines) < len(variants):
         rb.slope_stats[0] += K
         rb.slope_stats[1] += int(np.count_nonzero(np.delete(out, const_lines, axis=0).min(axis=0)
                                                   < out[const_lines].min(axis=0)))
