@@ -148,3 +148,20 @@ def test_allowance_stays_small_on_a_deep_network():
     lower, upper, worst, rows = lin.entry_bounds(ctx, jb.states, jb.lower, jb.upper)
     assert (upper - lower < jb.upper - jb.lower).any()
     assert 0.0 < worst < 1e-9
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu"])
+def test_single_step_maps_shared_by_both_passes(act):
+    """Where a chain has one layer of exact neurons and ends at a layer without any, pass 1 takes pass 2's product
+    (transposed) instead of computing its own: still the dense passes' bounds."""
+    netc, region, jb, ctx, rb, rng = _setup(act, 0.08, seed=0)
+    S = [s.size for s in ctx.compact["stable"]["S"]]
+    assert S[0] > 0 and S[1] == 0 or any(S[i] > 0 and S[i + 1] == 0 for i in range(len(S) - 1))
+    W0 = np.asarray(netc.weights[0], np.float64)
+    n0 = W0.shape[1]
+    _assert_same(bound_gradient_variants(ctx, rb, -1, unit=_pm(np.arange(n0))),
+                 lin.bound_objectives_variants(ctx, rb, np.vstack([W0.T, -W0.T]), 0))
+    rows = ctx.compact["stable"]["U"][0]
+    W = ctx.W[1][:, rows].T
+    _assert_same(bound_gradient_variants(ctx, rb, 0, unit=_pm(rows)),
+                 lin.bound_objectives_variants(ctx, rb, np.vstack([W, -W]), 1))
