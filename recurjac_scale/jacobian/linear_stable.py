@@ -1,8 +1,8 @@
 """Both passes of the ``linear-jacobian`` propagation with the exact-line neurons eliminated.
 
 A hidden neuron ``r`` of layer ``k`` is *exact* on the region when its derivative is one number (``dl = du``), its
-relaxation of ``sigma`` is one line (``a_up = a_low = a``, ``b_up = b_low = beta``: ``h_r = a z_r + beta``) and no
-line of ``sigma'`` has a slope there (stable ReLUs, for example).  Then ``y_r = du g_r`` exactly in the gradient
+relaxation of ``sigma`` is one line with that slope (``a_up = a_low = a = du``, ``b_up = b_low = beta``: ``h_r = a z_r
++ beta``) and no line of ``sigma'`` has a slope there (stable ReLUs, for example).  Then ``y_r = du g_r`` exactly in the gradient
 graph and ``h_r = a z_r + beta`` exactly in the network, so the propagation is linear through it: only the other
 neurons ``U(k)`` (unstable ones, where relaxations are chosen by the sign of a coefficient) need per-objective work.
 Neurons with ``du = a = beta = 0`` (dead ReLUs) contribute nothing and are dropped.
@@ -10,6 +10,9 @@ Neurons with ``du = a = beta = 0`` (dead ReLUs) contribute nothing and are dropp
 :func:`stable_collapse` precomputes, once per context, the maps through the exact neurons (``S(k)``):
 
     z(t)[U(t)] = R(t) x + sum_{i < t} C(t, i) h(i)[U(i)] + c(t)        (t = 0 .. H-1; t = H-1: the output rows)
+
+(pass 2 uses the maps of the hidden layers, computed downward; pass 1 uses the same blocks transposed, computed
+upward, and the output rows' blocks ``Top``)
 
 (``C(t, i)`` of shape ``(|U(t)|, |U(i)|)``, ``R(t)`` of shape ``(|U(t)|, n_0)``; blocks that are exactly zero, because
 some layer between has no exact neuron, are absent).  The same blocks, transposed, carry the gradient graph
@@ -31,7 +34,9 @@ of the variables they multiply, never with products of absolute weight matrices:
 - pass 1 (maps computed upward, per source layer, so that the objective's coefficients flow the way the maps were
   built): the step through ``S(s)`` errs by at most ``gamma(|S| + 2) |Ms| (|W[s+1]_S|^T ymax(s+1))`` (the row's
   ``v``; ``|W[H-1][row]|`` at the output), plus ``g_pass`` times ``|Up| ymax + |Top[:, row]|``; charged per unit of
-  ``|kappa|`` (:func:`grad_magnitudes`, per output row);
+  ``|kappa|`` (:func:`grad_magnitudes`, per output row).  A block made of one step only (one layer of exact neurons,
+  and none in the layer it ends at) is one product of two matrices either way round, with the same entrywise bound
+  ``gamma(|S| + 2) |W[t]_S| |a| |W[s]_S|``: pass 1 then takes pass 2's product, transposed;
 - ``g_pass = gamma(n_0 + sum d_k + H + 4)`` covers the inner lengths of a pass's GEMMs and the sums of their
   results;
 - underflow: ``eta`` per product (:func:`recurjac_scale._fp.underflow_unit`), charged generously as ``2 eta N`` times
