@@ -69,6 +69,31 @@ def test_plane_lines_step_matches_numpy(seed):
         _close(le[v], np.abs(mu) @ w[v])
 
 
+@pytest.mark.parametrize("V", [1, 3])
+def test_plane_lines_select_form_equals_branch_form(V):
+    """With finite planes and lines the kernel takes the sign choices as selects; its outputs must be bitwise those
+    of the branch-per-sign form (which it falls back to for a NaN row, and for non-finite planes)."""
+    from recurjac_scale.jacobian.linear_kernels import _plane_lines_rows
+
+    rng = np.random.default_rng(5)
+    K, d = 9, 70
+    Lam, planes, ymax, vnext, lines, slot = _plane_lines(rng, K, d, V)
+    Lam[4, 11] = np.nan
+    fast = _run_plane_lines(Lam, planes, ymax, vnext, lines, slot)
+    outs = [np.empty((K, d)), np.empty((int((slot >= 0).sum()), K, d)), np.empty(K), np.empty(K), np.empty(K),
+            np.empty((V, K)), np.empty((V, K)), np.zeros(V, dtype=np.int64)]
+    _plane_lines_rows(Lam, *planes, ymax, vnext, *lines, slot, *outs, 0, K)
+    for a, b in zip(fast, outs):
+        np.testing.assert_array_equal(a, b)
+    assert np.isnan(fast[2][4]) and np.isfinite(fast[2][[0, 8]]).all()
+    planes[1][3] = np.inf  # a non-finite plane: the branch form throughout
+    fast = _run_plane_lines(Lam, planes, ymax, vnext, lines, slot)
+    outs[7] = np.zeros(V, dtype=np.int64)  # nnz is incremented
+    _plane_lines_rows(Lam, *planes, ymax, vnext, *lines, slot, *outs, 0, K)
+    for a, b in zip(fast, outs):
+        np.testing.assert_array_equal(a, b)
+
+
 def _relax_case(rng, K, n, with_nu):
     kept = np.sort(rng.choice(n, size=n - 9, replace=False))
     act = np.sort(rng.choice(n, size=n - 5, replace=False)).astype(np.int64)
@@ -226,7 +251,9 @@ def test_first_layer_fold_equals_the_unfolded_pass(act):
     netc = net.with_outputs(np.eye(3)[:1])
     ctx = lin.linear_context(netc, Region.of(netc, x0, eps, np.inf), jb.layer_bounds,
                              derivative_bounds_for(netc, jb.layer_bounds), adaptive=0)
-    assert ctx.compact["fold"] is not None
+    from recurjac_scale.jacobian.linear_passes import dense_blocks
+
+    assert dense_blocks(ctx)["fold"] is not None
     assert np.count_nonzero(ctx.dl[0] < ctx.du[0]) >= 5
     H = ctx.H
     gl = [np.asarray(jb.states[H - 2 - k]["lower"][0], np.float64) for k in range(H - 1)]

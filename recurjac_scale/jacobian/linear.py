@@ -34,20 +34,25 @@ The propagation is split by concept:
   the per-row drivers :func:`tighten_gradient_bounds` (certified bounds of ``∂f_i/∂h(k)``, intersected with
   RecurJac-B's) and :func:`entry_bounds` (certified bounds of every Jacobian entry, intersected with RecurJac-B's);
 - :mod:`.linear_planes`: per output row, the valid planes of ``y = a g`` (:func:`row_bounds`, :func:`layer_planes`);
-- :mod:`.linear_passes`: the two passes above for a block of objectives (:func:`bound_objectives`,
-  :func:`bound_objectives_variants`: certified upper bounds of ``Lam · y(start)``), with the rounding argument
-  (its "Rounding" section) and the underflow allowance;
+- :mod:`.linear_stable`: the two passes above with the exact neurons eliminated, for objectives on a gradient
+  (:func:`bound_gradient_variants`: the entries, the tightening and the row norms use it);
+- :mod:`.linear_passes`: the two passes above for a block of objectives on ``y(start)`` over every live neuron
+  (:func:`bound_objectives`, :func:`bound_objectives_variants`), with the rounding argument (its "Rounding"
+  section) and the underflow allowance;
 - :mod:`.linear_base`: the data they share (:class:`LinearContext`, :class:`RowBounds`; no computation).
 
 The names listed in ``__all__`` are importable from this module whichever of these defines them.
 
-Cost: pass 1 runs once per block for all slope variants of the lines of ``sigma'`` (:data:`SLOPE_VARIANTS`; each
+Cost: the passes run on the neurons that are not exact only (:mod:`.linear_stable`: stable neurons are linear in
+both passes, so the maps through them are precomputed once per context and the per-objective work is on the unstable
+ones); pass 1 runs once per block for all slope variants of the lines of ``sigma'`` (:data:`SLOPE_VARIANTS`; each
 objective keeps the smallest bound); pass 2 runs once per variant with slopes (constant lines put no coefficient on
 any ``z``).  The gradient bounds are tightened only where ``dl < du`` (elsewhere ``a`` is the constant ``du`` and
-every plane is exact).  GEMMs skip exact zeros (dead neurons, zero relaxation lines, :func:`_compact`); the
-first hidden layer's stable neurons are folded into one GEMM (:data:`FOLD_FIRST_LAYER`); the elementwise steps
-are numba kernels (:mod:`.linear_kernels`).  Optionally (:data:`ADAPTIVE_AFTER`, on by default)
-a row's later objectives skip the variants with slopes once they never won on its first objectives.
+every plane is exact).  The elementwise steps are numba kernels (:mod:`.linear_kernels`).  Optionally
+(:data:`ADAPTIVE_AFTER`, on by default) a row's later objectives skip the variants with slopes once they never won on
+its first objectives.  :func:`bound_objectives_variants` (objectives on ``y(start)``) keeps the dense passes over
+every live neuron (:func:`.linear_passes.dense_blocks`, with the first hidden layer's stable neurons folded into one
+GEMM, :data:`FOLD_FIRST_LAYER`).
 
 Rounding: all arithmetic is float64 (float32 weights are converted exactly); every bound includes an allowance for
 the rounding of the propagation (:mod:`.linear_passes`, "Rounding"), reported as ``allowance`` (the largest
@@ -62,14 +67,14 @@ from ..layer_bounds.crown import crown_relaxation
 from ..relaxations import value_bounds
 from .derivative_lines import derivative_lines
 from .linear_base import LinearContext, RowBounds
-from .linear_collapse import first_layer_collapse
 from .linear_passes import bound_objectives, bound_objectives_variants
 from .linear_planes import _v, layer_planes, row_bounds
+from .linear_stable import bound_gradient_variants, stable_collapse
 
 __all__ = [
     "LinearContext", "RowBounds", "linear_context", "layer_planes", "row_bounds", "tighten_gradient_bounds",
-    "bound_objectives", "bound_objectives_variants", "entry_bounds", "centre_gradients_ctx", "SLOPE_VARIANTS",
-    "OBJECTIVE_BLOCK", "ADAPTIVE_AFTER", "FOLD_FIRST_LAYER",
+    "bound_objectives", "bound_objectives_variants", "bound_gradient_variants", "entry_bounds",
+    "centre_gradients_ctx", "SLOPE_VARIANTS", "OBJECTIVE_BLOCK", "ADAPTIVE_AFTER", "FOLD_FIRST_LAYER",
 ]
 
 SLOPE_VARIANTS = ("centre", "area", "constant")
@@ -85,7 +90,7 @@ FOLD_FIRST_LAYER = True
 computed from ``|Gam| |W[1]|`` instead of ``|Gam W[1]|`` there (about 1e-9 relative on the 784-1024-...-10 benchmark
 net at eps 0.001)."""
 
-ADAPTIVE_AFTER = 256
+ADAPTIVE_AFTER = 128
 """Default :attr:`LinearContext.adaptive`: after this many objectives of one output row bounded with every slope
 variant, where the lines of ``sigma'`` with slopes never gave a smaller bound than the constant lines, the row's
 remaining objectives run with the constant lines only (their network passes are skipped).  A heuristic for speed:
@@ -159,8 +164,9 @@ def linear_context(netc, region, layer_bounds, derivative_bounds, slopes=SLOPE_V
         ctx.zmax.append(zmax)
         ctx.hmax.append(np.maximum(np.abs(hl), np.abs(hu)))
         ctx.a0.append(np.clip(act.derivative(z0), dl, du))
+    ctx.fold_first = bool(FOLD_FIRST_LAYER)
     ctx.compact = _compact(ctx)
-    ctx.compact["fold"] = first_layer_collapse(ctx) if FOLD_FIRST_LAYER else None
+    ctx.compact["stable"] = stable_collapse(ctx)
     return ctx
 
 
@@ -174,6 +180,8 @@ def _compact(ctx: LinearContext) -> dict:
     - ``act[k]``: neurons whose coefficient in the network pass can be non-zero (a slope of ``sigma`` or ``du > 0``);
     - ``kept[k]``: neurons whose relaxation of ``sigma`` is not the zero line (dead ReLUs are): the affine step of
       the network pass only needs ``W[k][act(k)][:, kept(k-1)]``.
+    The restricted weight blocks themselves (``grad``, ``net``, ``first``, and ``fold``) are built on first use
+    (:func:`.linear_passes.dense_blocks`).
     Dropping terms that are exact zeros leaves every real-number sum unchanged and the summations shorter, so the
     rounding allowances still hold."""
     H = ctx.H
@@ -181,9 +189,6 @@ def _compact(ctx: LinearContext) -> dict:
     act = [np.flatnonzero((au != 0) | (al != 0) | (du > 0)) for au, al, du in zip(ctx.a_up, ctx.a_low, ctx.du)]
     kept = [np.flatnonzero((au != 0) | (al != 0) | (bu != 0) | (bl != 0))
             for au, al, bu, bl in zip(ctx.a_up, ctx.a_low, ctx.b_up, ctx.b_low)]
-    grad = [np.ascontiguousarray(ctx.W[k + 1][np.ix_(live[k + 1], live[k])].T) for k in range(H - 2)]
-    net = [None] + [np.ascontiguousarray(ctx.W[k][np.ix_(act[k], kept[k - 1])]) for k in range(1, H - 1)]
-    first = np.ascontiguousarray(ctx.W[0][act[0], :])
     pos, livepos = [], []
     for k in range(H - 1):
         p = np.full(ctx.du[k].size, -1, dtype=np.int64)
@@ -195,8 +200,7 @@ def _compact(ctx: LinearContext) -> dict:
     # magnitude of the affine step into z(k): |W[k]| |h(k-1)|max + |b[k]| (|x|max for k = 0)
     wmag = [ctx.absW[k] @ (ctx.hmax[k - 1] if k >= 1 else ctx.xmax) + np.abs(ctx.b[k]) for k in range(H - 1)]
     act = [a.astype(np.int64) for a in act]
-    return {"live": live, "act": act, "kept": kept, "grad": grad, "net": net, "first": first, "pos": pos,
-            "livepos": livepos, "wmag": wmag}
+    return {"live": live, "act": act, "kept": kept, "pos": pos, "livepos": livepos, "wmag": wmag}
 
 
 def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256) -> None:
@@ -208,15 +212,13 @@ def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256)
         # only neurons with dl < du: elsewhere a(k) is the constant du and every plane is exact whatever the bounds
         # of g (they only enter the rounding allowance through ymax)
         rows = np.flatnonzero(ctx.dl[k] < ctx.du[k])
-        WT = np.ascontiguousarray(ctx.W[k + 1][:, rows].T)  # row t is W[k+1][:, rows[t]]
-        d = WT.shape[0]
+        d = rows.size
         lo_new = rb.gl[k].copy()
         up_new = rb.gu[k].copy()
         for r0 in range(0, d, block):
             r1 = min(d, r0 + block)
-            Lam = np.concatenate([WT[r0:r1], -WT[r0:r1]], axis=0)
-            ub = bound_objectives_variants(ctx, rb, Lam, k + 1).min(axis=0)
             nb = r1 - r0
+            ub = bound_gradient_variants(ctx, rb, k, unit=_unit(rows[r0:r1])).min(axis=0)
             idx = rows[r0:r1]
             up_new[idx] = np.minimum(up_new[idx], ub[:nb])
             lo_new[idx] = np.maximum(lo_new[idx], -ub[nb:])
@@ -224,6 +226,12 @@ def tighten_gradient_bounds(ctx: LinearContext, rb: RowBounds, block: int = 256)
         rb.up[k], rb.lo[k], rb.ymax[k] = layer_planes(ctx, k, lo_new, up_new, rb.g0[k], rb.planes)
         if k >= 1:
             rb.v[k - 1] = _v(ctx, rb.ymax[k], k - 1)
+
+
+def _unit(idx: np.ndarray):
+    """Unit objectives ``+g[idx]`` then ``-g[idx]`` (:func:`bound_gradient_variants` ``unit``)."""
+    idx = np.asarray(idx, dtype=np.int64)
+    return np.concatenate([idx, idx]), np.concatenate([np.ones(idx.size), -np.ones(idx.size)])
 
 
 def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int = OBJECTIVE_BLOCK,
@@ -254,7 +262,6 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
     g0 = centre_gradients_ctx(ctx)
     lower = np.array(rj_lower, dtype=np.float64, copy=True)
     upper = np.array(rj_upper, dtype=np.float64, copy=True)
-    W0T = np.ascontiguousarray(ctx.W[0].T)  # (n0, d_0)
     rows = []
     worst = 0.0
     for i in range(m):
@@ -266,9 +273,8 @@ def entry_bounds(ctx: LinearContext, states, rj_lower, rj_upper, *, block: int =
         rows.append(rb)
         for j0 in range(0, n0, block):
             j1 = min(n0, j0 + block)
-            Lam = np.concatenate([W0T[j0:j1], -W0T[j0:j1]], axis=0)
             errs = []
-            ubs = bound_objectives_variants(ctx, rb, Lam, 0, None, errs)
+            ubs = bound_gradient_variants(ctx, rb, -1, unit=_unit(np.arange(j0, j1)), allowance=errs)
             ub = ubs.min(axis=0)
             nb = j1 - j0
             # the allowance of the winning variant, relative to the entry's width where the propagation won

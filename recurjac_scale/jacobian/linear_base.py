@@ -38,6 +38,9 @@ class LinearContext:
         (:func:`recurjac_scale.jacobian.linear._compact`).
     a0 : list of ndarray
         ``sigma_k'(z0(k))`` at the centre (steers the choice of McCormick planes).
+    fold_first : bool
+        Fold the first hidden layer's exact-line neurons in :func:`~.linear_passes.bound_objectives_variants`
+        (:data:`recurjac_scale.jacobian.linear.FOLD_FIRST_LAYER` when the context was built).
     adaptive : int
         Skip the variants with slopes for an output row's remaining objectives once this many were bounded with
         every variant and slopes never won (:data:`recurjac_scale.jacobian.linear.ADAPTIVE_AFTER`; 0: never skip).
@@ -64,6 +67,7 @@ class LinearContext:
     bounds: list = None
     compact: dict = None
     adaptive: int = 0
+    fold_first: bool = True
 
     @property
     def H(self) -> int:
@@ -86,3 +90,4 @@ class RowBounds:
     planes: str = "auto"
     under: float = 0.0  # underflow allowance of one objective (:func:`.linear_passes._underflow`)
     slope_stats: list = field(default_factory=lambda: [0, 0])  # objectives bounded with every variant, slope wins
+    row: int = 0  # the output row (index into the selected outputs)

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .linear import OBJECTIVE_BLOCK
-from .linear_passes import bound_objectives_variants
+from .linear import OBJECTIVE_BLOCK, _unit
 from .linear_planes import _v, layer_planes, row_bounds
-from .linear_rows import row_norm_upper
+from .linear_rows import row_norm as _row_norm
+from .linear_stable import bound_gradient_variants
 
 __all__ = [
     "LinearStage", "LINEAR_STAGE", "rebuild_row", "tightened_neurons", "tighten_block", "entry_block", "row_norm", "context_bytes",
@@ -79,7 +79,7 @@ def tightened_neurons(dl: np.ndarray, du: np.ndarray) -> np.ndarray:
 def tighten_block(ctx, rb, k: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Tightened bounds of ``g_r(k)`` for the neurons ``r`` in ``idx`` (one block of the loop of
     :func:`~recurjac_scale.jacobian.linear.tighten_gradient_bounds`, a slice of :func:`tightened_neurons`):
-    ``g_r(k) = y(k+1) · W[k+1][:, r]`` bounded by :func:`bound_objectives_variants` from layer ``k + 1`` (every slope
+    ``g_r(k)`` bounded by :func:`~recurjac_scale.jacobian.linear_stable.bound_gradient_variants` (every slope
     variant, the smallest), intersected with ``rb``'s current bounds.  ``rb`` must hold the tightened layers above
     ``k`` (:func:`rebuild_row`).
 
@@ -88,9 +88,7 @@ def tighten_block(ctx, rb, k: int, idx: np.ndarray) -> tuple[np.ndarray, np.ndar
     lower, upper : ndarray, shape (idx.size,)
     """
     idx = np.asarray(idx, dtype=np.int64)
-    WT = ctx.W[k + 1][:, idx].T  # (nb, d_{k+1}): row t is W[k+1][:, idx[t]]
-    Lam = np.concatenate([WT, -WT], axis=0)
-    ub = bound_objectives_variants(ctx, rb, Lam, k + 1).min(axis=0)
+    ub = bound_gradient_variants(ctx, rb, k, unit=_unit(idx)).min(axis=0)
     nb = idx.size
     return np.maximum(rb.gl[k][idx], -ub[nb:]), np.minimum(rb.gu[k][idx], ub[:nb])
 
@@ -110,10 +108,8 @@ def entry_block(ctx, rb, j0: int, j1: int, rj_lower: np.ndarray, rj_upper: np.nd
     worst : float
         The largest rounding allowance relative to the width of an entry the propagation tightened (0 if none).
     """
-    W0T = ctx.W[0].T[j0:j1]  # (nb, d_0)
-    Lam = np.concatenate([W0T, -W0T], axis=0)
     errs: list = []
-    ubs = bound_objectives_variants(ctx, rb, Lam, 0, None, errs)
+    ubs = bound_gradient_variants(ctx, rb, -1, unit=_unit(np.arange(j0, j1)), allowance=errs)
     ub = ubs.min(axis=0)
     nb = j1 - j0
     win = np.argmin(ubs, axis=0)
@@ -132,10 +128,10 @@ def entry_block(ctx, rb, j0: int, j1: int, rj_lower: np.ndarray, rj_upper: np.nd
 
 
 def row_norm(ctx, rb, lower: np.ndarray, upper: np.ndarray, q: float) -> float:
-    """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_q`` of the row of ``rb`` (``q`` in {1, 2}): the
-    smallest :func:`~recurjac_scale.jacobian.linear_rows.row_norm_upper` over the slope variants (one objective
-    each), as :func:`~recurjac_scale.jacobian.linear_rows.row_norms` computes it."""
-    return min(row_norm_upper(ctx, rb, lower, upper, q, v) for v in ctx.variants)
+    """Certified upper bound of ``max_{x in S} ||J[i, :](x)||_q`` of the row of ``rb`` (``q`` in {1, 2}), as
+    :func:`~recurjac_scale.jacobian.linear_rows.row_norms` computes it
+    (:func:`~recurjac_scale.jacobian.linear_rows.row_norm`)."""
+    return _row_norm(ctx, rb, lower, upper, q)
 
 
 # -- sizes, for the engine's memory plan ---------------------------------------------------------------------------

@@ -47,11 +47,23 @@ def plane_lines_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low
     nnz : ndarray of int64, shape (V,)
         In/out: incremented by the number of non-zero coefficients written per variant.
     """
-    K, d = Lam.shape
+    if _all_finite(cgU, caU, ccU, cgL, caL, ccL) and _all_finite2(S_up, S_low, T_up, T_low, w):
+        _plane_lines_finite(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low, T_up, T_low, w, slot,
+                            kappa, nus, term, ey, ek, lterm, le, nnz)
+    else:
+        _plane_lines_rows(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low, T_up, T_low, w, slot,
+                          kappa, nus, term, ey, ek, lterm, le, nnz, 0, Lam.shape[0])
+
+
+@numba.njit(nogil=True, cache=True)
+def _plane_lines_rows(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low, T_up, T_low, w, slot,
+                      kappa, nus, term, ey, ek, lterm, le, nnz, q0, q1):  # pragma: no cover
+    """:func:`plane_lines_step` on the rows ``q0 .. q1 - 1``, with a branch per sign (NaN carried)."""
+    d = Lam.shape[1]
     V = slot.size
     lt = np.zeros(V)
     lw = np.zeros(V)
-    for q in range(K):
+    for q in range(q0, q1):
         t = 0.0
         sy = 0.0
         sk = 0.0
@@ -120,6 +132,82 @@ def plane_lines_step(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low
         for v in range(V):
             lterm[v, q] = lt[v]
             le[v, q] = lw[v]
+
+
+@numba.njit(nogil=True, cache=True)
+def _all_finite(a, b, c, d, e, f):  # pragma: no cover
+    for arr in (a, b, c, d, e, f):
+        for j in range(arr.size):
+            if not np.isfinite(arr[j]):
+                return False
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
+def _all_finite2(a, b, c, d, e):  # pragma: no cover
+    for arr in (a, b, c, d, e):
+        for v in range(arr.shape[0]):
+            for j in range(arr.shape[1]):
+                if not np.isfinite(arr[v, j]):
+                    return False
+    return True
+
+
+@numba.njit(nogil=True, cache=True)
+def _plane_lines_finite(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low, T_up, T_low, w, slot,
+                        kappa, nus, term, ey, ek, lterm, le, nnz):  # pragma: no cover
+    """:func:`plane_lines_step` when every plane, line and magnitude is finite: the sign choices as selects (the
+    other side's product is an exact zero, so every coefficient and sum is the same as the branchy form's, up to
+    the sign of zero); a NaN coefficient takes the branchy path of its row."""
+    K, d = Lam.shape
+    V = slot.size
+    lt = np.zeros(V)
+    lw = np.zeros(V)
+    cnt = np.zeros(V, dtype=np.int64)
+    for q in range(K):
+        t = 0.0
+        sy = 0.0
+        sk = 0.0
+        for v in range(V):
+            lt[v] = 0.0
+            lw[v] = 0.0
+            cnt[v] = 0
+        nan = False
+        for j in range(d):
+            L = Lam[q, j]
+            if L != L:
+                nan = True
+                break
+            Lp = L if L > 0.0 else 0.0
+            Ln = L if L < 0.0 else 0.0
+            kp = Lp * cgU[j] + Ln * cgL[j]
+            m = Lp * caU[j] + Ln * caL[j]
+            t += Lp * ccU[j] + Ln * ccL[j]
+            kappa[q, j] = kp
+            sy += abs(L) * ymax[j]
+            sk += abs(kp) * vnext[j]
+            am = abs(m)
+            mp = m if m > 0.0 else 0.0
+            mn = m if m < 0.0 else 0.0
+            for v in range(V):
+                nv = mp * S_up[v, j] + mn * S_low[v, j]
+                lt[v] += mp * T_up[v, j] + mn * T_low[v, j]
+                lw[v] += am * w[v, j]
+                sl = slot[v]
+                if sl >= 0:
+                    nus[sl, q, j] = nv
+                    cnt[v] += nv != 0.0
+        if nan:  # redo the row with the NaN-carrying branches
+            _plane_lines_rows(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_low, T_up, T_low, w, slot,
+                              kappa, nus, term, ey, ek, lterm, le, nnz, q, q + 1)
+            continue
+        term[q] = t
+        ey[q] = sy
+        ek[q] = sk
+        for v in range(V):
+            lterm[v, q] = lt[v]
+            le[v, q] = lw[v]
+            nnz[v] += cnt[v]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -38,12 +38,29 @@ import numpy as np
 from .._fp import TINY, gamma, underflow_unit
 from ..layer_bounds.backsub import _concretise_upper
 from .linear_base import LinearContext, RowBounds
+from .linear_collapse import first_layer_collapse
 from .linear_kernels import plane_lines_step, relax_step
 
-__all__ = ["bound_objectives", "bound_objectives_variants"]
+__all__ = ["bound_objectives", "bound_objectives_variants", "dense_blocks"]
 
 _U = np.finfo(np.float64).eps / 2
 _NO_NU = np.empty((0, 0))
+
+
+def dense_blocks(ctx: LinearContext) -> dict:
+    """``ctx.compact`` with the weight blocks of these passes, built on first use: ``grad[k] = W[k+1][live(k+1)][:,
+    live(k)]^T``, ``net[k] = W[k][act(k)][:, kept(k-1)]``, ``first = W[0][act(0)]`` and ``fold``
+    (:func:`~.linear_collapse.first_layer_collapse` when :attr:`LinearContext.fold_first`, else ``None``)."""
+    cp = ctx.compact
+    if "grad" not in cp:
+        live, act, kept = cp["live"], cp["act"], cp["kept"]
+        H = ctx.H
+        cp["grad"] = [np.ascontiguousarray(ctx.W[k + 1][np.ix_(live[k + 1], live[k])].T) for k in range(H - 2)]
+        cp["net"] = [None] + [np.ascontiguousarray(ctx.W[k][np.ix_(act[k], kept[k - 1])]) for k in range(1, H - 1)]
+        cp["first"] = np.ascontiguousarray(ctx.W[0][act[0], :])
+    if "fold" not in cp:
+        cp["fold"] = first_layer_collapse(ctx) if ctx.fold_first else None
+    return cp
 
 
 def bound_objectives(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray, start: int = 0, slopes: str | None = None,
@@ -111,7 +128,7 @@ def bound_objectives_variants(ctx: LinearContext, rb: RowBounds, Lam: np.ndarray
     # -- pass 1: up the gradient graph, with the lines of sigma' of every running variant -----------------------
     # only on the live neurons (du > 0): elsewhere a = 0, so y = 0 exactly and every plane and line term is zero;
     # the coefficients on y(k), g(k), a(k) and z(k) are kept on the live neurons only
-    cp = ctx.compact
+    cp = dense_blocks(ctx)
     Lam = np.ascontiguousarray(np.asarray(Lam, dtype=np.float64)[:, cp["live"][start]])
     term, ey, ek = np.empty(K), np.empty(K), np.empty(K)
     lterm, le = np.empty((V, K)), np.empty((V, K))
@@ -171,7 +188,7 @@ def _network_pass(ctx, rb, nus, const, cabs, err):
     if nus is None:  # no coefficient on any z (constant lines): nothing to do
         err = err + gamma(4 * H + 8) * cabs + TINY + rb.under
         return np.where(np.isnan(const + err), np.inf, const + err), err
-    cp = ctx.compact
+    cp = dense_blocks(ctx)
     Gam = np.zeros((K, ctx.W[H - 2].shape[0]))
     if nus[H - 2] is not None:  # the coefficients on z are kept on the live neurons only (zero elsewhere)
         Gam[:, cp["live"][H - 2]] = nus[H - 2]

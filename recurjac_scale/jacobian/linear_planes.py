@@ -101,6 +101,6 @@ def row_bounds(ctx: LinearContext, i: int, gl: list, gu: list, g0: list, planes:
         ymax.append(ym)
     v = [_v(ctx, ymax[k + 1], k) for k in range(H - 2)]
     rb = RowBounds(gl=list(gl), gu=list(gu), ymax=ymax, up=up, lo=lo, v=v, top=ctx.W[H - 1][i], g0=list(g0),
-                   planes=planes)
+                   planes=planes, row=int(i))
     rb.under = _underflow(ctx, rb)
     return rb
