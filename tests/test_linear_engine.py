@@ -17,7 +17,7 @@ from recurjac_scale.engine import plan_jacobian
 from recurjac_scale.engine.linear_stage import MIN_BLOCK, plan_stage
 from recurjac_scale.errors import IncompleteRunError, InputError
 from recurjac_scale.jacobian import jacobian_bounds
-from recurjac_scale.jacobian.linear_blocks import LINEAR_STAGE, context_bytes, task_bytes
+from recurjac_scale.jacobian.linear_blocks import LINEAR_STAGE, collapse_bytes, context_bytes, task_bytes
 from recurjac_scale.layer_bounds.base import Region
 from recurjac_scale.lipschitz import lipschitz
 from recurjac_scale.network.store import save_network
@@ -130,6 +130,37 @@ def test_memory_budget_shrinks_the_block_or_refuses():
     # tasks: 8 hidden layers below the top one are tightened in blocks, then the 3072 columns, then one row norm
     assert big.n_tasks == big.n_tighten_tasks + big.n_entry_tasks + 1
     assert big.n_entry_tasks == 3072 // 256
+
+
+def _nbytes(obj) -> int:
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+@pytest.mark.parametrize("act", ["relu", "leaky_relu", "hard_sigmoid", "tanh"])
+def test_collapse_estimate_covers_the_maps(act):
+    """The plan's estimate of the maps through the exact neurons (collapse_bytes) is at least what
+    linear_stable.stable_collapse holds, from all-stable to all-unstable radii."""
+    from recurjac_scale.jacobian import linear
+    from recurjac_scale.jacobian.prepare import prepare
+
+    for widths in ((20, 30, 25, 20, 3), (50, 64, 32, 16, 10)):
+        for eps in (0.0, 0.01, 0.1, 0.5):
+            rng = np.random.default_rng(1)
+            net = random_network(widths, act, rng)
+            job = prepare(net, rng.uniform(-0.5, 0.5, widths[0]), eps, math.inf, 0, None)
+            ctx = linear.linear_context(job.network, job.region, job.layer_bounds, job.derivative_bounds)
+            if ctx is None:
+                continue
+            held = _nbytes(ctx.compact["stable"])
+            est = collapse_bytes(job.network.widths, job.derivative_bounds, list(job.network.activations))
+            assert held <= est, (widths, eps, held, est)
+            assert held <= collapse_bytes(job.network.widths)  # without derivative bounds: every neuron counted
 
 
 def test_plan_refuses_a_budget_without_room_for_the_stage(tmp_path, rng):

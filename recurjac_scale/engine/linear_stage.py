@@ -110,10 +110,13 @@ def _n_blocks(n: int, block: int) -> int:
 
 
 def plan_stage(stage, widths, m: int, *, block=None, budget=None, threads_per_worker: int = 1,
-               held_bytes: int = 0, budget_source: str = "given", tightened=None) -> StagePlan:
+               held_bytes: int = 0, budget_source: str = "given", tightened=None, derivative_bounds=None,
+               activations=None) -> StagePlan:
     """Plan the second stage for a network with widths ``(n_0, ..., n_H)`` (outputs folded in) and ``m`` output
     rows.  ``held_bytes``: what a worker holds besides (baseline, caches, the base method's chain);
-    ``tightened``: per hidden layer ``k = 0..H-3``, how many neurons are tightened (default: all).  The block is
+    ``tightened``: per hidden layer ``k = 0..H-3``, how many neurons are tightened (default: all);
+    ``derivative_bounds`` / ``activations``: per hidden layer, to size the context's maps through the exact
+    neurons (default: every neuron counted).  The block is
     ``block`` when given, else the stage's default, halved until the peak fits ``budget`` (not below
     :data:`MIN_BLOCK`).
 
@@ -124,7 +127,7 @@ def plan_stage(stage, widths, m: int, *, block=None, budget=None, threads_per_wo
     """
     tpw = max(1, int(threads_per_worker))
     H = len(widths) - 1
-    ctx_b = int(stage.context_bytes(widths))
+    ctx_b = int(stage.context_bytes(widths, derivative_bounds, activations))
     cands = [int(block)] if block is not None else []
     if not cands:
         b = int(stage.block)

@@ -444,7 +444,8 @@ def plan_jacobian(
         db = ctx.derivative_bounds
         counts = [ctx.stage.tightened_neurons(*db[k]).size for k in range(len(ctx.widths) - 3)]
         stage = plan_stage(ctx.stage, ctx.widths, ctx.n_outputs, block=stage_block, budget=budget,
-                           threads_per_worker=tpw, held_bytes=held, budget_source=budget_source, tightened=counts)
+                           threads_per_worker=tpw, held_bytes=held, budget_source=budget_source, tightened=counts,
+                           derivative_bounds=db, activations=list(ctx.network.activations))
         peak = max(peak, stage.peak_worker_bytes)
     job_id = ctx.job_id(rb, cb)
     if stage is not None:

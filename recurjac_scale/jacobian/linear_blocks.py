@@ -33,7 +33,7 @@ from .linear_stable import bound_gradient_variants
 
 __all__ = [
     "LinearStage", "LINEAR_STAGE", "rebuild_row", "tightened_neurons", "tighten_block", "entry_block", "row_norm", "context_bytes",
-    "task_bytes",
+    "collapse_bytes", "task_bytes",
 ]
 
 
@@ -137,13 +137,57 @@ def row_norm(ctx, rb, lower: np.ndarray, upper: np.ndarray, q: float) -> float:
 # -- sizes, for the engine's memory plan ---------------------------------------------------------------------------
 
 
-def context_bytes(widths) -> int:
+def context_bytes(widths, derivative_bounds=None, activations=None) -> int:
     """An upper estimate of the :class:`LinearContext` of a network with widths ``(n_0, ..., n_H)`` (float64):
-    the weights, their absolute values and the compacted copies (at most the weights again), plus the per-neuron
-    vectors (about 30 per hidden neuron)."""
+    the weights, their absolute values and the compacted copies (at most the weights again), the per-neuron
+    vectors (about 30 per hidden neuron), and the maps through the exact neurons (:func:`collapse_bytes`)."""
     w = sum(int(a) * int(b) for a, b in zip(widths[:-1], widths[1:]))
     hidden = sum(int(d) for d in widths[1:-1])
-    return 8 * (3 * w + 30 * hidden + 4 * int(widths[0]))
+    return 8 * (3 * w + 30 * hidden + 4 * int(widths[0])) + collapse_bytes(widths, derivative_bounds, activations)
+
+
+def collapse_bytes(widths, derivative_bounds=None, activations=None) -> int:
+    """An upper estimate of the maps :func:`~recurjac_scale.jacobian.linear_stable.stable_collapse` keeps for a
+    network with widths ``(n_0, ..., n_H)``, from each hidden layer's derivative bounds ``(dl, du)`` (``None``: every
+    neuron counted as live and exact).
+
+    A neuron is live unless it is a dead ReLU (``dl = du = 0``: zero output, dropped); at most the live neurons
+    with ``dl = du`` are exact.  With ``L_k`` live and ``E_k`` exact neurons in hidden layer ``k`` (``E_k`` bounds the
+    real count, so a chain that stops at a layer with ``E_k = 0`` here stops there in the real maps too), and ``r_i``
+    rows per source (``n_0`` for the Jacobian row, ``L_i`` for hidden layer ``i``): ``C(t, i)`` (``L_t x L_i``) for
+    ``i = t-1`` down to the first layer with no exact neuron, ``R(t)`` (``L_t x n_0``) when no layer below ``t``
+    stops the chain; per source, ``Up`` and its absolute values (``2 r_i L_s``) and the steps' absolute factors
+    (``r_i E_s``) for ``s = i+1`` up to the first stop, ``Top`` (``r_i n_H``); the per-neuron vectors
+    (relaxations, constants, allowances) ``12 sum L + 4 n_0``."""
+    n0, m = int(widths[0]), int(widths[-1])
+    hid = [int(d) for d in widths[1:-1]]
+    live, exact = list(hid), list(hid)
+    if derivative_bounds is not None:
+        for k, (dl, du) in enumerate(derivative_bounds[: len(hid)]):
+            dl, du = np.asarray(dl), np.asarray(du)
+            eq = dl == du
+            dead = int(np.count_nonzero(eq & (du == 0))) if (
+                activations is not None and getattr(activations[k], "name", None) == "relu") else 0
+            live[k] = hid[k] - dead
+            exact[k] = int(np.count_nonzero(eq)) - dead
+    H1 = len(live)
+    n = 12 * sum(live) + 4 * n0
+    for t in range(H1):  # pass 2: C(t, i) downward until a layer without exact neurons, then R(t)
+        for i in range(t - 1, -1, -1):
+            n += live[t] * live[i]
+            if exact[i] == 0:
+                break
+        else:
+            n += live[t] * n0
+    for i in range(-1, H1):  # pass 1: per source, upward until a layer without exact neurons
+        r = n0 if i == -1 else live[i]
+        for s_ in range(i + 1, H1):
+            n += 2 * r * live[s_]
+            if exact[s_] == 0:
+                break
+            n += r * exact[s_]
+        n += r * m
+    return 8 * int(n)
 
 
 def task_bytes(widths, block: int) -> int:
@@ -173,8 +217,8 @@ class LinearStage:
     base: str = "recurjac-b"
     block: int = OBJECTIVE_BLOCK
 
-    def context_bytes(self, widths) -> int:
-        return context_bytes(widths)
+    def context_bytes(self, widths, derivative_bounds=None, activations=None) -> int:
+        return context_bytes(widths, derivative_bounds, activations)
 
     def task_bytes(self, widths, block: int) -> int:
         return task_bytes(widths, block)
