@@ -63,6 +63,9 @@ def test_equals_in_memory(tmp_path, rng, act, p, block, row_block, col_block, ch
     _close(res.upper, ref.upper, scale)
     # the stage ran: tighter than RecurJac-B somewhere (this case has unstable neurons)
     assert ((res.upper - res.lower) < (rb.upper - rb.lower) - 1e-9).any()
+    # both report what certified rounding may cost, the same way
+    assert ref.rounding_share is not None and 0.0 < ref.rounding_share < 1e-9
+    assert res.rounding_share == pytest.approx(ref.rounding_share, rel=1e-6)
 
 
 @pytest.mark.parametrize("p", [math.inf, 2.0])

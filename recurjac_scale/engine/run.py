@@ -161,6 +161,33 @@ def _finish_task(spec, state: str, result: str, job_id: str, j: int, cols, *deps
     return {"finish": j, "rounding_share": share}
 
 
+def _stage_finish_task(sspec, state: str, result: str, job_id: str, j: int, cols, base_spec, *deps):
+    """The second stage's finish (:func:`recurjac_scale.engine.linear_stage.stage_finish_task`), with the rounding
+    share of the result (:func:`recurjac_scale.jacobian.linear_method.runner_allowance`, as
+    :func:`recurjac_scale.jacobian.api.jacobian_bounds` reports it in memory)."""
+    import zarr
+
+    from .linear_stage import stage_finish_task
+
+    out = stage_finish_task(sspec, state, result, job_id, j, cols, *deps)
+    chain = base_spec.chain()
+    T = base_spec.n_steps
+    if T == 0:
+        final = chain.initial_state()
+    else:
+        final = {k: _array(_state_array_path(state, T, k), job_id)[...] for k in base_spec.state_keys}
+    c0, c1 = cols
+    lo = np.asarray(zarr.open_array(os.path.join(result, "lower"), mode="r")[:, c0:c1], np.float64)
+    up = np.asarray(zarr.open_array(os.path.join(result, "upper"), mode="r")[:, c0:c1], np.float64)
+    from ..jacobian.linear_method import runner_allowance
+    from ..jacobian.rounding import rounding_share
+
+    with blas_single_thread():
+        a = runner_allowance(chain.chain, final, lo, up, out.get("allowance", 0.0), cols=slice(c0, c1))
+    out["rounding_share"] = rounding_share(lo, up, a)
+    return out
+
+
 # -- progress --------------------------------------------------------------------------------------------------
 class _Progress:
     """tqdm bars for the local schedulers: one overall, one per layer step (dask local callbacks)."""
@@ -381,11 +408,12 @@ def run_plan(
                 create_stage_arrays(state, plan, sspec)
                 stage_keys, row_bars, finish_spec = add_stage_graph(dsk, plan, sspec, str(state), str(ckpt.path),
                                                                     bool(durable))
-                finish_fn = stage_finish_task
+                finish_fn = _stage_finish_task
                 log(f"second stage ({plan.method}): {len(stage_keys)} task(s) after the layer steps (finished ones "
                     "recorded in the checkpoint are skipped)")
             key = ("rj-finish", 0)
-            dsk[key] = (finish_fn, finish_spec, str(state), str(tmp_out), plan.job_id, 0, (0, n0), *row_bars)
+            base = (spec_key,) if plan.stage is not None else ()  # the stage's finish also reads the base chain
+            dsk[key] = (finish_fn, finish_spec, str(state), str(tmp_out), plan.job_id, 0, (0, n0), *base, *row_bars)
             finish_keys.append(key)
         log(
             f"job {plan.job_id[:12]}: {total} blocks in {len(plan.steps)} layer steps; reusing {reused} finished "

@@ -98,7 +98,11 @@ def jacobian_bounds(
         timings = {k: float(v) for k, v in info.items() if k.endswith("_s")}
         if "rounding" in info:
             extra["rounding"] = info["rounding"]
-        allowance = None  # its own allowances are relative to the entries it tightened (info["allowance"])
+        allowance = None
+        if chain is not None and states:
+            from .linear_method import runner_allowance
+
+            allowance = runner_allowance(chain, states[-1], lower, upper, info.get("allowance", 0.0))
     else:
         chain = jm.build_chain(job.network, db, dtype=dtype, panel=panel)
         chain = sparse_chain(chain, sparse_threshold, job.sparse_layers)
@@ -123,3 +127,4 @@ def jacobian_bounds(
         states=states if keep_states else None,
         **extra,
     )
+

@@ -141,3 +141,27 @@ def _register():
 
 
 _register()
+
+
+def runner_allowance(chain, final: dict, lower, upper, relative: float, cols=slice(None)) -> np.ndarray:
+    """An upper estimate of the rounding allowance of ``linear-jacobian``'s bounds ``lower``, ``upper`` (the columns
+    ``cols`` of the result), shape ``(m, n_cols)``: RecurJac-B's allowance (from its last state ``final``) on the
+    entries where a side still is RecurJac-B's bound, and ``relative`` (the propagation's largest allowance
+    relative to the width of an entry it tightened) times the width where a side was tightened; the larger of the
+    two where both hold."""
+    from .methods import get_jacobian_method
+
+    base = get_jacobian_method("recurjac-b")
+    lo_rj, up_rj = base.finish(chain, final)
+    lo_rj, up_rj = np.asarray(lo_rj, np.float64)[:, cols], np.asarray(up_rj, np.float64)[:, cols]
+    a_rj = np.asarray(base.finish_allowance(chain, final), np.float64)[:, cols]
+    lo, up = np.asarray(lower, np.float64), np.asarray(upper, np.float64)
+    kept = (lo <= lo_rj) | (up >= up_rj)
+    tightened = (lo > lo_rj) | (up < up_rj)
+    a = np.where(kept, a_rj, 0.0)
+    rel = float(relative or 0.0)
+    if rel > 0:
+        with np.errstate(invalid="ignore", over="ignore"):
+            w = up - lo
+            a = np.maximum(a, np.where(tightened & np.isfinite(w), rel * w, 0.0))
+    return a
