@@ -211,10 +211,14 @@ def l1_sign_search(ctx, rb, lower, upper, *, budget: int = 2048, batch: int = 12
     gapc = np.where(mixed, -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
     order = free[np.argsort(-gapc[free], kind="stable")]
     F = len(order)
-    S = np.zeros((1, n0), np.int8)
+    # the first levels at once: every sign vector of the ``d`` leading coordinates (one propagation call)
+    d = int(min(F, max(int(math.log2(max(min(batch, budget), 1))), 0)))
+    S = np.zeros((2 ** d, n0), np.int8)
+    if d:
+        S[:, order[:d]] = 1 - 2 * ((np.arange(2 ** d)[:, None] >> np.arange(d)[None, :]) & 1)
     bnd = signed_objective_bounds(ctx, rb, l, u, S).astype(np.float64)
-    dep = np.zeros(1, np.int64)
-    used = 1
+    dep = np.full(2 ** d, d, np.int64)
+    used = 2 ** d
     while used < budget:
         open_ = np.flatnonzero(dep < F)
         if len(open_) == 0:
