@@ -18,7 +18,9 @@ Bounding a part (:func:`bound_part`), everything certified as in the rest of the
    becomes ``[max(l, 0), u]`` or ``[l, min(u, 0)]``), so the later layers are bounded on the constrained part;
    an empty intersection proves the part empty (:class:`~recurjac_scale.errors.EmptyRegionError`);
 2. the split neurons' derivatives fixed to the branch's value (``LayerBounds.phases``);
-3. :func:`recurjac_scale.lipschitz.lipschitz` with the chosen Jacobian method on those bounds.
+3. the chosen Jacobian method on those bounds (:func:`_method_bound`), and for ``q = 1`` with at most
+   ``SIGN_MAX_INPUTS`` inputs the l1 bounds of :mod:`recurjac_scale.bab.signs` (for ``linear-jacobian``: the search
+   over sign vectors of its linear objectives, else the box bound); the smallest bound is kept.
 
 A ReLU-family part without unstable neurons has one activation pattern: its bound is the gradient norm of that
 pattern, and it is *closed* (not split further).  If the pattern's region misses S, a Farkas certificate from an LP
