@@ -407,12 +407,21 @@ def bab_lipschitz(
         from ..testing import sample_region
 
         # starts: the attack's point, then the best sample points of distinct activation patterns
-        S = sample_region(region, 4096, np.random.default_rng(seed + 1))
-        sc = np.linalg.norm(net1.jacobian(S)[:, 0, :], ord=q, axis=1)
-        order = np.argsort(-sc, kind="stable")
-        keys = np.hstack([z[order] > 0 for z in net1.pre_activations(S)[:-1]])
-        _, first = np.unique(keys, axis=0, return_index=True)
-        starts = np.vstack([lower_x[None, :], S[order[np.sort(first)][:WALK_STARTS]]])
+        # (for p = inf also from the best vertices of the box: gradient norms there are often larger; the two
+        # lists interleaved, best first)
+        wrng = np.random.default_rng(seed + 1)
+        pools = [sample_region(region, 4096, wrng)]
+        if p == math.inf:
+            pools.append(np.where(wrng.uniform(size=(4096, lo_box.size)) < 0.5, lo_box, hi_box))
+        picked = []
+        for S in pools:
+            sc = np.linalg.norm(net1.jacobian(S)[:, 0, :], ord=q, axis=1)
+            order = np.argsort(-sc, kind="stable")
+            keys = np.hstack([z[order] > 0 for z in net1.pre_activations(S)[:-1]])
+            _, first = np.unique(keys, axis=0, return_index=True)
+            picked.append(S[order[np.sort(first)][:WALK_STARTS]])
+        n_max = max(len(a) for a in picked)
+        starts = np.vstack([lower_x[None, :]] + [a[i:i + 1] for i in range(n_max) for a in picked if i < len(a)])
         w, wx = region_walk(net1, region, q, starts, alphas=alphas, time_budget=min(0.1 * time_budget, 10.0))
         if w > lower:
             lower, lower_x = w, wx
