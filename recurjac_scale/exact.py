@@ -29,11 +29,12 @@ Backward pass (gradient gated by the same ``δ``): ``g_{H-1} = w`` (the output r
 - ``r_k = σ'_k ⊙ g_k`` (``∂f/∂z_k``): stable neurons ``r = g`` or ``alpha g``; unstable ones
   ``r = alpha g + (1 - alpha) y`` with ``y = δ g`` linearised exactly (binary ``δ``):
 
-  - last hidden layer: ``g = w`` is constant, ``y = w δ``;
-  - the layer before: ``g_j = c_j + sum_m C_jm δ_m`` is affine in the last layer's binaries, so
+  - the highest hidden layer with unstable neurons: ``g`` is constant (``w`` passed through stable layers),
+    ``y = g δ``;
+  - the next one below it: ``g_j = c_j + sum_m C_jm δ_m`` is affine in that layer's binaries, so
     ``y_j = c_j δ_j + sum_m C_jm p_jm`` with ``p_jm = δ_j δ_m`` (``p <= δ_j``, ``p <= δ_m``,
     ``p >= δ_j + δ_m - 1``, ``p >= 0``): exact, and a much tighter LP relaxation than big-M on ``g``;
-  - earlier layers: big-M from certified bounds ``gl <= g <= gu`` of ``g = ∂f/∂h_k`` over S (RecurJac-B's
+  - lower layers: big-M from certified bounds ``gl <= g <= gu`` of ``g = ∂f/∂h_k`` over S (RecurJac-B's
     bounds, intersected with interval propagation): ``gl δ <= y <= gu δ``, ``g - gu (1 - δ) <= y <= g - gl (1 - δ)``;
 - ``g_{k-1} = W(k-1)^T r_k``; the gradient is ``v = W(0)^T r_1`` (length n_0), again linear expressions.
 
@@ -313,6 +314,25 @@ def _widen(lo: np.ndarray, hi: np.ndarray, rel: float = 1e-9) -> tuple[np.ndarra
     return lo - pad, hi + pad
 
 
+def _backward_plan(unstable: list) -> tuple[list, list]:
+    """Per hidden layer (0-based), how the backward pass gates ``g`` by the layer's binaries (see
+    :func:`exact_lipschitz`): ``"linear"``, ``"pairs"``, ``"big-M"`` or ``None`` (no unstable neuron); and for
+    ``"pairs"`` layers the layer whose binaries ``g`` is affine in (else ``None``)."""
+    plan: list = [None] * len(unstable)
+    above: list = [None] * len(unstable)
+    state, src = "constant", None
+    for k in range(len(unstable) - 1, -1, -1):
+        if not len(unstable[k]):
+            continue
+        if state == "constant":
+            plan[k], state, src = "linear", "affine", k
+        elif state == "affine":
+            plan[k], above[k], state = "pairs", src, "general"
+        else:
+            plan[k] = "big-M"
+    return plan, above
+
+
 def gradient_bounds(network: Network, lb: LayerBounds, region: Region) -> list[tuple[np.ndarray, np.ndarray]]:
     """Bounds ``[gl, gu]`` of ``g_k = ∂f/∂h_k`` for k = 0 .. H-1 (``g_0`` is the gradient ``v``) over the region:
     interval propagation of the derivative bounds, intersected with RecurJac-B's certified bounds of the same
@@ -439,10 +459,12 @@ def exact_lipschitz(
     vl, vu = _widen(*gb[0])
     mixed = np.flatnonzero((vl < 0) & (vu > 0))
     n_obj = len(mixed) * 2 if q == 1.0 else 1 + 2 * n0
-    # y variables for every hidden layer but the last (there r = (alpha + (1 - alpha) δ) w is linear in δ); the
-    # layer before it multiplies δ by g, an affine function of the last layer's δ: pairwise products instead
-    n_pairs = len(unstable[H - 3]) * len(unstable[H - 2]) if H >= 3 else 0
-    n_y = sum(len(unstable[k]) for k in range(H - 3)) if H >= 3 else 0
+    # the backward pass from the top, per hidden layer with unstable neurons: while g is constant (no unstable
+    # neuron above), r = (alpha + (1 - alpha) δ) g is linear in δ ("linear"); while g is affine in the binaries of
+    # one such layer, δ g is linearised exactly by pairwise products of binaries ("pairs"); below, big-M ("big-M")
+    plan, above = _backward_plan(unstable)
+    n_pairs = sum(len(unstable[k]) * len(unstable[above[k]]) for k in range(H - 1) if plan[k] == "pairs")
+    n_y = sum(len(unstable[k]) for k in range(H - 1) if plan[k] == "big-M")
     n_var = n0 + (2 * n0 if p == 1.0 else 0) + 2 * n_u + n_y + n_pairs + n_obj
     B = _Builder(n_var)
 
@@ -485,14 +507,14 @@ def exact_lipschitz(
         a = alphas[k - 1]
         d_stable = np.where(lb.lower[k - 1] >= 0, 1.0, a)
         Rc, rc = d_stable[:, None] * Gc, d_stable * gc
-        if len(U) and k == H - 1:
-            # g = w is constant: r_j = (alpha + (1 - alpha) δ_j) w_j
+        if len(U) and plan[k - 1] == "linear":
+            # g is constant (Gc = 0): r_j = (alpha + (1 - alpha) δ_j) g_j
             Rc[U] = a * Gc[U] + (1.0 - a) * gc[U, None] * B.unit(deltas[k - 1])
             rc[U] = a * gc[U]
-        elif len(U) and k == H - 2:
-            # g_j = gc_j + sum_m c_jm δ_m (m: unstable neurons of layer k + 1): y_j = δ_j g_j
+        elif len(U) and plan[k - 1] == "pairs":
+            # g_j = gc_j + sum_m c_jm δ_m (m: unstable neurons of the nearest layer above with any): y_j = δ_j g_j
             # = gc_j δ_j + sum_m c_jm p_jm with p_jm = δ_j δ_m (exact linearisation of a product of binaries)
-            Dm = deltas[k]
+            Dm = deltas[above[k - 1]]
             C = Gc[:, Dm]
             pi = B.var(len(U) * len(Dm), 0.0, 1.0).reshape(len(U), len(Dm))
             Ed, Em, Ep = B.unit(deltas[k - 1]), B.unit(Dm), B.unit(pi.ravel())

@@ -134,3 +134,30 @@ def test_mip_bad_input(rng):
         exact_lipschitz(net, x0, math.inf, "inf")
     with pytest.raises(UnsupportedActivationError, match="relu and leaky_relu"):
         exact_lipschitz(random_network((3, 4, 2), "tanh", rng=rng), x0, 0.1, "inf")
+
+
+@pytest.mark.parametrize("stable_layer", [2, 1])
+def test_mip_with_a_stable_hidden_layer_equals_brute_force(stable_layer, rng):
+    """A hidden layer made stable (large biases): the backward pass gates g by pairwise products of binaries with
+    the nearest layer above that has unstable neurons (not the layer right above); still the brute-force value."""
+    from recurjac_scale.exact import _backward_plan
+
+    net = random_network((3, 3, 3, 3, 2), "relu", rng=rng).with_outputs(np.eye(2)[:1])
+    bs = [np.asarray(b, float).copy() for b in net.biases]
+    bs[stable_layer] += 50.0  # every neuron active; the next layer's pre-activations are unchanged
+    bs[stable_layer + 1] -= 50.0 * np.asarray(net.weights[stable_layer + 1], float).sum(axis=1)
+    net = net._replace(biases=tuple(bs))
+    x0 = rng.uniform(0, 1, 3)
+    res = exact_lipschitz(net, x0, 1.0, "inf")
+    lbs = lipschitz(net, x0, 1.0, "inf").points[0].lipschitz
+    ref = _brute_force(net, x0, 1.0, math.inf)
+    assert res.optimal and res.validated
+    assert res.value == pytest.approx(ref, rel=1e-9)
+    assert res.mip_bound >= ref * (1 - 1e-7)
+    assert lbs >= ref * (1 - 1e-12)
+    from recurjac_scale.layer_bounds import layer_bounds
+
+    lb = layer_bounds(net, x0, 1.0, "inf", method="crown")
+    unstable = [np.flatnonzero((lb.lower[k] < 0) & (lb.upper[k] > 0)) for k in range(3)]
+    plan, above = _backward_plan(unstable)
+    assert plan[stable_layer] is None and "pairs" in plan

@@ -18,7 +18,9 @@ Bounding a part (:func:`bound_part`), everything certified as in the rest of the
    becomes ``[max(l, 0), u]`` or ``[l, min(u, 0)]``), so the later layers are bounded on the constrained part;
    an empty intersection proves the part empty (:class:`~recurjac_scale.errors.EmptyRegionError`);
 2. the split neurons' derivatives fixed to the branch's value (``LayerBounds.phases``);
-3. :func:`recurjac_scale.lipschitz.lipschitz` with the chosen Jacobian method on those bounds.
+3. the chosen Jacobian method on those bounds (:func:`_method_bound`), and for ``q = 1`` with at most
+   ``SIGN_MAX_INPUTS`` inputs the l1 bounds of :mod:`recurjac_scale.bab.signs` (for ``linear-jacobian``: the search
+   over sign vectors of its linear objectives, else the box bound); the smallest bound is kept.
 
 A ReLU-family part without unstable neurons has one activation pattern: its bound is the gradient norm of that
 pattern, and it is *closed* (not split further).  If the pattern's region misses S, a Farkas certificate from an LP
@@ -47,9 +49,13 @@ SIGN_MAX_FREE = 20
 SIGN_PARTIAL = 12
 """Coordinates enumerated when more are uncertain (the others add their own magnitude bounds)."""
 SIGN_MAX_INPUTS = 64
+SIGN_SEARCH = 2048
+"""Node bounds of the search over sign vectors (:func:`recurjac_scale.bab.signs.l1_sign_search`) per part, for
+``linear-jacobian`` parts with ``q = 1``."""
 """The one-sign-vector bound is tried for networks with at most this many inputs."""
-PHASE_BLIND_METHODS = frozenset({"linear-jacobian"})
-"""Jacobian methods given a part's clipped layer bounds without the split neurons' fixed derivatives."""
+OWN_PASS_METHODS = frozenset({"recurjac-b", "linear-jacobian"})
+"""Jacobian methods run by :func:`_method_bound` itself (one pass, whose Jacobian bounds and RecurJac-B states the
+one-sign-vector bound reuses)."""
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,9 @@ class BabProblem:
         Its node limit, and the largest number of coordinates of uncertain sign enumerated in full (above it, the
         ``SIGN_PARTIAL`` largest are, the others add their magnitude bounds); tried for at most
         ``SIGN_MAX_INPUTS`` inputs.
+    sign_search : int
+        With ``sign_bound``, ``linear-jacobian`` parts are also bounded by a search over sign vectors with this many
+        node bounds (:func:`recurjac_scale.bab.signs.l1_sign_search`; 0: off).
     branching : str
         Which unstable neuron to split: ``"score"`` (largest interval contribution ``(du - dl) |∂f/∂h_j|
         ||∂z_j/∂x||_1`` over all layers) or ``"layer"`` (the same score within the earliest layer that has one).
@@ -101,6 +110,7 @@ class BabProblem:
     sign_bound: bool = True
     sign_nodes: int = 4096
     sign_max_free: int = SIGN_MAX_FREE
+    sign_search: int = SIGN_SEARCH
 
 
 def root_part() -> dict:
@@ -252,36 +262,36 @@ def _closed_pattern_check(prob: BabProblem, net: Network, xc, r, lb: LayerBounds
 
 
 def _method_bound(prob: BabProblem, net: Network, xc, r, lb: LayerBounds):
-    """The Jacobian method's bound of the part and, for ``recurjac-b``, its Jacobian bounds (with the states, reused
-    by the one-sign-vector bound).  ``recurjac-b`` is run here once: Proposition 2 and, for ``p = inf``, Algorithm 2
-    on its bounds, as :func:`recurjac_scale.lipschitz.lipschitz` does (without its naive product-of-norms
-    candidate)."""
-    from ..jacobian import jacobian_bounds
+    """The Jacobian method's bound of the part and its Jacobian bounds (with RecurJac-B's states, reused by the
+    one-sign-vector bound), or ``None`` for methods without them.
+
+    ``recurjac-b`` and ``linear-jacobian`` are run here once, with the split neurons' fixed derivatives
+    (``lb.phases``), and bounded as :func:`recurjac_scale.lipschitz.lipschitz` does (without its naive
+    product-of-norms candidate): Proposition 2 on the entry bounds, Algorithm 2 for ``p = inf`` (``recurjac-b``),
+    the method's own row norm bound (``linear-jacobian``, whose entry bounds are already intersected with
+    RecurJac-B's and whose states are RecurJac-B's).  linear-jacobian's entry bounds once excluded the true
+    Jacobian when phases were set: its ReLU lines of sigma' assumed the full derivative range [alpha, 1] on every
+    interval with l < 0 <= u, also for a neuron held inactive on [l, 0] (fixed in jacobian/derivative_lines.py;
+    tests/test_linear_jacobian_phases.py, and the part tests of tests/test_bab.py)."""
+    from ..jacobian import get_jacobian_method, jacobian_bounds
     from ..lipschitz import ALGORITHM2_METHODS, algorithm2_signs, lipschitz, lipschitz_from_bounds
 
-    if prob.method == "recurjac-b":
-        jb = jacobian_bounds(net, xc, r, prob.p, method="recurjac-b", layer_bounds=lb, outputs=0)
+    if prob.method in OWN_PASS_METHODS:
+        jb = jacobian_bounds(net, xc, r, prob.p, method=prob.method, layer_bounds=lb, outputs=0)
         upper_ys = signs = None
-        a2_fn = ALGORITHM2_METHODS.get("recurjac-b") if prob.p == math.inf else None
+        a2_fn = ALGORITHM2_METHODS.get(prob.method) if prob.p == math.inf else None
         if a2_fn is not None:
             signs = algorithm2_signs(jb.lower, jb.upper)
             upper_ys = a2_fn(net, jb, signs)
         prop2, alg2, _ = lipschitz_from_bounds(jb.lower, jb.upper, prob.p, upper_ys=upper_ys, signs=signs)
-        return float(min(prop2, alg2 if alg2 is not None else math.inf)), jb
-    # linear-jacobian's entry bounds once excluded the true Jacobian when LayerBounds.phases were set (by 0.075 at an
-    # interior point of a part of the 16-16-16-10 recipe at eps 0.05): its ReLU lines of sigma' assumed the full
-    # derivative range [alpha, 1] on every interval with l < 0 <= u, also for a neuron held inactive on [l, 0]
-    # (fixed in jacobian/derivative_lines.py; tests/test_linear_jacobian_phases.py).  It still gets the clipped
-    # bounds only, where the split neurons' derivatives follow from their clipped ranges, and RecurJac-B bounds the
-    # part with the fixed derivatives as well (on a part with one pattern that is the pattern's gradient norm)
-    blind = prob.method in PHASE_BLIND_METHODS
-    res = lipschitz(net, xc, r, prob.p, method=prob.method, layer_bounds=replace(lb, phases=None) if blind else lb,
-                    outputs=0)
-    bound = float(res.points[0].lipschitz)
-    if blind:
-        res_b = lipschitz(net, xc, r, prob.p, method="recurjac-b", layer_bounds=lb, outputs=0)
-        bound = min(bound, float(res_b.points[0].lipschitz))
-    return bound, None
+        bound = min(prop2, alg2 if alg2 is not None else math.inf)
+        rn_fn = get_jacobian_method(prob.method).row_norms
+        own = rn_fn(net, jb, prob.q) if rn_fn is not None else None
+        if own is not None and np.size(own) == 1:
+            bound = min(bound, float(np.asarray(own, np.float64).reshape(-1)[0]))
+        return float(bound), jb
+    res = lipschitz(net, xc, r, prob.p, method=prob.method, layer_bounds=lb, outputs=0)
+    return float(res.points[0].lipschitz), None
 
 
 def _sign_bound(prob: BabProblem, net: Network, xc, r, lb: LayerBounds, jb=None) -> float:
@@ -335,7 +345,18 @@ def bound_part(prob: BabProblem, part: dict) -> dict:
     lb = replace(lb, phases=phases)
     bound, jb = _method_bound(prob, net, xc, r, lb)
     if prob.sign_bound and prob.q == 1.0 and len(net.weights) >= 2 and net.n_inputs <= SIGN_MAX_INPUTS:
-        bound = min(bound, _sign_bound(prob, net, xc, r, lb, jb))
+        searched = False
+        if prob.sign_search > 0 and jb is not None and prob.method == "linear-jacobian":
+            from ..jacobian.linear_method import result_context
+            from .signs import l1_sign_search
+
+            found = result_context(net, jb)
+            if found is not None:
+                ctx, rows = found
+                bound = min(bound, l1_sign_search(ctx, rows[0], jb.lower[0], jb.upper[0], budget=prob.sign_search))
+                searched = True
+        if not searched:
+            bound = min(bound, _sign_bound(prob, net, xc, r, lb, jb))
     dbs = lb.derivative_bounds(net)
     cands = [np.asarray(xc, np.float64)]
     branch = None

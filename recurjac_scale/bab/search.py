@@ -37,7 +37,7 @@ from ..errors import InputError, StoreError
 from ..layer_bounds.base import Region, dual_norm, get_layer_bound_method, parse_norm
 from ..network.model import Network
 from ..paths import write_atomic
-from .parts import SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
+from .parts import SIGN_MAX_INPUTS, SIGN_SEARCH, SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
 
 __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
 
@@ -215,6 +215,16 @@ def _check_branching(b: str) -> str:
     return s
 
 
+def _check_sign_search(n) -> int:
+    try:
+        v = int(n)
+    except (TypeError, ValueError):
+        v = -1
+    if v < 0 or isinstance(n, bool) or float(n) != v:
+        raise InputError(f"sign_search={n!r}; accepted: an integer >= 0 (node bounds per part; 0: off)")
+    return v
+
+
 def _executor(scheduler, workers, client):
     from ..engine.schedulers import open_executor
 
@@ -247,7 +257,7 @@ def bab_lipschitz(
     p=math.inf,
     *,
     outputs=0,
-    method: str = "recurjac-b",
+    method: str | None = None,
     layer_bounds: str = "crown",
     layer_bound_options: dict | None = None,
     split: str = "auto",
@@ -268,6 +278,7 @@ def bab_lipschitz(
     dives: bool = True,
     walk: bool = True,
     sign_bound: bool = True,
+    sign_search: int | None = None,
     progress=None,
 ) -> BabResult:
     """Branch-and-bound bounds ``lower <= max_{x in S} ||∇f(x)||_q <= upper`` of the local Lipschitz constant of
@@ -283,12 +294,12 @@ def bab_lipschitz(
         Input norm (``q`` its dual); input splits need ``inf``.
     outputs : int, (c, j) or array (1, n_H)
         One output row (:func:`recurjac_scale.jacobian.output_matrix`).
-    method : str
-        Jacobian method bounding each part (default ``recurjac-b``).  ``linear-jacobian`` is tighter on the
-        whole region, but it is given the parts' clipped layer bounds without the split neurons' fixed
-        derivatives (:data:`recurjac_scale.bab.parts.PHASE_BLIND_METHODS`), costs about twice as much per part
-        on small networks (about 1 s per part on 784-input MNIST networks) and ended looser than
-        ``recurjac-b`` after 60 s on the 32-32-32-10 recipes (``benchmarks/results/bab.md``).
+    method : str, optional
+        Jacobian method bounding each part.  Default: ``linear-jacobian`` for ``p = inf`` on networks with at most
+        ``SIGN_MAX_INPUTS`` (64) inputs, where the search over sign vectors of its linear objectives
+        (``sign_search``) bounds the parts far tighter than ``recurjac-b`` (``benchmarks/results/bab.md``);
+        ``recurjac-b`` otherwise (``linear-jacobian`` costs about 1 s per part on 784-input MNIST networks).
+        Both get the parts' clipped layer bounds and the split neurons' fixed derivatives.
     layer_bounds : str
         Pre-activation bound method for the parts (default ``crown``).
     layer_bound_options : dict, optional
@@ -326,6 +337,9 @@ def bab_lipschitz(
     sign_bound : bool
         ``p = inf``, at most ``SIGN_MAX_INPUTS`` (64) inputs: also bound each part with one sign vector for all
         gradient coordinates (:mod:`recurjac_scale.bab.signs`); the smaller bound is kept.
+    sign_search : int, optional
+        With ``sign_bound`` and ``method="linear-jacobian"``: node bounds per part of the search over sign vectors
+        (:func:`recurjac_scale.bab.signs.l1_sign_search`; default ``SIGN_SEARCH``, 0: off).
     progress : callable, optional
         Called after each round with ``(elapsed_s, upper, lower, n_frontier)``.
 
@@ -351,6 +365,8 @@ def bab_lipschitz(
         raise InputError(f"gap={gap!r}; accepted: a tolerance >= 0 (stop when upper <= (1 + gap) lower)")
     if int(max_frontier) < 2:
         raise InputError(f"max_frontier={max_frontier!r}; accepted: an integer >= 2")
+    if method is None:
+        method = "linear-jacobian" if (p == math.inf and network.n_inputs <= SIGN_MAX_INPUTS) else "recurjac-b"
     method = get_jacobian_method(method).name
     lbm = str(layer_bounds).strip().lower()
     get_layer_bound_method(lbm)
@@ -371,6 +387,7 @@ def bab_lipschitz(
         network=net1, x0=region.x0, eps=region.eps, p=p, q=q, method=method, layer_bound_method=lbm,
         root_lower=tuple(root_lb.lower), root_upper=tuple(root_lb.upper), split=split, alphas=alphas,
         branching=_check_branching(branching), layer_bound_options=lb_opts, sign_bound=bool(sign_bound),
+        sign_search=SIGN_SEARCH if sign_search is None else _check_sign_search(sign_search),
     )
     fp = _fingerprint(prob)
     ck = Path(checkpoint) if checkpoint is not None else None
@@ -389,12 +406,21 @@ def bab_lipschitz(
         from ..testing import sample_region
 
         # starts: the attack's point, then the best sample points of distinct activation patterns
-        S = sample_region(region, 4096, np.random.default_rng(seed + 1))
-        sc = np.linalg.norm(net1.jacobian(S)[:, 0, :], ord=q, axis=1)
-        order = np.argsort(-sc, kind="stable")
-        keys = np.hstack([z[order] > 0 for z in net1.pre_activations(S)[:-1]])
-        _, first = np.unique(keys, axis=0, return_index=True)
-        starts = np.vstack([lower_x[None, :], S[order[np.sort(first)][:WALK_STARTS]]])
+        # (for p = inf also from the best vertices of the box: gradient norms there are often larger; the two
+        # lists interleaved, best first)
+        wrng = np.random.default_rng(seed + 1)
+        pools = [sample_region(region, 4096, wrng)]
+        if p == math.inf:
+            pools.append(np.where(wrng.uniform(size=(4096, lo_box.size)) < 0.5, lo_box, hi_box))
+        picked = []
+        for S in pools:
+            sc = np.linalg.norm(net1.jacobian(S)[:, 0, :], ord=q, axis=1)
+            order = np.argsort(-sc, kind="stable")
+            keys = np.hstack([z[order] > 0 for z in net1.pre_activations(S)[:-1]])
+            _, first = np.unique(keys, axis=0, return_index=True)
+            picked.append(S[order[np.sort(first)][:WALK_STARTS]])
+        n_max = max(len(a) for a in picked)
+        starts = np.vstack([lower_x[None, :]] + [a[i:i + 1] for i in range(n_max) for a in picked if i < len(a)])
         w, wx = region_walk(net1, region, q, starts, alphas=alphas, time_budget=min(0.1 * time_budget, 10.0))
         if w > lower:
             lower, lower_x = w, wx

@@ -52,7 +52,9 @@ def register(subparsers) -> None:
         "--outputs", type=parse_outputs, default=None, metavar="K|C,J",
         help="logit K or the margin f_C - f_J (default: the class the network predicts at the input)",
     )
-    p.add_argument("--method", default="recurjac-b", metavar="M", help="Jacobian method bounding each part (default recurjac-b)")
+    p.add_argument("--method", default=None, metavar="M",
+                   help="Jacobian method bounding each part (default: linear-jacobian for --norm inf and at most 64 "
+                        "inputs, else recurjac-b)")
     p.add_argument("--layer-bounds", default=None, metavar="B", help="pre-activation bounds: ibp, fastlin, crown (default)")
     p.add_argument("--split", choices=("auto", "neuron", "input"), default="auto",
                    help="what to split: neuron signs (relu / leaky_relu; auto's choice there), input coordinates (p = inf)")
@@ -77,7 +79,7 @@ def run(args) -> int:
 
     check_eps([args.eps])
     out = check_output(args.json, args.overwrite) if args.json else None
-    method = check_jacobian_method(args.method)
+    method = check_jacobian_method(args.method) if args.method is not None else None
     lbm = check_layer_bounds(args.layer_bounds)
     net = load_model(args.model)
     x = select_input(load_inputs(args.input, net), args.index, args.input)

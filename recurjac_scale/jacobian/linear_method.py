@@ -18,7 +18,7 @@ import numpy as np
 from .linear import entry_bounds, linear_context
 from .linear_rows import result_rows, row_norm_upper, row_norms  # noqa: F401  (re-exported)
 
-__all__ = ["run_linear_jacobian", "row_norm_upper", "row_norms", "result_rows"]
+__all__ = ["run_linear_jacobian", "row_norm_upper", "row_norms", "result_rows", "result_context"]
 
 
 def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=np.float64, panel=None,
@@ -79,12 +79,28 @@ def run_linear_jacobian(netc, region, layer_bounds, derivative_bounds, *, dtype=
         lower, upper = _cast_outward(lower, upper, rj_lower.dtype)
     if own is not None:
         _remember(lower, (q, own))
+    _CONTEXTS[id(lower)] = (weakref.ref(lower, lambda _r, key=id(lower): _CONTEXTS.pop(key, None)), (ctx, rows))
     return lower, upper, chain, states, info
 
 
 _ROW_NORMS: dict = {}
 """``id(lower array of a result) -> (weakref, (q, row norm bounds))``: the chord row norms (:func:`row_norms`)
 computed with the Jacobian bounds, for the Lipschitz constant of the same result (dropped with the array)."""
+
+
+_CONTEXTS: dict = {}
+"""``id(lower array of a result) -> (weakref, (LinearContext, rows))``: the propagation context and the tightened
+row bounds of a float64 result, for follow-up objectives on the same result (:func:`result_context`)."""
+
+
+def result_context(network, jac):
+    """``(ctx, rows)`` of a ``linear-jacobian`` result (the :class:`LinearContext` and the tightened
+    :class:`RowBounds` per output row): those of the run that made ``jac`` when still alive, else rebuilt
+    (:func:`recurjac_scale.jacobian.linear_rows.result_rows`); ``None`` when the propagation does not apply."""
+    hit = _CONTEXTS.get(id(jac.lower))
+    if hit is not None and hit[0]() is jac.lower:
+        return hit[1]
+    return result_rows(network, jac)
 
 
 def _remember(arr: np.ndarray, value: np.ndarray) -> None:
