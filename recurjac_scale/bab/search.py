@@ -158,7 +158,7 @@ def _fingerprint(prob: BabProblem) -> str:
             h.update(np.ascontiguousarray(v, np.float64).tobytes())
     h.update(np.ascontiguousarray(prob.x0, np.float64).tobytes())
     h.update(json.dumps([_enc(prob.eps), _enc(prob.p), prob.method, prob.layer_bound_method, prob.split, prob.branching,
-                         prob.sign_bound,
+                         prob.sign_bound, prob.sign_search,
                          [list(kv) for kv in prob.layer_bound_options],
                          [a.to_spec() for a in prob.network.activations]], sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -186,8 +186,8 @@ def _read_checkpoint(path: Path, fingerprint: str) -> dict:
         raise StoreError(f"checkpoint {path} fails its SHA-256 checksum (corrupted or edited); remove it to start afresh")
     if state.get("fingerprint") != fingerprint:
         raise InputError(
-            f"checkpoint {path} belongs to another problem (network, input, eps, norm, method or split differ); "
-            "give another --checkpoint path or remove it"
+            f"checkpoint {path} belongs to another problem (network, input, eps, norm, method, split or sign search "
+            "differ); give another --checkpoint path or remove it"
         )
     return state
 
