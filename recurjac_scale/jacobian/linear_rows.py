@@ -61,12 +61,7 @@ def row_norm_upper(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: 
         else:
             raise ValueError(f"q={q!r}; accepted: 1, 2")
     elif q == 1.0:
-        w = u - l
-        with np.errstate(divide="ignore", invalid="ignore"):
-            alpha = np.where(l >= 0, 1.0, np.where(u <= 0, -1.0, (u + l) / np.where(w > 0, w, 1.0)))
-            beta = np.where((l < 0) & (u > 0), -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
-        alpha = np.clip(alpha, -1.0, 1.0)
-        beta = np.maximum(beta, 0.0)
+        alpha, beta = _abs_chord(l, u)
     elif q == 2.0:
         alpha = l + u
         beta = -(l * u)
@@ -180,12 +175,7 @@ def chord_norms(ctx: LinearContext, rb: RowBounds, lower: np.ndarray, upper: np.
     l = np.asarray(lower, np.float64)
     u = np.asarray(upper, np.float64)
     M = np.maximum(np.abs(l), np.abs(u))
-    w = u - l
-    with np.errstate(divide="ignore", invalid="ignore"):
-        alpha = np.where(l >= 0, 1.0, np.where(u <= 0, -1.0, (u + l) / np.where(w > 0, w, 1.0)))
-        beta = np.where((l < 0) & (u > 0), -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
-    alpha = np.clip(alpha, -1.0, 1.0)
-    beta = np.maximum(beta, 0.0)
+    alpha, beta = _abs_chord(l, u)
     if not (np.isfinite(alpha).all() and np.isfinite(beta).all() and np.isfinite(M).all()):
         return [math.inf] * len(masks)
     n0 = l.size
@@ -245,3 +235,13 @@ def result_rows(network, jac):
             tighten_gradient_bounds(ctx, rb)
             rows.append(rb)
     return ctx, rows
+
+
+def _abs_chord(l: np.ndarray, u: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The chord of ``|J|`` over ``[l, u]`` per entry: ``|J| <= alpha J + beta`` (``alpha = sign`` where the sign is
+    fixed, else ``(u + l) / (u - l)`` and ``beta = -2 u l / (u - l)``), slopes clipped to [-1, 1], ``beta >= 0``."""
+    w = u - l
+    with np.errstate(divide="ignore", invalid="ignore"):
+        alpha = np.where(l >= 0, 1.0, np.where(u <= 0, -1.0, (u + l) / np.where(w > 0, w, 1.0)))
+        beta = np.where((l < 0) & (u > 0), -2.0 * u * l / np.where(w > 0, w, 1.0), 0.0)
+    return np.clip(alpha, -1.0, 1.0), np.maximum(beta, 0.0)
