@@ -91,20 +91,12 @@ def _plane_lines_rows(Lam, cgU, caU, ccU, cgL, caL, ccL, ymax, vnext, S_up, S_lo
             sy += abs(L) * ymax[j]
             sk += abs(kp) * vnext[j]
             am = abs(m)
-            if m > 0.0:
+            if m > 0.0 or m < 0.0:  # the upper lines of sigma' for a positive coefficient, the lower ones else
+                S = S_up if m > 0.0 else S_low
+                T = T_up if m > 0.0 else T_low
                 for v in range(V):
-                    nv = m * S_up[v, j]
-                    lt[v] += m * T_up[v, j]
-                    lw[v] += am * w[v, j]
-                    sl = slot[v]
-                    if sl >= 0:
-                        nus[sl, q, j] = nv
-                        if nv != 0.0:
-                            nnz[v] += 1
-            elif m < 0.0:
-                for v in range(V):
-                    nv = m * S_low[v, j]
-                    lt[v] += m * T_low[v, j]
+                    nv = m * S[v, j]
+                    lt[v] += m * T[v, j]
                     lw[v] += am * w[v, j]
                     sl = slot[v]
                     if sl >= 0:
