@@ -152,7 +152,7 @@ class _Node:
 
 
 class _Search:
-    def __init__(self, net: Network, region: Region, lb: LayerBounds):
+    def __init__(self, net: Network, region: Region, lb: LayerBounds, enum: int = 10):
         self.ws, self.bs = _weights(net)
         self.alphas = relu_family_alphas(net)
         self.H = len(self.ws)
@@ -160,12 +160,17 @@ class _Search:
         if not (np.isfinite(self.lo).all() and np.isfinite(self.hi).all()):
             raise InputError("region enumeration needs a bounded region: finite eps (or a bounded input domain)")
         self.n0 = self.ws[0].shape[1]
+        self.mid, self.rad = 0.5 * (self.lo + self.hi), 0.5 * (self.hi - self.lo)
         self.stable = [np.where(lb.lower[k] >= 0, 1, np.where(lb.upper[k] <= 0, 0, -1)).astype(np.int8)
                        for k in range(self.H - 1)]
         self.n_unstable = int(sum((s < 0).sum() for s in self.stable))
         gb = gradient_bounds(net, lb, region)
         self.g = gb  # g[k]: bounds of ∂f/∂h_k, k = 0 .. H-1 (h_k the output of hidden layer k, 1-based)
         self.n_lp = 0
+        self.n_box = 0
+        self.n_pruned = 0
+        self.enum = int(enum)
+        self._bit_cache: dict = {}
         self.best_attained, self.best_x = -math.inf, region.x0.copy()
 
     # -- LPs -------------------------------------------------------------------------------------------------
@@ -186,18 +191,43 @@ class _Search:
 
     # -- bounds ----------------------------------------------------------------------------------------------
     def bound(self, node: _Node) -> float:
-        """Upper bound of ``||∇f_δ||_1`` over the node's completions (module docstring)."""
+        """Upper bound of ``||∇f_δ||_1`` over the node's completions (module docstring): ``r_k = D_k g_k`` by
+        intervals, except that the ``enum`` free neurons of largest effect take both values of ``D`` exactly
+        (the max over their ``2^enum`` choices of the interval bound of the others)."""
         k = node.k
         gl, gu = self.g[k + 1]
         a = self.alphas[k]
         d = node.cur
-        dl = np.where(d == 1, 1.0, np.where(d == 0, a, a))
-        du = np.where(d == 0, a, 1.0)
-        cands = np.stack([dl * gl, dl * gu, du * gl, du * gu])
-        rl, ru = cands.min(axis=0), cands.max(axis=0)
-        mid, rad = 0.5 * (rl + ru), 0.5 * (ru - rl)
-        vm, vr = node.A.T @ mid, np.abs(node.A).T @ rad
-        return float(np.maximum(np.abs(vm - vr), np.abs(vm + vr)).sum())
+        A = node.A
+        absA = np.abs(A)
+
+        def hull(dl, du):
+            cands = np.stack([dl * gl, dl * gu, du * gl, du * gu])
+            rl, ru = cands.min(axis=0), cands.max(axis=0)
+            return 0.5 * (rl + ru), 0.5 * (ru - rl)
+
+        mid, rad = hull(np.where(d == 1, 1.0, a), np.where(d == 0, a, 1.0))
+        free = np.flatnonzero(d < 0)
+        if len(free) and self.enum:
+            effect = rad[free] * absA[free].sum(axis=1)
+            T = free[np.argsort(-effect, kind="stable")[: self.enum]]
+            m1, r1 = hull(np.ones_like(gl), np.ones_like(gl))
+            m0, r0 = hull(np.full_like(gl, a), np.full_like(gl, a))
+            m1, r1, m0, r0 = m1[T], r1[T], m0[T], r0[T]
+            mid, rad = mid.copy(), rad.copy()
+            mid[T], rad[T] = m0, r0
+            vm, vr = A.T @ mid, absA.T @ rad
+            bits = self._bits(len(T))  # (2^t, t)
+            VM = vm + bits @ ((m1 - m0)[:, None] * A[T])
+            VR = vr + bits @ ((r1 - r0)[:, None] * absA[T])
+            return float((np.abs(VM) + VR).sum(axis=1).max())
+        vm, vr = A.T @ mid, absA.T @ rad
+        return float((np.abs(vm) + vr).sum())
+
+    def _bits(self, t: int) -> np.ndarray:
+        if t not in self._bit_cache:
+            self._bit_cache[t] = ((np.arange(2**t)[:, None] >> np.arange(t)) & 1).astype(np.float64)
+        return self._bit_cache[t]
 
     def attained_at(self, x: np.ndarray) -> None:
         """Update the best attained value with the exact gradient at ``x`` when no pre-activation is zero."""
@@ -233,28 +263,38 @@ class _Search:
         order = free[np.argsort(-weight, kind="stable")]
         return _Node(k, 0, order, pats, cur, A, c, rows, rhs, x, tau)
 
-    def children(self, node: _Node) -> list[_Node]:
+    def children(self, node: _Node, best: float) -> list[_Node]:
+        """The (at most two) children of branching on the node's next neuron whose region meets the box and
+        whose bound exceeds ``best`` (the bound is computed before the LP, which it can save)."""
         k, j = node.k, node.order[node.pos]
         a, c0 = node.A[j], node.c[j]
         nrm = float(np.linalg.norm(a))
         zx = (float(a @ node.x) + c0) / nrm
+        zm, zr = float(a @ self.mid) + c0, float(np.abs(a) @ self.rad)
+        zl, zu = zm - zr, zm + zr  # z_j over the box
         out = []
         for s in ((1, 0) if zx >= 0 else (0, 1)):
             sign = -1.0 if s == 1 else 1.0  # s = 1: -z <= 0; s = 0: z <= 0
-            row, r = sign * a / nrm, -sign * c0 / nrm
-            rows, rhs = np.vstack([node.rows, row]), np.append(node.rhs, r)
             m = -sign * zx  # the witness's signed distance to the new boundary
-            if m > 0:
-                tau, x = min(node.tau, m), node.x
-            else:
+            if m <= 0 and ((s == 1 and zu < 0) or (s == 0 and zl > 0)):
+                self.n_box += 1  # the box alone excludes this sign
+                continue
+            rows, rhs = np.vstack([node.rows, sign * a / nrm]), np.append(node.rhs, -sign * c0 / nrm)
+            cur = node.cur.copy()
+            cur[j] = s
+            child = self.advance(_Node(k, node.pos + 1, node.order, node.pats, cur, node.A, node.c, rows, rhs,
+                                       node.x, min(node.tau, m)))
+            child.bound = self.bound(child)
+            if child.bound <= best:
+                self.n_pruned += 1
+                continue
+            if m <= 0:
                 tau, x = self.witness(rows, rhs)
                 if x is None or tau < -_FEAS_TOL:
                     continue
+                child.x, child.tau = x, tau
                 self.attained_at(x)
-            cur = node.cur.copy()
-            cur[j] = s
-            out.append(self.advance(_Node(k, node.pos + 1, node.order, node.pats, cur, node.A, node.c, rows, rhs,
-                                          x, tau)))
+            out.append(child)
         return out
 
     def advance(self, node: _Node) -> _Node:
@@ -280,6 +320,7 @@ def exact_lipschitz_regions(
     layer_bounds: str | LayerBounds | None = None,
     time_limit: float | None = None,
     lower_bound_point=None,
+    enumerate_neurons: int = 10,
 ) -> RegionsResult:
     """The exact l-inf local Lipschitz constant ``max_{x in S} ||∇f(x)||_1`` of one output by region enumeration
     (module docstring).
@@ -303,6 +344,9 @@ def exact_lipschitz_regions(
         Wall seconds; on expiry ``status = "time_limit"`` and ``[attained, upper]`` brackets ``L*``.
     lower_bound_point : array_like, shape (n_0,) or (m, n_0), optional
         Points of S (e.g. from an attack) whose exact gradient norms seed the best attained value (prunes more).
+    enumerate_neurons : int
+        In a node's bound, this many free neurons (those of largest effect) take both values exactly
+        (``2^enumerate_neurons`` interval bounds per node; 0: intervals only).
 
     Returns
     -------
@@ -326,7 +370,7 @@ def exact_lipschitz_regions(
         lb = layer_bounds
     else:
         lb = compute_layer_bounds(net1, region.x0, region.eps, p, method=layer_bounds or "crown")
-    S = _Search(net1, region, lb)
+    S = _Search(net1, region, lb, enum=enumerate_neurons)
     if lower_bound_point is not None:
         for x in np.atleast_2d(np.asarray(lower_bound_point, np.float64)):
             S.attained_at(np.clip(x, S.lo, S.hi))
@@ -335,8 +379,9 @@ def exact_lipschitz_regions(
     n0 = S.n0
     tau, x = S.witness(np.zeros((0, n0)), np.zeros(0))
     root = S.advance(S.enter_layer(0, [], S.ws[0].copy(), S.bs[0].copy(), np.zeros((0, n0)), np.zeros(0), x, tau))
+    root.bound = S.bound(root)
     best_leaf, best_pat = -math.inf, None
-    n_nodes = n_leaves = n_pruned = 0
+    n_nodes = n_leaves = 0
     stack = [root]
     status = "optimal"
     while stack:
@@ -354,36 +399,34 @@ def exact_lipschitz_regions(
             if val > best_leaf:
                 best_leaf, best_pat = val, pats
             continue
-        node.bound = S.bound(node)
         if node.bound <= max(best_leaf, S.best_attained):
-            n_pruned += 1
+            S.n_pruned += 1
             continue
-        kids = S.children(node)
-        stack.extend(reversed(kids))  # the witness's own side first
+        stack.extend(reversed(S.children(node, max(best_leaf, S.best_attained))))  # the witness's side first
 
-    if status == "optimal":
-        value = best_leaf if best_pat is not None else S.best_attained
-        upper = max(value, S.best_attained)
-    else:
-        open_b = [n.bound if math.isfinite(n.bound) else S.bound(n) if not S.is_leaf(n) else
-                  float(np.abs(pattern_gradient(net1, n.pats + [n.cur])).sum()) for n in stack]
-        value = max(best_leaf, S.best_attained)
-        upper = max([value] + open_b)
-    value = max(value, S.best_attained) if best_pat is None else value
-    margin, validated = math.nan, False
-    pattern: tuple = ()
-    if best_pat is not None:
-        pattern = tuple(np.asarray(p_, np.int8) for p_ in best_pat)
-        margin, x_int = pattern_interior_point(net1, region, best_pat)
-        if x_int is not None and margin > 0:
-            before = S.best_attained
-            S.attained_at(x_int)
-            validated = S.best_attained >= best_leaf * (1 - 1e-9) or before >= best_leaf * (1 - 1e-9)
-    if S.best_attained > value:  # a point found outside every explored leaf: impossible unless rounding
-        value = S.best_attained
+    value = max(best_leaf, S.best_attained)
+    upper = max([value] + [n.bound for n in stack])
+    if best_pat is None or S.best_attained >= best_leaf:
+        # the maximum is attained at the best point (every leaf above it was pruned or equals it)
+        best_pat = _pattern_at(S, S.best_x)
+    pattern = tuple(np.asarray(p_, np.int8) for p_ in best_pat)
+    margin, x_int = pattern_interior_point(net1, region, best_pat)
+    if x_int is not None and margin > 0:
+        S.attained_at(x_int)
+    validated = bool(S.best_attained >= value * (1 - 1e-9))
     return RegionsResult(
-        value=float(value), upper=float(max(upper, value)), attained=float(S.best_attained), x=S.best_x,
-        status=status, optimal=status == "optimal", validated=bool(validated), interior_margin=float(margin),
-        pattern=pattern, n_nodes=n_nodes, n_lp=S.n_lp, n_leaves=n_leaves, n_pruned=n_pruned,
+        value=float(value), upper=float(upper), attained=float(S.best_attained), x=S.best_x,
+        status=status, optimal=status == "optimal", validated=validated, interior_margin=float(margin),
+        pattern=pattern, n_nodes=n_nodes, n_lp=S.n_lp, n_leaves=n_leaves, n_pruned=S.n_pruned,
         n_unstable=S.n_unstable, eps=region.eps, time_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0,
     )
+
+
+def _pattern_at(S: _Search, x: np.ndarray) -> list[np.ndarray]:
+    """The 0/1 activation pattern of every hidden layer at ``x``."""
+    h, out = x, []
+    for k in range(S.H - 1):
+        z = S.ws[k] @ h + S.bs[k]
+        out.append((z > 0).astype(np.int8))
+        h = np.where(z > 0, z, S.alphas[k] * z)
+    return out
