@@ -80,8 +80,10 @@ from .layer_bounds.base import LayerBounds, Region, dual_norm, parse_norm
 from .network.model import Network
 
 __all__ = [
+    "EXACT_METHODS",
     "ExactResult",
     "exact_lipschitz",
+    "exact_lipschitz_mip",
     "pattern_gradient",
     "pattern_affine",
     "pattern_interior_point",
@@ -247,13 +249,20 @@ class ExactResult:
     time_s: float
     cpu_s: float
 
+    @property
+    def upper(self) -> float:
+        """An upper bound of ``L*`` (HiGHS's dual bound; the name shared with the other exact methods)."""
+        return self.mip_bound
+
     def to_dict(self) -> dict:
         def f(v):
             v = float(v)
             return None if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else v)
 
         return {
+            "method": "mip",
             "value": f(self.value),
+            "upper": f(self.mip_bound),
             "optimal": self.optimal,
             "status": self.status,
             "mip_objective": f(self.mip_objective),
@@ -366,7 +375,40 @@ def gradient_bounds(network: Network, lb: LayerBounds, region: Region) -> list[t
     return [(np.minimum(lo, hi), np.maximum(lo, hi)) for lo, hi in out]
 
 
-def exact_lipschitz(
+def _regions(*args, **kwargs):
+    from .exact_regions import exact_lipschitz_regions
+
+    return exact_lipschitz_regions(*args, **kwargs)
+
+
+def exact_lipschitz(network: Network, x0, eps: float, p=math.inf, *, method: str = "mip", **options):
+    """The exact local Lipschitz constant of one output by the method ``method`` of :data:`EXACT_METHODS`.
+
+    Parameters
+    ----------
+    network, x0, eps, p
+        As in :func:`exact_lipschitz_mip`.
+    method : {"mip", "regions"}
+        ``"mip"``: the activation-pattern MIP (:func:`exact_lipschitz_mip`, p in {1, inf});
+        ``"regions"``: enumeration of the linear regions meeting the box
+        (:func:`recurjac_scale.exact_regions.exact_lipschitz_regions`, p = inf only; much faster when the l1
+        norm's sign binaries make the MIP slow).
+    **options
+        Keyword arguments of that method (``outputs``, ``layer_bounds``, ``time_limit`` are common to both).
+
+    Returns
+    -------
+    ExactResult or RegionsResult
+        Both have ``value``, ``upper`` (an upper bound of the constant), ``attained``, ``x``, ``optimal``,
+        ``status``, ``validated``, ``time_s`` and ``to_dict()``.
+    """
+    fn = EXACT_METHODS.get(method)
+    if fn is None:
+        raise InputError(f"exact method {method!r} is not known; accepted: {', '.join(EXACT_METHODS)}")
+    return fn(network, x0, eps, p, **options)
+
+
+def exact_lipschitz_mip(
     network: Network,
     x0,
     eps: float,
@@ -632,3 +674,7 @@ def exact_lipschitz(
         time_s=time.perf_counter() - t0,
         cpu_s=time.process_time() - c0,
     )
+
+
+#: The exact methods by name (``exact_lipschitz(..., method=name)``).
+EXACT_METHODS = {"mip": exact_lipschitz_mip, "regions": _regions}
