@@ -5,12 +5,13 @@ drawn after the weights from the same generator, c = 1, no domain) at eps 0.05 /
 mnist_fc_3layer (784-128-64-10) on ERAN MNIST test images 0 and 2 (pixels / 255, domain [0, 1], c = the label) at
 eps 0.005 / 0.02.  Columns: the sampled / attacked lower bound, RecurJac-B and RecurJac-F0 (best of Proposition 2
 and Algorithm 2), branch-and-bound at 10 s and 60 s budgets (threads scheduler), and the exact value by the MIP
-(where it finishes within its time limit).  Each measurement records wall time, CPU time of this process and the
+(where it finishes within its time limit) and by region enumeration (``--exact-method regions``).  Each measurement records wall time, CPU time of this process and the
 peak resident memory of the process during the call.
 
 Usage::
 
     python benchmarks/bench_bab.py --only exact --exact-time-limit 300     # the MIPs (slow), cached in JSON
+    python benchmarks/bench_bab.py --only exact --exact-method regions --rows random-32-32-32-10@0.1
     python benchmarks/bench_bab.py --only bounds                            # lower, B, F0, bab 10 s / 60 s
     python benchmarks/bench_bab.py --report                                 # write results/bab.md from JSON
 
@@ -149,10 +150,10 @@ def run_bounds(name, net, x0, c, eps, budgets, workers):
     return row
 
 
-def run_exact(net, x0, c, eps, limit):
+def run_exact(net, x0, c, eps, limit, method="mip"):
     from recurjac_scale.exact import exact_lipschitz
 
-    res, m = measure(lambda: exact_lipschitz(net, x0, eps, "inf", outputs=c, time_limit=limit))
+    res, m = measure(lambda: exact_lipschitz(net, x0, eps, "inf", method=method, outputs=c, time_limit=limit))
     d = res.to_dict()
     d.update(m)
     d["time_limit"] = limit
@@ -189,22 +190,26 @@ def report(raw: dict) -> str:
         "gradient norm at a point of the region, so lo <= exact <= upper). up/lo: the search's own bracket at 60 s",
         "(<= 1.1 shows 'within 10% of the exact value' without knowing it); t(1.1): wall seconds until up/lo first",
         "fell to <= 1.1 in the 60 s run. exact: the activation-pattern MIP (`recurjac_scale.exact`, HiGHS, presolve off), with the HiGHS",
-        "dual bound in brackets when it did not finish. issue: the sampled / auto_LiRPA / best-of-B,F0 figures",
+        "dual bound in brackets when it did not finish. regions: the exact value by enumeration of the linear regions",
+        "meeting the box (`recurjac_scale.exact_regions`, `--exact-method regions`; exact up to the LP tolerance,",
+        "attained at an interior point where the network's exact gradient has that norm; [lo, up] when it did not",
+        "finish). bab 60 s / exact: against regions when it finished, else the MIP. issue: the sampled / auto_LiRPA /",
+        "best-of-B,F0 figures",
         "quoted in the issue for the same recipes.",
         "",
         f"Machine: {raw.get('machine', {})}; date {raw.get('date', '?')}; shared with other jobs (loaded: the",
         "1-minute load average before each bab run is in the timing table; 2 cores).",
         "",
-        "| network | eps | sampled | B | F0 | bab 10 s (lo) | bab 60 s (lo) | up/lo 60 s | t(1.1) | exact | bab 60 s / exact | issue: sampled / auto_LiRPA / B,F0 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| network | eps | sampled | B | F0 | bab 10 s (lo) | bab 60 s (lo) | up/lo 60 s | t(1.1) | exact | regions | bab 60 s / exact | issue: sampled / auto_LiRPA / B,F0 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     timing = [
         "",
         "Time (wall / CPU of the calling process, s) and peak resident memory of the process (MiB); bab: also",
         "the parts bounded and the machine's 1-minute load average when the run started:",
         "",
-        "| network | eps | B | F0 | bab 10 s | bab 60 s | exact |",
-        "|---|---|---|---|---|---|---|",
+        "| network | eps | B | F0 | bab 10 s | bab 60 s | exact | regions |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, row in raw["rows"].items():
         name, eps = key.rsplit("@", 1)
@@ -213,8 +218,13 @@ def report(raw: dict) -> str:
         exact_s = "-"
         if ex:
             exact_s = fmt(ex["value"], 6) if ex["optimal"] else f"{fmt(ex['value'], 6)} [<= {fmt(ex['mip_bound'], 5)}]"
+        reg = row.get("exact-regions")
+        reg_s = "-"
+        if reg:
+            reg_s = fmt(reg["value"], 6) if reg["optimal"] else f"[{fmt(reg['attained'], 6)}, {fmt(reg['upper'], 6)}]"
+        best = reg if (reg and reg["optimal"]) else ex
         b60 = row.get("bab-60s")
-        ratio = f"{b60['value'] / ex['value']:.3f}" if (b60 and ex and ex["optimal"]) else "-"
+        ratio = f"{b60['value'] / best['value']:.3f}" if (b60 and best and best["optimal"]) else "-"
         iss = ISSUE.get((name, eps))
         iss_s = " / ".join(fmt(v) for v in iss) if iss else "-"
 
@@ -228,7 +238,7 @@ def report(raw: dict) -> str:
         t10 = b60.get("t_within_10pct") if b60 else None
         t10_s = "-" if t10 is None else f"{t10:.1f}"
         lines.append(f"| {name} | {eps:g} | {v('sampled')} | {v('recurjac-b')} | {v('recurjac-f0')} | "
-                     f"{v('bab-10s', True)} | {v('bab-60s', True)} | {bracket} | {t10_s} | {exact_s} | {ratio} | {iss_s} |")
+                     f"{v('bab-10s', True)} | {v('bab-60s', True)} | {bracket} | {t10_s} | {exact_s} | {reg_s} | {ratio} | {iss_s} |")
 
         def t(col):
             r = row.get(col)
@@ -240,7 +250,7 @@ def report(raw: dict) -> str:
             return f"{r['time_s']:.2f} / {r['cpu_s']:.2f} / {r['peak_mib']:.0f}{extra}"
 
         timing.append(f"| {name} | {eps:g} | {t('recurjac-b')} | {t('recurjac-f0')} | {t('bab-10s')} | "
-                      f"{t('bab-60s')} | {t('exact')} |")
+                      f"{t('bab-60s')} | {t('exact')} | {t('exact-regions')} |")
     return "\n".join(lines + timing) + "\n"
 
 
@@ -248,6 +258,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", choices=("exact", "bounds", "all"), default="all")
     ap.add_argument("--exact-time-limit", type=float, default=300.0)
+    ap.add_argument("--exact-method", choices=("mip", "regions"), default="mip",
+                    help="the exact column to (re)compute: the MIP or region enumeration (p = inf)")
     ap.add_argument("--budgets", default="10,60")
     ap.add_argument("--workers", type=int, default=None, help="threads of the bab scheduler (default: CPU count)")
     ap.add_argument("--rows", default=None, help="comma-separated row names (name@eps) to run")
@@ -270,9 +282,10 @@ def main(argv=None) -> int:
                     row.update(run_bounds(name, net, x0, c, eps, budgets, args.workers))
                     save_raw(raw, path)
                 if args.only in ("exact", "all"):
-                    row["exact"] = run_exact(net, x0, c, eps, args.exact_time_limit)
-                    print(f"  exact {row['exact']['value']:.6g} optimal {row['exact']['optimal']} "
-                          f"({row['exact']['time_s']:.1f} s)", flush=True)
+                    col = "exact" if args.exact_method == "mip" else "exact-regions"
+                    row[col] = run_exact(net, x0, c, eps, args.exact_time_limit, args.exact_method)
+                    print(f"  {col} {row[col]['value']:.6g} optimal {row[col]['optimal']} "
+                          f"({row[col]['time_s']:.1f} s)", flush=True)
                     save_raw(raw, path)
     merged = load_raw(RAW)
     for key, row in load_raw(RAW_EXACT)["rows"].items():

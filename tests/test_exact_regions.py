@@ -171,3 +171,32 @@ def test_regions_known_values_16_16_16_10(eps, expected):
     res = exact_lipschitz_regions(net, x0, eps, "inf", outputs=1)
     assert res.optimal and res.validated
     assert res.value == pytest.approx(expected, abs=5e-5)
+
+
+def test_cli_bab_exact_regions(tmp_path, rng, capsys):
+    """``recurjac-scale bab --exact --exact-method regions``: the MIP's value in the JSON, between bab's
+    brackets; p = 1 is refused with one line before any search."""
+    import json
+
+    from recurjac_scale.cli import main
+    from recurjac_scale.network.store import save_network
+
+    net = random_network((3, 5, 4, 3), "relu", rng=rng)
+    model = tmp_path / "m.zarr"
+    save_network(net, model)
+    x0 = rng.uniform(0, 1, 3)
+    x = tmp_path / "x.npy"
+    np.save(x, x0)
+    out = tmp_path / "r.json"
+    args = ["bab", str(model), "--input", str(x), "--eps", "0.3", "--outputs", "1", "--time-budget", "2",
+            "--gap", "0", "--scheduler", "synchronous", "--exact", "--exact-method", "regions"]
+    assert main(args + ["--json", str(out)]) == 0
+    d = json.loads(out.read_text())
+    mip = exact_lipschitz(net, x0, 0.3, "inf", outputs=1)
+    assert d["exact"]["method"] == "regions" and d["exact"]["optimal"]
+    assert d["exact"]["value"] == pytest.approx(mip.value, rel=1e-7)
+    assert d["lower"] <= d["exact"]["value"] * (1 + 1e-12) <= d["upper"] * (1 + 1e-12)
+    assert "regions optimal" in capsys.readouterr().out
+    assert main(args + ["--norm", "1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--exact-method regions supports --norm inf only, got --norm 1" in err and len(err.splitlines()) == 1

@@ -2,7 +2,8 @@
 
 Prints the certified upper bound, the attained lower bound (the largest exact gradient norm found in the region),
 their ratio and why the search stopped; ``--json OUT`` writes :meth:`recurjac_scale.bab.BabResult.to_dict` plus
-the model and input (and the exact MIP result with ``--exact``).  ``--checkpoint PATH`` keeps the frontier in a
+the model and input (and the exact result with ``--exact``: the activation-pattern MIP, or with ``--exact-method
+regions`` the enumeration of the linear regions meeting the box, p = inf only).  ``--checkpoint PATH`` keeps the frontier in a
 JSON file; rerunning the same command resumes from it.
 """
 
@@ -12,6 +13,8 @@ import json
 import math
 import sys
 
+from ..errors import InputError
+from ..layer_bounds.base import parse_norm
 from ..paths import write_atomic
 from ._common import check_output, load_inputs, load_model, positive_int, positive_seconds
 from .bounds import NORM_CHOICES, check_eps, check_jacobian_method, check_layer_bounds, parse_eps, parse_outputs, select_input
@@ -64,8 +67,13 @@ def register(subparsers) -> None:
                    help="synchronous, threads (default), processes, distributed (a local cluster of --workers), or tcp://host:port")
     p.add_argument("--workers", type=positive_int, default=None, metavar="N", help="worker processes (processes / distributed)")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="JSON checkpoint of the frontier; an existing one is resumed")
-    p.add_argument("--exact", action="store_true", help="also solve the exact MIP (relu / leaky_relu, p = 1 or inf; small networks)")
-    p.add_argument("--exact-time-limit", type=positive_seconds, default=600.0, metavar="S", help="time limit of the MIP (default 600)")
+    p.add_argument("--exact", action="store_true",
+                   help="also compute the exact constant (relu / leaky_relu; small networks)")
+    p.add_argument("--exact-method", choices=("mip", "regions"), default="mip",
+                   help="mip: the activation-pattern MIP (p = 1 or inf; default); regions: enumeration of the linear "
+                        "regions meeting the box (p = inf only; faster when the MIP's l1 sign binaries are many)")
+    p.add_argument("--exact-time-limit", type=positive_seconds, default=600.0, metavar="S",
+                   help="time limit of the exact computation (default 600)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.add_argument("--quiet", action="store_true", help="print nothing on success")
@@ -78,6 +86,8 @@ def run(args) -> int:
     from ..bab import bab_lipschitz
 
     check_eps([args.eps])
+    if args.exact and args.exact_method == "regions" and parse_norm(args.norm) != math.inf:
+        raise InputError(f"--exact-method regions supports --norm inf only, got --norm {args.norm}; use --exact-method mip")
     out = check_output(args.json, args.overwrite) if args.json else None
     method = check_jacobian_method(args.method) if args.method is not None else None
     lbm = check_layer_bounds(args.layer_bounds)
@@ -95,8 +105,8 @@ def run(args) -> int:
     if args.exact:
         from ..exact import exact_lipschitz
 
-        exact = exact_lipschitz(net, x, args.eps, args.norm, outputs=outputs, layer_bounds=lbm,
-                                time_limit=args.exact_time_limit)
+        exact = exact_lipschitz(net, x, args.eps, args.norm, method=args.exact_method, outputs=outputs,
+                                layer_bounds=lbm, time_limit=args.exact_time_limit)
     if not args.quiet:
         print(f"# branch-and-bound, {res.method} on {res.layer_bounds} layer bounds, split {res.split}, "
               f"p = {'inf' if res.p == math.inf else int(res.p)}, eps = {res.eps:g}, output {outputs}")
@@ -107,7 +117,7 @@ def run(args) -> int:
               f"{res.n_closed} closed, {res.n_empty} empty{'; resumed' if res.resumed else ''}")
         if exact is not None:
             state = "optimal" if exact.optimal else f"not finished ({exact.status})"
-            print(f"exact    {exact.value:.10g}   (MIP {state}, bound {exact.mip_bound:.10g}, "
+            print(f"exact    {exact.value:.10g}   ({args.exact_method} {state}, upper {exact.upper:.10g}, "
                   f"validated {exact.validated}, {exact.time_s:.2f} s)")
     if out is not None:
         d = res.to_dict()
