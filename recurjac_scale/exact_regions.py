@@ -9,7 +9,9 @@ For ``f(x) = c^T z(H)(x)`` (one output row) and the box ``S = B_inf[x0, eps] ∩
     L* = max { ||∇f_δ||_1 : δ an activation pattern whose closed region meets S },
 
 ``∇f_δ = W(0)^T D_1 W(1)^T ... D_{H-1} w`` the gradient on the region of ``δ`` (``D_k = diag(σ'_δ)``, ``σ' = 1`` or
-``alpha``).  ``q = 1`` is the dual of ``p = inf``; other ``p`` are refused (the region of ``B_1`` or ``B_2`` is
+``alpha``).  This is ``sup ||∇f(x)||_1`` over the points of ``S`` where ``f`` is differentiable, except when the
+maximising pattern's region meets ``S`` only in a lower-dimensional set (non-generic weights; ``validated`` tells,
+as for the MIP).  ``q = 1`` is the dual of ``p = inf``; other ``p`` are refused (the region of ``B_1`` or ``B_2`` is
 not a box; use :func:`recurjac_scale.exact.exact_lipschitz` for ``p = 1``).
 
 Search (depth first)
@@ -26,7 +28,10 @@ neuron, the child whose sign the parent's witness already satisfies strictly inh
 - Upper bound of a node: with ``v = A_k^T r_k``, ``r_k = D_k g_k``, ``g_k = ∂f/∂h_k`` bounded by the root's
   certified bounds (interval propagation intersected with RecurJac-B, :func:`recurjac_scale.exact.gradient_bounds`)
   and ``D_k`` fixed on the fixed neurons, in ``[alpha, 1]`` on the free ones: ``sum_i max |v_i|`` over the interval
-  of ``v`` (``A_k`` is exact on the node).  A node whose bound is ``<=`` the best attained value is pruned.
+  of ``v`` (``A_k`` is exact on the node), maximised over the ``2^t`` exact choices of ``D`` on the ``t`` free
+  neurons of largest effect (``enumerate_neurons``; on the last hidden layer ``g`` is the exact output row, so
+  only the other free neurons are relaxed).  A child whose bound is ``<=`` the best value found is pruned before
+  its LP; a side that the box alone excludes (interval of ``z_j`` over the box) needs no LP either.
 - Lower bound: at every witness ``x`` the network's pattern and its gradient are exact; when every
   pre-activation there is nonzero, ``||∇f(x)||_1`` is attained (a value of ``f``'s gradient at a point of ``S``).
 - A leaf (every neuron fixed) has the constant gradient ``∇f_δ``; its norm is a candidate for ``L*``.
@@ -55,6 +60,7 @@ __all__ = ["RegionsResult", "exact_lipschitz_regions"]
 
 _TAU_CAP = 1.0
 _FEAS_TOL = 1e-9
+_MAX_ENUM = 16  # 2^16 x n_0 floats per node bound
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,6 @@ class _Search:
         gb = gradient_bounds(net, lb, region)
         self.g = gb  # g[k]: bounds of ∂f/∂h_k, k = 0 .. H-1 (h_k the output of hidden layer k, 1-based)
         self.n_lp = 0
-        self.n_box = 0
         self.n_pruned = 0
         self.enum = int(enum)
         self._bit_cache: dict = {}
@@ -277,8 +282,7 @@ class _Search:
             sign = -1.0 if s == 1 else 1.0  # s = 1: -z <= 0; s = 0: z <= 0
             m = -sign * zx  # the witness's signed distance to the new boundary
             if m <= 0 and ((s == 1 and zu < 0) or (s == 0 and zl > 0)):
-                self.n_box += 1  # the box alone excludes this sign
-                continue
+                continue  # the box alone excludes this sign
             rows, rhs = np.vstack([node.rows, sign * a / nrm]), np.append(node.rhs, -sign * c0 / nrm)
             cur = node.cur.copy()
             cur[j] = s
@@ -346,7 +350,7 @@ def exact_lipschitz_regions(
         Points of S (e.g. from an attack) whose exact gradient norms seed the best attained value (prunes more).
     enumerate_neurons : int
         In a node's bound, this many free neurons (those of largest effect) take both values exactly
-        (``2^enumerate_neurons`` interval bounds per node; 0: intervals only).
+        (``2^enumerate_neurons`` interval bounds per node; 0: intervals only; at most 16).
 
     Returns
     -------
@@ -359,6 +363,8 @@ def exact_lipschitz_regions(
     p = parse_norm(p)
     if p != math.inf:
         raise InputError(f"region enumeration supports p=inf only, got p={p:g}; use exact_lipschitz for p=1")
+    if not (isinstance(enumerate_neurons, int) and 0 <= enumerate_neurons <= _MAX_ENUM):
+        raise InputError(f"enumerate_neurons must be an integer in [0, {_MAX_ENUM}], got {enumerate_neurons!r}")
     net = network.materialize() if network.is_lazy else network
     C = output_matrix(outputs, net.n_outputs)
     if C.shape[0] != 1:

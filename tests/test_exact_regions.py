@@ -159,6 +159,8 @@ def test_regions_bad_input(rng):
         exact_lipschitz_regions(net, x0, math.inf, "inf")
     with pytest.raises(UnsupportedActivationError, match="relu and leaky_relu"):
         exact_lipschitz_regions(random_network((3, 4, 2), "tanh", rng=rng), x0, 0.1, "inf")
+    with pytest.raises(InputError, match=r"enumerate_neurons must be an integer in \[0, 16\], got 40"):
+        exact_lipschitz_regions(net, x0, 0.1, "inf", enumerate_neurons=40)
 
 
 @pytest.mark.slow
