@@ -189,7 +189,9 @@ class _Search:
         cost[n0] = -1.0
         A = np.hstack([rows, np.ones((rows.shape[0], 1))])
         bounds = np.column_stack([np.append(self.lo, -np.inf), np.append(self.hi, _TAU_CAP)])
-        res = linprog(cost, A_ub=A, b_ub=rhs, bounds=bounds, method="highs")
+        # dual simplex without presolve: ~30% less time per LP on these small problems (and no presolve
+        # reductions, which HiGHS has got wrong on MIPs of this kind: see recurjac_scale.exact)
+        res = linprog(cost, A_ub=A, b_ub=rhs, bounds=bounds, method="highs-ds", options={"presolve": False})
         if res.status != 0:
             return -math.inf, None
         return float(res.x[n0]), np.clip(res.x[:n0], self.lo, self.hi)
