@@ -94,11 +94,11 @@ def test_regions_equal_mip(widths, act, eps, rng):
 def test_regions_against_a_real_attack_and_time_limit(rng):
     """The exact value is >= every gradient norm a real attack attains; a run stopped at once brackets the
     MIP's exact value between its attained value and its upper bound."""
-    net = _net((6, 10, 10, 2), "relu", rng)
+    net = _net((6, 8, 8, 2), "relu", rng)
     x0 = rng.uniform(0, 1, 6)
     eps = 0.4
     region = Region.of(net, x0, eps, math.inf)
-    seen, x_att = gradient_norm_attack(net, region, 1.0, alphas=relu_alphas(net), restarts=16, steps=60,
+    seen, x_att = gradient_norm_attack(net, region, 1.0, alphas=relu_alphas(net), restarts=8, steps=40,
                                        rng=np.random.default_rng(1))
     res = exact_lipschitz_regions(net, x0, eps)
     assert res.optimal and res.validated
