@@ -8,8 +8,8 @@ For ``f(x) = c^T z(H)(x)`` (one output row) and the box ``S = B_inf[x0, eps] ∩
 
     L* = max { ||∇f_δ||_1 : δ an activation pattern whose closed region meets S },
 
-``∇f_δ = W(0)^T D_1 W(1)^T ... D_{H-1} w`` the gradient on the region of ``δ`` (``D_k = diag(σ'_δ)``, ``σ' = 1`` or
-``alpha``).  This is ``sup ||∇f(x)||_1`` over the points of ``S`` where ``f`` is differentiable, except when the
+``∇f_δ = W(0)^T D_1 W(1)^T ... D_{H-1} w`` the gradient on the region of ``δ`` (``D_k = diag(σ'_δ)``,
+``σ' = 1`` or ``alpha``).  This is ``sup ||∇f(x)||_1`` over the points of ``S`` where ``f`` is differentiable, except when the
 maximising pattern's region meets ``S`` only in a lower-dimensional set (non-generic weights; ``validated`` tells,
 as for the MIP).  ``q = 1`` is the dual of ``p = inf``; other ``p`` are refused (the region of ``B_1`` or ``B_2`` is
 not a box; use :func:`recurjac_scale.exact.exact_lipschitz` for ``p = 1``).

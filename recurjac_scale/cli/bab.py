@@ -3,8 +3,8 @@
 Prints the certified upper bound, the attained lower bound (the largest exact gradient norm found in the region),
 their ratio and why the search stopped; ``--json OUT`` writes :meth:`recurjac_scale.bab.BabResult.to_dict` plus
 the model and input (and the exact result with ``--exact``: the activation-pattern MIP, or with ``--exact-method
-regions`` the enumeration of the linear regions meeting the box, p = inf only).  ``--checkpoint PATH`` keeps the frontier in a
-JSON file; rerunning the same command resumes from it.
+regions`` the enumeration of the linear regions meeting the box, p = inf only).  ``--checkpoint PATH`` keeps the
+frontier in a JSON file; rerunning the same command resumes from it.
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ def run(args) -> int:
 
     check_eps([args.eps])
     if args.exact and args.exact_method == "regions" and parse_norm(args.norm) != math.inf:
-        raise InputError(f"--exact-method regions supports --norm inf only, got --norm {args.norm}; use --exact-method mip")
+        raise InputError(f"--exact-method regions supports --norm inf only, got --norm {args.norm}; "
+                         "use --exact-method mip")
     out = check_output(args.json, args.overwrite) if args.json else None
     method = check_jacobian_method(args.method) if args.method is not None else None
     lbm = check_layer_bounds(args.layer_bounds)
