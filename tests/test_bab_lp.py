@@ -119,6 +119,10 @@ def test_lp_proves_a_part_empty_and_keeps_a_touching_one():
                       [np.array([0.0, shift]), np.zeros(2), np.zeros(1)], ["relu", "relu"])
         lower = [np.array([0.0, 0.0]), np.array([-3.0, -3.0]), np.array([-9.0])]
         upper = [np.array([1.0, 1.0 + shift]), np.array([3.0, 3.0]), np.array([9.0])]
+        # the Farkas certificate from the elastic LP, on the first layer's system (x, z_0)
+        data = lp_mod._build([np.asarray(w) for w in net.weights], [np.asarray(b) for b in net.biases],
+                             np.array([-1.0]), np.array([1.0]), lower, upper, (0.0, 0.0), 0)
+        assert lp_mod._certified_infeasible(*data[:6], 1) == empty
         if empty:
             with pytest.raises(EmptyRegionError):
                 tighten_bounds(net, np.array([-1.0]), np.array([1.0]), lower, upper, (0.0, 0.0), first_layer=0)
