@@ -28,14 +28,28 @@ from __future__ import annotations
 import numpy as np
 
 from .._fp import TINY, gamma
-from ..errors import EmptyRegionError
+from ..errors import EmptyRegionError, InputError
 
-__all__ = ["certified_max", "tighten_bounds", "LP_MODES"]
+__all__ = ["certified_max", "tighten_bounds", "resolve_lp_mode", "LP_MODES", "LP_MAX_INPUTS"]
 
 LP_MODES = ("off", "splits", "all")
 """``off``: no LP; ``splits``: tighten the parts that have neuron splits, from the first layer at or after the
 earliest split that has unstable neurons (the root and split-free parts keep the layer-bound method's bounds);
 ``all``: every part, every hidden layer after the first."""
+LP_MAX_INPUTS = 64
+"""The default mode is ``splits`` for ReLU-family networks with at most this many inputs (measured on the 32-input
+recipes of ``benchmarks/bench_bab.py``; on wider inputs the LPs grow with the input dimension)."""
+
+
+def resolve_lp_mode(mode, alphas, n_inputs: int) -> str:
+    """The mode for :class:`~recurjac_scale.bab.parts.BabProblem`: ``None`` is the default above; ``off`` for
+    networks that are not ReLU family (``alphas is None``); :class:`InputError` for an unknown name."""
+    if mode is None:
+        return "splits" if alphas is not None and n_inputs <= LP_MAX_INPUTS else "off"
+    s = str(mode).strip().lower()
+    if s not in LP_MODES:
+        raise InputError(f"lp_tighten={mode!r}; accepted: {', '.join(LP_MODES)}")
+    return s if alphas is not None else "off"
 
 
 def certified_max(c, A_ub, b_ub, A_eq, b_eq, lo, hi, lam, mu) -> float:

@@ -16,7 +16,10 @@ Bounding a part (:func:`bound_part`), everything certified as in the rest of the
 1. pre-activation bounds of the part: the chosen layer-bound method (``crown`` by default) over the part's box,
    with every layer intersected with the root's certified bounds and the split constraints (``clip``: ``[l, u]``
    becomes ``[max(l, 0), u]`` or ``[l, min(u, 0)]``), so the later layers are bounded on the constrained part;
-   an empty intersection proves the part empty (:class:`~recurjac_scale.errors.EmptyRegionError`);
+   an empty intersection proves the part empty (:class:`~recurjac_scale.errors.EmptyRegionError`); with
+   ``lp_tighten`` (ReLU family) the unstable neurons are then tightened by certified LPs over the box, the earlier
+   layers' triangle relaxations and the split constraints (:mod:`recurjac_scale.bab.lp`), which can also prove the
+   part empty;
 2. the split neurons' derivatives fixed to the branch's value (``LayerBounds.phases``);
 3. the chosen Jacobian method on those bounds (:func:`_method_bound`), and for ``q = 1`` with at most
    ``SIGN_MAX_INPUTS`` inputs the l1 bounds of :mod:`recurjac_scale.bab.signs` (for ``linear-jacobian``: the search
@@ -53,8 +56,6 @@ SIGN_SEARCH = 2048
 """Node bounds of the search over sign vectors (:func:`recurjac_scale.bab.signs.l1_sign_search`) per part, for
 ``linear-jacobian`` parts with ``q = 1``."""
 """The one-sign-vector bound is tried for networks with at most this many inputs."""
-LP_MAX_INPUTS = 64
-"""Default ``lp_tighten`` is ``splits`` for ReLU-family networks with at most this many inputs."""
 OWN_PASS_METHODS = frozenset({"recurjac-b", "linear-jacobian"})
 """Jacobian methods run by :func:`_method_bound` itself (one pass, whose Jacobian bounds and RecurJac-B states the
 one-sign-vector bound reuses)."""

@@ -37,8 +37,8 @@ from ..errors import InputError, StoreError
 from ..layer_bounds.base import Region, dual_norm, get_layer_bound_method, parse_norm
 from ..network.model import Network
 from ..paths import write_atomic
-from .lp import LP_MODES
-from .parts import LP_MAX_INPUTS, SIGN_MAX_INPUTS, SIGN_SEARCH, SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
+from .lp import resolve_lp_mode
+from .parts import SIGN_MAX_INPUTS, SIGN_SEARCH, SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
 
 __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
 
@@ -226,15 +226,6 @@ def _check_sign_search(n) -> int:
     return v
 
 
-def _check_lp(mode, alphas, n_inputs: int) -> str:
-    if mode is None:
-        return "splits" if alphas is not None and n_inputs <= LP_MAX_INPUTS else "off"
-    s = str(mode).strip().lower()
-    if s not in LP_MODES:
-        raise InputError(f"lp_tighten={mode!r}; accepted: {', '.join(LP_MODES)}")
-    return s if alphas is not None else "off"
-
-
 def _executor(scheduler, workers, client):
     from ..engine.schedulers import open_executor
 
@@ -354,7 +345,8 @@ def bab_lipschitz(
     lp_tighten : {"off", "splits", "all"}, optional
         ReLU family: tighten the parts' unstable neurons by certified LPs over the split constraints
         (:mod:`recurjac_scale.bab.lp`; ``splits``: parts with splits, from their earliest split layer on).
-        Default: ``splits`` for networks with at most ``LP_MAX_INPUTS`` (64) inputs, else ``off``.
+        Default: ``splits`` for networks with at most ``LP_MAX_INPUTS`` (64) inputs, else ``off`` (always ``off``
+        for other activations).
     progress : callable, optional
         Called after each round with ``(elapsed_s, upper, lower, n_frontier)``.
 
@@ -403,7 +395,7 @@ def bab_lipschitz(
         root_lower=tuple(root_lb.lower), root_upper=tuple(root_lb.upper), split=split, alphas=alphas,
         branching=_check_branching(branching), layer_bound_options=lb_opts, sign_bound=bool(sign_bound),
         sign_search=SIGN_SEARCH if sign_search is None else _check_sign_search(sign_search),
-        lp_tighten=_check_lp(lp_tighten, alphas, net1.n_inputs),
+        lp_tighten=resolve_lp_mode(lp_tighten, alphas, net1.n_inputs),
     )
     fp = _fingerprint(prob)
     ck = Path(checkpoint) if checkpoint is not None else None
