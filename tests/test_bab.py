@@ -119,6 +119,8 @@ def test_bab_resumes_from_checkpoint(tmp_path, rng):
         bab_lipschitz(net, x0, 0.3, "inf", max_rounds=1, checkpoint=ck, **kw)
     with pytest.raises(InputError, match="another problem"):  # another sign-search budget bounds parts otherwise
         bab_lipschitz(net, x0, 0.4, "inf", max_rounds=1, checkpoint=ck, sign_search=7, **kw)
+    with pytest.raises(InputError, match="another problem"):  # the LP tightening (default: on here) too
+        bab_lipschitz(net, x0, 0.4, "inf", max_rounds=1, checkpoint=ck, lp_tighten="off", **kw)
 
 
 @pytest.mark.cluster

@@ -13,7 +13,7 @@ from scipy.optimize import linprog
 import recurjac_scale.bab.lp as lp_mod
 from recurjac_scale.bab import bab_lipschitz
 from recurjac_scale.bab.attack import region_walk
-from recurjac_scale.bab.lp import certified_max, tighten_bounds
+from recurjac_scale.bab.lp import certified_max, resolve_lp_mode, tighten_bounds
 from recurjac_scale.bab.parts import BabProblem, _clip_and_phases, bound_part, relu_alphas
 from recurjac_scale.errors import EmptyRegionError, InputError
 from recurjac_scale.exact import exact_lipschitz
@@ -185,7 +185,15 @@ def test_bab_with_lp_never_below_the_exact_value(widths, act, kw, eps, rng):
         assert res.upper == pytest.approx(ex.value, rel=1e-9)
 
 
-def test_bab_lp_option_bad_value(rng):
+def test_bab_lp_option_default_and_bad_value(rng):
     net = random_network((3, 4, 2), rng=rng)
     with pytest.raises(InputError, match="lp_tighten"):
         bab_lipschitz(net, np.zeros(3), 0.1, "inf", lp_tighten="always", time_budget=1)
+    alphas = relu_alphas(net)
+    assert resolve_lp_mode(None, alphas, net) == "splits"
+    assert resolve_lp_mode(" ALL ", alphas, net) == "all"
+    assert resolve_lp_mode("all", None, net) == "off"  # not ReLU family
+    wide = random_network((3, 300, 300, 2), rng=rng)  # 600 hidden neurons > LP_MAX_HIDDEN
+    assert resolve_lp_mode(None, relu_alphas(wide), wide) == "off"
+    many = random_network((65, 4, 2), rng=rng)  # 65 inputs > LP_MAX_INPUTS
+    assert resolve_lp_mode(None, relu_alphas(many), many) == "off"

@@ -30,22 +30,26 @@ import numpy as np
 from .._fp import TINY, gamma
 from ..errors import EmptyRegionError, InputError
 
-__all__ = ["certified_max", "tighten_bounds", "resolve_lp_mode", "LP_MODES", "LP_MAX_INPUTS"]
+__all__ = ["certified_max", "tighten_bounds", "resolve_lp_mode", "LP_MODES", "LP_MAX_INPUTS", "LP_MAX_HIDDEN"]
 
 LP_MODES = ("off", "splits", "all")
 """``off``: no LP; ``splits``: tighten the parts that have neuron splits, from the first layer at or after the
 earliest split that has unstable neurons (the root and split-free parts keep the layer-bound method's bounds);
 ``all``: every part, every hidden layer after the first."""
 LP_MAX_INPUTS = 64
-"""The default mode is ``splits`` for ReLU-family networks with at most this many inputs (measured on the 32-input
-recipes of ``benchmarks/bench_bab.py``; on wider inputs the LPs grow with the input dimension)."""
+LP_MAX_HIDDEN = 512
+"""The default mode is ``splits`` for ReLU-family networks with at most ``LP_MAX_INPUTS`` inputs and
+``LP_MAX_HIDDEN`` hidden neurons (measured on the 16- and 32-input recipes of ``benchmarks/bench_bab.py``; the
+LPs grow with both, two per unstable neuron per part)."""
 
 
-def resolve_lp_mode(mode, alphas, n_inputs: int) -> str:
+def resolve_lp_mode(mode, alphas, network) -> str:
     """The mode for :class:`~recurjac_scale.bab.parts.BabProblem`: ``None`` is the default above; ``off`` for
     networks that are not ReLU family (``alphas is None``); :class:`InputError` for an unknown name."""
     if mode is None:
-        return "splits" if alphas is not None and n_inputs <= LP_MAX_INPUTS else "off"
+        hidden = sum(int(w.shape[0]) for w in network.weights[:-1])
+        small = network.n_inputs <= LP_MAX_INPUTS and hidden <= LP_MAX_HIDDEN
+        return "splits" if alphas is not None and small else "off"
     s = str(mode).strip().lower()
     if s not in LP_MODES:
         raise InputError(f"lp_tighten={mode!r}; accepted: {', '.join(LP_MODES)}")

@@ -345,8 +345,8 @@ def bab_lipschitz(
     lp_tighten : {"off", "splits", "all"}, optional
         ReLU family: tighten the parts' unstable neurons by certified LPs over the split constraints
         (:mod:`recurjac_scale.bab.lp`; ``splits``: parts with splits, from their earliest split layer on).
-        Default: ``splits`` for networks with at most ``LP_MAX_INPUTS`` (64) inputs, else ``off`` (always ``off``
-        for other activations).
+        Default: ``splits`` for networks with at most ``LP_MAX_INPUTS`` (64) inputs and ``LP_MAX_HIDDEN`` (512)
+        hidden neurons, else ``off`` (always ``off`` for other activations).
     progress : callable, optional
         Called after each round with ``(elapsed_s, upper, lower, n_frontier)``.
 
@@ -395,7 +395,7 @@ def bab_lipschitz(
         root_lower=tuple(root_lb.lower), root_upper=tuple(root_lb.upper), split=split, alphas=alphas,
         branching=_check_branching(branching), layer_bound_options=lb_opts, sign_bound=bool(sign_bound),
         sign_search=SIGN_SEARCH if sign_search is None else _check_sign_search(sign_search),
-        lp_tighten=resolve_lp_mode(lp_tighten, alphas, net1.n_inputs),
+        lp_tighten=resolve_lp_mode(lp_tighten, alphas, net1),
     )
     fp = _fingerprint(prob)
     ck = Path(checkpoint) if checkpoint is not None else None
