@@ -63,6 +63,7 @@ def test_certified_max_is_above_the_exact_dual_value_and_tight(rng):
         # any multipliers are sound (looser): the feasible point's value stays below
         assert certified_max(c, A_ub, b_ub, A_eq, b_eq, lo, hi, rng.uniform(0, 1, m), rng.standard_normal(e)) >= c @ y0
     assert certified_max(c, A_ub, b_ub, A_eq, b_eq, lo, hi, lam * np.nan, mu) == math.inf
+    assert certified_max(c, A_ub, b_ub, A_eq, b_eq, lo, hi, lam + 1e308, mu) == math.inf  # overflow: no bound
 
 
 def _in_part(net, X, splits):

@@ -81,13 +81,15 @@ def certified_max(c, A_ub, b_ub, A_eq, b_eq, lo, hi, lam, mu) -> float:
     mu = np.asarray(mu, np.float64)
     if not (np.isfinite(lam).all() and np.isfinite(mu).all()):
         return np.inf
-    r = c - A_ub.T @ lam - A_eq.T @ mu
     ymag = np.maximum(np.abs(lo), np.abs(hi))
-    val = float(np.maximum(r * lo, r * hi).sum() + lam @ b_ub + mu @ b_eq)
-    mag = float((np.abs(c) + np.abs(A_ub).T @ lam + np.abs(A_eq).T @ np.abs(mu)) @ ymag
-                + lam @ np.abs(b_ub) + np.abs(mu) @ np.abs(b_eq))
     n = A_ub.shape[0] + A_eq.shape[0] + lo.shape[0] + 2
-    return val + 4.0 * gamma(n) * mag + 4.0 * n * TINY * (1.0 + float(ymag.max(initial=0.0)))
+    with np.errstate(over="ignore", invalid="ignore"):  # huge multipliers: an infinite or NaN result, no bound
+        r = c - A_ub.T @ lam - A_eq.T @ mu
+        val = float(np.maximum(r * lo, r * hi).sum() + lam @ b_ub + mu @ b_eq)
+        mag = float((np.abs(c) + np.abs(A_ub).T @ lam + np.abs(A_eq).T @ np.abs(mu)) @ ymag
+                    + lam @ np.abs(b_ub) + np.abs(mu) @ np.abs(b_eq))
+        out = val + 4.0 * gamma(n) * mag + 4.0 * n * TINY * (1.0 + float(ymag.max(initial=0.0)))
+    return out if np.isfinite(out) else np.inf
 
 
 def _act_down(alpha, v):
