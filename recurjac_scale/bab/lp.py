@@ -268,8 +268,7 @@ def _certified_infeasible(A_ub, b_ub, A_eq, b_eq, lo, hi, fixed: int) -> bool:
     return certified_max(np.zeros(n), A, b, A_eq, b_eq, lo, hi, lam, mu) < 0.0
 
 
-def tighten_bounds(network, box_lo, box_hi, lower, upper, alphas, *, first_layer: int = 1,
-                   max_neurons: int | None = None):
+def tighten_bounds(network, box_lo, box_hi, lower, upper, alphas, *, first_layer: int = 1):
     """Certified LP tightening of the unstable neurons' bounds of hidden layers ``first_layer .. H-2`` (module
     docstring).
 
@@ -285,13 +284,12 @@ def tighten_bounds(network, box_lo, box_hi, lower, upper, alphas, *, first_layer
         Negative-side slopes of the hidden layers.
     first_layer : int
         First hidden layer tightened.
-    max_neurons : int, optional
-        Tighten at most this many unstable neurons per layer (the widest intervals first).
 
     Returns
     -------
     (lower, upper) : lists of ndarray
-        The intersected bounds (same shapes; the output layer's unchanged).
+        The intersected bounds (same shapes; the output layer's unchanged).  An LP that the solver finds
+        infeasible without a certificate passing stops the tightening (the bounds so far are returned).
 
     Raises
     ------
@@ -310,15 +308,15 @@ def tighten_bounds(network, box_lo, box_hi, lower, upper, alphas, *, first_layer
         cand = np.flatnonzero((l < 0) & (u > 0))
         if cand.size == 0:
             continue
-        if max_neurons is not None and cand.size > max_neurons:
-            cand = cand[np.argsort(-(u[cand] - l[cand]), kind="stable")[:max_neurons]]
         A_ub, b_ub, A_eq, b_eq, lo, hi, zo = _build(ws, bs, box_lo, box_hi, lower, upper, alphas, K)
         session = _Session(A_ub, b_ub, A_eq, b_eq, lo, hi)
         for j in cand:
             for sign in (1.0, -1.0):
                 status, val = session.maximize(zo + j, sign)
-                if status == 2 and _certified_infeasible(A_ub, b_ub, A_eq, b_eq, lo, hi, box_lo.shape[0]):
-                    raise EmptyRegionError(f"LP: the part is empty (layer {K}, neuron {j})")
+                if status == 2:
+                    if _certified_infeasible(A_ub, b_ub, A_eq, b_eq, lo, hi, box_lo.shape[0]):
+                        raise EmptyRegionError(f"LP: the part is empty (layer {K}, neuron {j})")
+                    return lower, upper
                 if val is None:
                     continue
                 if sign > 0:
