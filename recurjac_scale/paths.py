@@ -18,10 +18,25 @@ from .errors import InputError
 
 __all__ = ["resolve_inside", "write_atomic"]
 
-# The process umask, read once at import (reading it means setting it, which is not thread-safe later on); files
-# written by `write_atomic` get the permissions a plain ``open(path, "w")`` would give them.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+
+
+def _read_umask() -> int:
+    """The process umask, without changing it where the kernel reports it (Linux ``/proc/self/status``); elsewhere
+    by setting and restoring it, which another thread creating files at that moment could observe."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# Read once at import: files written by `write_atomic` get the permissions a plain ``open(path, "w")`` would give them.
+_UMASK = _read_umask()
 
 
 def resolve_inside(base: str | os.PathLike, relative: str | os.PathLike) -> Path:

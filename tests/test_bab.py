@@ -119,6 +119,8 @@ def test_bab_resumes_from_checkpoint(tmp_path, rng):
         bab_lipschitz(net, x0, 0.3, "inf", max_rounds=1, checkpoint=ck, **kw)
     with pytest.raises(InputError, match="another problem"):  # another sign-search budget bounds parts otherwise
         bab_lipschitz(net, x0, 0.4, "inf", max_rounds=1, checkpoint=ck, sign_search=7, **kw)
+    with pytest.raises(InputError, match="another problem"):  # the LP tightening (default: on here) too
+        bab_lipschitz(net, x0, 0.4, "inf", max_rounds=1, checkpoint=ck, lp_tighten="off", **kw)
 
 
 @pytest.mark.cluster
@@ -450,3 +452,19 @@ def test_cli_bab(tmp_path, rng, capsys):
     with pytest.raises(SystemExit) as e:
         main(["bab", str(model), "--input", str(x), "--eps", "0.1", "--time-budget", "0"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("p", [2, 1])
+def test_bab_attained_point_is_in_the_ball(p):
+    """p = 2 / 1 regions: the lower bound is the gradient norm at a point of S (the region walk's LP keeps its
+    points in S's box only: on this instance it once returned a point at l2 distance 0.93 for eps = 0.5, with a
+    "lower bound" 2.095 above the certified upper bound 2.072)."""
+    rng = np.random.default_rng(3)
+    net = random_network((4, 8, 8, 3), "relu", rng=rng)
+    x0 = rng.uniform(0, 1, 4)
+    res = bab_lipschitz(net, x0, 0.5, p, outputs=1, time_budget=10, gap=1e-9, scheduler="synchronous")
+    x = np.asarray(res.lower_x)
+    assert np.linalg.norm(x - x0, ord=p) <= 0.5
+    q = {2: 2, 1: math.inf}[p]
+    assert res.lower == pytest.approx(np.linalg.norm(net.jacobian(x[None, :])[0, 1], ord=q), rel=1e-12)
+    assert res.lower <= res.upper

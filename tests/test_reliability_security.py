@@ -241,3 +241,25 @@ def test_slurm_script_local_test_runs_over_tls(tmp_path, capsys):
     res = json.loads(cap.out)
     assert res["blocks_computed"] == res["blocks_total"] > 0 and res["executor"]["address"].startswith("tls://"), res
     assert (tmp_path / "r.zarr").exists()
+
+
+def test_umask_is_read_without_being_changed(tmp_path):
+    # A fresh interpreter under umask 027: the module reads 027, and files it writes get 0o640.
+    code = (
+        "import os, sys\n"
+        "from recurjac_scale import paths\n"
+        "assert paths._UMASK == 0o027, oct(paths._UMASK)\n"
+        "paths.write_atomic(sys.argv[1], lambda fh: fh.write('x'))\n"
+        "print(oct(os.stat(sys.argv[1]).st_mode & 0o777))\n"
+    )
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        ["sh", "-c", 'umask 027 && exec "$0" -c "$1" "$2"', sys.executable, code, str(tmp_path / "f.txt")],
+        capture_output=True, text=True, check=True,
+    )
+    assert out.stdout.strip() == "0o640"
+    from recurjac_scale.paths import _read_umask
+
+    assert _read_umask() == _umask()

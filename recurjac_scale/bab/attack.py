@@ -236,6 +236,7 @@ def region_walk(
         The best attained norm and its point (``-inf`` and the first start if nothing was attained).
     """
     from ..exact import pattern_interior_point
+    from ..testing import project
 
     t0 = time.perf_counter()
     starts = np.atleast_2d(np.asarray(starts, np.float64))
@@ -263,9 +264,11 @@ def region_walk(
                 margin, xi = pattern_interior_point(network, region, cand)
                 if xi is None or not margin > 0:
                     continue
+                # the LP keeps x in S's box (and l1 ball, up to its tolerance), not in an l2 ball: map it into S
+                xi = project(region, xi)[0]
                 v = attained(xi)
                 if v > val * (1.0 + 1e-12):
-                    pattern, val, moved = cand, v, True
+                    pattern, val, moved = _pattern_at(network, xi), v, True
                     if v > best:
                         best, best_x = v, xi.copy()
                     break

@@ -16,7 +16,10 @@ Bounding a part (:func:`bound_part`), everything certified as in the rest of the
 1. pre-activation bounds of the part: the chosen layer-bound method (``crown`` by default) over the part's box,
    with every layer intersected with the root's certified bounds and the split constraints (``clip``: ``[l, u]``
    becomes ``[max(l, 0), u]`` or ``[l, min(u, 0)]``), so the later layers are bounded on the constrained part;
-   an empty intersection proves the part empty (:class:`~recurjac_scale.errors.EmptyRegionError`);
+   an empty intersection proves the part empty (:class:`~recurjac_scale.errors.EmptyRegionError`); with
+   ``lp_tighten`` (ReLU family) the unstable neurons are then tightened by certified LPs over the box, the earlier
+   layers' triangle relaxations and the split constraints (:mod:`recurjac_scale.bab.lp`), which can also prove the
+   part empty;
 2. the split neurons' derivatives fixed to the branch's value (``LayerBounds.phases``);
 3. the chosen Jacobian method on those bounds (:func:`_method_bound`), and for ``q = 1`` with at most
    ``SIGN_MAX_INPUTS`` inputs the l1 bounds of :mod:`recurjac_scale.bab.signs` (for ``linear-jacobian``: the search
@@ -89,6 +92,9 @@ class BabProblem:
     sign_search : int
         With ``sign_bound``, ``linear-jacobian`` parts are also bounded by a search over sign vectors with this many
         node bounds (:func:`recurjac_scale.bab.signs.l1_sign_search`; 0: off).
+    lp_tighten : {"off", "splits", "all"}
+        Certified LP tightening of the parts' unstable neurons (:func:`_lp_tighten`, :mod:`recurjac_scale.bab.lp`;
+        ReLU family): ``splits`` for parts with splits, from their earliest split layer on; ``all`` for every part.
     branching : str
         Which unstable neuron to split: ``"score"`` (largest interval contribution ``(du - dl) |∂f/∂h_j|
         ||∂z_j/∂x||_1`` over all layers) or ``"layer"`` (the same score within the earliest layer that has one).
@@ -111,6 +117,7 @@ class BabProblem:
     sign_nodes: int = 4096
     sign_max_free: int = SIGN_MAX_FREE
     sign_search: int = SIGN_SEARCH
+    lp_tighten: str = "off"
 
 
 def root_part() -> dict:
@@ -329,6 +336,20 @@ def _sign_bound(prob: BabProblem, net: Network, xc, r, lb: LayerBounds, jb=None)
     return l1_box_bound(W0[:, keep], yl, yu, vl[keep], vu[keep], max_nodes=prob.sign_nodes) + tail
 
 
+def _lp_tighten(prob: BabProblem, net: Network, xc, r, lb: LayerBounds, splits) -> LayerBounds:
+    """``lb`` with the unstable neurons' bounds tightened by the certified LPs of :mod:`recurjac_scale.bab.lp`
+    (over the part's box, the earlier layers' relaxations and the split constraints)."""
+    from ..layer_bounds.base import count_unstable
+    from .lp import tighten_bounds
+
+    first = 1 if prob.lp_tighten == "all" or not splits else min(int(k) for k, _, _ in splits)
+    lo, hi = Region.of(net, xc, r, prob.p).box
+    low, up = tighten_bounds(net, lo, hi, lb.lower, lb.upper, prob.alphas, first_layer=max(first, 0))
+    acts = net.layer_activations
+    return replace(lb, lower=tuple(low), upper=tuple(up),
+                   unstable=tuple(count_unstable(a, l, u) for a, l, u in zip(acts, low, up)))
+
+
 def bound_part(prob: BabProblem, part: dict) -> dict:
     """Bound one part (module docstring).  Returns a dict: ``bound`` (a certified upper bound of ``||∇f||_q`` on
     the part, or ``None`` if the part is proved empty), ``branch`` (``["neuron", k, j]``, ``["input", i]`` or
@@ -342,6 +363,11 @@ def bound_part(prob: BabProblem, part: dict) -> dict:
                           **dict(prob.layer_bound_options))
     except EmptyRegionError:
         return {"bound": None, "branch": None, "lower": -math.inf, "x": None, "status": "empty"}
+    if prob.lp_tighten != "off" and prob.alphas is not None and (part["splits"] or prob.lp_tighten == "all"):
+        try:
+            lb = _lp_tighten(prob, net, xc, r, lb, part["splits"])
+        except EmptyRegionError:
+            return {"bound": None, "branch": None, "lower": -math.inf, "x": None, "status": "empty"}
     lb = replace(lb, phases=phases)
     bound, jb = _method_bound(prob, net, xc, r, lb)
     if prob.sign_bound and prob.q == 1.0 and len(net.weights) >= 2 and net.n_inputs <= SIGN_MAX_INPUTS:

@@ -37,6 +37,7 @@ from ..errors import InputError, StoreError
 from ..layer_bounds.base import Region, dual_norm, get_layer_bound_method, parse_norm
 from ..network.model import Network
 from ..paths import write_atomic
+from .lp import resolve_lp_mode
 from .parts import SIGN_MAX_INPUTS, SIGN_SEARCH, SPLIT_MODES, BabProblem, bound_parts, relu_alphas, root_part, split_part
 
 __all__ = ["BabResult", "bab_lipschitz", "CHECKPOINT_FORMAT"]
@@ -158,7 +159,7 @@ def _fingerprint(prob: BabProblem) -> str:
             h.update(np.ascontiguousarray(v, np.float64).tobytes())
     h.update(np.ascontiguousarray(prob.x0, np.float64).tobytes())
     h.update(json.dumps([_enc(prob.eps), _enc(prob.p), prob.method, prob.layer_bound_method, prob.split, prob.branching,
-                         prob.sign_bound, prob.sign_search,
+                         prob.sign_bound, prob.sign_search, prob.lp_tighten,
                          [list(kv) for kv in prob.layer_bound_options],
                          [a.to_spec() for a in prob.network.activations]], sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -279,6 +280,7 @@ def bab_lipschitz(
     walk: bool = True,
     sign_bound: bool = True,
     sign_search: int | None = None,
+    lp_tighten: str | None = None,
     progress=None,
 ) -> BabResult:
     """Branch-and-bound bounds ``lower <= max_{x in S} ||∇f(x)||_q <= upper`` of the local Lipschitz constant of
@@ -340,6 +342,11 @@ def bab_lipschitz(
     sign_search : int, optional
         With ``sign_bound`` and ``method="linear-jacobian"``: node bounds per part of the search over sign vectors
         (:func:`recurjac_scale.bab.signs.l1_sign_search`; default ``SIGN_SEARCH``, 0: off).
+    lp_tighten : {"off", "splits", "all"}, optional
+        ReLU family: tighten the parts' unstable neurons by certified LPs over the split constraints
+        (:mod:`recurjac_scale.bab.lp`; ``splits``: parts with splits, from their earliest split layer on).
+        Default: ``splits`` for networks with at most ``LP_MAX_INPUTS`` (64) inputs and ``LP_MAX_HIDDEN`` (512)
+        hidden neurons, else ``off`` (always ``off`` for other activations).
     progress : callable, optional
         Called after each round with ``(elapsed_s, upper, lower, n_frontier)``.
 
@@ -388,6 +395,7 @@ def bab_lipschitz(
         root_lower=tuple(root_lb.lower), root_upper=tuple(root_lb.upper), split=split, alphas=alphas,
         branching=_check_branching(branching), layer_bound_options=lb_opts, sign_bound=bool(sign_bound),
         sign_search=SIGN_SEARCH if sign_search is None else _check_sign_search(sign_search),
+        lp_tighten=resolve_lp_mode(lp_tighten, alphas, net1),
     )
     fp = _fingerprint(prob)
     ck = Path(checkpoint) if checkpoint is not None else None
