@@ -445,7 +445,12 @@ def test_cli_bab(tmp_path, rng, capsys):
     assert main(args) == 0
     d = json.loads(out.read_text())
     assert d["exact"]["optimal"] and d["lower"] <= d["exact"]["value"] * (1 + 1e-12) <= d["upper"] * (1 + 1e-12)
+    assert d["lp_tighten"] == "splits"  # the default for a small relu net
     assert "upper" in capsys.readouterr().out
+    assert main(args + ["--lp-tighten", "off", "--overwrite"]) == 0
+    d = json.loads(out.read_text())
+    assert d["lp_tighten"] == "off" and d["lower"] <= d["exact"]["value"] * (1 + 1e-12) <= d["upper"] * (1 + 1e-12)
+    assert "LP tightening off" in capsys.readouterr().out
     assert main(args) == 1  # the JSON exists: refused without --overwrite
     assert "already exists" in capsys.readouterr().err
     assert main(args[:-2] + ["--eps", "-1"]) == 1

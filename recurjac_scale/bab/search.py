@@ -90,6 +90,8 @@ class BabResult:
         Where the parts were bounded.
     resumed : bool
         Whether the run started from a checkpoint.
+    lp_tighten : str
+        The LP tightening mode the parts were bounded with (``off``, ``splits`` or ``all``).
     """
 
     upper: float
@@ -114,6 +116,7 @@ class BabResult:
     history: tuple = ()
     scheduler: dict = field(default_factory=dict)
     resumed: bool = False
+    lp_tighten: str = "off"
 
     @property
     def ratio(self) -> float:
@@ -145,6 +148,7 @@ class BabResult:
             "history": [[float(t), _enc(u), _enc(lo)] for t, u, lo in self.history],
             "scheduler": dict(self.scheduler),
             "resumed": self.resumed,
+            "lp_tighten": self.lp_tighten,
         }
 
 
@@ -590,5 +594,5 @@ def bab_lipschitz(
         lower_x=np.asarray(lower_x, np.float64), n_bounded=n_bounded, n_frontier=len(frontier) + (dive is not None), n_closed=n_closed,
         n_empty=n_empty, rounds=rounds_total, method=method, layer_bounds=lbm, split=split, p=p, q=q,
         eps=region.eps, time_s=elapsed, cpu_s=time.process_time() - c0, elapsed_total_s=elapsed_before + elapsed,
-        history=tuple(history), scheduler=sched, resumed=resumed,
+        history=tuple(history), scheduler=sched, resumed=resumed, lp_tighten=prob.lp_tighten,
     )

@@ -61,6 +61,10 @@ def register(subparsers) -> None:
     p.add_argument("--layer-bounds", default=None, metavar="B", help="pre-activation bounds: ibp, fastlin, crown (default)")
     p.add_argument("--split", choices=("auto", "neuron", "input"), default="auto",
                    help="what to split: neuron signs (relu / leaky_relu; auto's choice there), input coordinates (p = inf)")
+    p.add_argument("--lp-tighten", choices=("off", "splits", "all"), default=None,
+                   help="certified LP tightening of the parts' unstable neurons over their split constraints (relu / "
+                        "leaky_relu): splits = parts with splits, all = every part (default: splits for at most 64 "
+                        "inputs and 512 hidden neurons, else off)")
     p.add_argument("--time-budget", type=positive_seconds, default=60.0, metavar="S", help="seconds of search (default 60)")
     p.add_argument("--gap", type=_tolerance, default=0.01, metavar="TOL", help="stop when upper <= (1 + TOL) lower (default 0.01)")
     p.add_argument("--scheduler", default=None, metavar="S",
@@ -100,7 +104,7 @@ def run(args) -> int:
     res = bab_lipschitz(
         net, x, args.eps, args.norm, outputs=outputs, method=method, layer_bounds=lbm, split=args.split,
         time_budget=args.time_budget, gap=args.gap, scheduler=args.scheduler, workers=args.workers,
-        checkpoint=args.checkpoint,
+        checkpoint=args.checkpoint, lp_tighten=args.lp_tighten,
     )
     exact = None
     if args.exact:
@@ -109,7 +113,7 @@ def run(args) -> int:
         exact = exact_lipschitz(net, x, args.eps, args.norm, method=args.exact_method, outputs=outputs,
                                 layer_bounds=lbm, time_limit=args.exact_time_limit)
     if not args.quiet:
-        print(f"# branch-and-bound, {res.method} on {res.layer_bounds} layer bounds, split {res.split}, "
+        print(f"# branch-and-bound, {res.method} on {res.layer_bounds} layer bounds, split {res.split}, LP tightening {res.lp_tighten}, "
               f"p = {'inf' if res.p == math.inf else int(res.p)}, eps = {res.eps:g}, output {outputs}")
         print(f"upper    {res.upper:.10g}   (certified; root bound {res.root_upper:.10g})")
         print(f"lower    {res.lower:.10g}   (attained at a point of the region)")
