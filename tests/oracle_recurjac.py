@@ -26,6 +26,23 @@ import numpy as np
 __all__ = ["oracle_bounds", "oracle_chain", "magnitude_chain", "ORACLE_METHODS"]
 
 
+def _fold(C, W) -> np.ndarray:
+    """``C @ W`` rounded once per entry from the exact sum (rational arithmetic): the "exact top" ``A = C W(H)``.
+    A plain product of a general output matrix can lose far more than one ulp to cancellation, which no rounding
+    allowance relative to ``|C W(H)|`` covers; the package folds its output layer correctly rounded too."""
+    from fractions import Fraction
+
+    C = np.asarray(C, dtype=np.float64)
+    W = np.asarray(W, dtype=np.float64)
+    out = np.empty((C.shape[0], W.shape[1]))
+    Cf = [[Fraction(float(v)) for v in row] for row in C]
+    Wf = [[Fraction(float(v)) for v in row] for row in W]
+    for i, crow in enumerate(Cf):
+        for j in range(W.shape[1]):
+            out[i, j] = float(sum((c * Wf[k][j] for k, c in enumerate(crow) if c), Fraction(0)))
+    return out
+
+
 def _pos(a):
     return np.maximum(a, 0.0)
 
@@ -108,7 +125,7 @@ def oracle_chain(method: str, weights, C, db):
     and hidden-layer derivative bounds ``db[k] = (dl, du)`` of ``h(k+1)``.  Returns ``_Chain`` (for F1 without its
     finish)."""
     H = len(weights)
-    WC = [np.asarray(w, dtype=np.float64) for w in weights[:-1]] + [np.asarray(C, dtype=np.float64) @ weights[-1]]
+    WC = [np.asarray(w, dtype=np.float64) for w in weights[:-1]] + [_fold(C, weights[-1])]
     if method in ("recurjac-b", "fastlip"):
         mats = [WC[H - 1 - t] for t in range(1, H)]
         ds = [db[H - 1 - t] for t in range(1, H)]
@@ -125,10 +142,10 @@ def oracle_bounds(method: str, weights, C, db) -> tuple[np.ndarray, np.ndarray]:
     weights = [np.asarray(w, dtype=np.float64) for w in weights]
     H = len(weights)
     if H == 1:
-        J = np.asarray(C, dtype=np.float64) @ weights[0]
+        J = _fold(C, weights[0])
         return J, J.copy()
     if method == "recurjac-f1" and H == 2:
-        Y = (np.asarray(C, dtype=np.float64) @ weights[1]).T  # (n_1, m): ∂f/∂h(1) exact
+        Y = _fold(C, weights[1]).T  # (n_1, m): ∂f/∂h(1) exact
         L, U = Y, Y
     else:
         ch = oracle_chain(method, weights, C, db)
@@ -149,7 +166,7 @@ def oracle_bounds(method: str, weights, C, db) -> tuple[np.ndarray, np.ndarray]:
 def magnitude_chain(weights, C, db) -> np.ndarray:
     """``|C W(H)| D(du) |W(H-1)| ... D(du) |W(1)|``, shape (m, n_0): dominates every partial sum of every method
     (the scale of their rounding allowances)."""
-    M = np.abs(np.asarray(C, dtype=np.float64) @ weights[-1])
+    M = np.abs(_fold(C, weights[-1]))
     for k in range(len(weights) - 2, -1, -1):
         M = (M * db[k][1][None, :]) @ np.abs(weights[k])
     return M

@@ -134,6 +134,13 @@ def test_every_method_equals_the_transcription(seed, depth, act_name, bounds_kin
     check_against_oracle(seed, depth, act_name, bounds_kind, eps_kind, p, out_kind, blocks)
 
 
+def test_the_oracle_folds_a_general_output_matrix_exactly():
+    """A 10 -> 7 linear net with a random 2 x 7 output matrix: an entry of ``C W`` is 5.3e-5 from terms of size ~1,
+    where a plain product is 2.2e-17 off (4e-13 relative).  The package folds ``C`` correctly rounded; the oracle
+    must too, or it, not the package, is wrong beyond its allowance (found by a random example)."""
+    check_against_oracle(1814, 1, "relu", "layer", 0, 1.0, 3, (None, None))
+
+
 # -- the reproducer of the dead-neuron bug, and the oracle itself against it -------------------------------------
 
 
