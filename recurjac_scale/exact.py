@@ -194,6 +194,12 @@ def pattern_interior_point(network: Network, region: Region, pattern) -> tuple[f
     return float(res.x[n0]), np.clip(res.x[:n0], lo, hi)
 
 
+def _json_number(v) -> float | str | None:
+    """A result number for JSON: a float, ``"inf"`` / ``"-inf"``, or ``None`` for NaN (not computed)."""
+    v = float(v)
+    return None if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else v)
+
+
 @dataclass(frozen=True)
 class ExactResult:
     """The exact local Lipschitz constant of one output over ``S`` (see the module docstring).
@@ -255,10 +261,7 @@ class ExactResult:
         return self.mip_bound
 
     def to_dict(self) -> dict:
-        def f(v):
-            v = float(v)
-            return None if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else v)
-
+        f = _json_number
         return {
             "method": "mip",
             "value": f(self.value),

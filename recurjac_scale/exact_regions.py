@@ -52,7 +52,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .exact import _weights, gradient_bounds, pattern_gradient, pattern_interior_point, relu_family_alphas
+from .exact import (
+    _json_number,
+    _weights,
+    gradient_bounds,
+    pattern_gradient,
+    pattern_interior_point,
+    relu_family_alphas,
+)
 from .layer_bounds.base import LayerBounds, Region, parse_norm
 from .network.model import Network
 
@@ -116,10 +123,7 @@ class RegionsResult:
     cpu_s: float
 
     def to_dict(self) -> dict:
-        def f(v):
-            v = float(v)
-            return None if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else v)
-
+        f = _json_number
         return {
             "method": "regions",
             "value": f(self.value),
