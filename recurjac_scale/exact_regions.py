@@ -26,7 +26,7 @@ is kept iff ``τ >= -tol``: its closed region meets ``S`` (up to the LP's tolera
 neuron, the child whose sign the parent's witness already satisfies strictly inherits the witness (no LP).
 
 - Upper bound of a node: with ``v = A_k^T r_k``, ``r_k = D_k g_k``, ``g_k = ∂f/∂h_k`` bounded by the root's
-  certified bounds (interval propagation intersected with RecurJac-B, :func:`recurjac_scale.exact.gradient_bounds`)
+  certified bounds (interval propagation intersected with RecurJac-B, :func:`recurjac_scale.patterns.gradient_bounds`)
   and ``D_k`` fixed on the fixed neurons, in ``[alpha, 1]`` on the free ones: ``sum_i max |v_i|`` over the interval
   of ``v`` (``A_k`` is exact on the node), maximised over the ``2^t`` exact choices of ``D`` on the ``t`` free
   neurons of largest effect (``enumerate_neurons``; on the last hidden layer ``g`` is the exact output row, so
@@ -52,10 +52,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .exact import (
-    _json_number,
-    _weights,
+from .patterns import (
+    float_weights,
     gradient_bounds,
+    json_number,
     pattern_gradient,
     pattern_interior_point,
     relu_family_alphas,
@@ -93,7 +93,7 @@ class RegionsResult:
         The maximising leaf's region has an interior point in S where the exact gradient has norm ``value``
         (then ``attained == value``).
     interior_margin : float
-        The margin of that interior point (:func:`recurjac_scale.exact.pattern_interior_point`).
+        The margin of that interior point (:func:`recurjac_scale.patterns.pattern_interior_point`).
     pattern : tuple of ndarray
         Per hidden layer, the 0/1 pattern of the maximising leaf.
     n_nodes, n_lp, n_leaves, n_pruned : int
@@ -123,7 +123,7 @@ class RegionsResult:
     cpu_s: float
 
     def to_dict(self) -> dict:
-        f = _json_number
+        f = json_number
         return {
             "method": "regions",
             "value": f(self.value),
@@ -163,7 +163,7 @@ class _Node:
 
 class _Search:
     def __init__(self, net: Network, region: Region, lb: LayerBounds, enum: int = 10):
-        self.ws, self.bs = _weights(net)
+        self.ws, self.bs = float_weights(net)
         self.alphas = relu_family_alphas(net)
         self.H = len(self.ws)
         self.lo, self.hi = region.box

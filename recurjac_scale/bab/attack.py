@@ -208,7 +208,7 @@ def region_walk(
 ) -> tuple[float, np.ndarray]:
     """Ascent over the linear regions of a ReLU-family network: from the region of each start point, move to the
     adjacent region (one neuron's sign flipped) with the largest gradient norm among those that meet the interior
-    of S (an LP, :func:`recurjac_scale.exact.pattern_interior_point`), until no neighbour is better.  On a region
+    of S (an LP, :func:`recurjac_scale.patterns.pattern_interior_point`), until no neighbour is better.  On a region
     the gradient is constant, so this maximises ``||∇f||_q`` over feasible activation patterns locally.
 
     Every value returned is recomputed by :meth:`Network.jacobian` at an interior point of the region (a point of
@@ -235,7 +235,7 @@ def region_walk(
     value, x : float, ndarray of shape (n_0,)
         The best attained norm and its point (``-inf`` and the first start if nothing was attained).
     """
-    from ..exact import pattern_interior_point
+    from ..patterns import pattern_interior_point
     from ..testing import project
 
     t0 = time.perf_counter()

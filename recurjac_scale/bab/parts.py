@@ -203,7 +203,7 @@ def certified_empty(network: Network, region_lo: np.ndarray, region_hi: np.ndarr
     ``a = -sum_j y_j s_j ∂z_j/∂x``; if ``min_{x in box} a·x + β`` exceeds the rounding error of computing ``a``,
     ``β`` and the affine maps ``z_j`` of the pattern, the box holds no such point.  The error allowance uses the
     magnitude chain of the pattern's affine maps and :func:`recurjac_scale._fp.gamma` of the total length."""
-    from ..exact import pattern_affine
+    from ..patterns import pattern_affine
 
     ws = [np.asarray(w, np.float64) for w in network.weights]
     bs = [np.asarray(b_, np.float64) for b_ in network.biases]
@@ -236,7 +236,7 @@ def _closed_pattern_check(prob: BabProblem, net: Network, xc, r, lb: LayerBounds
     """For a part with one activation pattern: (empty?, interior point or None)."""
     from scipy.optimize import linprog
 
-    from ..exact import pattern_affine
+    from ..patterns import pattern_affine
 
     pattern = [np.where(phases[k] != 0, phases[k] > 0, lb.lower[k] >= 0).astype(np.int8)
                for k in range(len(net.weights) - 1)]
