@@ -58,6 +58,7 @@ from .patterns import (
     json_number,
     pattern_gradient,
     pattern_interior_point,
+    region_box,
     relu_family_alphas,
 )
 from .layer_bounds.base import LayerBounds, Region, parse_norm
@@ -166,9 +167,7 @@ class _Search:
         self.ws, self.bs = float_weights(net)
         self.alphas = relu_family_alphas(net)
         self.H = len(self.ws)
-        self.lo, self.hi = region.box
-        if not (np.isfinite(self.lo).all() and np.isfinite(self.hi).all()):
-            raise InputError("region enumeration needs a bounded region: finite eps (or a bounded input domain)")
+        self.lo, self.hi = region_box(region)
         self.n0 = self.ws[0].shape[1]
         self.mid, self.rad = 0.5 * (self.lo + self.hi), 0.5 * (self.hi - self.lo)
         self.stable = [np.where(lb.lower[k] >= 0, 1, np.where(lb.upper[k] <= 0, 0, -1)).astype(np.int8)

@@ -92,17 +92,12 @@ def certified_max(c, A_ub, b_ub, A_eq, b_eq, lo, hi, lam, mu) -> float:
     return out if np.isfinite(out) else np.inf
 
 
-def _act_down(alpha, v):
-    """A float <= the activation ``max(v, alpha v)`` (alpha <= 1) of each float v (real product rounded down)."""
+def _act_outward(alpha, v, toward):
+    """The activation ``max(v, alpha v)`` (alpha <= 1) of each float ``v``, its real product rounded toward
+    ``toward`` (``-inf``: a float <= the real value; ``inf``: >=)."""
     if alpha == 0.0:
         return np.maximum(v, 0.0)
-    return np.where(v >= 0, v, np.nextafter(alpha * v, -np.inf))
-
-
-def _act_up(alpha, v):
-    if alpha == 0.0:
-        return np.maximum(v, 0.0)
-    return np.where(v >= 0, v, np.nextafter(alpha * v, np.inf))
+    return np.where(v >= 0, v, np.nextafter(alpha * v, toward))
 
 
 def _build(ws, bs, box_lo, box_hi, lower, upper, alphas, K):
@@ -132,7 +127,7 @@ def _build(ws, bs, box_lo, box_hi, lower, upper, alphas, K):
             break
         ho = zo + nk
         a = alphas[k]
-        lo[ho:ho + nk], hi[ho:ho + nk] = _act_down(a, l), _act_up(a, u)
+        lo[ho:ho + nk], hi[ho:ho + nk] = _act_outward(a, l, -np.inf), _act_outward(a, u, np.inf)
         act = l >= 0
         ina = (u <= 0) & ~act
         uns = ~act & ~ina
